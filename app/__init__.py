@@ -1,0 +1,1 @@
+"""trainsvc: the HTTP API. Never imports torch; training lives in the worker package."""

@@ -1,0 +1,1 @@
+"""Datasets: the built-in catalog and uploaded datasets."""

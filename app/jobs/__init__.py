@@ -1,0 +1,1 @@
+"""Jobs: submit, list, cancel, and read back metrics and checkpoints."""

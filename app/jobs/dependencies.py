@@ -1,0 +1,17 @@
+"""Lookups that can 404, done once here so no route repeats them."""
+
+import uuid
+from typing import Annotated
+
+from fastapi import Depends
+
+from app.dependencies import SessionDep
+from app.jobs import service
+from app.models import Job
+
+
+def job_from_path(job_id: uuid.UUID, session: SessionDep) -> Job:
+    return service.get_job(session, job_id)
+
+
+JobDep = Annotated[Job, Depends(job_from_path)]

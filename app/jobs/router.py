@@ -1,0 +1,93 @@
+"""HTTP routes for jobs: thin, each parses, calls the service and returns a schema."""
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response, status
+
+from app.dependencies import DispatcherDep, SessionDep, SettingsDep
+from app.jobs import service
+from app.jobs.dependencies import JobDep
+from app.jobs.schemas import CheckpointList, CheckpointRead, EpochRead, JobPage, JobRead, JobStatus, MetricsRead
+from app.jobs.spec import JobSpec
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobRead)
+def submit_job(
+    spec: JobSpec,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    dispatcher: DispatcherDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobRead:
+    """Submit a training job; a repeated Idempotency-Key returns the original job (200)."""
+    job, created = service.submit_job(session, spec, settings, idempotency_key)
+    # Commit before publishing: a worker must find the row the message names.
+    session.commit()
+    if created:
+        dispatcher.publish([job.id])
+    else:
+        response.status_code = status.HTTP_200_OK
+    return JobRead.from_job(service.get_job(session, job.id))
+
+
+@router.get("", response_model=JobPage)
+def list_jobs(
+    session: SessionDep,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: str | None = None,
+) -> JobPage:
+    """List jobs, newest first; pass next_cursor back as cursor for the next page."""
+    jobs, next_cursor = service.list_jobs(session, status, limit, cursor)
+    return JobPage(items=[JobRead.from_job(job) for job in jobs], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobRead)
+def get_job(job: JobDep) -> JobRead:
+    """A job: its status, progress, attempts, summary and error."""
+    return JobRead.from_job(job)
+
+
+@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobRead)
+def cancel_job(job: JobDep, session: SessionDep) -> JobRead:
+    """Cancel a job: a queued one at once, a running one within a batch (checkpoints kept)."""
+    return JobRead.from_job(service.request_cancel(session, job))
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsRead)
+def get_metrics(
+    job: JobDep, session: SessionDep, since_epoch: Annotated[int | None, Query(ge=0)] = None
+) -> MetricsRead:
+    """Per-epoch metrics and diagnostics, ascending; only epochs after since_epoch if given."""
+    rows = service.list_metrics(session, job, since_epoch)
+    return MetricsRead(job_id=job.id, epochs=[EpochRead.from_row(row) for row in rows])
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+def list_checkpoints(job: JobDep, session: SessionDep) -> CheckpointList:
+    """The job's checkpoints: the latest epoch's and the best validation epoch's."""
+    rows = service.list_checkpoints(session, job)
+    return CheckpointList(items=[CheckpointRead.from_row(row) for row in rows])
+
+
+@router.get(
+    "/{job_id}/checkpoints/{checkpoint_id}",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def download_checkpoint(job: JobDep, checkpoint_id: uuid.UUID, session: SessionDep) -> Response:
+    """The checkpoint's model weights, as a safetensors file."""
+    checkpoint = service.checkpoint_weights(session, job, checkpoint_id)
+    filename = f"{job.id}-epoch{checkpoint.epoch}-{checkpoint.kind}.safetensors"
+    return Response(
+        content=checkpoint.weights,
+        media_type="application/octet-stream",
+        headers={
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "ETag": f'"{checkpoint.sha256}"',
+        },
+    )

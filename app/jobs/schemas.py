@@ -1,0 +1,125 @@
+"""What goes over the wire for jobs (the spec itself lives in app/jobs/spec.py)."""
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from app.models import Checkpoint, EpochMetric, Job
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class Progress(BaseModel):
+    epoch: int
+    epochs: int
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+
+
+class AttemptRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    attempt: int
+    worker_id: str
+    started_at: datetime
+    ended_at: datetime | None
+    outcome: str | None
+
+
+class JobRead(BaseModel):
+    id: uuid.UUID
+    name: str | None
+    status: JobStatus
+    spec: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    attempt_history: list[AttemptRead]
+    cancel_requested: bool
+    progress: Progress
+    summary: dict[str, Any] | None
+    error: JobError | None
+
+    @classmethod
+    def from_job(cls, job: Job) -> "JobRead":
+        return cls(
+            id=job.id,
+            name=job.name,
+            status=job.status,  # type: ignore[arg-type]  # the table's CHECK holds it to JobStatus
+            spec=job.spec,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            attempts=job.attempts,
+            attempt_history=[AttemptRead.model_validate(a) for a in job.attempt_history],
+            cancel_requested=job.cancel_requested,
+            progress=Progress(epoch=job.progress_epoch, epochs=job.epochs),
+            summary=job.summary,
+            error=JobError(type=job.error_type, message=job.error_message or "")
+            if job.error_type
+            else None,
+        )
+
+
+class JobPage(BaseModel):
+    items: list[JobRead]
+    next_cursor: str | None
+
+
+class EpochRead(BaseModel):
+    """One epoch's metrics; the trainer's diagnostics appear as further fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+    epoch: int
+    attempt: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    lr: float
+    epoch_seconds: float
+
+    @classmethod
+    def from_row(cls, row: EpochMetric) -> "EpochRead":
+        return cls(
+            epoch=row.epoch,
+            attempt=row.attempt,
+            train_loss=row.train_loss,
+            train_accuracy=row.train_accuracy,
+            val_loss=row.val_loss,
+            val_accuracy=row.val_accuracy,
+            lr=row.lr,
+            epoch_seconds=row.epoch_seconds,
+            **row.diagnostics,
+        )
+
+
+class MetricsRead(BaseModel):
+    job_id: uuid.UUID
+    epochs: list[EpochRead]
+
+
+class CheckpointRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    epoch: int
+    kind: Literal["last", "best"]
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Checkpoint) -> "CheckpointRead":
+        return cls.model_validate(row)
+
+
+class CheckpointList(BaseModel):
+    items: list[CheckpointRead]

@@ -1,0 +1,258 @@
+"""The training-job spec: the one contract between the API and the worker.
+
+Imported by both sides, so it imports neither FastAPI nor torch. A spec is validated strictly
+(an unknown field is an error that names it) and stored normalized, with every default filled
+in, so what a job ran is always exactly what GET /v1/jobs/{id} shows.
+"""
+
+import re
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.datasets.catalog import BUILTIN_DATASETS, SYNTHETIC_DEFAULT_SAMPLES, UPLOAD_PREFIX, DatasetInfo
+
+_UPLOAD_NAME = re.compile(rf"^{UPLOAD_PREFIX}[0-9a-fA-F-]{{36}}$")
+
+Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
+NormalizationType = Literal["none", "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]
+Activation = Literal["relu", "gelu", "tanh", "silu", "selu"]
+
+
+class SpecError(ValueError):
+    """A spec that is well-formed but impossible; `field` is the dotted path it concerns,
+    relative to the model that raised it (the error handler joins it to pydantic's location)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DatasetSpec(_Strict):
+    name: str = Field(description="a built-in dataset, or upload:<id> for an uploaded one")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    batch_size: int = Field(64, ge=1, le=65536)
+    train_subset: int | None = Field(None, ge=1, description="train on the first N training samples only")
+    label_noise: Probability = Field(0.0, description="fraction of training labels replaced at random")
+    standardize: bool = Field(True, description="standardize features with training-split statistics")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seeds data generation and the train/val split")
+    n_samples: int | None = Field(None, ge=20, le=1_000_000, description="synthetic datasets only")
+    noise: float | None = Field(None, ge=0.0, le=10.0, description="synthetic datasets only")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_synthetic_defaults(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("n_samples") is None:
+            builtin = BUILTIN_DATASETS.get(str(data.get("name")))
+            if builtin and builtin.synthetic:
+                return {**data, "n_samples": SYNTHETIC_DEFAULT_SAMPLES}
+        return data
+
+    @model_validator(mode="after")
+    def _check_name(self) -> Self:
+        if self.name not in BUILTIN_DATASETS and not _UPLOAD_NAME.match(self.name):
+            known = ", ".join(sorted(BUILTIN_DATASETS))
+            raise SpecError("name", f"unknown dataset {self.name!r}; use one of {known} or upload:<id>")
+        builtin = BUILTIN_DATASETS.get(self.name)
+        if not (builtin and builtin.synthetic):
+            for option in ("n_samples", "noise"):
+                if getattr(self, option) is not None:
+                    raise SpecError(option, f"{option} applies to synthetic datasets only, not {self.name!r}")
+        return self
+
+
+class NormalizationSpec(_Strict):
+    type: NormalizationType = "none"
+    position: Literal["before_activation", "after_activation"] = "before_activation"
+    num_groups: int = Field(8, ge=1, description="group_norm only: must divide every layer's width")
+    momentum: float = Field(0.1, gt=0.0, le=1.0, description="batch_norm only")
+    eps: float = Field(1e-5, gt=0.0, le=0.1)
+    affine: bool = True
+
+
+class DropoutSpec(_Strict):
+    rate: Probability | list[Probability] = Field(
+        0.0, description="one rate for every hidden layer, or a list with one per layer"
+    )
+    input_rate: Probability = 0.0
+    type: Literal["standard", "alpha", "spatial"] = "standard"
+
+    def rates(self, layers: int) -> list[float]:
+        return list(self.rate) if isinstance(self.rate, list) else [self.rate] * layers
+
+
+_DEFAULT_WIDTHS = {"mlp": [128, 64], "cnn": [16, 32], "resnet": [16, 32]}
+
+
+class ModelSpec(_Strict):
+    architecture: Literal["mlp", "cnn", "resnet"] = "mlp"
+    hidden_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        min_length=1,
+        description="mlp: hidden widths; cnn: channels per conv layer; resnet: channels per stage",
+    )
+    activation: Activation = "relu"
+    normalization: NormalizationSpec = Field(default_factory=NormalizationSpec)
+    dropout: DropoutSpec = Field(default_factory=DropoutSpec)
+    kernel_size: int = Field(3, ge=1, le=15, description="cnn and resnet only")
+    blocks_per_stage: int = Field(1, ge=1, le=8, description="resnet only")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_widths(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("hidden_sizes") is None:
+            architecture = data.get("architecture", "mlp")
+            if architecture in _DEFAULT_WIDTHS:
+                return {**data, "hidden_sizes": list(_DEFAULT_WIDTHS[architecture])}
+        return data
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> Self:
+        widths = self.widths
+        norm = self.normalization
+        if norm.type == "group_norm":
+            bad = [w for w in widths if w % norm.num_groups]
+            if bad:
+                raise SpecError(
+                    "normalization.num_groups",
+                    f"group_norm with num_groups={norm.num_groups} needs every width divisible by it; {bad} are not"
+                )
+        if norm.type == "instance_norm" and self.architecture == "mlp":
+            raise SpecError("normalization.type", "instance_norm normalizes over spatial positions; an mlp has none (use cnn or resnet)")
+        if self.dropout.type == "spatial" and self.architecture == "mlp":
+            raise SpecError("dropout.type", "spatial dropout drops whole channels; an mlp has none (use cnn or resnet)")
+        if isinstance(self.dropout.rate, list) and len(self.dropout.rate) != len(widths):
+            raise SpecError(
+                "dropout.rate",
+                f"dropout.rate lists {len(self.dropout.rate)} rates for {len(widths)} hidden layers"
+            )
+        return self
+
+    @property
+    def widths(self) -> list[int]:
+        return self.hidden_sizes
+
+
+class OptimizerSpec(_Strict):
+    type: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam"
+    lr: float = Field(1e-3, gt=0.0, le=100.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="sgd and rmsprop")
+    nesterov: bool = Field(False, description="sgd only; needs momentum > 0")
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
+    betas: list[float] = Field([0.9, 0.999], min_length=2, max_length=2, description="adam and adamw")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.nesterov and (self.type != "sgd" or self.momentum == 0.0):
+            raise SpecError("nesterov", "nesterov needs type 'sgd' with momentum > 0")
+        if self.momentum and self.type not in ("sgd", "rmsprop"):
+            raise SpecError("momentum", f"momentum applies to sgd and rmsprop, not {self.type}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise SpecError("betas", "betas must each be in [0, 1)")
+        return self
+
+
+class ScheduleSpec(_Strict):
+    type: Literal["constant", "step", "cosine", "one_cycle"] = "constant"
+    warmup_epochs: int = Field(0, ge=0, description="linear warm-up from lr/10, not with one_cycle")
+    step_size: int = Field(10, ge=1, description="step only: epochs between decays")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="step only: decay factor")
+    min_lr: float = Field(0.0, ge=0.0, description="cosine only: the final learning rate")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.type == "one_cycle" and self.warmup_epochs:
+            raise SpecError("warmup_epochs", "one_cycle has its own warm-up; leave warmup_epochs at 0")
+        return self
+
+
+class EarlyStoppingSpec(_Strict):
+    metric: Literal["val_loss", "val_accuracy"] = "val_loss"
+    patience: int = Field(5, ge=1)
+    min_delta: float = Field(0.0, ge=0.0)
+
+
+class JobSpec(_Strict):
+    name: str | None = Field(None, max_length=200)
+    dataset: DatasetSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    grad_clip_norm: float | None = Field(None, gt=0.0)
+    early_stopping: EarlyStoppingSpec | None = None
+    epochs: int = Field(ge=1)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["none", "bf16"] = Field("none", description="bf16 autocast, on CUDA")
+    max_wall_seconds: int | None = Field(None, ge=1, description="fail with timeout past this")
+    tags: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=dict, max_length=32
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.mixed_precision == "bf16" and self.device == "cpu":
+            raise SpecError("mixed_precision", "mixed_precision 'bf16' runs on CUDA; with device 'cpu' use 'none'")
+        if self.schedule.warmup_epochs >= self.epochs and self.schedule.warmup_epochs:
+            raise SpecError("schedule.warmup_epochs", f"schedule.warmup_epochs ({self.schedule.warmup_epochs}) must be below epochs ({self.epochs})")
+        return self
+
+
+def check_fits_dataset(spec: JobSpec, info: DatasetInfo) -> None:
+    """Raise SpecError if the model cannot take this dataset's samples."""
+    if spec.model.architecture in ("cnn", "resnet") and info.kind == "tabular":
+        raise SpecError(
+            "model.architecture",
+            f"{spec.model.architecture} needs image or sequence data; {info.name!r} is tabular (use mlp)",
+        )
+
+
+def count_parameters(spec: JobSpec, info: DatasetInfo) -> int:
+    """The trainable parameter count of the model the worker will build, without torch.
+
+    Kept exact (a worker test compares it with the built model) so that the parameter limit
+    is judged at submit, not discovered by a worker.
+    """
+    model = spec.model
+    norm = model.normalization
+    widths = model.widths
+    normalized = norm.type != "none" and norm.affine
+    if model.architecture == "mlp":
+        total, fan_in = 0, info.num_features
+        for width in widths:
+            total += fan_in * width + width
+            if normalized:
+                # rms_norm has a scale but no shift; the others have both.
+                total += width if norm.type == "rms_norm" else 2 * width
+            fan_in = width
+        return total + fan_in * info.num_classes + info.num_classes
+    spatial_dims = len(info.input_shape)
+    kernel = model.kernel_size**spatial_dims
+
+    def norm_params(channels: int) -> int:
+        if not normalized:
+            return 0
+        return channels if norm.type == "rms_norm" else 2 * channels
+
+    total, channels_in = 0, 1
+    if model.architecture == "cnn":
+        for width in widths:
+            total += channels_in * width * kernel + width + norm_params(width)
+            channels_in = width
+    else:  # resnet: a stem, then per stage blocks of two convs, a 1x1 projection when widths change
+        stem = widths[0]
+        total += channels_in * stem * kernel + stem + norm_params(stem)
+        channels_in = stem
+        for width in widths:
+            for block in range(model.blocks_per_stage):
+                block_in = channels_in if block == 0 else width
+                total += block_in * width * kernel + width + norm_params(width)
+                total += width * width * kernel + width + norm_params(width)
+                if block == 0 and block_in != width:
+                    total += block_in * width + width
+            channels_in = width
+    return total + channels_in * info.num_classes + info.num_classes

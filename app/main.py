@@ -1,0 +1,48 @@
+"""create_app(): the FastAPI application, its routers, its lifespan and its error handling."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.config import Settings, get_settings
+from app.datasets.router import router as datasets_router
+from app.db import create_db_engine, create_session_factory
+from app.errors import install_error_handlers
+from app.jobs.dispatch import Dispatcher
+from app.jobs.router import router as jobs_router
+from app.limits import BodySizeLimit
+from app.system.router import router as system_router
+from worker.celery_app import create_celery_app
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_db_engine(settings.database_url)
+        app.state.settings = settings
+        app.state.session_factory = create_session_factory(engine)
+        app.state.dispatcher = Dispatcher(create_celery_app(settings), app.state.session_factory)
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="trainsvc",
+        version="0.1.0",
+        description="Run and compare neural-network training jobs: what do normalization and "
+        "dropout do to training?",
+        lifespan=lifespan,
+    )
+    app.include_router(jobs_router)
+    app.include_router(datasets_router)
+    app.include_router(system_router)
+    install_error_handlers(app)
+    app.add_middleware(
+        BodySizeLimit,
+        default_limit=settings.max_body_bytes,
+        upload_limit=settings.max_upload_bytes,
+        upload_paths=("/v1/datasets",),
+    )
+    return app

@@ -1,0 +1,26 @@
+"""SQLAlchemy tables. Importing this package registers every table on Base.metadata."""
+
+from app.models.base import Base, utcnow
+from app.models.datasets import Dataset
+from app.models.jobs import (
+    CHECKPOINT_KINDS,
+    FINISHED_STATUSES,
+    JOB_STATUSES,
+    Checkpoint,
+    EpochMetric,
+    Job,
+    JobAttempt,
+)
+
+__all__ = [
+    "CHECKPOINT_KINDS",
+    "FINISHED_STATUSES",
+    "JOB_STATUSES",
+    "Base",
+    "Checkpoint",
+    "Dataset",
+    "EpochMetric",
+    "Job",
+    "JobAttempt",
+    "utcnow",
+]

@@ -1,0 +1,26 @@
+"""Uploaded datasets: validated arrays stored in the database, named by specs as upload:<id>."""
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import JSON, Integer, LargeBinary, String, Uuid
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.models.base import Base, UTCDateTime, utcnow
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(200))
+    source_format: Mapped[str] = mapped_column(String(8))  # npz | csv
+    n_samples: Mapped[int] = mapped_column(Integer)
+    # Per-sample shape: [features] for tabular data, [length] or [height, width] otherwise.
+    input_shape: Mapped[list[int]] = mapped_column(JSON)
+    num_classes: Mapped[int] = mapped_column(Integer)
+    # Canonical .npz (x float32, y int64), written by us and read back with allow_pickle=False.
+    data: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -1,0 +1,37 @@
+"""Alembic environment: migrates the database named by TRAINSVC_DATABASE_URL (or the caller's)."""
+
+from alembic import context
+from sqlalchemy import Connection
+
+from app.config import get_settings
+from app.db import create_db_engine
+from app.models import Base
+
+target_metadata = Base.metadata
+
+
+def run_migrations(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=connection.dialect.name == "sqlite",  # SQLite alters tables by copying
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def main() -> None:
+    url = context.config.attributes.get("database_url") or get_settings().database_url
+    engine = create_db_engine(url)
+    try:
+        with engine.connect() as connection:
+            run_migrations(connection)
+            connection.commit()
+    finally:
+        engine.dispose()
+
+
+if context.is_offline_mode():
+    raise SystemExit("offline (SQL script) migrations are not supported; run trainsvc migrate")
+main()

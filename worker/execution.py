@@ -1,0 +1,218 @@
+"""Runs one attempt at a job: claim it, train it, record every epoch, end or hand it back.
+
+The trainer knows nothing of the database; this module is the bridge. Beside the training
+thread, an AttemptControl thread renews the lease, watches for cancel and hand-back requests
+and the wall-time limit, and tells the trainer to stop at the next batch.
+"""
+
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import InterfaceError as SQLInterfaceError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.datasets.catalog import UPLOAD_PREFIX
+from app.datasets.service import load_upload_arrays, resolve_dataset
+from app.db import transaction
+from app.jobs import attempts
+from app.jobs.attempts import CheckpointBlob, Claim, LeaseLost
+from app.jobs.dispatch import Dispatcher
+from app.jobs.spec import JobSpec
+from worker.training.data import PreparedData, load_builtin, prepare
+from worker.training.loop import Diverged, EpochResult, Interrupted, TrainingRun
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class WorkerContext:
+    """What one worker process needs, built once per process (after the fork)."""
+
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    dispatcher: Dispatcher
+    worker_id: str  # "<celery node name>#<pid>": the lease owner
+
+
+def with_db_retry(ctx: WorkerContext, work: Callable[[Session], T]) -> T:
+    """Run `work` in its own transaction, retrying with backoff while the database is away.
+
+    A restart of the database (up to settings.db_retry_seconds) neither fails the attempt nor
+    duplicates a write: each retry is a fresh transaction, and a half-done one was rolled back.
+    """
+    deadline = time.monotonic() + ctx.settings.db_retry_seconds
+    delay = 0.2
+    while True:
+        try:
+            with transaction(ctx.session_factory) as session:
+                return work(session)
+        except (OperationalError, SQLInterfaceError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("database unavailable, retrying in %.1fs: %s", delay, exc.orig)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+class AttemptControl(threading.Thread):
+    """Keeps the lease and decides when the training thread must stop, and why."""
+
+    def __init__(self, ctx: WorkerContext, claim: Claim, wall_seconds: float) -> None:
+        super().__init__(name=f"attempt-control-{claim.job_id}", daemon=True)
+        self.ctx = ctx
+        self.claim = claim
+        self.deadline = claim.first_started_at_ts + wall_seconds
+        self.stop_reason: str | None = None  # cancelled | handed_back | timeout | lease_lost
+        self._done = threading.Event()
+
+    def should_stop(self) -> bool:
+        return self.stop_reason is not None
+
+    def finish(self) -> None:
+        self._done.set()
+        self.join()
+
+    def run(self) -> None:
+        settings = self.ctx.settings
+        next_renewal = time.monotonic() + settings.heartbeat_seconds
+        while not self._done.wait(settings.control_poll_seconds) and self.stop_reason is None:
+            try:
+                if time.monotonic() >= next_renewal:
+                    with transaction(self.ctx.session_factory) as session:
+                        attempts.renew_lease(
+                            session, self.claim.job_id, self.claim.attempt, settings.lease_seconds
+                        )
+                    next_renewal = time.monotonic() + settings.heartbeat_seconds
+                with transaction(self.ctx.session_factory) as session:
+                    control = attempts.read_control(session, self.claim.job_id, self.claim.attempt)
+            except LeaseLost:
+                self.stop_reason = "lease_lost"
+                break
+            except (OperationalError, SQLInterfaceError) as exc:
+                # The database is away: keep training; the lease has slack for a restart.
+                logger.warning("lease renewal failed, will retry: %s", exc.orig)
+                continue
+            if control.cancel_requested:
+                self.stop_reason = "cancelled"
+            elif control.handback_requested:
+                self.stop_reason = "handed_back"
+            elif time.time() > self.deadline:
+                self.stop_reason = "timeout"
+
+
+def load_data(ctx: WorkerContext, spec: JobSpec) -> PreparedData:
+    def read(session: Session) -> PreparedData:
+        info = resolve_dataset(session, spec.dataset.name)
+        if spec.dataset.name.startswith(UPLOAD_PREFIX):
+            arrays = load_upload_arrays(session, uuid.UUID(spec.dataset.name.removeprefix(UPLOAD_PREFIX)))
+        else:
+            arrays = load_builtin(spec.dataset)
+        return prepare(spec.dataset, info, arrays)
+
+    return with_db_retry(ctx, read)
+
+
+def _blob(kind: str, epoch: int, weights: bytes, state: bytes | None) -> CheckpointBlob:
+    return CheckpointBlob(kind, epoch, weights, state, hashlib.sha256(weights).hexdigest())
+
+
+def record(ctx: WorkerContext, claim: Claim, run: TrainingRun, result: EpochResult) -> None:
+    weights = run.weights()
+    blobs = [_blob("last", result.epoch, weights, run.trainer_state())]
+    if result.improved:
+        blobs.append(_blob("best", result.epoch, weights, None))
+
+    def write(session: Session) -> None:
+        attempts.record_epoch(
+            session,
+            claim.job_id,
+            claim.attempt,
+            result.epoch,
+            result.metrics,
+            result.diagnostics,
+            blobs,
+            ctx.settings.lease_seconds,
+        )
+
+    try:
+        with_db_retry(ctx, write)
+    except IntegrityError:
+        # The commit may have landed just before the connection broke; then this epoch is
+        # stored already, by this very attempt (the fence allows no other), and all is well.
+        if not with_db_retry(ctx, lambda s: attempts.epoch_stored_by(s, claim.job_id, result.epoch, claim.attempt)):
+            raise
+
+
+def _end(ctx: WorkerContext, claim: Claim, status: str, **fields: object) -> None:
+    with_db_retry(
+        ctx, lambda session: attempts.finish(session, claim.job_id, claim.attempt, status, **fields)  # type: ignore[arg-type]
+    )
+
+
+def execute_job(ctx: WorkerContext, job_id: uuid.UUID) -> str:
+    """Run the job if it can be claimed; returns how this attempt ended."""
+    claim = with_db_retry(
+        ctx, lambda s: attempts.claim(s, job_id, ctx.worker_id, ctx.settings.lease_seconds)
+    )
+    if claim is None:
+        logger.info("job %s is not claimable (taken, ended or cancelled); nothing to do", job_id)
+        return "skipped"
+    spec = JobSpec.model_validate(claim.spec)  # stored normalized by the API: it validates
+    wall_seconds = min(spec.max_wall_seconds or ctx.settings.max_wall_seconds, ctx.settings.max_wall_seconds)
+    control = AttemptControl(ctx, claim, wall_seconds)
+    control.start()
+    run: TrainingRun | None = None
+    try:
+        run = TrainingRun(
+            spec,
+            load_data(ctx, spec),
+            resume_weights=claim.resume_weights,
+            resume_state=claim.resume_state,
+        )
+        for result in run.epochs(should_stop=control.should_stop):
+            record(ctx, claim, run, result)
+        _end(ctx, claim, "succeeded", summary=run.summary())
+        return "succeeded"
+    except Interrupted:
+        return _interrupted(ctx, claim, control.stop_reason, run)
+    except Diverged as exc:
+        summary = run.summary() if run else None
+        _end(ctx, claim, "failed", summary=summary, error_type="diverged", error_message=str(exc))
+        return "failed"
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        _end(ctx, claim, "failed", error_type="out_of_memory", error_message=str(exc)[:2000])
+        return "failed"
+    except LeaseLost:
+        logger.warning("job %s attempt %s lost its lease; another attempt owns it", job_id, claim.attempt)
+        return "lease_lost"
+    except Exception as exc:
+        logger.exception("job %s failed", job_id)
+        _end(ctx, claim, "failed", error_type="error", error_message=f"{type(exc).__name__}: {exc}"[:2000])
+        return "failed"
+    finally:
+        control.finish()
+
+
+def _interrupted(ctx: WorkerContext, claim: Claim, reason: str | None, run: TrainingRun | None) -> str:
+    summary = run.summary() if run else None
+    if reason == "cancelled":
+        _end(ctx, claim, "cancelled", summary=summary)
+    elif reason == "timeout":
+        _end(ctx, claim, "failed", summary=summary, error_type="timeout",
+             error_message="the job ran past its wall-time limit (max_wall_seconds)")
+    elif reason == "handed_back":
+        with_db_retry(ctx, lambda s: attempts.hand_back(s, claim.job_id, claim.attempt))
+        ctx.dispatcher.publish([claim.job_id])
+    return reason or "interrupted"

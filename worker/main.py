@@ -1,0 +1,130 @@
+"""Starting a worker: the Celery app and its tasks, one process per GPU, the sweeper, shutdown."""
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+
+from app.config import Settings
+from app.db import create_db_engine, create_session_factory, transaction
+from app.jobs import attempts
+from app.jobs.dispatch import Dispatcher
+from worker.celery_app import QUEUE, create_celery_app
+from worker.execution import WorkerContext, with_db_retry
+from worker.tasks import register_tasks
+
+logger = logging.getLogger(__name__)
+
+
+def visible_gpus() -> int:
+    import torch  # counting devices does not initialize CUDA, so forking afterwards is safe
+
+    return torch.cuda.device_count()
+
+
+class ProcessContexts:
+    """One WorkerContext per process, built after the pool forks (engines must not cross a fork)."""
+
+    def __init__(self, settings: Settings, celery: Celery) -> None:
+        self.settings = settings
+        self.celery = celery
+        self._pid: int | None = None
+        self._context: WorkerContext | None = None
+
+    def get(self, worker_id: str) -> WorkerContext:
+        if self._context is None or self._pid != os.getpid():
+            factory = create_session_factory(create_db_engine(self.settings.database_url))
+            self._context = WorkerContext(
+                self.settings, factory, Dispatcher(self.celery, factory), worker_id
+            )
+            self._pid = os.getpid()
+        return self._context
+
+
+class Sweeper(threading.Thread):
+    """Reaps expired leases and publishes the outbox, every settings.sweep_seconds.
+
+    Runs in the worker's main process. Several workers sweeping at once is safe: reaping locks
+    rows with SKIP LOCKED, and a job published twice is claimed once.
+    """
+
+    def __init__(self, context: WorkerContext) -> None:
+        super().__init__(name="sweeper", daemon=True)
+        self.context = context
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        settings = self.context.settings
+        while not self.stopped.wait(settings.sweep_seconds):
+            try:
+                self.sweep()
+            except Exception:
+                logger.exception("sweep failed; trying again in %ss", settings.sweep_seconds)
+
+    def sweep(self) -> None:
+        settings = self.context.settings
+        with transaction(self.context.session_factory) as session:
+            requeued = attempts.reap_expired_leases(session, settings.max_attempts)
+        if requeued:
+            logger.warning("re-queued %d job(s) whose worker was lost: %s", len(requeued), requeued)
+        self.context.dispatcher.publish_pending(settings.republish_after_seconds)
+
+
+def run_worker(settings: Settings, concurrency: int | None = None, loglevel: str = "INFO") -> None:
+    celery = create_celery_app(settings)
+    contexts = ProcessContexts(settings, celery)
+    register_tasks(celery, contexts.get)
+    gpus = visible_gpus()
+    concurrency = concurrency or settings.worker_concurrency or max(1, gpus)
+    # A unique node name: two workers on one host must not share lease owners.
+    node = f"trainsvc-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+
+    @worker_process_init.connect(weak=False)
+    def _pin_gpu(**_: Any) -> None:
+        # One training process per GPU: pool child i trains on GPU i.
+        if gpus:
+            from billiard.process import current_process
+
+            import torch
+
+            torch.cuda.set_device(current_process().index % gpus)
+
+    sweeper: list[Sweeper] = []
+
+    @worker_ready.connect(weak=False)
+    def _start_sweeper(**_: Any) -> None:
+        thread = Sweeper(contexts.get(f"{node}#{os.getpid()}"))
+        thread.start()
+        sweeper.append(thread)
+
+    @worker_shutting_down.connect(weak=False)
+    def _hand_back_jobs(**_: Any) -> None:
+        # Celery's warm shutdown would wait for a multi-hour job; instead ask this node's
+        # running jobs to come back now. Each stops at its next batch, hands its job back to
+        # the queue (resuming from its last checkpoint elsewhere), and the shutdown completes.
+        for thread in sweeper:
+            thread.stopped.set()
+        context = contexts.get(f"{node}#{os.getpid()}")
+        try:
+            count = with_db_retry(context, lambda s: attempts.request_handback(s, f"{node}#"))
+            logger.warning("shutting down: asked %d running job(s) to hand back", count)
+        except Exception:
+            logger.exception("could not ask jobs to hand back; their leases will expire instead")
+
+    celery.worker_main(
+        [
+            "worker",
+            f"--concurrency={concurrency}",
+            "--pool=prefork",
+            f"--hostname={node}",
+            f"--loglevel={loglevel}",
+            f"--queues={QUEUE}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )

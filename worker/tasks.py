@@ -1,0 +1,18 @@
+"""Celery tasks: thin. They take ids, not objects, and leave the work to worker.execution."""
+
+import os
+import uuid
+from collections.abc import Callable
+
+from celery import Celery, Task
+
+from worker.celery_app import RUN_JOB_TASK
+from worker.execution import WorkerContext, execute_job
+
+
+def register_tasks(app: Celery, context_for: Callable[[str], WorkerContext]) -> None:
+    @app.task(name=RUN_JOB_TASK, bind=True)  # type: ignore[untyped-decorator]
+    def run_job(self: Task, job_id: str) -> str:  # type: ignore[type-arg]
+        """Run job `job_id`. Safe to deliver twice: only one delivery can claim the job."""
+        worker_id = f"{self.request.hostname}#{os.getpid()}"
+        return execute_job(context_for(worker_id), uuid.UUID(job_id))

@@ -1,0 +1,244 @@
+"""The training loop: one TrainingRun per job attempt, yielding an EpochResult per epoch.
+
+In-memory datasets live on the device as tensors and are batched by index (no DataLoader
+processes). Everything the next epoch depends on (weights, optimizer, schedule position,
+every RNG, the best-so-far bookkeeping) is in trainer_state(), so a run resumed from it
+continues bit for bit as if it had never stopped.
+"""
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812  (the PyTorch convention)
+
+from app.jobs.spec import JobSpec
+from worker.training.checkpoint import (
+    optimizer_state_from_json,
+    pack_state,
+    pack_weights,
+    unpack_state,
+    unpack_weights,
+)
+from worker.training.data import PreparedData
+from worker.training.models import build_model
+from worker.training.optim import build_optimizer, lr_factor
+
+
+class Interrupted(Exception):
+    """should_stop() asked the run to stop; the last completed epoch is its state."""
+
+
+class Diverged(Exception):
+    def __init__(self, epoch: int, step: int) -> None:
+        super().__init__(f"loss became NaN or infinite at epoch {epoch}, step {step}")
+        self.epoch = epoch
+        self.step = step
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    metrics: dict[str, float]  # train_loss, train_accuracy, val_loss, val_accuracy, lr, epoch_seconds
+    diagnostics: dict[str, Any]
+    improved: bool  # a new best validation result: this epoch's weights are the best checkpoint
+
+
+@dataclass
+class _Progress:
+    epoch: int = 0
+    best_val_accuracy: float = -1.0
+    best_epoch: int = 0
+    monitor_best: float | None = None  # early stopping's best value of its metric
+    stale_epochs: int = 0  # epochs since early stopping last saw an improvement
+    stopped_early: bool = False
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA device is visible to this worker")
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+class TrainingRun:
+    def __init__(
+        self,
+        spec: JobSpec,
+        data: PreparedData,
+        *,
+        resume_weights: bytes | None = None,
+        resume_state: bytes | None = None,
+    ) -> None:
+        self.spec = spec
+        self.device = resolve_device(spec.device)
+        self.autocast = spec.mixed_precision == "bf16" and self.device.type == "cuda"
+        torch.manual_seed(spec.seed)
+        self.model = build_model(spec.model, data.info).to(self.device)
+        self.x_train = data.x_train.to(self.device)
+        self.y_train = data.y_train.to(self.device)
+        self.x_val = data.x_val.to(self.device)
+        self.y_val = data.y_val.to(self.device)
+        self.batch_size = min(spec.dataset.batch_size, len(self.x_train))
+        self.steps_per_epoch = -(-len(self.x_train) // self.batch_size)
+        self.optimizer = build_optimizer(spec.optimizer, self.model.parameters())
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lr_factor(spec.schedule, spec.optimizer.lr, spec.epochs, self.steps_per_epoch),
+        )
+        # The data order has its own generator, so it does not depend on how many random
+        # numbers dropout drew; both are saved in the trainer state.
+        self.shuffle = torch.Generator().manual_seed(spec.seed + 1)
+        self.progress = _Progress()
+        if resume_weights is not None and resume_state is not None:
+            unpack_weights(self.model, resume_weights)
+            self._load_state(unpack_state(resume_state))
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def epochs(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[EpochResult]:
+        """Train the remaining epochs, yielding after each; stops early if the spec says so."""
+        while self.progress.epoch < self.spec.epochs and not self.progress.stopped_early:
+            yield self._train_epoch(self.progress.epoch + 1, should_stop)
+
+    def _train_epoch(self, epoch: int, should_stop: Callable[[], bool]) -> EpochResult:
+        started = time.perf_counter()
+        self.model.train()
+        n = len(self.x_train)
+        order = torch.randperm(n, generator=self.shuffle).to(self.device)
+        step_losses = torch.zeros(self.steps_per_epoch, device=self.device)
+        grad_norms = torch.zeros(self.steps_per_epoch, device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        lr = self.optimizer.param_groups[0]["lr"]
+        for step in range(self.steps_per_epoch):
+            if should_stop():
+                raise Interrupted
+            index = order[step * self.batch_size : (step + 1) * self.batch_size]
+            x, y = self.x_train[index], self.y_train[index]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.model(x)
+                loss = F.cross_entropy(logits.float(), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            max_norm = self.spec.grad_clip_norm or float("inf")
+            grad_norms[step] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            step_losses[step] = loss.detach()
+            correct += (logits.argmax(1) == y).sum()
+        # One host sync per epoch: a NaN is found here, not by a .item() on every step.
+        finite = torch.isfinite(step_losses)
+        if not bool(finite.all()):
+            raise Diverged(epoch, int((~finite).nonzero()[0]) + 1)
+        val_loss, val_accuracy = self._evaluate(self.x_val, self.y_val)
+        train_loss = float(step_losses.mean())
+        metrics = {
+            "train_loss": train_loss,
+            "train_accuracy": float(correct) / n,
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+            "lr": lr,
+            "epoch_seconds": time.perf_counter() - started,
+        }
+        diagnostics = {
+            "generalization_gap": val_loss - train_loss,
+            "grad_norm_mean": float(grad_norms.mean()),
+            "grad_norm_max": float(grad_norms.max()),
+            "step_loss_std": float(step_losses.std()) if self.steps_per_epoch > 1 else 0.0,
+        }
+        improved = self._update_progress(epoch, metrics)
+        return EpochResult(epoch, metrics, diagnostics, improved)
+
+    @torch.no_grad()
+    def _evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        self.model.eval()
+        total_loss = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        chunk = max(self.batch_size, 1024)
+        for start in range(0, len(x), chunk):
+            xb, yb = x[start : start + chunk], y[start : start + chunk]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.model(xb).float()
+            total_loss += F.cross_entropy(logits, yb, reduction="sum")
+            correct += (logits.argmax(1) == yb).sum()
+        self.model.train()
+        return float(total_loss) / len(x), float(correct) / len(x)
+
+    def _update_progress(self, epoch: int, metrics: dict[str, float]) -> bool:
+        p = self.progress
+        p.epoch = epoch
+        p.last_metrics = metrics
+        improved = metrics["val_accuracy"] > p.best_val_accuracy
+        if improved:
+            p.best_val_accuracy, p.best_epoch = metrics["val_accuracy"], epoch
+        stopping = self.spec.early_stopping
+        if stopping is not None:
+            value = metrics[stopping.metric]
+            sign = -1.0 if stopping.metric == "val_loss" else 1.0  # so that higher is better
+            if p.monitor_best is None or sign * value > sign * p.monitor_best + stopping.min_delta:
+                p.monitor_best, p.stale_epochs = value, 0
+            else:
+                p.stale_epochs += 1
+            p.stopped_early = p.stale_epochs >= stopping.patience and epoch < self.spec.epochs
+        return improved
+
+    # -- results and state ------------------------------------------------------------------
+
+    def weights(self) -> bytes:
+        return pack_weights(self.model)
+
+    def trainer_state(self) -> bytes:
+        p = self.progress
+        state: dict[str, Any] = {
+            "format": 1,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_shuffle": self.shuffle.get_state(),
+            "progress": {
+                "epoch": p.epoch,
+                "best_val_accuracy": p.best_val_accuracy,
+                "monitor_best": p.monitor_best,
+                "best_epoch": p.best_epoch,
+                "stale_epochs": p.stale_epochs,
+                "stopped_early": p.stopped_early,
+                "last_metrics": p.last_metrics,
+            },
+        }
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return pack_state(state)
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(optimizer_state_from_json(state["optimizer"]))
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        self.shuffle.set_state(state["rng_shuffle"])
+        if "rng_cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        self.progress = _Progress(**state["progress"])
+
+    def summary(self) -> dict[str, Any]:
+        p = self.progress
+        last = p.last_metrics
+        return {
+            "best_val_accuracy": p.best_val_accuracy if p.best_epoch else None,
+            "best_epoch": p.best_epoch or None,
+            "final_train_loss": last.get("train_loss"),
+            "final_val_loss": last.get("val_loss"),
+            "final_val_accuracy": last.get("val_accuracy"),
+            "final_generalization_gap": (last["val_loss"] - last["train_loss"]) if last else None,
+            "epochs_completed": p.epoch,
+            "stopped_early": p.stopped_early,
+            "parameters": self.parameters,
+            "device": str(self.device),
+            "precision": "bf16" if self.autocast else "fp32",
+        }
