@@ -64,7 +64,11 @@ def _submit(args: argparse.Namespace) -> None:
         if not args.wait:
             return
         job = _wait(client, job, tqdm)
-    print(json.dumps({"status": job["status"], "summary": job["summary"], "error": job["error"]}, indent=2))
+    print(
+        json.dumps(
+            {"status": job["status"], "summary": job["summary"], "error": job["error"]}, indent=2
+        )
+    )
     if job["status"] != "succeeded":
         sys.exit(1)
 

@@ -33,7 +33,7 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     # Let SQLAlchemy's "begin" event issue BEGIN (see above) instead of the driver.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    # WAL lets the API read while a worker writes; busy_timeout waits for a writer instead of failing.
+    # WAL lets the API read while a worker writes; busy_timeout waits for a writer, not fail.
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")

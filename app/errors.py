@@ -5,7 +5,7 @@ Services raise these; routes never build error responses themselves.
 """
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 class ServiceError(Exception):
     status_code = 500
     code = "internal_error"
-    headers: dict[str, str] | None = None
+    headers: ClassVar[dict[str, str] | None] = None
 
     def __init__(self, detail: Any) -> None:
         super().__init__(detail)
@@ -62,7 +62,7 @@ class PayloadTooLarge(ServiceError):
 class TooManyQueuedJobs(ServiceError):
     status_code = 429
     code = "too_many_queued_jobs"
-    headers = {"Retry-After": "30"}
+    headers: ClassVar[dict[str, str] | None] = {"Retry-After": "30"}
 
 
 class InvalidInput(ServiceError):
@@ -78,13 +78,17 @@ class InvalidInput(ServiceError):
 class DatabaseUnavailable(ServiceError):
     status_code = 503
     code = "database_unavailable"
-    headers = {"Retry-After": "5"}
+    headers: ClassVar[dict[str, str] | None] = {"Retry-After": "5"}
 
 
 def _validation_details(exc: RequestValidationError) -> list[dict[str, str]]:
     details = []
     for err in exc.errors():
-        loc = [str(part) for part in err.get("loc", ()) if part not in ("body", "query", "path", "header")]
+        loc = [
+            str(part)
+            for part in err.get("loc", ())
+            if part not in ("body", "query", "path", "header")
+        ]
         message = str(err.get("msg", "invalid"))
         cause = (err.get("ctx") or {}).get("error")
         if isinstance(cause, SpecError):
@@ -101,7 +105,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse(
-            {"error": exc.code, "detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+            {"error": exc.code, "detail": exc.detail},
+            status_code=exc.status_code,
+            headers=exc.headers,
         )
 
     @app.exception_handler(RequestValidationError)
@@ -120,4 +126,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error", exc_info=exc)
-        return JSONResponse({"error": "internal_error", "detail": "internal error"}, status_code=500)
+        return JSONResponse(
+            {"error": "internal_error", "detail": "internal error"}, status_code=500
+        )

@@ -114,7 +114,9 @@ def load_data(ctx: WorkerContext, spec: JobSpec) -> PreparedData:
     def read(session: Session) -> PreparedData:
         info = resolve_dataset(session, spec.dataset.name)
         if spec.dataset.name.startswith(UPLOAD_PREFIX):
-            arrays = load_upload_arrays(session, uuid.UUID(spec.dataset.name.removeprefix(UPLOAD_PREFIX)))
+            arrays = load_upload_arrays(
+                session, uuid.UUID(spec.dataset.name.removeprefix(UPLOAD_PREFIX))
+            )
         else:
             arrays = load_builtin(spec.dataset)
         return prepare(spec.dataset, info, arrays)
@@ -149,13 +151,16 @@ def record(ctx: WorkerContext, claim: Claim, run: TrainingRun, result: EpochResu
     except IntegrityError:
         # The commit may have landed just before the connection broke; then this epoch is
         # stored already, by this very attempt (the fence allows no other), and all is well.
-        if not with_db_retry(ctx, lambda s: attempts.epoch_stored_by(s, claim.job_id, result.epoch, claim.attempt)):
+        if not with_db_retry(
+            ctx, lambda s: attempts.epoch_stored_by(s, claim.job_id, result.epoch, claim.attempt)
+        ):
             raise
 
 
 def _end(ctx: WorkerContext, claim: Claim, status: str, **fields: object) -> None:
     with_db_retry(
-        ctx, lambda session: attempts.finish(session, claim.job_id, claim.attempt, status, **fields)  # type: ignore[arg-type]
+        ctx,
+        lambda session: attempts.finish(session, claim.job_id, claim.attempt, status, **fields),  # type: ignore[arg-type]
     )
 
 
@@ -168,7 +173,9 @@ def execute_job(ctx: WorkerContext, job_id: uuid.UUID) -> str:
         logger.info("job %s is not claimable (taken, ended or cancelled); nothing to do", job_id)
         return "skipped"
     spec = JobSpec.model_validate(claim.spec)  # stored normalized by the API: it validates
-    wall_seconds = min(spec.max_wall_seconds or ctx.settings.max_wall_seconds, ctx.settings.max_wall_seconds)
+    wall_seconds = min(
+        spec.max_wall_seconds or ctx.settings.max_wall_seconds, ctx.settings.max_wall_seconds
+    )
     control = AttemptControl(ctx, claim, wall_seconds)
     control.start()
     run: TrainingRun | None = None
@@ -195,23 +202,39 @@ def execute_job(ctx: WorkerContext, job_id: uuid.UUID) -> str:
         _end(ctx, claim, "failed", error_type="out_of_memory", error_message=str(exc)[:2000])
         return "failed"
     except LeaseLost:
-        logger.warning("job %s attempt %s lost its lease; another attempt owns it", job_id, claim.attempt)
+        logger.warning(
+            "job %s attempt %s lost its lease; another attempt owns it", job_id, claim.attempt
+        )
         return "lease_lost"
     except Exception as exc:
         logger.exception("job %s failed", job_id)
-        _end(ctx, claim, "failed", error_type="error", error_message=f"{type(exc).__name__}: {exc}"[:2000])
+        _end(
+            ctx,
+            claim,
+            "failed",
+            error_type="error",
+            error_message=f"{type(exc).__name__}: {exc}"[:2000],
+        )
         return "failed"
     finally:
         control.finish()
 
 
-def _interrupted(ctx: WorkerContext, claim: Claim, reason: str | None, run: TrainingRun | None) -> str:
+def _interrupted(
+    ctx: WorkerContext, claim: Claim, reason: str | None, run: TrainingRun | None
+) -> str:
     summary = run.summary() if run else None
     if reason == "cancelled":
         _end(ctx, claim, "cancelled", summary=summary)
     elif reason == "timeout":
-        _end(ctx, claim, "failed", summary=summary, error_type="timeout",
-             error_message="the job ran past its wall-time limit (max_wall_seconds)")
+        _end(
+            ctx,
+            claim,
+            "failed",
+            summary=summary,
+            error_type="timeout",
+            error_message="the job ran past its wall-time limit (max_wall_seconds)",
+        )
     elif reason == "handed_back":
         with_db_retry(ctx, lambda s: attempts.hand_back(s, claim.job_id, claim.attempt))
         ctx.dispatcher.publish([claim.job_id])

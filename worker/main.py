@@ -88,9 +88,8 @@ def run_worker(settings: Settings, concurrency: int | None = None, loglevel: str
     def _pin_gpu(**_: Any) -> None:
         # One training process per GPU: pool child i trains on GPU i.
         if gpus:
-            from billiard.process import current_process
-
             import torch
+            from billiard.process import current_process
 
             torch.cuda.set_device(current_process().index % gpus)
 

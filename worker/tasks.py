@@ -11,8 +11,8 @@ from worker.execution import WorkerContext, execute_job
 
 
 def register_tasks(app: Celery, context_for: Callable[[str], WorkerContext]) -> None:
-    @app.task(name=RUN_JOB_TASK, bind=True)  # type: ignore[untyped-decorator]
-    def run_job(self: Task, job_id: str) -> str:  # type: ignore[type-arg]
+    @app.task(name=RUN_JOB_TASK, bind=True)
+    def run_job(self: Task, job_id: str) -> str:
         """Run job `job_id`. Safe to deliver twice: only one delivery can claim the job."""
         worker_id = f"{self.request.hostname}#{os.getpid()}"
         return execute_job(context_for(worker_id), uuid.UUID(job_id))

@@ -37,13 +37,50 @@ SYNTHETIC_DEFAULT_SAMPLES = 1000
 BUILTIN_DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
-        DatasetInfo("digits", "image", (8, 8), 10, 1797, description="scikit-learn's 8x8 handwritten digits"),
-        DatasetInfo("breast_cancer", "tabular", (30,), 2, 569, description="scikit-learn's Wisconsin breast cancer"),
-        DatasetInfo("wine", "tabular", (13,), 3, 178, description="scikit-learn's wine recognition"),
+        DatasetInfo(
+            "digits", "image", (8, 8), 10, 1797, description="scikit-learn's 8x8 handwritten digits"
+        ),
+        DatasetInfo(
+            "breast_cancer",
+            "tabular",
+            (30,),
+            2,
+            569,
+            description="scikit-learn's Wisconsin breast cancer",
+        ),
+        DatasetInfo(
+            "wine", "tabular", (13,), 3, 178, description="scikit-learn's wine recognition"
+        ),
         DatasetInfo("iris", "tabular", (4,), 3, 150, description="scikit-learn's iris"),
-        DatasetInfo("mnist1d", "sequence", (40,), 10, 5000, description="MNIST-1D, generated offline"),
-        DatasetInfo("two_moons", "tabular", (2,), 2, SYNTHETIC_DEFAULT_SAMPLES, True, "two interleaved half circles"),
-        DatasetInfo("spirals", "tabular", (2,), 3, SYNTHETIC_DEFAULT_SAMPLES, True, "three interleaved spirals"),
-        DatasetInfo("gaussian_blobs", "tabular", (2,), 3, SYNTHETIC_DEFAULT_SAMPLES, True, "three isotropic Gaussian blobs"),
+        DatasetInfo(
+            "mnist1d", "sequence", (40,), 10, 5000, description="MNIST-1D, generated offline"
+        ),
+        DatasetInfo(
+            "two_moons",
+            "tabular",
+            (2,),
+            2,
+            SYNTHETIC_DEFAULT_SAMPLES,
+            True,
+            "two interleaved half circles",
+        ),
+        DatasetInfo(
+            "spirals",
+            "tabular",
+            (2,),
+            3,
+            SYNTHETIC_DEFAULT_SAMPLES,
+            True,
+            "three interleaved spirals",
+        ),
+        DatasetInfo(
+            "gaussian_blobs",
+            "tabular",
+            (2,),
+            3,
+            SYNTHETIC_DEFAULT_SAMPLES,
+            True,
+            "three isotropic Gaussian blobs",
+        ),
     )
 }

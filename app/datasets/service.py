@@ -7,13 +7,13 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, undefer
 
-from app.datasets.catalog import BUILTIN_DATASETS, UPLOAD_PREFIX, DatasetInfo
+from app.datasets.catalog import BUILTIN_DATASETS, UPLOAD_PREFIX, DataKind, DatasetInfo
 from app.errors import DatasetNotFound, InvalidInput
 from app.models import Dataset
 
 
 def info_from_row(row: Dataset) -> DatasetInfo:
-    kind = "image" if len(row.input_shape) == 2 else "tabular"
+    kind: DataKind = "image" if len(row.input_shape) == 2 else "tabular"
     return DatasetInfo(
         name=f"{UPLOAD_PREFIX}{row.id}",
         kind=kind,

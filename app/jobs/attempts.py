@@ -48,7 +48,9 @@ class CheckpointBlob:
     sha256: str
 
 
-def claim(session: Session, job_id: uuid.UUID, worker_id: str, lease_seconds: float) -> Claim | None:
+def claim(
+    session: Session, job_id: uuid.UUID, worker_id: str, lease_seconds: float
+) -> Claim | None:
     """queued -> running, attempts + 1, atomically; None if someone else has it or it ended."""
     now = utcnow()
     result = session.execute(
@@ -70,7 +72,9 @@ def claim(session: Session, job_id: uuid.UUID, worker_id: str, lease_seconds: fl
     job = session.execute(
         select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
     ).scalar_one()
-    session.add(JobAttempt(job_id=job_id, attempt=job.attempts, worker_id=worker_id, started_at=now))
+    session.add(
+        JobAttempt(job_id=job_id, attempt=job.attempts, worker_id=worker_id, started_at=now)
+    )
     last = session.scalars(
         select(Checkpoint)
         .where(Checkpoint.job_id == job_id, Checkpoint.kind == "last")
@@ -135,7 +139,9 @@ def record_epoch(
         progress_epoch=epoch,
         lease_expires_at=utcnow() + timedelta(seconds=lease_seconds),
     )
-    session.add(EpochMetric(job_id=job_id, epoch=epoch, attempt=attempt, diagnostics=diagnostics, **metrics))
+    session.add(
+        EpochMetric(job_id=job_id, epoch=epoch, attempt=attempt, diagnostics=diagnostics, **metrics)
+    )
     for blob in checkpoints:
         session.execute(
             delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.kind == blob.kind)
@@ -158,7 +164,11 @@ def record_epoch(
 def _end_attempt(session: Session, job_id: uuid.UUID, attempt: int, outcome: str) -> None:
     session.execute(
         update(JobAttempt)
-        .where(JobAttempt.job_id == job_id, JobAttempt.attempt == attempt, JobAttempt.ended_at.is_(None))
+        .where(
+            JobAttempt.job_id == job_id,
+            JobAttempt.attempt == attempt,
+            JobAttempt.ended_at.is_(None),
+        )
         .values(ended_at=utcnow(), outcome=outcome)
     )
 
@@ -242,7 +252,7 @@ def reap_expired_leases(session: Session, max_attempts: int) -> list[uuid.UUID]:
                 "status": "failed",
                 "finished_at": now,
                 "error_type": "worker_lost",
-                "error_message": f"the worker running it was lost {lost} times (max_attempts={max_attempts})",
+                "error_message": f"its worker was lost {lost} times (max_attempts={max_attempts})",
             }
         else:
             values = {"status": "queued", "published_at": None, "handback_requested": False}
@@ -256,7 +266,9 @@ def reap_expired_leases(session: Session, max_attempts: int) -> list[uuid.UUID]:
     return requeued
 
 
-def jobs_to_publish(session: Session, republish_after_seconds: float, limit: int = 500) -> list[uuid.UUID]:
+def jobs_to_publish(
+    session: Session, republish_after_seconds: float, limit: int = 500
+) -> list[uuid.UUID]:
     """The outbox: queued jobs never published, or published long ago and still unclaimed."""
     stale = utcnow() - timedelta(seconds=republish_after_seconds)
     return list(

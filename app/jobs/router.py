@@ -8,7 +8,15 @@ from fastapi import APIRouter, Header, Query, Response, status
 from app.dependencies import DispatcherDep, SessionDep, SettingsDep
 from app.jobs import service
 from app.jobs.dependencies import JobDep
-from app.jobs.schemas import CheckpointList, CheckpointRead, EpochRead, JobPage, JobRead, JobStatus, MetricsRead
+from app.jobs.schemas import (
+    CheckpointList,
+    CheckpointRead,
+    EpochRead,
+    JobPage,
+    JobRead,
+    JobStatus,
+    MetricsRead,
+)
 from app.jobs.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])

@@ -51,7 +51,7 @@ class JobRead(BaseModel):
         return cls(
             id=job.id,
             name=job.name,
-            status=job.status,  # type: ignore[arg-type]  # the table's CHECK holds it to JobStatus
+            status=job.status,  # the table's CHECK holds it to JobStatus
             spec=job.spec,
             created_at=job.created_at,
             started_at=job.started_at,

@@ -80,16 +80,20 @@ def _find_by_key(session: Session, key: str, digest: str) -> Job:
 def submit_job(
     session: Session, spec: JobSpec, settings: Settings, idempotency_key: str | None
 ) -> tuple[Job, bool]:
-    """Store a queued job. Returns (job, created); a repeated Idempotency-Key returns the original."""
+    """Store a queued job: (job, created). A repeated Idempotency-Key returns the original."""
     digest = spec_sha256(spec)
     if idempotency_key is not None:
-        existing = session.scalars(select(Job).where(Job.idempotency_key == idempotency_key)).first()
+        existing = session.scalars(
+            select(Job).where(Job.idempotency_key == idempotency_key)
+        ).first()
         if existing is not None:
             return _find_by_key(session, idempotency_key, digest), False
     check_limits(session, spec, settings)
     queued = session.scalar(select(func.count()).select_from(Job).where(Job.status == "queued"))
     if (queued or 0) >= settings.max_queued_jobs:
-        raise TooManyQueuedJobs(f"{queued} jobs are queued; the limit is {settings.max_queued_jobs}")
+        raise TooManyQueuedJobs(
+            f"{queued} jobs are queued; the limit is {settings.max_queued_jobs}"
+        )
     job = Job(
         name=spec.name,
         spec=spec.model_dump(mode="json"),

@@ -10,12 +10,19 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.datasets.catalog import BUILTIN_DATASETS, SYNTHETIC_DEFAULT_SAMPLES, UPLOAD_PREFIX, DatasetInfo
+from app.datasets.catalog import (
+    BUILTIN_DATASETS,
+    SYNTHETIC_DEFAULT_SAMPLES,
+    UPLOAD_PREFIX,
+    DatasetInfo,
+)
 
 _UPLOAD_NAME = re.compile(rf"^{UPLOAD_PREFIX}[0-9a-fA-F-]{{36}}$")
 
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
-NormalizationType = Literal["none", "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]
+NormalizationType = Literal[
+    "none", "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"
+]
 Activation = Literal["relu", "gelu", "tanh", "silu", "selu"]
 
 
@@ -37,10 +44,18 @@ class DatasetSpec(_Strict):
     name: str = Field(description="a built-in dataset, or upload:<id> for an uploaded one")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     batch_size: int = Field(64, ge=1, le=65536)
-    train_subset: int | None = Field(None, ge=1, description="train on the first N training samples only")
-    label_noise: Probability = Field(0.0, description="fraction of training labels replaced at random")
-    standardize: bool = Field(True, description="standardize features with training-split statistics")
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="seeds data generation and the train/val split")
+    train_subset: int | None = Field(
+        None, ge=1, description="train on the first N training samples only"
+    )
+    label_noise: Probability = Field(
+        0.0, description="fraction of training labels replaced at random"
+    )
+    standardize: bool = Field(
+        True, description="standardize features with training-split statistics"
+    )
+    seed: int = Field(
+        0, ge=0, le=2**31 - 1, description="seeds data generation and the train/val split"
+    )
     n_samples: int | None = Field(None, ge=20, le=1_000_000, description="synthetic datasets only")
     noise: float | None = Field(None, ge=0.0, le=10.0, description="synthetic datasets only")
 
@@ -57,12 +72,16 @@ class DatasetSpec(_Strict):
     def _check_name(self) -> Self:
         if self.name not in BUILTIN_DATASETS and not _UPLOAD_NAME.match(self.name):
             known = ", ".join(sorted(BUILTIN_DATASETS))
-            raise SpecError("name", f"unknown dataset {self.name!r}; use one of {known} or upload:<id>")
+            raise SpecError(
+                "name", f"unknown dataset {self.name!r}; use one of {known} or upload:<id>"
+            )
         builtin = BUILTIN_DATASETS.get(self.name)
         if not (builtin and builtin.synthetic):
             for option in ("n_samples", "noise"):
                 if getattr(self, option) is not None:
-                    raise SpecError(option, f"{option} applies to synthetic datasets only, not {self.name!r}")
+                    raise SpecError(
+                        option, f"{option} applies to synthetic datasets only, not {self.name!r}"
+                    )
         return self
 
 
@@ -119,16 +138,25 @@ class ModelSpec(_Strict):
             if bad:
                 raise SpecError(
                     "normalization.num_groups",
-                    f"group_norm with num_groups={norm.num_groups} needs every width divisible by it; {bad} are not"
+                    f"group_norm with num_groups={norm.num_groups} needs widths divisible by it; "
+                    f"{bad} are not",
                 )
         if norm.type == "instance_norm" and self.architecture == "mlp":
-            raise SpecError("normalization.type", "instance_norm normalizes over spatial positions; an mlp has none (use cnn or resnet)")
+            raise SpecError(
+                "normalization.type",
+                "instance_norm normalizes over spatial positions; an mlp has none "
+                "(use cnn or resnet)",
+            )
         if self.dropout.type == "spatial" and self.architecture == "mlp":
-            raise SpecError("dropout.type", "spatial dropout drops whole channels; an mlp has none (use cnn or resnet)")
+            raise SpecError(
+                "dropout.type",
+                "spatial dropout drops whole channels; an mlp has none (use cnn or resnet)",
+            )
         if isinstance(self.dropout.rate, list) and len(self.dropout.rate) != len(widths):
             raise SpecError(
                 "dropout.rate",
-                f"dropout.rate lists {len(self.dropout.rate)} rates for {len(widths)} hidden layers"
+                f"dropout.rate lists {len(self.dropout.rate)} rates "
+                f"for {len(widths)} hidden layers",
             )
         return self
 
@@ -143,7 +171,9 @@ class OptimizerSpec(_Strict):
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="sgd and rmsprop")
     nesterov: bool = Field(False, description="sgd only; needs momentum > 0")
     weight_decay: float = Field(0.0, ge=0.0, le=10.0)
-    betas: list[float] = Field([0.9, 0.999], min_length=2, max_length=2, description="adam and adamw")
+    betas: list[float] = Field(
+        [0.9, 0.999], min_length=2, max_length=2, description="adam and adamw"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -166,7 +196,9 @@ class ScheduleSpec(_Strict):
     @model_validator(mode="after")
     def _check(self) -> Self:
         if self.type == "one_cycle" and self.warmup_epochs:
-            raise SpecError("warmup_epochs", "one_cycle has its own warm-up; leave warmup_epochs at 0")
+            raise SpecError(
+                "warmup_epochs", "one_cycle has its own warm-up; leave warmup_epochs at 0"
+            )
         return self
 
 
@@ -179,7 +211,7 @@ class EarlyStoppingSpec(_Strict):
 class JobSpec(_Strict):
     name: str | None = Field(None, max_length=200)
     dataset: DatasetSpec
-    model: ModelSpec = Field(default_factory=ModelSpec)
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec.model_validate({}))
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     grad_clip_norm: float | None = Field(None, gt=0.0)
@@ -196,9 +228,16 @@ class JobSpec(_Strict):
     @model_validator(mode="after")
     def _check(self) -> Self:
         if self.mixed_precision == "bf16" and self.device == "cpu":
-            raise SpecError("mixed_precision", "mixed_precision 'bf16' runs on CUDA; with device 'cpu' use 'none'")
+            raise SpecError(
+                "mixed_precision",
+                "mixed_precision 'bf16' runs on CUDA; with device 'cpu' use 'none'",
+            )
         if self.schedule.warmup_epochs >= self.epochs and self.schedule.warmup_epochs:
-            raise SpecError("schedule.warmup_epochs", f"schedule.warmup_epochs ({self.schedule.warmup_epochs}) must be below epochs ({self.epochs})")
+            raise SpecError(
+                "schedule.warmup_epochs",
+                f"schedule.warmup_epochs ({self.schedule.warmup_epochs}) must be below "
+                f"epochs ({self.epochs})",
+            )
         return self
 
 
@@ -207,7 +246,8 @@ def check_fits_dataset(spec: JobSpec, info: DatasetInfo) -> None:
     if spec.model.architecture in ("cnn", "resnet") and info.kind == "tabular":
         raise SpecError(
             "model.architecture",
-            f"{spec.model.architecture} needs image or sequence data; {info.name!r} is tabular (use mlp)",
+            f"{spec.model.architecture} needs image or sequence data; "
+            f"{info.name!r} is tabular (use mlp)",
         )
 
 

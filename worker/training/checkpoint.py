@@ -1,4 +1,4 @@
-"""Checkpoints as safetensors: never pickle, since they cross a trust boundary (users download them).
+"""Checkpoints as safetensors, never pickle: they cross a trust boundary (users download them).
 
 Two files per checkpoint: the model's weights (what users download, opened by
 safetensors.torch.load), and the trainer state a resume needs (optimizer tensors and RNG
@@ -17,7 +17,9 @@ _STATE_KEY = "trainsvc.trainer_state"
 
 
 def pack_weights(model: torch.nn.Module) -> bytes:
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    state = {
+        name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()
+    }
     return save_tensors(state)
 
 

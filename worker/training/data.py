@@ -23,13 +23,18 @@ class PreparedData:
     info: DatasetInfo
 
 
-def _two_moons(n_samples: int, noise: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _two_moons(
+    n_samples: int, noise: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     n_out = n_samples // 2
     n_in = n_samples - n_out
     outer = np.linspace(0, np.pi, n_out)
     inner = np.linspace(0, np.pi, n_in)
     x = np.concatenate(
-        [np.stack([np.cos(outer), np.sin(outer)], 1), np.stack([1 - np.cos(inner), 0.5 - np.sin(inner)], 1)]
+        [
+            np.stack([np.cos(outer), np.sin(outer)], 1),
+            np.stack([1 - np.cos(inner), 0.5 - np.sin(inner)], 1),
+        ]
     )
     y = np.concatenate([np.zeros(n_out, dtype=np.int64), np.ones(n_in, dtype=np.int64)])
     return x + rng.normal(scale=noise, size=x.shape), y
@@ -53,7 +58,9 @@ def load_builtin(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
     return x, np.asarray(y, dtype=np.int64)
 
 
-def prepare(spec: DatasetSpec, info: DatasetInfo, arrays: tuple[np.ndarray, np.ndarray]) -> PreparedData:
+def prepare(
+    spec: DatasetSpec, info: DatasetInfo, arrays: tuple[np.ndarray, np.ndarray]
+) -> PreparedData:
     """Split (seeded), subset, corrupt labels, standardize with training statistics only."""
     x, y = arrays
     rng = np.random.default_rng(spec.seed)

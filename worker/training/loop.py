@@ -41,7 +41,9 @@ class Diverged(Exception):
 @dataclass
 class EpochResult:
     epoch: int
-    metrics: dict[str, float]  # train_loss, train_accuracy, val_loss, val_accuracy, lr, epoch_seconds
+    metrics: dict[
+        str, float
+    ]  # train_loss, train_accuracy, val_loss, val_accuracy, lr, epoch_seconds
     diagnostics: dict[str, Any]
     improved: bool  # a new best validation result: this epoch's weights are the best checkpoint
 

@@ -8,19 +8,33 @@ import torch
 from app.jobs.spec import OptimizerSpec, ScheduleSpec
 
 
-def build_optimizer(spec: OptimizerSpec, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(
+    spec: OptimizerSpec, params: Iterable[torch.nn.Parameter]
+) -> torch.optim.Optimizer:
     if spec.type == "sgd":
         return torch.optim.SGD(
-            params, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov, weight_decay=spec.weight_decay
+            params,
+            lr=spec.lr,
+            momentum=spec.momentum,
+            nesterov=spec.nesterov,
+            weight_decay=spec.weight_decay,
         )
     if spec.type == "adam":
-        return torch.optim.Adam(params, lr=spec.lr, betas=(spec.betas[0], spec.betas[1]), weight_decay=spec.weight_decay)
+        return torch.optim.Adam(
+            params, lr=spec.lr, betas=(spec.betas[0], spec.betas[1]), weight_decay=spec.weight_decay
+        )
     if spec.type == "adamw":
-        return torch.optim.AdamW(params, lr=spec.lr, betas=(spec.betas[0], spec.betas[1]), weight_decay=spec.weight_decay)
-    return torch.optim.RMSprop(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=spec.lr, betas=(spec.betas[0], spec.betas[1]), weight_decay=spec.weight_decay
+        )
+    return torch.optim.RMSprop(
+        params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+    )
 
 
-def lr_factor(spec: ScheduleSpec, base_lr: float, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
+def lr_factor(
+    spec: ScheduleSpec, base_lr: float, epochs: int, steps_per_epoch: int
+) -> Callable[[int], float]:
     """The multiplier of the base learning rate at each optimizer step: one function for every
     schedule, stepped once per batch, so warm-up and decay are smooth and resume exactly."""
     total = max(1, epochs * steps_per_epoch)

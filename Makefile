@@ -1,0 +1,39 @@
+# What a person runs. `make run` and `make test` are README's two commands: each installs
+# what it needs into .venv (pinned by constraints.txt) and then does its job.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[worker,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The API on 127.0.0.1:8000 and one worker, on the embedded default (SQLite + SQLite broker).
+run: $(STAMP)
+	$(BIN)/trainsvc up --host 127.0.0.1 --port 8000
+
+# The whole suite, against the PostgreSQL and Redis on 127.0.0.1 (CI=true: they must answer).
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,198 @@
+"""The jobs API against real PostgreSQL and SQLite (each test rolled back)."""
+
+import uuid
+
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.models import Job
+from tests.factories import make_job, spec_payload
+
+
+def test_submit_stores_normalized_spec_with_defaults(client: TestClient) -> None:
+    response = client.post("/v1/jobs", json={"dataset": {"name": "digits"}, "epochs": 2})
+    assert response.status_code == 201
+    job = response.json()
+    assert job["status"] == "queued"
+    assert job["progress"] == {"epoch": 0, "epochs": 2}
+    assert job["spec"]["model"]["hidden_sizes"] == [128, 64]
+    assert job["spec"]["optimizer"]["type"] == "adam"
+    assert job["spec"]["dataset"]["val_fraction"] == 0.2
+    assert job["error"] is None
+    assert job["summary"] is None
+    assert client.get(f"/v1/jobs/{job['id']}").json()["spec"] == job["spec"]
+
+
+def test_submit_publishes_after_commit(client: TestClient, session: Session) -> None:
+    job_id = client.post("/v1/jobs", json=spec_payload()).json()["id"]
+    row = session.get(Job, uuid.UUID(job_id))
+    assert row is not None
+    assert row.published_at is not None
+
+
+def test_unknown_field_is_422_naming_it(client: TestClient) -> None:
+    response = client.post(
+        "/v1/jobs", json=spec_payload(dataset={"name": "digits", "colour": "red"})
+    )
+    assert response.status_code == 422
+    body = response.json()
+    assert body["error"] == "validation_error"
+    assert {"field": "dataset.colour", "message": "Extra inputs are not permitted"} in body[
+        "detail"
+    ]
+
+
+def test_bad_enum_and_missing_required_fields_are_named(client: TestClient) -> None:
+    payload = spec_payload(model={"normalization": {"type": "magic_norm"}})
+    del payload["epochs"]
+    response = client.post("/v1/jobs", json=payload)
+    assert response.status_code == 422
+    fields = {item["field"] for item in response.json()["detail"]}
+    assert fields == {"model.normalization.type", "epochs"}
+
+
+def test_impossible_combination_is_422_with_reason(client: TestClient) -> None:
+    payload = spec_payload(
+        model={"hidden_sizes": [30], "normalization": {"type": "group_norm", "num_groups": 8}}
+    )
+    response = client.post("/v1/jobs", json=payload)
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["field"] == "model.normalization.num_groups"
+    assert "divisible" in error["message"]
+
+
+def test_limits_are_422_that_say_the_limit(client: TestClient) -> None:
+    response = client.post("/v1/jobs", json=spec_payload(epochs=100_000))
+    assert response.status_code == 422
+    assert response.json()["detail"] == [
+        {"field": "epochs", "message": "at most 500 epochs (TRAINSVC_MAX_EPOCHS)"}
+    ]
+    response = client.post(
+        "/v1/jobs", json=spec_payload(model={"hidden_sizes": [4096, 4096, 4096]})
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "model"
+    assert "parameters" in response.json()["detail"][0]["message"]
+
+
+def test_unknown_dataset_is_422(client: TestClient) -> None:
+    response = client.post("/v1/jobs", json=spec_payload(dataset={"name": "imagenet"}))
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "dataset.name"
+    missing = f"upload:{uuid.uuid4()}"
+    response = client.post("/v1/jobs", json=spec_payload(dataset={"name": missing}))
+    assert response.status_code == 422
+    assert response.json()["detail"] == [
+        {"field": "dataset.name", "message": f"no uploaded dataset {missing!r}"}
+    ]
+
+
+def test_malformed_json_is_422_not_500(client: TestClient) -> None:
+    response = client.post(
+        "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    response = client.post("/v1/jobs", json=["a", "list"])
+    assert response.status_code == 422
+
+
+def test_body_over_limit_is_413(client: TestClient) -> None:
+    payload = spec_payload(tags={f"k{i}": "x" * 250 for i in range(32)}, name="x" * 200)
+    payload["padding"] = "y" * 300_000
+    response = client.post("/v1/jobs", json=payload)
+    assert response.status_code == 413
+    assert response.json()["error"] == "payload_too_large"
+
+
+def test_unknown_job_is_404(client: TestClient) -> None:
+    missing = uuid.uuid4()
+    for path in ("", "/metrics", "/checkpoints", f"/checkpoints/{uuid.uuid4()}"):
+        response = client.get(f"/v1/jobs/{missing}{path}")
+        assert response.status_code == 404, path
+        assert response.json()["error"] == "job_not_found"
+    assert client.post(f"/v1/jobs/{missing}/cancel").status_code == 404
+    assert client.get("/v1/jobs/not-a-uuid").status_code == 422
+
+
+def test_idempotency_key_returns_same_job_and_409_on_other_body(client: TestClient) -> None:
+    headers = {"Idempotency-Key": "submit-42"}
+    first = client.post("/v1/jobs", json=spec_payload(), headers=headers)
+    again = client.post("/v1/jobs", json=spec_payload(), headers=headers)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json()["id"] == again.json()["id"]
+    other = client.post("/v1/jobs", json=spec_payload(epochs=4), headers=headers)
+    assert other.status_code == 409
+    assert other.json()["error"] == "idempotency_key_reused"
+
+
+def test_list_is_newest_first_with_keyset_pagination(client: TestClient) -> None:
+    ids = [client.post("/v1/jobs", json=spec_payload(seed=i)).json()["id"] for i in range(5)]
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+        page = client.get("/v1/jobs", params=params).json()
+        seen += [item["id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(ids))
+    assert client.get("/v1/jobs", params={"cursor": "garbage!"}).status_code == 422
+    assert client.get("/v1/jobs", params={"limit": 0}).status_code == 422
+
+
+def test_list_filters_by_status(client: TestClient, session: Session) -> None:
+    running = make_job(session, status="running")
+    make_job(session, status="queued")
+    session.commit()
+    items = client.get("/v1/jobs", params={"status": "running"}).json()["items"]
+    assert [item["id"] for item in items] == [str(running.id)]
+    assert client.get("/v1/jobs", params={"status": "sleeping"}).status_code == 422
+
+
+def test_cancel_queued_job_is_immediate(client: TestClient) -> None:
+    job_id = client.post("/v1/jobs", json=spec_payload()).json()["id"]
+    response = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert response.status_code == 202
+    assert response.json()["status"] == "cancelled"
+    assert response.json()["finished_at"] is not None
+
+
+def test_cancel_running_job_flags_it_and_finished_job_is_409(
+    client: TestClient, session: Session
+) -> None:
+    running = make_job(session, status="running")
+    done = make_job(session, status="succeeded")
+    session.commit()
+    response = client.post(f"/v1/jobs/{running.id}/cancel")
+    assert response.status_code == 202
+    assert response.json()["status"] == "running"
+    assert response.json()["cancel_requested"] is True
+    response = client.post(f"/v1/jobs/{done.id}/cancel")
+    assert response.status_code == 409
+    assert response.json()["error"] == "job_not_cancellable"
+
+
+def test_health_and_ready(client: TestClient) -> None:
+    assert client.get("/v1/health").json() == {"status": "ok"}
+    ready = client.get("/v1/ready")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"database": "up", "broker": "up"}
+
+
+def test_ready_names_the_broker_when_it_is_down(client: TestClient, session: Session) -> None:
+    from worker.celery_app import create_celery_app
+
+    settings = client.app.state.settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})  # type: ignore[attr-defined]
+    client.app.state.dispatcher.celery = create_celery_app(settings)  # type: ignore[attr-defined]
+    ready = client.get("/v1/ready")
+    assert ready.status_code == 503
+    assert ready.json()["down"] == ["broker"]
+    # Submitting still works: the job is stored, and waits in the outbox.
+    response = client.post("/v1/jobs", json=spec_payload())
+    assert response.status_code == 201
+    row = session.get(Job, uuid.UUID(response.json()["id"]))
+    assert row is not None
+    assert row.published_at is None
+    assert session.scalars(select(Job).where(Job.published_at.is_(None))).all() == [row]

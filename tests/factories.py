@@ -1,0 +1,51 @@
+"""Test data: job specs and rows, with overrides for what a test cares about."""
+
+import copy
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.jobs.service import spec_sha256
+from app.jobs.spec import JobSpec
+from app.models import Job
+
+BASE_SPEC: dict[str, Any] = {
+    "name": "bn-digits",
+    "dataset": {"name": "digits", "val_fraction": 0.2, "batch_size": 64},
+    "model": {
+        "architecture": "mlp",
+        "hidden_sizes": [32, 16],
+        "activation": "relu",
+        "normalization": {"type": "batch_norm", "position": "before_activation"},
+        "dropout": {"rate": 0.2},
+    },
+    "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0},
+    "epochs": 3,
+    "seed": 0,
+    "tags": {"team": "vision"},
+}
+
+
+def spec_payload(**overrides: Any) -> dict[str, Any]:
+    """BASE_SPEC with top-level keys replaced; nested dicts are replaced whole."""
+    payload = copy.deepcopy(BASE_SPEC)
+    payload.update(overrides)
+    return payload
+
+
+def make_job(session: Session, status: str = "queued", **spec_overrides: Any) -> Job:
+    spec = JobSpec.model_validate(spec_payload(**spec_overrides))
+    job = Job(
+        name=spec.name,
+        spec=spec.model_dump(mode="json"),
+        spec_sha256=spec_sha256(spec),
+        epochs=spec.epochs,
+        status=status,
+        attempts=0,
+        progress_epoch=0,
+        cancel_requested=False,
+        handback_requested=False,
+    )
+    session.add(job)
+    session.flush()
+    return job
