@@ -1,6 +1,8 @@
 """End to end, real processes: the embedded default, and PostgreSQL + Redis as in production."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -45,6 +47,20 @@ def test_embedded_default_runs_a_job_with_nothing_else(
     assert summary["status"] == "succeeded"
     assert summary["summary"]["epochs_completed"] == 2
     assert "epoch" in submitted.stderr  # tqdm's bar, on stderr
+
+    # Ctrl-C (SIGINT to the terminal's process group) stops the API and its worker cleanly.
+    up = service.processes[0][0]
+    os.killpg(up.pid, signal.SIGINT)
+    assert up.wait(timeout=30) == 0
+    wait_until(lambda: not _group_alive(up.pid), 30, "the worker to exit after Ctrl-C")
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_postgres_and_redis_with_separate_processes(

@@ -1,0 +1,47 @@
+"""docker-compose.yml and the Dockerfile agree with each other and with the CLI.
+
+No Docker engine runs here, so the images are not built; what can be checked without one is.
+"""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app.cli import build_parser
+
+
+def test_compose_services_images_and_commands_fit_together(repo_root: Path) -> None:
+    compose = yaml.safe_load((repo_root / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"postgres", "redis", "migrate", "api", "worker"}
+    stages = set(re.findall(r"^FROM \S+ AS (\w+)$", (repo_root / "Dockerfile").read_text(), re.M))
+    for name in ("migrate", "api", "worker"):
+        assert services[name]["build"]["target"] in stages
+        env = services[name]["environment"]
+        assert env["TRAINSVC_DATABASE_URL"].startswith("postgresql+psycopg://")
+        assert env["TRAINSVC_BROKER_URL"].startswith("redis://redis:")
+    assert services["migrate"]["command"] == ["trainsvc", "migrate"]
+    assert services["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    [gpu] = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu["capabilities"] == ["gpu"]
+    # Every command the images run is one the CLI knows.
+    dockerfile_commands = re.findall(
+        r'^CMD \["trainsvc", "(\w+)"', (repo_root / "Dockerfile").read_text(), re.M
+    )
+    assert set(dockerfile_commands) == {"serve", "worker"}
+    for command in [*dockerfile_commands, "migrate"]:
+        build_parser().parse_args([command])
+
+
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None, reason="docker-compose is not installed"
+)
+def test_compose_file_validates(repo_root: Path) -> None:
+    result = subprocess.run(
+        ["docker-compose", "config", "-q"], cwd=repo_root, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
