@@ -196,3 +196,21 @@ def test_ready_names_the_broker_when_it_is_down(client: TestClient, session: Ses
     assert row is not None
     assert row.published_at is None
     assert session.scalars(select(Job).where(Job.published_at.is_(None))).all() == [row]
+
+
+def test_openapi_documents_every_path(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    assert set(schema["paths"]) >= {
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/jobs/{job_id}/metrics",
+        "/v1/jobs/{job_id}/checkpoints",
+        "/v1/jobs/{job_id}/checkpoints/{checkpoint_id}",
+        "/v1/datasets",
+        "/v1/health",
+        "/v1/ready",
+    }
+    submit = schema["paths"]["/v1/jobs"]["post"]
+    assert submit["description"].startswith("Submit a training job")
+    assert client.get("/docs").status_code == 200
