@@ -30,7 +30,9 @@ class Settings(BaseSettings):
 
     # Leases (docs/reliability.md). A running job's lease is renewed every heartbeat; a lease
     # that runs out means its worker is gone, and the reaper queues the job again.
-    lease_seconds: float = Field(30.0, gt=0)
+    # 60 s: a database restart of 30 s stops renewals for at most 30 s + one heartbeat, and
+    # the lease must outlast that, or the reaper would take a healthy job from its worker.
+    lease_seconds: float = Field(60.0, gt=0)
     heartbeat_seconds: float = Field(5.0, gt=0)
     # How often a running job looks for a cancel or hand-back request: "within a second".
     control_poll_seconds: float = Field(0.5, gt=0)

@@ -7,11 +7,15 @@ and the wall-time limit, and tells the trainer to stop at the next batch.
 
 import hashlib
 import logging
+import os
+import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import TypeVar
 
 import torch
@@ -32,6 +36,39 @@ from worker.training.loop import Diverged, EpochResult, Interrupted, TrainingRun
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# Set in a pool process when SIGTERM reaches it directly (systemd's default, `kill` of the
+# process group): its running job hands itself back instead of dying with it.
+shutdown_requested = threading.Event()
+
+
+@contextmanager
+def sigterm_hands_back() -> Iterator[None]:
+    """While a job trains, a SIGTERM to this pool process asks it to hand the job back.
+
+    billiard installs its own SIGTERM handler in pool processes after Celery's
+    worker_process_init (it exits at once, mid-epoch), so the handler is put in place for the
+    duration of a task instead. A second SIGTERM falls through to billiard's: stop now.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if shutdown_requested.is_set():
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+        shutdown_requested.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -76,6 +113,8 @@ class AttemptControl(threading.Thread):
         self._done = threading.Event()
 
     def should_stop(self) -> bool:
+        if self.stop_reason is None and shutdown_requested.is_set():
+            self.stop_reason = "handed_back"  # no database round trip needed to stop
         return self.stop_reason is not None
 
     def finish(self) -> None:
@@ -104,7 +143,7 @@ class AttemptControl(threading.Thread):
                 continue
             if control.cancel_requested:
                 self.stop_reason = "cancelled"
-            elif control.handback_requested:
+            elif control.handback_requested or shutdown_requested.is_set():
                 self.stop_reason = "handed_back"
             elif time.time() > self.deadline:
                 self.stop_reason = "timeout"
@@ -166,6 +205,10 @@ def _end(ctx: WorkerContext, claim: Claim, status: str, **fields: object) -> Non
 
 def execute_job(ctx: WorkerContext, job_id: uuid.UUID) -> str:
     """Run the job if it can be claimed; returns how this attempt ended."""
+    if shutdown_requested.is_set():
+        # This process is on its way out: leave the job queued; the message or the outbox's
+        # republish brings it to another worker.
+        return "shutting_down"
     claim = with_db_retry(
         ctx, lambda s: attempts.claim(s, job_id, ctx.worker_id, ctx.settings.lease_seconds)
     )
@@ -178,6 +221,14 @@ def execute_job(ctx: WorkerContext, job_id: uuid.UUID) -> str:
     )
     control = AttemptControl(ctx, claim, wall_seconds)
     control.start()
+    try:
+        with sigterm_hands_back():
+            return _train(ctx, claim, spec, control)
+    finally:
+        control.finish()
+
+
+def _train(ctx: WorkerContext, claim: Claim, spec: JobSpec, control: AttemptControl) -> str:
     run: TrainingRun | None = None
     try:
         run = TrainingRun(
@@ -203,11 +254,11 @@ def execute_job(ctx: WorkerContext, job_id: uuid.UUID) -> str:
         return "failed"
     except LeaseLost:
         logger.warning(
-            "job %s attempt %s lost its lease; another attempt owns it", job_id, claim.attempt
+            "job %s attempt %s lost its lease; another attempt owns it", claim.job_id, claim.attempt
         )
         return "lease_lost"
     except Exception as exc:
-        logger.exception("job %s failed", job_id)
+        logger.exception("job %s failed", claim.job_id)
         _end(
             ctx,
             claim,
@@ -216,8 +267,6 @@ def execute_job(ctx: WorkerContext, job_id: uuid.UUID) -> str:
             error_message=f"{type(exc).__name__}: {exc}"[:2000],
         )
         return "failed"
-    finally:
-        control.finish()
 
 
 def _interrupted(

@@ -1,0 +1,167 @@
+"""Fixtures for fault-injection tests: private servers, real processes, and a view of the jobs.
+
+Every server and process a test starts is stopped by a finalizer, pass or fail; a failing test
+prints its processes' logs.
+"""
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.db import create_db_engine, create_session_factory, transaction
+from app.jobs.dispatch import Dispatcher
+from app.jobs.service import submit_job
+from app.jobs.spec import JobSpec
+from app.models import EpochMetric, Job, JobAttempt
+from tests.factories import spec_payload
+from tests.faults.servers import PostgresServer, RedisServer
+from tests.support.processes import Processes
+from worker.celery_app import create_celery_app
+
+# Short leases so a lost worker is noticed within seconds; every wait in the tests is a poll
+# with a deadline derived from these.
+LEASE_SECONDS = 3.0
+FAST = {
+    "TRAINSVC_LEASE_SECONDS": str(LEASE_SECONDS),
+    "TRAINSVC_HEARTBEAT_SECONDS": "0.5",
+    "TRAINSVC_CONTROL_POLL_SECONDS": "0.2",
+    "TRAINSVC_SWEEP_SECONDS": "0.5",
+    "TRAINSVC_REPUBLISH_AFTER_SECONDS": "10",
+}
+
+
+def tiny_spec(epochs: int = 2, **overrides: Any) -> dict[str, Any]:
+    """A job that trains in well under a second per epoch."""
+    return spec_payload(
+        dataset={"name": "iris", "batch_size": 16},
+        model={"architecture": "mlp", "hidden_sizes": [8]},
+        epochs=epochs,
+        **overrides,
+    )
+
+
+def slow_spec(epochs: int = 6) -> dict[str, Any]:
+    """About 0.7 s an epoch on one CPU core: long enough to be interrupted in the middle."""
+    return spec_payload(
+        dataset={"name": "digits", "batch_size": 2},
+        model={"architecture": "mlp", "hidden_sizes": [256, 256]},
+        epochs=epochs,
+    )
+
+
+class Jobs:
+    """The test's direct view of the jobs table, and a way to submit without an API process."""
+
+    def __init__(self, database_url: str, broker_url: str) -> None:
+        self.settings = Settings(database_url=database_url, broker_url=broker_url)
+        self.engine = create_db_engine(database_url)
+        self.session_factory: sessionmaker[Session] = create_session_factory(self.engine)
+        self.dispatcher = Dispatcher(create_celery_app(self.settings), self.session_factory)
+
+    def submit(self, spec: dict[str, Any], publish: bool = True) -> uuid.UUID:
+        with transaction(self.session_factory) as session:
+            job, _ = submit_job(session, JobSpec.model_validate(spec), self.settings, None)
+            job_id = job.id
+        if publish:
+            self.dispatcher.publish([job_id])
+        return job_id
+
+    def get(self, job_id: uuid.UUID) -> Job:
+        with self.session_factory() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            session.expunge(job)
+            return job
+
+    def status(self, job_id: uuid.UUID) -> str:
+        return self.get(job_id).status
+
+    def attempts(self, job_id: uuid.UUID) -> list[JobAttempt]:
+        with self.session_factory() as session:
+            rows = session.scalars(
+                sa.select(JobAttempt)
+                .where(JobAttempt.job_id == job_id)
+                .order_by(JobAttempt.attempt)
+            ).all()
+            session.expunge_all()
+            return list(rows)
+
+    def metric_epochs(self, job_id: uuid.UUID) -> list[int]:
+        with self.session_factory() as session:
+            return list(
+                session.scalars(
+                    sa.select(EpochMetric.epoch)
+                    .where(EpochMetric.job_id == job_id)
+                    .order_by(EpochMetric.epoch)
+                )
+            )
+
+    def all_ended(self, job_ids: list[uuid.UUID]) -> bool:
+        with self.session_factory() as session:
+            unfinished = session.scalar(
+                sa.select(sa.func.count())
+                .select_from(Job)
+                .where(Job.id.in_(job_ids), Job.status.in_(("queued", "running")))
+            )
+        return unfinished == 0
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+@pytest.fixture
+def processes(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]:
+    started = Processes(tmp_path, dict(FAST))
+    yield started
+    started.stop_all()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(started.logs())
+
+
+@pytest.fixture
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def jobs_on(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """jobs_on(database_url, broker_url) -> Jobs, disposed of at the end."""
+    made: list[Jobs] = []
+
+    def make(database_url: str, broker_url: str) -> Jobs:
+        jobs = Jobs(database_url, broker_url)
+        made.append(jobs)
+        return jobs
+
+    yield make
+    for jobs in made:
+        jobs.dispose()
+
+
+def api_get(url: str, path: str) -> Any:
+    return httpx.get(f"{url}{path}", timeout=10).json()
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    # Lets the `processes` fixture print the logs when a test failed.
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"rep_{report.when}", report)

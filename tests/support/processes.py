@@ -1,0 +1,130 @@
+"""Real trainsvc processes for multi-process tests: API and workers, stopped however a test ends.
+
+Each process runs in a session of its own, so a signal can reach the main process alone (as
+`docker stop` does) or the whole group; at the end every group still alive is SIGKILLed.
+"""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1
+) -> Any:
+    """Poll `predicate` until it returns something truthy; raise naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Processes:
+    """Starts `python -m app.cli ...` processes with one environment; `stop_all` ends them all."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        # Only what the test names: a developer's own TRAINSVC_* variables must not leak in.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("TRAINSVC_")}
+        self.env = {**inherited, "PYTHONUNBUFFERED": "1", **env}
+        self.started: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def start(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        preexec: Callable[[], None] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        log = self.workdir / f"{args[0]}-{len(self.started)}.log"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", *args],
+            cwd=self.workdir,
+            env={**self.env, **(env or {})},
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
+        self.started.append((process, log))
+        return process
+
+    def worker(self, env: dict[str, str] | None = None) -> "Worker":
+        process = self.start("worker", "--concurrency", "1", env=env)
+        worker = Worker(process)
+        wait_until(worker.pool_child, 60, "the worker's pool process")
+        return worker
+
+    def api(self) -> str:
+        port = free_port()
+        self.start("serve", "--port", str(port))
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _healthy(url), 60, f"the API on {url}")
+        return url
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {log.name}\n{log.read_text(errors='replace')[-6000:]}" for _, log in self.started
+        )
+
+    def stop_all(self) -> None:
+        for process, _ in self.started:
+            if process.poll() is None:
+                _signal_group(process.pid, signal.SIGKILL)
+        for process, _ in self.started:
+            process.wait(timeout=30)
+
+
+class Worker:
+    """A `trainsvc worker --concurrency 1`: its main process and its one pool process."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+
+    def pool_child(self) -> int | None:
+        pid = self.process.pid
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return None
+        return int(children[0]) if children else None
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker, pool process included: a crash, an OOM-killer, a lost VM."""
+        _signal_group(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def terminate(self) -> None:
+        """SIGTERM to the main process only, as `docker stop` and Kubernetes send it."""
+        self.process.send_signal(signal.SIGTERM)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/v1/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
