@@ -40,7 +40,7 @@ FAST = {
 def tiny_spec(epochs: int = 2, **overrides: Any) -> dict[str, Any]:
     """A job that trains in well under a second per epoch."""
     return spec_payload(
-        dataset={"name": "iris", "batch_size": 16},
+        dataset={"name": "digits", "batch_size": 32, "train_subset": 128},
         model={"architecture": "mlp", "hidden_sizes": [8]},
         epochs=epochs,
         **overrides,
