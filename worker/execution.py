@@ -247,17 +247,19 @@ def _train(ctx: WorkerContext, claim: Claim, spec: JobSpec, control: AttemptCont
         summary = run.summary() if run else None
         _end(ctx, claim, "failed", summary=summary, error_type="diverged", error_message=str(exc))
         return "failed"
-    except (torch.OutOfMemoryError, MemoryError) as exc:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        _end(ctx, claim, "failed", error_type="out_of_memory", error_message=str(exc)[:2000])
-        return "failed"
     except LeaseLost:
         logger.warning(
             "job %s attempt %s lost its lease; another attempt owns it", claim.job_id, claim.attempt
         )
         return "lease_lost"
     except Exception as exc:
+        if is_out_of_memory(exc):
+            run = None  # drop the half-built model and its tensors before the next job
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give the memory back so the next job on this GPU fits
+            logger.warning("job %s ran out of memory: %s", claim.job_id, exc)
+            _end(ctx, claim, "failed", error_type="out_of_memory", error_message=str(exc)[:2000])
+            return "failed"
         logger.exception("job %s failed", claim.job_id)
         _end(
             ctx,
@@ -267,6 +269,18 @@ def _train(ctx: WorkerContext, claim: Claim, spec: JobSpec, control: AttemptCont
             error_message=f"{type(exc).__name__}: {exc}"[:2000],
         )
         return "failed"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OOM is torch.OutOfMemoryError; the CPU allocator's is a plain RuntimeError."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    # c10's DefaultCPUAllocator raises c10::Error ("can't allocate memory" / "not enough
+    # memory"), which reaches Python as RuntimeError, e.g. under an RLIMIT_AS or a cgroup cap.
+    message = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "DefaultCPUAllocator" in message or "out of memory" in message
+    )
 
 
 def _interrupted(

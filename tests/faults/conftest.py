@@ -38,13 +38,13 @@ FAST = {
 
 
 def tiny_spec(epochs: int = 2, **overrides: Any) -> dict[str, Any]:
-    """A job that trains in well under a second per epoch."""
-    return spec_payload(
-        dataset={"name": "digits", "batch_size": 32, "train_subset": 128},
-        model={"architecture": "mlp", "hidden_sizes": [8]},
-        epochs=epochs,
-        **overrides,
-    )
+    """A job that trains in well under a second per epoch; top-level keys may be replaced."""
+    tiny = {
+        "dataset": {"name": "digits", "batch_size": 32, "train_subset": 128},
+        "model": {"architecture": "mlp", "hidden_sizes": [8]},
+        "epochs": epochs,
+    }
+    return spec_payload(**{**tiny, **overrides})
 
 
 def slow_spec(epochs: int = 6) -> dict[str, Any]:
