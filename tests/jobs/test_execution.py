@@ -1,0 +1,54 @@
+"""worker.execution on a real database, with the trainer replaced only where a GPU is needed."""
+
+from typing import Any
+
+import pytest
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.jobs.dispatch import Dispatcher
+from app.models import Job
+from tests.factories import make_job
+from worker import execution
+from worker.celery_app import create_celery_app
+from worker.execution import WorkerContext, execute_job
+
+
+class _CudaOutOfMemory:
+    """Stands in for TrainingRun on a GPU that is full: this machine has no CUDA device."""
+
+    def __init__(self, *_: Any, **__: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_cuda_out_of_memory_fails_the_job_with_out_of_memory(
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with session_factory() as session:
+        job = make_job(session)
+        session.commit()
+    monkeypatch.setattr(execution, "TrainingRun", _CudaOutOfMemory)
+    monkeypatch.setattr(execution, "load_data", lambda *_: None)
+    ctx = WorkerContext(
+        settings,
+        session_factory,
+        Dispatcher(create_celery_app(settings), session_factory),
+        "node@host#1",
+    )
+    assert execute_job(ctx, job.id) == "failed"
+    with session_factory() as session:
+        stored = session.get(Job, job.id)
+        assert stored is not None
+        assert (stored.status, stored.error_type) == ("failed", "out_of_memory")
+        assert "CUDA out of memory" in (stored.error_message or "")
+        assert [a.outcome for a in stored.attempt_history] == ["failed"]
+
+
+def test_cpu_allocator_failures_count_as_out_of_memory() -> None:
+    cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes")
+    assert execution.is_out_of_memory(cpu)
+    assert execution.is_out_of_memory(MemoryError())
+    assert not execution.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
