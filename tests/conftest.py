@@ -6,6 +6,12 @@ With CI=true an unreachable PostgreSQL or Redis fails the run; elsewhere those t
 """
 
 import os
+
+# Tests run two at a time on two cores, beside worker processes of their own: more PyTorch
+# threads than cores makes OpenMP spin against itself (an epoch went from 0.08 s to 6.7 s).
+# Set before anything imports torch; subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import uuid
 from collections.abc import Iterator
 from pathlib import Path

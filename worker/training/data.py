@@ -5,6 +5,7 @@ generated from the spec's dataset seed. Uploaded arrays arrive from the caller (
 task reads them from the database); this module never touches storage.
 """
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,37 +24,89 @@ class PreparedData:
     info: DatasetInfo
 
 
-def _two_moons(
-    n_samples: int, noise: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    n_out = n_samples // 2
-    n_in = n_samples - n_out
-    outer = np.linspace(0, np.pi, n_out)
-    inner = np.linspace(0, np.pi, n_in)
+def _two_moons(n: int, noise: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    n_outer = n // 2
+    outer = np.linspace(0, np.pi, n_outer)
+    inner = np.linspace(0, np.pi, n - n_outer)
     x = np.concatenate(
         [
             np.stack([np.cos(outer), np.sin(outer)], 1),
             np.stack([1 - np.cos(inner), 0.5 - np.sin(inner)], 1),
         ]
     )
-    y = np.concatenate([np.zeros(n_out, dtype=np.int64), np.ones(n_in, dtype=np.int64)])
+    y = np.repeat([0, 1], [n_outer, n - n_outer])
     return x + rng.normal(scale=noise, size=x.shape), y
+
+
+def _spirals(
+    n: int, noise: float, rng: np.random.Generator, arms: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
+    y = np.arange(n) % arms
+    radius = rng.uniform(0.05, 1.0, size=n)
+    angle = y * (2 * np.pi / arms) + radius * 3 * np.pi + rng.normal(scale=noise, size=n)
+    return np.stack([radius * np.cos(angle), radius * np.sin(angle)], 1), y
+
+
+def _gaussian_blobs(
+    n: int, noise: float, rng: np.random.Generator, centers: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
+    y = np.arange(n) % centers
+    means = (
+        np.stack(
+            [
+                np.cos(2 * np.pi * np.arange(centers) / centers),
+                np.sin(2 * np.pi * np.arange(centers) / centers),
+            ],
+            1,
+        )
+        * 3
+    )
+    return means[y] + rng.normal(scale=noise, size=(n, 2)), y
+
+
+SYNTHETIC = {
+    # name: (generator, default noise)
+    "two_moons": (_two_moons, 0.1),
+    "spirals": (_spirals, 0.2),
+    "gaussian_blobs": (_gaussian_blobs, 1.0),
+}
+
+
+@functools.cache
+def _mnist1d() -> tuple[np.ndarray, np.ndarray]:
+    # The package's own generator with its default (published) arguments: 4000 + 1000
+    # samples, seed 42, generated offline. Never its download URL. Cached: it takes seconds.
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    data = make_dataset(get_dataset_args())
+    return np.concatenate([data["x"], data["x_test"]]), np.concatenate([data["y"], data["y_test"]])
+
+
+def _sklearn(name: str) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn import datasets
+
+    loader = {
+        "digits": datasets.load_digits,
+        "breast_cancer": datasets.load_breast_cancer,
+        "wine": datasets.load_wine,
+        "iris": datasets.load_iris,
+    }[name]
+    bunch = loader()
+    return bunch.data, bunch.target
 
 
 def load_builtin(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
     """All samples of a built-in dataset, in a fixed order, shaped [n, *input_shape]."""
-    rng = np.random.default_rng(spec.seed)
     info = BUILTIN_DATASETS[spec.name]
-    if spec.name == "digits":
-        from sklearn.datasets import load_digits
-
-        bunch = load_digits()
-        x, y = bunch.images, bunch.target
-    elif spec.name == "two_moons":
-        assert spec.n_samples is not None
-        x, y = _two_moons(spec.n_samples, 0.1 if spec.noise is None else spec.noise, rng)
+    if spec.name in SYNTHETIC:
+        generate, default_noise = SYNTHETIC[spec.name]
+        assert spec.n_samples is not None  # the spec fills it in for synthetic datasets
+        noise = default_noise if spec.noise is None else spec.noise
+        x, y = generate(spec.n_samples, noise, np.random.default_rng(spec.seed))
+    elif spec.name == "mnist1d":
+        x, y = _mnist1d()
     else:
-        raise ValueError(f"dataset {spec.name!r} is not available in this worker")
+        x, y = _sklearn(spec.name)
     x = np.asarray(x, dtype=np.float32).reshape(len(x), *info.input_shape)
     return x, np.asarray(y, dtype=np.int64)
 

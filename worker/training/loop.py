@@ -23,8 +23,12 @@ from worker.training.checkpoint import (
     unpack_weights,
 )
 from worker.training.data import PreparedData
+from worker.training.diagnostics import LayerDiagnostics
 from worker.training.models import build_model
 from worker.training.optim import build_optimizer, lr_factor
+
+TRAIN_EVAL_SAMPLES = 4096
+PROBE_BATCH = 256
 
 
 class Interrupted(Exception):
@@ -86,7 +90,12 @@ class TrainingRun:
         self.x_val = data.x_val.to(self.device)
         self.y_val = data.y_val.to(self.device)
         self.batch_size = min(spec.dataset.batch_size, len(self.x_train))
-        self.steps_per_epoch = -(-len(self.x_train) // self.batch_size)
+        self.steps_per_epoch = len(self._batches())
+        # A fixed slice of the training set, for the eval-mode training loss (bounded cost on
+        # large sets) and, its head, the probe batch for per-layer statistics.
+        self.x_train_probe = self.x_train[:TRAIN_EVAL_SAMPLES]
+        self.y_train_probe = self.y_train[:TRAIN_EVAL_SAMPLES]
+        self.layer_diagnostics = LayerDiagnostics(self.model, self.steps_per_epoch)
         self.optimizer = build_optimizer(spec.optimizer, self.model.parameters())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -111,26 +120,36 @@ class TrainingRun:
         while self.progress.epoch < self.spec.epochs and not self.progress.stopped_early:
             yield self._train_epoch(self.progress.epoch + 1, should_stop)
 
+    def _batches(self) -> list[tuple[int, int]]:
+        """Batch boundaries over a shuffled epoch. A lone last sample joins the batch before it:
+        batch normalization cannot train on a batch of one."""
+        n, size = len(self.x_train), self.batch_size
+        bounds = [(start, min(start + size, n)) for start in range(0, n, size)]
+        if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+            bounds[-2:] = [(bounds[-2][0], n)]
+        return bounds
+
     def _train_epoch(self, epoch: int, should_stop: Callable[[], bool]) -> EpochResult:
         started = time.perf_counter()
         self.model.train()
-        n = len(self.x_train)
-        order = torch.randperm(n, generator=self.shuffle).to(self.device)
+        order = torch.randperm(len(self.x_train), generator=self.shuffle).to(self.device)
         step_losses = torch.zeros(self.steps_per_epoch, device=self.device)
         grad_norms = torch.zeros(self.steps_per_epoch, device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         lr = self.optimizer.param_groups[0]["lr"]
-        for step in range(self.steps_per_epoch):
+        max_norm = self.spec.grad_clip_norm or float("inf")
+        for step, (start, stop) in enumerate(self._batches()):
             if should_stop():
                 raise Interrupted
-            index = order[step * self.batch_size : (step + 1) * self.batch_size]
+            index = order[start:stop]
             x, y = self.x_train[index], self.y_train[index]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 logits = self.model(x)
-                loss = F.cross_entropy(logits.float(), y)
+            loss = F.cross_entropy(logits.float(), y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            max_norm = self.spec.grad_clip_norm or float("inf")
+            self.layer_diagnostics.after_backward()
+            # Clipping at infinity still returns the global norm: one call measures and clips.
             grad_norms[step] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
             self.optimizer.step()
             self.scheduler.step()
@@ -141,22 +160,36 @@ class TrainingRun:
         if not bool(finite.all()):
             raise Diverged(epoch, int((~finite).nonzero()[0]) + 1)
         val_loss, val_accuracy = self._evaluate(self.x_val, self.y_val)
+        # The gap is measured against the training data in eval mode (no dropout, BN running
+        # statistics), exactly as validation is: the running training loss is inflated by
+        # dropout and would hide the very overfitting dropout is meant to cure.
+        train_eval_loss, train_eval_accuracy = self._evaluate(
+            self.x_train_probe, self.y_train_probe
+        )
         train_loss = float(step_losses.mean())
         metrics = {
             "train_loss": train_loss,
-            "train_accuracy": float(correct) / n,
+            "train_accuracy": float(correct) / len(self.x_train),
             "val_loss": val_loss,
             "val_accuracy": val_accuracy,
             "lr": lr,
-            "epoch_seconds": time.perf_counter() - started,
+            "epoch_seconds": 0.0,  # set below, once everything this epoch does is done
         }
-        diagnostics = {
-            "generalization_gap": val_loss - train_loss,
+        gap = val_loss - train_eval_loss
+        diagnostics: dict[str, Any] = {
+            "train_eval_loss": train_eval_loss,
+            "train_eval_accuracy": train_eval_accuracy,
+            "generalization_gap": gap,
+            "accuracy_gap": train_eval_accuracy - val_accuracy,
             "grad_norm_mean": float(grad_norms.mean()),
             "grad_norm_max": float(grad_norms.max()),
             "step_loss_std": float(step_losses.std()) if self.steps_per_epoch > 1 else 0.0,
+            "layers": self.layer_diagnostics.epoch_report(
+                self.x_train_probe[:PROBE_BATCH], self.steps_per_epoch
+            ),
         }
-        improved = self._update_progress(epoch, metrics)
+        improved = self._update_progress(epoch, metrics, gap)
+        metrics["epoch_seconds"] = time.perf_counter() - started
         return EpochResult(epoch, metrics, diagnostics, improved)
 
     @torch.no_grad()
@@ -174,10 +207,10 @@ class TrainingRun:
         self.model.train()
         return float(total_loss) / len(x), float(correct) / len(x)
 
-    def _update_progress(self, epoch: int, metrics: dict[str, float]) -> bool:
+    def _update_progress(self, epoch: int, metrics: dict[str, float], gap: float) -> bool:
         p = self.progress
         p.epoch = epoch
-        p.last_metrics = metrics
+        p.last_metrics = {**metrics, "generalization_gap": gap}
         improved = metrics["val_accuracy"] > p.best_val_accuracy
         if improved:
             p.best_val_accuracy, p.best_epoch = metrics["val_accuracy"], epoch
@@ -237,7 +270,7 @@ class TrainingRun:
             "final_train_loss": last.get("train_loss"),
             "final_val_loss": last.get("val_loss"),
             "final_val_accuracy": last.get("val_accuracy"),
-            "final_generalization_gap": (last["val_loss"] - last["train_loss"]) if last else None,
+            "final_generalization_gap": last.get("generalization_gap"),
             "epochs_completed": p.epoch,
             "stopped_early": p.stopped_early,
             "parameters": self.parameters,

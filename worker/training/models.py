@@ -1,5 +1,12 @@
-"""Model builders: a spec in, an nn.Module out. They only build; the loop trains."""
+"""Model builders: a spec in, an nn.Module out. They only build; the loop trains.
 
+Three architectures share one vocabulary of normalization, activation and dropout, so a study
+can change exactly one of them. The trainable parameter count of every model equals
+app.jobs.spec.count_parameters (a test holds the two together), which lets the API enforce
+its parameter limit without torch.
+"""
+
+import torch
 from torch import nn
 
 from app.datasets.catalog import DatasetInfo
@@ -14,8 +21,32 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
+class ChannelRMSNorm(nn.Module):
+    """RMSNorm for conv activations: scales each sample by the RMS over channels and positions,
+    with a learned per-channel gain (the conv analogue of LayerNorm without centring)."""
+
+    def __init__(self, channels: int, eps: float, affine: bool) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(1, x.dim()))
+        x = x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + self.eps)
+        if self.weight is None:
+            return x
+        return x * self.weight.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+class AddChannel(nn.Module):
+    """[n, *spatial] -> [n, 1, *spatial]: datasets store samples without a channel axis."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(1)
+
+
 def feature_norm(spec: NormalizationSpec, width: int) -> nn.Module:
-    """A normalization layer over a [batch, width] activation."""
+    """A normalization layer over [batch, width] activations (the MLP's)."""
     if spec.type == "batch_norm":
         return nn.BatchNorm1d(width, eps=spec.eps, momentum=spec.momentum, affine=spec.affine)
     if spec.type == "layer_norm":
@@ -27,23 +58,57 @@ def feature_norm(spec: NormalizationSpec, width: int) -> nn.Module:
     raise ValueError(f"normalization {spec.type!r} does not apply to an mlp")
 
 
-def dropout_layer(kind: str, rate: float) -> nn.Module:
-    return nn.AlphaDropout(rate) if kind == "alpha" else nn.Dropout(rate)
+def channel_norm(spec: NormalizationSpec, channels: int, dims: int) -> nn.Module:
+    """A normalization layer over [batch, channels, *spatial] activations (1-D or 2-D)."""
+    if spec.type == "batch_norm":
+        batch_norm = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
+        return batch_norm(channels, eps=spec.eps, momentum=spec.momentum, affine=spec.affine)
+    if spec.type == "layer_norm":
+        # Over channels and positions together: one group is LayerNorm for feature maps.
+        return nn.GroupNorm(1, channels, eps=spec.eps, affine=spec.affine)
+    if spec.type == "group_norm":
+        return nn.GroupNorm(spec.num_groups, channels, eps=spec.eps, affine=spec.affine)
+    if spec.type == "instance_norm":
+        instance_norm = nn.InstanceNorm1d if dims == 1 else nn.InstanceNorm2d
+        return instance_norm(channels, eps=spec.eps, affine=spec.affine)
+    if spec.type == "rms_norm":
+        return ChannelRMSNorm(channels, spec.eps, spec.affine)
+    raise ValueError(f"unknown normalization {spec.type!r}")
+
+
+def dropout_layer(kind: str, rate: float, dims: int = 0) -> nn.Module:
+    """dims=0 for feature vectors; 1 or 2 for feature maps (where spatial dropout applies)."""
+    if kind == "alpha":
+        return nn.AlphaDropout(rate)
+    if kind == "spatial" and dims:
+        return nn.Dropout1d(rate) if dims == 1 else nn.Dropout2d(rate)
+    return nn.Dropout(rate)
+
+
+def _norm_and_activation(spec: ModelSpec, norm: nn.Module | None) -> list[nn.Module]:
+    """The activation, with the normalization before or after it as the spec places it."""
+    layers: list[nn.Module] = [ACTIVATIONS[spec.activation]()]
+    if norm is not None:
+        layers.insert(0 if spec.normalization.position == "before_activation" else 1, norm)
+    return layers
 
 
 def build_mlp(spec: ModelSpec, info: DatasetInfo) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Flatten()]
     if spec.dropout.input_rate:
-        layers.append(dropout_layer(spec.dropout.type, spec.dropout.input_rate))
+        # Input dropout is element-wise even for "spatial": a sample has a single channel.
+        layers.append(
+            dropout_layer(
+                "alpha" if spec.dropout.type == "alpha" else "standard", spec.dropout.input_rate
+            )
+        )
     fan_in = info.num_features
-    norm = spec.normalization
+    has_norm = spec.normalization.type != "none"
     for width, rate in zip(spec.widths, spec.dropout.rates(len(spec.widths)), strict=True):
         layers.append(nn.Linear(fan_in, width))
-        block = [ACTIVATIONS[spec.activation]()]
-        if norm.type != "none":
-            position = 0 if norm.position == "before_activation" else 1
-            block.insert(position, feature_norm(norm, width))
-        layers.extend(block)
+        layers += _norm_and_activation(
+            spec, feature_norm(spec.normalization, width) if has_norm else None
+        )
         if rate:
             layers.append(dropout_layer(spec.dropout.type, rate))
         fan_in = width
@@ -51,7 +116,119 @@ def build_mlp(spec: ModelSpec, info: DatasetInfo) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _conv(dims: int, channels_in: int, channels_out: int, kernel: int) -> nn.Module:
+    conv = nn.Conv1d if dims == 1 else nn.Conv2d
+    return conv(channels_in, channels_out, kernel, padding=kernel // 2)
+
+
+def _pool(dims: int) -> nn.Module:
+    return nn.MaxPool1d(2) if dims == 1 else nn.MaxPool2d(2)
+
+
+def _head(dims: int, channels: int, classes: int) -> list[nn.Module]:
+    pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
+    return [pool, nn.Flatten(), nn.Linear(channels, classes)]
+
+
+def _input_layers(spec: ModelSpec) -> list[nn.Module]:
+    layers: list[nn.Module] = [AddChannel()]
+    if spec.dropout.input_rate:
+        layers.append(
+            dropout_layer(
+                "alpha" if spec.dropout.type == "alpha" else "standard", spec.dropout.input_rate
+            )
+        )
+    return layers
+
+
+def build_cnn(spec: ModelSpec, info: DatasetInfo) -> nn.Sequential:
+    """Conv blocks (conv, norm/activation, dropout), halving the resolution while it is >= 4."""
+    dims = len(info.input_shape)
+    size = min(info.input_shape)
+    layers = _input_layers(spec)
+    channels_in = 1
+    has_norm = spec.normalization.type != "none"
+    for width, rate in zip(spec.widths, spec.dropout.rates(len(spec.widths)), strict=True):
+        layers.append(_conv(dims, channels_in, width, spec.kernel_size))
+        layers += _norm_and_activation(
+            spec, channel_norm(spec.normalization, width, dims) if has_norm else None
+        )
+        if rate:
+            layers.append(dropout_layer(spec.dropout.type, rate, dims))
+        if size >= 4:
+            layers.append(_pool(dims))
+            size //= 2
+        channels_in = width
+    return nn.Sequential(*layers, *_head(dims, channels_in, info.num_classes))
+
+
+class ResidualBlock(nn.Module):
+    """Two convs with normalization, plus the identity (or a 1x1 projection when widths change)."""
+
+    def __init__(
+        self, spec: ModelSpec, dims: int, channels_in: int, width: int, rate: float
+    ) -> None:
+        super().__init__()
+        has_norm = spec.normalization.type != "none"
+
+        def norm() -> nn.Module | None:
+            return channel_norm(spec.normalization, width, dims) if has_norm else None
+
+        first: list[nn.Module] = [
+            _conv(dims, channels_in, width, spec.kernel_size),
+            *_norm_and_activation(spec, norm()),
+        ]
+        if rate:
+            first.append(dropout_layer(spec.dropout.type, rate, dims))
+        self.first = nn.Sequential(*first)
+        second: list[nn.Module] = [_conv(dims, width, width, spec.kernel_size)]
+        second_norm = norm()
+        if second_norm is not None and spec.normalization.position == "before_activation":
+            second.append(second_norm)  # normalize the residual branch before the sum
+        self.second = nn.Sequential(*second)
+        self.shortcut = (
+            _conv(dims, channels_in, width, 1) if channels_in != width else nn.Identity()
+        )
+        self.activation = ACTIVATIONS[spec.activation]()
+        # With the normalization after the activation, it applies to the block's output.
+        self.after = second_norm if spec.normalization.position == "after_activation" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.activation(self.second(self.first(x)) + self.shortcut(x))
+        return self.after(out) if self.after is not None else out
+
+
+def build_resnet(spec: ModelSpec, info: DatasetInfo) -> nn.Sequential:
+    """A stem conv, then per width a stage of residual blocks, halving resolution between stages."""
+    dims = len(info.input_shape)
+    size = min(info.input_shape)
+    stem_width = spec.widths[0]
+    has_norm = spec.normalization.type != "none"
+    layers = _input_layers(spec)
+    layers.append(_conv(dims, 1, stem_width, spec.kernel_size))
+    layers += _norm_and_activation(
+        spec, channel_norm(spec.normalization, stem_width, dims) if has_norm else None
+    )
+    channels_in = stem_width
+    for stage, (width, rate) in enumerate(
+        zip(spec.widths, spec.dropout.rates(len(spec.widths)), strict=True)
+    ):
+        if stage and size >= 4:
+            layers.append(_pool(dims))
+            size //= 2
+        for block in range(spec.blocks_per_stage):
+            layers.append(
+                ResidualBlock(spec, dims, channels_in if block == 0 else width, width, rate)
+            )
+        channels_in = width
+    return nn.Sequential(*layers, *_head(dims, channels_in, info.num_classes))
+
+
 def build_model(spec: ModelSpec, info: DatasetInfo) -> nn.Module:
     if spec.architecture == "mlp":
         return build_mlp(spec, info)
-    raise ValueError(f"architecture {spec.architecture!r} is not available in this worker")
+    if info.kind == "tabular":
+        raise ValueError(
+            f"{spec.architecture} needs image or sequence data; {info.name!r} is tabular"
+        )
+    return build_cnn(spec, info) if spec.architecture == "cnn" else build_resnet(spec, info)

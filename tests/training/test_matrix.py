@@ -1,0 +1,86 @@
+"""Every architecture x normalization x dropout type trains, and counts its parameters exactly."""
+
+import math
+
+import pytest
+
+from app.datasets.catalog import BUILTIN_DATASETS
+from app.jobs.spec import SpecError, count_parameters
+from tests.training.helpers import make_spec, train
+
+NORMS = ["none", "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]
+DROPOUTS = ["standard", "alpha", "spatial"]
+MATRIX = [
+    (architecture, norm, position, dropout)
+    for architecture in ("mlp", "cnn", "resnet")
+    for norm in NORMS
+    for position in (
+        ["before_activation"] if norm == "none" else ["before_activation", "after_activation"]
+    )
+    for dropout in DROPOUTS
+    # What the spec refuses is tested below, not trained.
+    if not (architecture == "mlp" and (norm == "instance_norm" or dropout == "spatial"))
+]
+
+
+@pytest.mark.parametrize(("architecture", "norm", "position", "dropout"), MATRIX)
+def test_combination_trains(architecture: str, norm: str, position: str, dropout: str) -> None:
+    activation = "selu" if dropout == "alpha" else "relu"  # alpha dropout is made for SELU nets
+    spec = make_spec(
+        model={
+            "architecture": architecture,
+            "hidden_sizes": [8, 8],
+            "activation": activation,
+            "normalization": {"type": norm, "position": position, "num_groups": 4},
+            "dropout": {"rate": [0.1, 0.2], "input_rate": 0.1, "type": dropout},
+        }
+    )
+    run, results = train(spec)
+    assert [r.epoch for r in results] == [1, 2]
+    for result in results:
+        assert all(math.isfinite(v) for v in result.metrics.values())
+        assert 0.0 <= result.metrics["val_accuracy"] <= 1.0
+        layers = result.diagnostics["layers"]
+        assert any(layer["kind"] == "activation" for layer in layers)
+        assert all(layer["weight_norm"] > 0 for layer in layers if "weight_norm" in layer)
+    assert run.parameters == count_parameters(spec, BUILTIN_DATASETS["digits"])
+
+
+@pytest.mark.parametrize("architecture", ["cnn", "resnet"])
+def test_sequence_data_gets_1d_convolutions(architecture: str) -> None:
+    spec = make_spec(
+        dataset={"name": "mnist1d", "train_subset": 64, "batch_size": 32},
+        model={
+            "architecture": architecture,
+            "hidden_sizes": [8],
+            "normalization": {"type": "batch_norm"},
+        },
+        epochs=1,
+    )
+    run, [result] = train(spec)
+    convs = {type(m).__name__ for m in run.model.modules()}
+    assert "Conv1d" in convs
+    assert "Conv2d" not in convs
+    assert run.parameters == count_parameters(spec, BUILTIN_DATASETS["mnist1d"])
+    assert math.isfinite(result.metrics["val_loss"])
+
+
+@pytest.mark.parametrize(
+    ("model", "field", "reason"),
+    [
+        ({"normalization": {"type": "instance_norm"}}, "normalization.type", "spatial positions"),
+        ({"dropout": {"rate": 0.1, "type": "spatial"}}, "dropout.type", "whole channels"),
+        (
+            {"hidden_sizes": [8, 12], "normalization": {"type": "group_norm", "num_groups": 8}},
+            "normalization.num_groups",
+            "divisible",
+        ),
+        ({"hidden_sizes": [8, 8], "dropout": {"rate": [0.1]}}, "dropout.rate", "2 hidden layers"),
+    ],
+)
+def test_impossible_combinations_say_why(model: dict[str, object], field: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason) as raised:
+        make_spec(model=model)
+    cause = raised.value.errors()[0]["ctx"]["error"]  # type: ignore[attr-defined]
+    assert isinstance(cause, SpecError)
+    assert cause.field == field
