@@ -24,7 +24,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = create_db_engine(settings.database_url)
         app.state.settings = settings
         app.state.session_factory = create_session_factory(engine)
-        app.state.dispatcher = Dispatcher(create_celery_app(settings), app.state.session_factory)
+        app.state.dispatcher = Dispatcher(
+            create_celery_app(settings), app.state.session_factory, settings.publish_pause_seconds
+        )
         yield
         engine.dispose()
 

@@ -40,7 +40,10 @@ class ProcessContexts:
         if self._context is None or self._pid != os.getpid():
             factory = create_session_factory(create_db_engine(self.settings.database_url))
             self._context = WorkerContext(
-                self.settings, factory, Dispatcher(self.celery, factory), worker_id
+                self.settings,
+                factory,
+                Dispatcher(self.celery, factory, self.settings.publish_pause_seconds),
+                worker_id,
             )
             self._pid = os.getpid()
         return self._context
