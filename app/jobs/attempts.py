@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy import and_, case, delete, func, select, update
 from sqlalchemy.orm import Session, undefer
 
 from app.models import Checkpoint, EpochMetric, Job, JobAttempt, utcnow
@@ -199,12 +199,18 @@ def finish(
 
 
 def hand_back(session: Session, job_id: uuid.UUID, attempt: int) -> None:
-    """Give a job back to the queue (its worker is shutting down); it resumes elsewhere."""
+    """Give a job back to the queue (its worker is shutting down); it resumes elsewhere.
+
+    A cancel that arrived meanwhile wins: a queued job with cancel_requested set could never
+    be claimed again, so it would sit in the queue for ever.
+    """
+    now = utcnow()
     _fenced_update(
         session,
         job_id,
         attempt,
-        status="queued",
+        status=case((Job.cancel_requested, "cancelled"), else_="queued"),
+        finished_at=case((Job.cancel_requested, now), else_=None),
         lease_owner=None,
         lease_expires_at=None,
         handback_requested=False,

@@ -175,3 +175,14 @@ def test_the_outbox_holds_unpublished_and_long_unclaimed_jobs(session: Session) 
     assert old.id in pending
     assert fresh.id not in pending
     assert running.id not in pending
+
+
+def test_a_hand_back_racing_a_cancel_ends_the_job_cancelled(session: Session) -> None:
+    job = make_job(session)
+    claim = attempts.claim(session, job.id, "w1#1", 30)
+    assert claim is not None
+    session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
+    attempts.hand_back(session, job.id, claim.attempt)
+    session.refresh(job)
+    assert job.status == "cancelled"
+    assert job.finished_at is not None
