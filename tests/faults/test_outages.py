@@ -103,3 +103,24 @@ def test_postgres_restart_while_a_job_trains(
     assert [a.outcome for a in jobs.attempts(job_id)] == ["succeeded"]
     assert jobs.metric_epochs(job_id) == list(range(1, 9))
     print(f"\nPostgreSQL down {down_seconds:.1f}s mid-job: job succeeded in one attempt")
+
+
+def test_a_queued_job_whose_message_was_lost_is_published_again(
+    processes: Processes, jobs_on: Any, redis_server: RedisServer, fresh_postgres_url: str
+) -> None:
+    processes.env.update(
+        TRAINSVC_DATABASE_URL=fresh_postgres_url,
+        TRAINSVC_BROKER_URL=redis_server.url,
+        TRAINSVC_REPUBLISH_AFTER_SECONDS="3",
+    )
+    jobs = jobs_on(fresh_postgres_url, redis_server.url)
+    job_id = jobs.submit(tiny_spec())
+    assert jobs.get(job_id).published_at is not None
+    # Redis crashes without persistence before any worker took the message: it is gone.
+    redis_server.stop()
+    redis_server.start()
+    published_at = jobs.get(job_id).published_at
+    processes.worker()
+    wait_until(lambda: jobs.status(job_id) == "succeeded", 60, "the republished job")
+    assert jobs.get(job_id).published_at != published_at  # published a second time
+    assert len(jobs.attempts(job_id)) == 1
