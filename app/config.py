@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     max_parameters: int = Field(20_000_000, ge=1)
     max_upload_samples: int = Field(200_000, ge=1)
     max_upload_features: int = Field(100_000, ge=1)
+    # An upload's labels 0..C-1: C above this is a 422 (the output layer would be that wide).
+    max_upload_classes: int = Field(1000, ge=2)
     # Back-pressure: more queued jobs than this and submit answers 429.
     max_queued_jobs: int = Field(10_000, ge=1)
     # The cap on a spec's max_wall_seconds, and the limit used when a spec gives none.

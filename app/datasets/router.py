@@ -1,12 +1,14 @@
-"""HTTP routes for datasets: list the built-in ones and those uploaded."""
+"""HTTP routes for datasets: list the built-in ones and those uploaded, and take uploads."""
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile, status
 from sqlalchemy import select
 
-from app.datasets.catalog import BUILTIN_DATASETS
+from app.datasets.catalog import BUILTIN_DATASETS, DataKind
 from app.datasets.schemas import DatasetList, DatasetRead
-from app.datasets.service import info_from_row
-from app.dependencies import SessionDep
+from app.datasets.service import UploadForm, create_upload, info_from_row
+from app.dependencies import SessionDep, SettingsDep
 from app.models import Dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -15,32 +17,25 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 @router.get("", response_model=DatasetList)
 def list_datasets(session: SessionDep) -> DatasetList:
     """Built-in and uploaded datasets, with their shapes and classes."""
-    items = [
-        DatasetRead(
-            name=info.name,
-            source="builtin",
-            kind=info.kind,
-            input_shape=list(info.input_shape),
-            num_classes=info.num_classes,
-            n_samples=info.n_samples,
-            synthetic=info.synthetic,
-            description=info.description,
-        )
-        for info in BUILTIN_DATASETS.values()
-    ]
+    items = [DatasetRead.from_info(info) for info in BUILTIN_DATASETS.values()]
     for row in session.scalars(select(Dataset).order_by(Dataset.created_at.desc())):
-        info = info_from_row(row)
-        items.append(
-            DatasetRead(
-                name=info.name,
-                source="upload",
-                kind=info.kind,
-                input_shape=list(info.input_shape),
-                num_classes=info.num_classes,
-                n_samples=info.n_samples,
-                synthetic=False,
-                description=info.description,
-                created_at=row.created_at,
-            )
-        )
+        items.append(DatasetRead.from_info(info_from_row(row), row))
     return DatasetList(items=items)
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetRead)
+def upload_dataset(
+    session: SessionDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File(description=".npz with arrays x and y, or CSV")],
+    kind: Annotated[
+        DataKind | None,
+        Form(description="tabular or sequence for [n, L] data; default tabular ([n, H, W]: image)"),
+    ] = None,
+    label_column: Annotated[str, Form(max_length=200, description="CSV only")] = "label",
+    name: Annotated[str | None, Form(max_length=200)] = None,
+) -> DatasetRead:
+    """Upload a dataset; a spec then names it as {"name": "upload:<id>"}."""
+    form = UploadForm(file.filename or "", file.file.read(), kind, label_column, name)
+    row = create_upload(session, form, settings)
+    return DatasetRead.from_info(info_from_row(row), row)

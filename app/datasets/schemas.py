@@ -5,6 +5,9 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from app.datasets.catalog import DatasetInfo
+from app.models import Dataset
+
 
 class DatasetRead(BaseModel):
     name: str  # what a spec's dataset.name says: a built-in name, or upload:<id>
@@ -15,7 +18,25 @@ class DatasetRead(BaseModel):
     n_samples: int
     synthetic: bool
     description: str
+    # Uploads whose labels were strings: the label of each class index, in order.
+    class_names: list[str] | None = None
     created_at: datetime | None = None
+
+    @classmethod
+    def from_info(cls, info: DatasetInfo, row: Dataset | None = None) -> "DatasetRead":
+        """A built-in dataset from its catalog entry, or an upload from its info and row."""
+        return cls(
+            name=info.name,
+            source="builtin" if row is None else "upload",
+            kind=info.kind,
+            input_shape=list(info.input_shape),
+            num_classes=info.num_classes,
+            n_samples=info.n_samples,
+            synthetic=info.synthetic,
+            description=info.description,
+            class_names=None if row is None else row.class_names,
+            created_at=None if row is None else row.created_at,
+        )
 
 
 class DatasetList(BaseModel):

@@ -15,10 +15,15 @@ class Dataset(Base):
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(200))
     source_format: Mapped[str] = mapped_column(String(8))  # npz | csv
+    # tabular | sequence | image (app.datasets.catalog.DataKind): a [n, L] upload may be either
+    # a feature vector or a 1-D signal, and only the uploader knows which.
+    kind: Mapped[str] = mapped_column(String(16), server_default="tabular")
     n_samples: Mapped[int] = mapped_column(Integer)
     # Per-sample shape: [features] for tabular data, [length] or [height, width] otherwise.
     input_shape: Mapped[list[int]] = mapped_column(JSON)
     num_classes: Mapped[int] = mapped_column(Integer)
+    # The uploaded label of each class index, when the labels were strings; else null.
+    class_names: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     # Canonical .npz (x float32, y int64), written by us and read back with allow_pickle=False.
     data: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
     size_bytes: Mapped[int] = mapped_column(Integer)
