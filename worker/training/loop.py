@@ -8,6 +8,7 @@ continues bit for bit as if it had never stopped.
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +28,9 @@ from worker.training.diagnostics import LayerDiagnostics
 from worker.training.models import build_model
 from worker.training.optim import build_optimizer, lr_factor
 
-TRAIN_EVAL_SAMPLES = 4096
-PROBE_BATCH = 256
+# The fixed training slice evaluated in eval mode every epoch: the training side of the
+# generalization gap, and the probe batch for per-layer statistics. Evaluated in one chunk.
+TRAIN_EVAL_SAMPLES = 512
 
 
 class Interrupted(Exception):
@@ -92,15 +94,17 @@ class TrainingRun:
         self.batch_size = min(spec.dataset.batch_size, len(self.x_train))
         self.steps_per_epoch = len(self._batches())
         # A fixed slice of the training set, for the eval-mode training loss (bounded cost on
-        # large sets) and, its head, the probe batch for per-layer statistics.
+        # large sets) and the probe batch for per-layer statistics, in one forward pass.
         self.x_train_probe = self.x_train[:TRAIN_EVAL_SAMPLES]
         self.y_train_probe = self.y_train[:TRAIN_EVAL_SAMPLES]
-        self.layer_diagnostics = LayerDiagnostics(self.model, self.steps_per_epoch)
+        self.layer_diagnostics = LayerDiagnostics(self.model)
         self.optimizer = build_optimizer(spec.optimizer, self.model.parameters())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lr_factor(spec.schedule, spec.optimizer.lr, spec.epochs, self.steps_per_epoch),
         )
+        # A constant schedule never changes the rate: no need to step it every batch.
+        self.scheduled = spec.schedule.type != "constant" or spec.schedule.warmup_epochs > 0
         # The data order has its own generator, so it does not depend on how many random
         # numbers dropout drew; both are saved in the trainer state.
         self.shuffle = torch.Generator().manual_seed(spec.seed + 1)
@@ -137,22 +141,20 @@ class TrainingRun:
         grad_norms = torch.zeros(self.steps_per_epoch, device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         lr = self.optimizer.param_groups[0]["lr"]
-        max_norm = self.spec.grad_clip_norm or float("inf")
         for step, (start, stop) in enumerate(self._batches()):
             if should_stop():
                 raise Interrupted
             index = order[start:stop]
             x, y = self.x_train[index], self.y_train[index]
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            with self._precision():
                 logits = self.model(x)
             loss = F.cross_entropy(logits.float(), y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self.layer_diagnostics.after_backward()
-            # Clipping at infinity still returns the global norm: one call measures and clips.
-            grad_norms[step] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            grad_norms[step] = self.layer_diagnostics.clip_and_measure(self.spec.grad_clip_norm)
             self.optimizer.step()
-            self.scheduler.step()
+            if self.scheduled:
+                self.scheduler.step()
             step_losses[step] = loss.detach()
             correct += (logits.argmax(1) == y).sum()
         # One host sync per epoch: a NaN is found here, not by a .item() on every step.
@@ -163,9 +165,10 @@ class TrainingRun:
         # The gap is measured against the training data in eval mode (no dropout, BN running
         # statistics), exactly as validation is: the running training loss is inflated by
         # dropout and would hide the very overfitting dropout is meant to cure.
-        train_eval_loss, train_eval_accuracy = self._evaluate(
-            self.x_train_probe, self.y_train_probe
-        )
+        with self.layer_diagnostics.capturing_pre_activations():
+            train_eval_loss, train_eval_accuracy = self._evaluate(
+                self.x_train_probe, self.y_train_probe
+            )
         train_loss = float(step_losses.mean())
         metrics = {
             "train_loss": train_loss,
@@ -184,23 +187,26 @@ class TrainingRun:
             "grad_norm_mean": float(grad_norms.mean()),
             "grad_norm_max": float(grad_norms.max()),
             "step_loss_std": float(step_losses.std()) if self.steps_per_epoch > 1 else 0.0,
-            "layers": self.layer_diagnostics.epoch_report(
-                self.x_train_probe[:PROBE_BATCH], self.steps_per_epoch
-            ),
+            "layers": self.layer_diagnostics.epoch_report(self.steps_per_epoch),
         }
         improved = self._update_progress(epoch, metrics, gap)
         metrics["epoch_seconds"] = time.perf_counter() - started
         return EpochResult(epoch, metrics, diagnostics, improved)
 
-    @torch.no_grad()
+    def _precision(self) -> AbstractContextManager[object]:
+        if self.autocast:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()  # entering a disabled autocast costs a little on every step
+
+    @torch.inference_mode()
     def _evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         self.model.eval()
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
-        chunk = max(self.batch_size, 1024)
+        chunk = max(self.batch_size, 1024, TRAIN_EVAL_SAMPLES)
         for start in range(0, len(x), chunk):
             xb, yb = x[start : start + chunk], y[start : start + chunk]
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            with self._precision():
                 logits = self.model(xb).float()
             total_loss += F.cross_entropy(logits, yb, reduction="sum")
             correct += (logits.argmax(1) == yb).sum()
