@@ -1,5 +1,6 @@
 """Many submits and many deliveries at once: each job exists once and is trained once."""
 
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -41,8 +42,10 @@ def test_200_concurrent_submits_half_repeated_make_100_jobs_each_trained_once(
             timeout=60,
         )
 
+    started = time.monotonic()
     with ThreadPoolExecutor(32) as pool:
         responses = list(pool.map(submit, keys))
+    submit_seconds = time.monotonic() - started
     codes = sorted(r.status_code for r in responses)
     assert codes == [200] * 100 + [201] * 100
     by_key: dict[str, set[str]] = {}
@@ -56,6 +59,10 @@ def test_200_concurrent_submits_half_repeated_make_100_jobs_each_trained_once(
 
     wait_until(lambda: jobs.all_ended(job_ids), 180, "all 100 jobs to end")
     _trained_once(jobs, job_ids, epochs=1)
+    print(
+        f"\nidempotency: 200 submits in {submit_seconds:.1f}s -> 100 jobs, all trained once "
+        f"{time.monotonic() - started:.1f}s after the first submit"
+    )
 
 
 def test_two_workers_racing_for_the_same_20_jobs_train_each_once(
