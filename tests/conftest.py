@@ -27,6 +27,7 @@ from app.config import Settings
 from app.db import create_db_engine
 from app.main import create_app
 from app.migrate import upgrade
+from tests.support.processes import Processes
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "TRAINSVC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -179,3 +180,25 @@ def client(settings: Settings, session_factory: sessionmaker[Session]) -> Iterat
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+# -- real processes ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def processes(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]:
+    """trainsvc processes started by the test, killed at the end; logs printed if it failed."""
+    started = Processes(tmp_path, {})
+    yield started
+    started.stop_all()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(started.logs())
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    # Lets the `processes` fixture see whether the test failed.
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"rep_{report.when}", report)

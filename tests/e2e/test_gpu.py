@@ -3,14 +3,12 @@
 Skips without a GPU (CI has none); run it where one is: `pytest -m gpu tests/e2e`.
 """
 
-from collections.abc import Callable
-
 import httpx
 import pytest
 import torch
 
-from tests.e2e.conftest import Service
 from tests.e2e.walkthrough import SPEC, wait_for_status
+from tests.support.processes import Processes
 
 pytestmark = [
     pytest.mark.gpu,
@@ -19,12 +17,9 @@ pytestmark = [
 ]
 
 
-def test_worker_trains_on_the_gpu_in_bf16(
-    service_factory: Callable[[dict[str, str]], Service],
-) -> None:
-    service = service_factory({})
-    service.serve("up")  # the worker's concurrency defaults to the visible GPUs, one process each
-    with httpx.Client(base_url=service.url, timeout=10) as client:
+def test_worker_trains_on_the_gpu_in_bf16(processes: Processes) -> None:
+    url = processes.api("up")  # the worker's concurrency defaults to the visible GPUs, one each
+    with httpx.Client(base_url=url, timeout=10) as client:
         jobs = [
             client.post(
                 "/v1/jobs", json={**SPEC, "device": device, "mixed_precision": precision}

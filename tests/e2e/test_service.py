@@ -5,42 +5,38 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import Service, wait_until
 from tests.e2e.walkthrough import SPEC, run_walkthrough, wait_for_status
+from tests.support.processes import Processes, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
-FAST_LEASES = {
+FAST_CONTROL = {
     "TRAINSVC_HEARTBEAT_SECONDS": "0.5",
     "TRAINSVC_CONTROL_POLL_SECONDS": "0.2",
     "TRAINSVC_SWEEP_SECONDS": "0.5",
 }
 
 
-def test_embedded_default_runs_a_job_with_nothing_else(
-    service_factory: Callable[[dict[str, str]], Service],
-) -> None:
+def test_embedded_default_runs_a_job_with_nothing_else(processes: Processes) -> None:
     """README's run command (`trainsvc up`) on a bare folder: SQLite and the SQLite broker."""
-    service = service_factory({})  # no settings: files in the working folder, migrated by `up`
-    service.serve("up")
-    run_walkthrough(service.url)
-    assert (service.workdir / "trainsvc.db").exists()
-    assert (service.workdir / "trainsvc-broker.db").exists()
+    url = processes.api("up")  # no settings: files in the working folder, migrated by `up`
+    run_walkthrough(url)
+    assert (processes.workdir / "trainsvc.db").exists()
+    assert (processes.workdir / "trainsvc-broker.db").exists()
 
     # The CLI's own client: submit, follow the progress bar, print the summary.
-    spec_file = service.workdir / "spec.json"
+    spec_file = processes.workdir / "spec.json"
     spec_file.write_text(json.dumps({**SPEC, "epochs": 2}))
     submitted = subprocess.run(
-        [sys.executable, "-m", "app.cli", "submit", str(spec_file), "--wait", "--url", service.url],
+        [sys.executable, "-m", "app.cli", "submit", str(spec_file), "--wait", "--url", url],
         capture_output=True,
         text=True,
         timeout=120,
-        env=service.env,
+        env=processes.env,
     )
     assert submitted.returncode == 0, submitted.stderr
     summary = json.loads(submitted.stdout[submitted.stdout.index("{") :])
@@ -49,7 +45,7 @@ def test_embedded_default_runs_a_job_with_nothing_else(
     assert "epoch" in submitted.stderr  # tqdm's bar, on stderr
 
     # Ctrl-C (SIGINT to the terminal's process group) stops the API and its worker cleanly.
-    up = service.processes[0][0]
+    up = processes.started[0][0]
     os.killpg(up.pid, signal.SIGINT)
     assert up.wait(timeout=30) == 0
     wait_until(lambda: not _group_alive(up.pid), 30, "the worker to exit after Ctrl-C")
@@ -64,26 +60,24 @@ def _group_alive(group: int) -> bool:
 
 
 def test_postgres_and_redis_with_separate_processes(
-    service_factory: Callable[[dict[str, str]], Service],
-    fresh_postgres_url: str,
-    fresh_redis_url: str,
+    processes: Processes, fresh_postgres_url: str, fresh_redis_url: str
 ) -> None:
-    service = service_factory(
+    processes.env.update(
         {
             "TRAINSVC_DATABASE_URL": fresh_postgres_url,
             "TRAINSVC_BROKER_URL": fresh_redis_url,
-            **FAST_LEASES,
+            **FAST_CONTROL,
         }
     )
-    service.serve("serve")
-    service.start("worker", "--concurrency", "1")
-    ready = httpx.get(f"{service.url}/v1/ready").json()
+    url = processes.api("serve")
+    processes.worker()
+    ready = httpx.get(f"{url}/v1/ready").json()
     assert ready["checks"] == {"database": "up", "broker": "up"}
-    job = run_walkthrough(service.url)
+    job = run_walkthrough(url)
     assert job["attempt_history"][0]["outcome"] == "succeeded"
 
     # Cancel a running job: it stops within a batch or so and keeps its checkpoints.
-    with httpx.Client(base_url=service.url, timeout=10) as client:
+    with httpx.Client(base_url=url, timeout=10) as client:
         long_job = {**SPEC, "name": "long", "epochs": 400}
         job_id = client.post("/v1/jobs", json=long_job).json()["id"]
         wait_until(
@@ -98,6 +92,5 @@ def test_postgres_and_redis_with_separate_processes(
         assert cancelled["status"] == "cancelled"
         assert cancelled["progress"]["epoch"] < 400
         checkpoints = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["items"]
-        assert {c["epoch"] for c in checkpoints if c["kind"] == "last"} == {
-            cancelled["progress"]["epoch"]
-        }
+        last_epochs = {c["epoch"] for c in checkpoints if c["kind"] == "last"}
+        assert last_epochs == {cancelled["progress"]["epoch"]}

@@ -6,7 +6,7 @@ from typing import Any
 import httpx
 from safetensors.torch import load as load_safetensors
 
-from tests.e2e.conftest import wait_until
+from tests.support.processes import wait_until
 
 SPEC: dict[str, Any] = {
     "name": "bn-digits",

@@ -6,7 +6,6 @@ prints its processes' logs.
 
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -117,13 +116,10 @@ class Jobs:
 
 
 @pytest.fixture
-def processes(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]:
-    started = Processes(tmp_path, dict(FAST))
-    yield started
-    started.stop_all()
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(started.logs())
+def processes(processes: Processes) -> Processes:
+    """The shared fixture's processes, with leases short enough to lose a worker quickly."""
+    processes.env.update(FAST)
+    return processes
 
 
 @pytest.fixture
@@ -157,11 +153,3 @@ def jobs_on(request: pytest.FixtureRequest) -> Iterator[Any]:
 
 def api_get(url: str, path: str) -> Any:
     return httpx.get(f"{url}{path}", timeout=10).json()
-
-
-@pytest.hookimpl(hookwrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    # Lets the `processes` fixture print the logs when a test failed.
-    outcome = yield
-    report = outcome.get_result()  # type: ignore[attr-defined]
-    setattr(item, f"rep_{report.when}", report)

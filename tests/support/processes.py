@@ -74,9 +74,10 @@ class Processes:
         wait_until(worker.pool_child, 60, "the worker's pool process")
         return worker
 
-    def api(self) -> str:
+    def api(self, command: str = "serve") -> str:
+        """Start the API (`serve`, or `up` for API and worker together); returns its URL."""
         port = free_port()
-        self.start("serve", "--port", str(port))
+        self.start(command, "--port", str(port))
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: _healthy(url), 60, f"the API on {url}")
         return url
