@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     max_layer_width: int = Field(4096, ge=1)
     max_layers: int = Field(16, ge=1)
     max_parameters: int = Field(20_000_000, ge=1)
+    # An .npz is compressed: its arrays may unpack to at most this much (a zip bomb is a 422).
+    max_upload_unpacked_bytes: int = Field(1024**3, ge=1024)
     max_upload_samples: int = Field(200_000, ge=1)
     max_upload_features: int = Field(100_000, ge=1)
     # An upload's labels 0..C-1: C above this is a 422 (the output layer would be that wide).

@@ -77,7 +77,7 @@ def create_upload(session: Session, form: UploadForm, settings: Settings) -> Dat
     """Validate an uploaded .npz or CSV, store it in canonical form and return its row."""
     source_format = _source_format(form.filename, form.content)
     if source_format == "npz":
-        x, raw_labels = _read_npz(form.content)
+        x, raw_labels = _read_npz(form.content, settings.max_upload_unpacked_bytes)
     else:
         x, raw_labels = _read_csv(form.content, form.label_column)
     y, class_names = _labels(raw_labels, settings.max_upload_classes)
@@ -119,7 +119,7 @@ def _source_format(filename: str, content: bytes) -> str:
     return "npz" if content.startswith(b"PK") else "csv"
 
 
-def _read_npz(content: bytes) -> tuple[np.ndarray, np.ndarray]:
+def _read_npz(content: bytes, max_unpacked_bytes: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         # allow_pickle=False: an object array in an upload is refused, never unpickled.
         with np.load(io.BytesIO(content), allow_pickle=False) as archive:
@@ -128,6 +128,16 @@ def _read_npz(content: bytes) -> tuple[np.ndarray, np.ndarray]:
                 raise InvalidInput(
                     "file", f"the .npz has no array named {' or '.join(sorted(missing))}"
                 )
+            # An .npz is a zip: a few compressed megabytes can unpack to gigabytes. Judge each
+            # member by its declared size before reading; zipfile never reads past that size.
+            for member in ("x", "y"):
+                unpacked = archive.zip.getinfo(f"{member}.npy").file_size
+                if unpacked > max_unpacked_bytes:
+                    raise InvalidInput(
+                        f"file.{member}",
+                        f"{member} unpacks to {unpacked} bytes, over the limit of "
+                        f"{max_unpacked_bytes} (TRAINSVC_MAX_UPLOAD_UNPACKED_BYTES)",
+                    )
             x, y = archive["x"], archive["y"]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         # ValueError is also what numpy raises for a pickled (object) array.

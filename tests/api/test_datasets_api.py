@@ -19,6 +19,7 @@ from worker.training.loop import TrainingRun
 
 # Small limits, so that going over them costs a test nothing.
 MAX_SAMPLES, MAX_FEATURES, MAX_BYTES, MAX_CLASSES = 400, 300, 64 * 1024, 20
+MAX_UNPACKED = 256 * 1024
 
 
 @pytest.fixture
@@ -30,6 +31,7 @@ def settings(database_url: str, redis_url: str) -> Settings:
         max_upload_features=MAX_FEATURES,
         max_upload_bytes=MAX_BYTES,
         max_upload_classes=MAX_CLASSES,
+        max_upload_unpacked_bytes=MAX_UNPACKED,
     )
 
 
@@ -228,3 +230,16 @@ def test_uploaded_sequence_trains_a_1d_cnn(client: TestClient, session: Session)
     results = list(run.epochs(lambda: False))
     assert [result.epoch for result in results] == [1, 2]
     assert all(np.isfinite(result.metrics["val_loss"]) for result in results)
+
+
+def test_npz_that_unpacks_past_the_limit_is_422_before_it_is_read(client: TestClient) -> None:
+    # A zip bomb in miniature: 2 MiB of zeros compress to a few kilobytes, well under the
+    # body limit, and would unpack to eight times the unpacked limit.
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, x=np.zeros((2, 128 * 1024), dtype=np.float64), y=np.array([0, 1]))
+    assert len(buffer.getvalue()) < MAX_BYTES
+    response = upload(client, buffer.getvalue())
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["field"] == "file.x"
+    assert "unpacks to 2097280 bytes" in error["message"]
