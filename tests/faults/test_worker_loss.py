@@ -1,6 +1,7 @@
 """A worker killed (SIGKILL) or told to stop (SIGTERM) mid-job: the job finishes elsewhere, once."""
 
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from app.datasets.catalog import BUILTIN_DATASETS
 from app.jobs.spec import JobSpec
 from app.models import Checkpoint
 from tests.faults.conftest import LEASE_SECONDS, slow_spec
-from tests.support.processes import Processes, wait_until
+from tests.support.processes import Processes, Worker, wait_until
 from worker.training.data import load_builtin, prepare
 from worker.training.loop import TrainingRun
 
@@ -30,18 +31,28 @@ def _reference_weights(spec: dict[str, Any]) -> dict[str, torch.Tensor]:
     return load(run.weights())
 
 
+def _worker_in_the_middle_of_a_job(
+    processes: Processes, jobs: Any, database_url: str, broker_url: str, epochs_stored: int
+) -> tuple[Worker, uuid.UUID]:
+    """A worker training a 5-epoch slow job, returned once `epochs_stored` epochs are stored."""
+    processes.env.update(TRAINSVC_DATABASE_URL=database_url, TRAINSVC_BROKER_URL=broker_url)
+    worker = processes.worker()
+    job_id = jobs.submit(slow_spec(epochs=5))
+    wait_until(
+        lambda: jobs.get(job_id).progress_epoch >= epochs_stored,
+        60,
+        f"epoch {epochs_stored} to be stored",
+    )
+    return worker, job_id
+
+
 def test_sigkill_mid_epoch_resumes_on_another_worker_with_identical_weights(
     processes: Processes, jobs_on: Any, fresh_postgres_url: str, fresh_redis_url: str
 ) -> None:
-    processes.env.update(
-        TRAINSVC_DATABASE_URL=fresh_postgres_url, TRAINSVC_BROKER_URL=fresh_redis_url
-    )
     jobs = jobs_on(fresh_postgres_url, fresh_redis_url)
-    spec = slow_spec(epochs=5)
-    first = processes.worker()
-    job_id = jobs.submit(spec)
-
-    wait_until(lambda: jobs.get(job_id).progress_epoch >= 2, 60, "epoch 2 to be stored")
+    first, job_id = _worker_in_the_middle_of_a_job(
+        processes, jobs, fresh_postgres_url, fresh_redis_url, epochs_stored=2
+    )
     time.sleep(0.3)  # about half way through epoch 3
     first.kill()
     killed_at = time.monotonic()
@@ -68,7 +79,7 @@ def test_sigkill_mid_epoch_resumes_on_another_worker_with_identical_weights(
         ).one()
         assert (last.epoch, last.attempt) == (5, 2)
         resumed = load(last.weights)
-    reference = _reference_weights(spec)
+    reference = _reference_weights(slow_spec(epochs=5))
     assert resumed.keys() == reference.keys()
     for name, tensor in reference.items():
         assert torch.equal(resumed[name], tensor), f"{name} differs from an uninterrupted run"
@@ -80,13 +91,10 @@ def test_sigkill_mid_epoch_resumes_on_another_worker_with_identical_weights(
 def test_sigterm_hands_the_job_back_at_once_and_it_finishes_on_another_worker(
     processes: Processes, jobs_on: Any, fresh_postgres_url: str, fresh_redis_url: str
 ) -> None:
-    processes.env.update(
-        TRAINSVC_DATABASE_URL=fresh_postgres_url, TRAINSVC_BROKER_URL=fresh_redis_url
-    )
     jobs = jobs_on(fresh_postgres_url, fresh_redis_url)
-    first = processes.worker()
-    job_id = jobs.submit(slow_spec(epochs=5))
-    wait_until(lambda: jobs.get(job_id).progress_epoch >= 1, 60, "epoch 1 to be stored")
+    first, job_id = _worker_in_the_middle_of_a_job(
+        processes, jobs, fresh_postgres_url, fresh_redis_url, epochs_stored=1
+    )
 
     first.terminate()  # to the main process only, as `docker stop` does
     terminated_at = time.monotonic()
@@ -114,13 +122,10 @@ def test_sigterm_to_the_whole_process_group_also_hands_the_job_back(
     import os
     import signal
 
-    processes.env.update(
-        TRAINSVC_DATABASE_URL=fresh_postgres_url, TRAINSVC_BROKER_URL=fresh_redis_url
-    )
     jobs = jobs_on(fresh_postgres_url, fresh_redis_url)
-    first = processes.worker()
-    job_id = jobs.submit(slow_spec(epochs=5))
-    wait_until(lambda: jobs.get(job_id).progress_epoch >= 1, 60, "epoch 1 to be stored")
+    first, job_id = _worker_in_the_middle_of_a_job(
+        processes, jobs, fresh_postgres_url, fresh_redis_url, epochs_stored=1
+    )
     os.killpg(first.process.pid, signal.SIGTERM)
     wait_until(lambda: jobs.status(job_id) == "queued", LEASE_SECONDS, "the job to be handed back")
     assert first.process.wait(timeout=30) == 0
