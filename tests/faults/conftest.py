@@ -137,11 +137,21 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def jobs_on(request: pytest.FixtureRequest) -> Iterator[Any]:
-    """jobs_on(database_url, broker_url) -> Jobs, disposed of at the end."""
+def jobs_on(processes: Processes) -> Iterator[Any]:
+    """jobs_on(database_url, broker_url, **settings) -> Jobs, disposed of at the end.
+
+    Also points every process the test starts afterwards at the same database and broker,
+    with any further TRAINSVC_<NAME> settings given, so the test and its processes never
+    disagree about which servers they use.
+    """
     made: list[Jobs] = []
 
-    def make(database_url: str, broker_url: str) -> Jobs:
+    def make(database_url: str, broker_url: str, **settings: str) -> Jobs:
+        processes.env.update(
+            TRAINSVC_DATABASE_URL=database_url,
+            TRAINSVC_BROKER_URL=broker_url,
+            **{f"TRAINSVC_{name.upper()}": value for name, value in settings.items()},
+        )
         jobs = Jobs(database_url, broker_url)
         made.append(jobs)
         return jobs

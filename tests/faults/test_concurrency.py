@@ -26,12 +26,9 @@ def _trained_once(jobs: Jobs, job_ids: list[uuid.UUID], epochs: int) -> None:
 def test_200_concurrent_submits_half_repeated_make_100_jobs_each_trained_once(
     processes: Processes, jobs_on: Any, fresh_postgres_url: str, fresh_redis_url: str
 ) -> None:
-    processes.env.update(
-        TRAINSVC_DATABASE_URL=fresh_postgres_url, TRAINSVC_BROKER_URL=fresh_redis_url
-    )
+    jobs = jobs_on(fresh_postgres_url, fresh_redis_url)
     url = processes.api()
     processes.worker()
-    jobs = jobs_on(fresh_postgres_url, fresh_redis_url)
     keys = [f"key-{n}" for n in range(100)] * 2  # every key sent twice, concurrently
 
     def submit(key: str) -> httpx.Response:
@@ -68,9 +65,6 @@ def test_200_concurrent_submits_half_repeated_make_100_jobs_each_trained_once(
 def test_two_workers_racing_for_the_same_20_jobs_train_each_once(
     processes: Processes, jobs_on: Any, fresh_postgres_url: str, fresh_redis_url: str
 ) -> None:
-    processes.env.update(
-        TRAINSVC_DATABASE_URL=fresh_postgres_url, TRAINSVC_BROKER_URL=fresh_redis_url
-    )
     jobs = jobs_on(fresh_postgres_url, fresh_redis_url)
     job_ids = [jobs.submit(tiny_spec(epochs=2, seed=n), publish=False) for n in range(20)]
     # Every job published twice before any worker runs: both workers see every job's message.

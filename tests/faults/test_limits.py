@@ -18,12 +18,9 @@ pytestmark = [pytest.mark.faults, pytest.mark.xdist_group("faults"), pytest.mark
 def test_cancel_through_another_api_process_stops_the_job_within_a_second(
     processes: Processes, jobs_on: Any, fresh_postgres_url: str, fresh_redis_url: str
 ) -> None:
-    processes.env.update(
-        TRAINSVC_DATABASE_URL=fresh_postgres_url, TRAINSVC_BROKER_URL=fresh_redis_url
-    )
+    jobs = jobs_on(fresh_postgres_url, fresh_redis_url)
     submitting_api, cancelling_api = processes.api(), processes.api()
     processes.worker()
-    jobs = jobs_on(fresh_postgres_url, fresh_redis_url)
     created = httpx.post(f"{submitting_api}/v1/jobs", json=slow_spec(epochs=20), timeout=10)
     job_id = created.json()["id"]
     wait_until(
@@ -50,11 +47,8 @@ def test_cancel_through_another_api_process_stops_the_job_within_a_second(
 def test_a_job_past_its_wall_time_limit_fails_with_timeout(
     processes: Processes, jobs_on: Any, fresh_postgres_url: str, fresh_redis_url: str
 ) -> None:
-    processes.env.update(
-        TRAINSVC_DATABASE_URL=fresh_postgres_url, TRAINSVC_BROKER_URL=fresh_redis_url
-    )
-    processes.worker()
     jobs = jobs_on(fresh_postgres_url, fresh_redis_url)
+    processes.worker()
     # A first job warms the pool process (its first dataset load imports scikit-learn, seconds
     # on a busy machine), so the figure below measures the limit, not the imports.
     warm_up = jobs.submit(tiny_spec(epochs=1))
@@ -81,9 +75,7 @@ def _vm_size(pid: int) -> int:
 def test_out_of_memory_fails_the_job_and_the_worker_lives_on(
     processes: Processes, jobs_on: Any, fresh_postgres_url: str, fresh_redis_url: str
 ) -> None:
-    processes.env.update(
-        TRAINSVC_DATABASE_URL=fresh_postgres_url, TRAINSVC_BROKER_URL=fresh_redis_url
-    )
+    jobs = jobs_on(fresh_postgres_url, fresh_redis_url)
     worker = processes.worker()
     child = worker.pool_child()
     assert child is not None
@@ -91,7 +83,6 @@ def test_out_of_memory_fails_the_job_and_the_worker_lives_on(
     # and the job's first layer alone needs 1 GiB.
     limit = _vm_size(child) + 512 * 2**20
     resource.prlimit(child, resource.RLIMIT_AS, (limit, limit))
-    jobs = jobs_on(fresh_postgres_url, fresh_redis_url)
     jobs.settings = Settings(
         database_url=fresh_postgres_url, max_parameters=10**9, max_layer_width=2**15
     )

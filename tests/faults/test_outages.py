@@ -21,12 +21,9 @@ DATABASE_OUTAGE_SECONDS = 30.0
 def test_redis_down_for_10s_while_50_jobs_are_submitted(
     processes: Processes, jobs_on: Any, redis_server: RedisServer, fresh_postgres_url: str
 ) -> None:
-    processes.env.update(
-        TRAINSVC_DATABASE_URL=fresh_postgres_url, TRAINSVC_BROKER_URL=redis_server.url
-    )
+    jobs = jobs_on(fresh_postgres_url, redis_server.url)
     url = processes.api()
     processes.worker()
-    jobs = jobs_on(fresh_postgres_url, redis_server.url)
 
     redis_server.stop()
     stopped_at = time.monotonic()
@@ -66,14 +63,9 @@ def test_postgres_restart_while_a_job_trains(
 ) -> None:
     # The lease must outlast the outage plus a heartbeat (docs/reliability.md): 40 s against
     # the 30 s outage the service promises to ride through.
-    processes.env.update(
-        TRAINSVC_DATABASE_URL=postgres_server.url,
-        TRAINSVC_BROKER_URL=fresh_redis_url,
-        TRAINSVC_LEASE_SECONDS="40",
-    )
+    jobs = jobs_on(postgres_server.url, fresh_redis_url, lease_seconds="40")
     url = processes.api()
     processes.worker()
-    jobs = jobs_on(postgres_server.url, fresh_redis_url)
     job_id = jobs.submit(slow_spec(epochs=8))
     wait_until(lambda: jobs.get(job_id).progress_epoch >= 1, 60, "epoch 1 to be stored")
     jobs.dispose()  # the test's own pooled connections would die with the server anyway
@@ -110,12 +102,7 @@ def test_postgres_restart_while_a_job_trains(
 def test_a_queued_job_whose_message_was_lost_is_published_again(
     processes: Processes, jobs_on: Any, redis_server: RedisServer, fresh_postgres_url: str
 ) -> None:
-    processes.env.update(
-        TRAINSVC_DATABASE_URL=fresh_postgres_url,
-        TRAINSVC_BROKER_URL=redis_server.url,
-        TRAINSVC_REPUBLISH_AFTER_SECONDS="3",
-    )
-    jobs = jobs_on(fresh_postgres_url, redis_server.url)
+    jobs = jobs_on(fresh_postgres_url, redis_server.url, republish_after_seconds="3")
     job_id = jobs.submit(tiny_spec())
     assert jobs.get(job_id).published_at is not None
     # Redis crashes without persistence before any worker took the message: it is gone.

@@ -1,5 +1,7 @@
 """A worker killed (SIGKILL) or told to stop (SIGTERM) mid-job: the job finishes elsewhere, once."""
 
+import os
+import signal
 import time
 import uuid
 from typing import Any
@@ -32,10 +34,9 @@ def _reference_weights(spec: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def _worker_in_the_middle_of_a_job(
-    processes: Processes, jobs: Any, database_url: str, broker_url: str, epochs_stored: int
+    processes: Processes, jobs: Any, epochs_stored: int
 ) -> tuple[Worker, uuid.UUID]:
     """A worker training a 5-epoch slow job, returned once `epochs_stored` epochs are stored."""
-    processes.env.update(TRAINSVC_DATABASE_URL=database_url, TRAINSVC_BROKER_URL=broker_url)
     worker = processes.worker()
     job_id = jobs.submit(slow_spec(epochs=5))
     wait_until(
@@ -50,9 +51,7 @@ def test_sigkill_mid_epoch_resumes_on_another_worker_with_identical_weights(
     processes: Processes, jobs_on: Any, fresh_postgres_url: str, fresh_redis_url: str
 ) -> None:
     jobs = jobs_on(fresh_postgres_url, fresh_redis_url)
-    first, job_id = _worker_in_the_middle_of_a_job(
-        processes, jobs, fresh_postgres_url, fresh_redis_url, epochs_stored=2
-    )
+    first, job_id = _worker_in_the_middle_of_a_job(processes, jobs, epochs_stored=2)
     time.sleep(0.3)  # about half way through epoch 3
     first.kill()
     killed_at = time.monotonic()
@@ -92,9 +91,7 @@ def test_sigterm_hands_the_job_back_at_once_and_it_finishes_on_another_worker(
     processes: Processes, jobs_on: Any, fresh_postgres_url: str, fresh_redis_url: str
 ) -> None:
     jobs = jobs_on(fresh_postgres_url, fresh_redis_url)
-    first, job_id = _worker_in_the_middle_of_a_job(
-        processes, jobs, fresh_postgres_url, fresh_redis_url, epochs_stored=1
-    )
+    first, job_id = _worker_in_the_middle_of_a_job(processes, jobs, epochs_stored=1)
 
     first.terminate()  # to the main process only, as `docker stop` does
     terminated_at = time.monotonic()
@@ -119,13 +116,8 @@ def test_sigterm_to_the_whole_process_group_also_hands_the_job_back(
     processes: Processes, jobs_on: Any, fresh_postgres_url: str, fresh_redis_url: str
 ) -> None:
     """systemd's default and `kill -- -PGID`: the pool process gets SIGTERM too."""
-    import os
-    import signal
-
     jobs = jobs_on(fresh_postgres_url, fresh_redis_url)
-    first, job_id = _worker_in_the_middle_of_a_job(
-        processes, jobs, fresh_postgres_url, fresh_redis_url, epochs_stored=1
-    )
+    first, job_id = _worker_in_the_middle_of_a_job(processes, jobs, epochs_stored=1)
     os.killpg(first.process.pid, signal.SIGTERM)
     wait_until(lambda: jobs.status(job_id) == "queued", LEASE_SECONDS, "the job to be handed back")
     assert first.process.wait(timeout=30) == 0
