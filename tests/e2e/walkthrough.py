@@ -6,21 +6,11 @@ from typing import Any
 import httpx
 from safetensors.torch import load as load_safetensors
 
+from tests.factories import BASE_SPEC, spec_payload
 from tests.support.processes import wait_until
 
-SPEC: dict[str, Any] = {
-    "name": "bn-digits",
-    "dataset": {"name": "digits", "val_fraction": 0.2, "batch_size": 64},
-    "model": {
-        "architecture": "mlp",
-        "hidden_sizes": [64, 32],
-        "normalization": {"type": "batch_norm", "position": "before_activation"},
-        "dropout": {"rate": 0.2},
-    },
-    "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9},
-    "epochs": 3,
-    "seed": 0,
-}
+# The factory's spec (README's example), with layers wide enough to check shapes against.
+SPEC: dict[str, Any] = spec_payload(model={**BASE_SPEC["model"], "hidden_sizes": [64, 32]})
 
 
 def wait_for_status(
