@@ -4,7 +4,6 @@ from app.models.base import Base, utcnow
 from app.models.datasets import Dataset
 from app.models.jobs import (
     CHECKPOINT_KINDS,
-    FINISHED_STATUSES,
     JOB_STATUSES,
     Checkpoint,
     EpochMetric,
@@ -14,7 +13,6 @@ from app.models.jobs import (
 
 __all__ = [
     "CHECKPOINT_KINDS",
-    "FINISHED_STATUSES",
     "JOB_STATUSES",
     "Base",
     "Checkpoint",

@@ -8,7 +8,6 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
@@ -159,7 +158,3 @@ def jobs_on(processes: Processes) -> Iterator[Any]:
     yield make
     for jobs in made:
         jobs.dispose()
-
-
-def api_get(url: str, path: str) -> Any:
-    return httpx.get(f"{url}{path}", timeout=10).json()
