@@ -31,3 +31,22 @@ def test_migrations_match_models_and_reverse(fresh_postgres_url: str, tmp_path: 
         engine.dispose()
         upgrade(url)
         assert _schema_differences(url) == []
+
+
+def test_trainsvc_migrate_builds_the_schema(tmp_path: object, repo_root: object) -> None:
+    import os
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path}/cli.db"
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "migrate"],
+        env={**os.environ, "TRAINSVC_DATABASE_URL": url},
+        cwd=str(repo_root),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "latest schema" in result.stdout
+    assert _schema_differences(url) == []

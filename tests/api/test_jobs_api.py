@@ -214,3 +214,28 @@ def test_openapi_documents_every_path(client: TestClient) -> None:
     submit = schema["paths"]["/v1/jobs"]["post"]
     assert submit["description"].startswith("Submit a training job")
     assert client.get("/docs").status_code == 200
+
+
+def test_too_many_queued_jobs_is_429_and_stores_nothing(
+    client: TestClient, session: Session
+) -> None:
+    app_state = client.app.state  # type: ignore[attr-defined]
+    app_state.settings = app_state.settings.model_copy(update={"max_queued_jobs": 2})
+    for seed in range(2):
+        assert client.post("/v1/jobs", json=spec_payload(seed=seed)).status_code == 201
+    response = client.post("/v1/jobs", json=spec_payload(seed=2))
+    assert response.status_code == 429
+    assert response.json()["error"] == "too_many_queued_jobs"
+    assert response.headers["Retry-After"] == "30"
+    assert len(session.scalars(select(Job)).all()) == 2
+
+
+def test_wall_time_over_the_cap_is_422(client: TestClient) -> None:
+    response = client.post("/v1/jobs", json=spec_payload(max_wall_seconds=10**9))
+    assert response.status_code == 422
+    assert response.json()["detail"] == [
+        {
+            "field": "max_wall_seconds",
+            "message": "at most 86400 seconds (TRAINSVC_MAX_WALL_SECONDS)",
+        }
+    ]
