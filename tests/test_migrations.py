@@ -1,5 +1,10 @@
 """Alembic migrations: they build exactly the tables the models describe, and they reverse."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -19,7 +24,7 @@ def _schema_differences(url: str) -> list[object]:
         engine.dispose()
 
 
-def test_migrations_match_models_and_reverse(fresh_postgres_url: str, tmp_path: object) -> None:
+def test_migrations_match_models_and_reverse(fresh_postgres_url: str, tmp_path: Path) -> None:
     sqlite_url = f"sqlite:///{tmp_path}/migrations.db"
     for url in (fresh_postgres_url, sqlite_url):
         upgrade(url)
@@ -33,16 +38,12 @@ def test_migrations_match_models_and_reverse(fresh_postgres_url: str, tmp_path: 
         assert _schema_differences(url) == []
 
 
-def test_trainsvc_migrate_builds_the_schema(tmp_path: object, repo_root: object) -> None:
-    import os
-    import subprocess
-    import sys
-
+def test_trainsvc_migrate_builds_the_schema(tmp_path: Path, repo_root: Path) -> None:
     url = f"sqlite:///{tmp_path}/cli.db"
     result = subprocess.run(
         [sys.executable, "-m", "app.cli", "migrate"],
         env={**os.environ, "TRAINSVC_DATABASE_URL": url},
-        cwd=str(repo_root),
+        cwd=repo_root,
         capture_output=True,
         text=True,
         timeout=120,
