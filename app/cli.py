@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.config import get_settings
+from app.core.config import get_settings
 
 
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from app.main import create_app
+    from app.api.main import create_app
 
     uvicorn.run(create_app(get_settings()), host=args.host, port=args.port, log_level="info")
 
@@ -27,7 +27,7 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _migrate(_args: argparse.Namespace) -> None:
-    from app.migrate import upgrade
+    from app.core.migrate import upgrade
 
     upgrade(get_settings().database_url)
     print("database is at the latest schema")
@@ -35,7 +35,7 @@ def _migrate(_args: argparse.Namespace) -> None:
 
 def _up(args: argparse.Namespace) -> None:
     """The embedded default in one command: migrate, then a worker process and the API."""
-    from app.migrate import upgrade
+    from app.core.migrate import upgrade
 
     upgrade(get_settings().database_url)
     worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from app.datasets.catalog import BUILTIN_DATASETS
-from app.jobs.spec import DatasetSpec, JobSpec
+from app.core.catalog import BUILTIN_DATASETS
+from app.core.spec import DatasetSpec, JobSpec
 from worker.training.data import PreparedData, load_builtin, prepare
 from worker.training.loop import Diverged, TrainingRun
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch.utils.data import DataLoader, TensorDataset
 
-from app.datasets.catalog import BUILTIN_DATASETS
-from app.jobs.spec import JobSpec
+from app.core.catalog import BUILTIN_DATASETS
+from app.core.spec import JobSpec
 from worker.training.data import PreparedData, load_builtin, prepare
 from worker.training.loop import TrainingRun
 from worker.training.models import build_model

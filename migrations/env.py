@@ -3,9 +3,9 @@
 from alembic import context
 from sqlalchemy import Connection
 
-from app.config import get_settings
-from app.db import create_db_engine
-from app.models import Base
+from app.core.config import get_settings
+from app.core.db import create_db_engine
+from app.core.models import Base
 
 target_metadata = Base.metadata
 

@@ -23,16 +23,18 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.config import Settings
-from app.db import create_db_engine
-from app.main import create_app
-from app.migrate import upgrade
+from app.api.main import create_app
+from app.core.config import Settings
+from app.core.db import create_db_engine
+from app.core.migrate import upgrade
 from tests.support.processes import Processes
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "TRAINSVC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 REDIS_URL = os.environ.get("TRAINSVC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+# Parallel runs on one machine (two checkouts) give each its own range of database numbers.
+REDIS_DB_BASE = int(os.environ.get("TRAINSVC_TEST_REDIS_DB_BASE", "1"))
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -108,7 +110,7 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def redis_url(worker_id: str) -> str:
     # Each xdist worker gets its own Redis database number, so queues never mix.
-    url = f"{REDIS_URL}/{1 + _xdist_index(worker_id)}"
+    url = f"{REDIS_URL}/{REDIS_DB_BASE + _xdist_index(worker_id)}"
     try:
         redis.Redis.from_url(url, socket_connect_timeout=2).flushdb()
     except redis.RedisError as exc:

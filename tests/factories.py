@@ -5,9 +5,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app.jobs.service import spec_sha256
-from app.jobs.spec import JobSpec
-from app.models import Job
+from app.api.jobs.service import spec_sha256
+from app.core.models import Job
+from app.core.spec import JobSpec
 
 BASE_SPEC: dict[str, Any] = {
     "name": "bn-digits",

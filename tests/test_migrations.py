@@ -9,9 +9,9 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from app.db import create_db_engine
-from app.migrate import downgrade, upgrade
-from app.models import Base
+from app.core.db import create_db_engine
+from app.core.migrate import downgrade, upgrade
+from app.core.models import Base
 
 
 def _schema_differences(url: str) -> list[object]:

@@ -23,14 +23,14 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import InterfaceError as SQLInterfaceError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.config import Settings
-from app.datasets.catalog import UPLOAD_PREFIX
-from app.datasets.service import load_upload_arrays, resolve_dataset
-from app.db import transaction
-from app.jobs import attempts
-from app.jobs.attempts import CheckpointBlob, Claim, LeaseLost
-from app.jobs.dispatch import Dispatcher
-from app.jobs.spec import JobSpec
+from app.core import lifecycle
+from app.core.catalog import UPLOAD_PREFIX
+from app.core.config import Settings
+from app.core.datasets import load_upload_arrays, resolve_dataset
+from app.core.db import transaction
+from app.core.lifecycle import CheckpointBlob, Claim, LeaseLost
+from app.core.outbox import Dispatcher
+from app.core.spec import JobSpec
 from worker.training.data import PreparedData, load_builtin, prepare
 from worker.training.loop import Diverged, EpochResult, Interrupted, TrainingRun
 
@@ -128,12 +128,12 @@ class AttemptControl(threading.Thread):
             try:
                 if time.monotonic() >= next_renewal:
                     with transaction(self.ctx.session_factory) as session:
-                        attempts.renew_lease(
+                        lifecycle.renew_lease(
                             session, self.claim.job_id, self.claim.attempt, settings.lease_seconds
                         )
                     next_renewal = time.monotonic() + settings.heartbeat_seconds
                 with transaction(self.ctx.session_factory) as session:
-                    control = attempts.read_control(session, self.claim.job_id, self.claim.attempt)
+                    control = lifecycle.read_control(session, self.claim.job_id, self.claim.attempt)
             except LeaseLost:
                 self.stop_reason = "lease_lost"
                 break
@@ -174,7 +174,7 @@ def record(ctx: WorkerContext, claim: Claim, run: TrainingRun, result: EpochResu
         blobs.append(_blob("best", result.epoch, weights, None))
 
     def write(session: Session) -> None:
-        attempts.record_epoch(
+        lifecycle.record_epoch(
             session,
             claim.job_id,
             claim.attempt,
@@ -191,7 +191,7 @@ def record(ctx: WorkerContext, claim: Claim, run: TrainingRun, result: EpochResu
         # The commit may have landed just before the connection broke; then this epoch is
         # stored already, by this very attempt (the fence allows no other), and all is well.
         if not with_db_retry(
-            ctx, lambda s: attempts.epoch_stored_by(s, claim.job_id, result.epoch, claim.attempt)
+            ctx, lambda s: lifecycle.epoch_stored_by(s, claim.job_id, result.epoch, claim.attempt)
         ):
             raise
 
@@ -199,7 +199,7 @@ def record(ctx: WorkerContext, claim: Claim, run: TrainingRun, result: EpochResu
 def _end(ctx: WorkerContext, claim: Claim, status: str, **fields: object) -> None:
     with_db_retry(
         ctx,
-        lambda session: attempts.finish(session, claim.job_id, claim.attempt, status, **fields),  # type: ignore[arg-type]
+        lambda session: lifecycle.finish(session, claim.job_id, claim.attempt, status, **fields),  # type: ignore[arg-type]
     )
 
 
@@ -210,7 +210,7 @@ def execute_job(ctx: WorkerContext, job_id: uuid.UUID) -> str:
         # republish brings it to another worker.
         return "shutting_down"
     claim = with_db_retry(
-        ctx, lambda s: attempts.claim(s, job_id, ctx.worker_id, ctx.settings.lease_seconds)
+        ctx, lambda s: lifecycle.claim(s, job_id, ctx.worker_id, ctx.settings.lease_seconds)
     )
     if claim is None:
         logger.info("job %s is not claimable (taken, ended or cancelled); nothing to do", job_id)
@@ -299,6 +299,6 @@ def _interrupted(
             error_message="the job ran past its wall-time limit (max_wall_seconds)",
         )
     elif reason == "handed_back":
-        with_db_retry(ctx, lambda s: attempts.hand_back(s, claim.job_id, claim.attempt))
+        with_db_retry(ctx, lambda s: lifecycle.hand_back(s, claim.job_id, claim.attempt))
         ctx.dispatcher.publish([claim.job_id])
     return reason or "interrupted"

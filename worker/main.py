@@ -10,11 +10,11 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
-from app.config import Settings
-from app.db import create_db_engine, create_session_factory, transaction
-from app.jobs import attempts
-from app.jobs.dispatch import Dispatcher
-from worker.celery_app import QUEUE, create_celery_app
+from app.core import lifecycle
+from app.core.broker import QUEUE, create_celery_app
+from app.core.config import Settings
+from app.core.db import create_db_engine, create_session_factory, transaction
+from app.core.outbox import Dispatcher
 from worker.execution import WorkerContext, with_db_retry
 from worker.tasks import register_tasks
 
@@ -78,7 +78,7 @@ class Sweeper(threading.Thread):
     def sweep(self) -> None:
         settings = self.context.settings
         with transaction(self.context.session_factory) as session:
-            requeued = attempts.reap_expired_leases(session, settings.max_attempts)
+            requeued = lifecycle.reap_expired_leases(session, settings.max_attempts)
         if requeued:
             logger.warning("re-queued %d job(s) whose worker was lost: %s", len(requeued), requeued)
         self.context.dispatcher.publish_pending(settings.republish_after_seconds)
@@ -125,7 +125,7 @@ def run_worker(settings: Settings, concurrency: int | None = None, loglevel: str
             thread.stopped.set()
         context = contexts.get(f"{node}#{os.getpid()}")
         try:
-            count = with_db_retry(context, lambda s: attempts.request_handback(s, f"{node}#"))
+            count = with_db_retry(context, lambda s: lifecycle.request_handback(s, f"{node}#"))
             logger.warning("shutting down: asked %d running job(s) to hand back", count)
         except Exception:
             logger.exception("could not ask jobs to hand back; their leases will expire instead")

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from celery import Celery, Task
 
-from worker.celery_app import RUN_JOB_TASK
+from app.core.broker import RUN_JOB_TASK
 from worker.execution import WorkerContext, execute_job
 
 

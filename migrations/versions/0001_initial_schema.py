@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 
-import app.models.base
+import app.core.models.base
 
 revision: str = '0001'
 down_revision: str | None = None
@@ -31,7 +31,7 @@ def upgrade() -> None:
     sa.Column('data', sa.LargeBinary(), nullable=False),
     sa.Column('size_bytes', sa.Integer(), nullable=False),
     sa.Column('sha256', sa.String(length=64), nullable=False),
-    sa.Column('created_at', app.models.base.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', app.core.models.base.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_datasets'))
     )
     op.create_table('jobs',
@@ -41,16 +41,16 @@ def upgrade() -> None:
     sa.Column('spec', sa.JSON(), nullable=False),
     sa.Column('spec_sha256', sa.String(length=64), nullable=False),
     sa.Column('idempotency_key', sa.String(length=200), nullable=True),
-    sa.Column('created_at', app.models.base.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('updated_at', app.models.base.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('started_at', app.models.base.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('finished_at', app.models.base.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', app.core.models.base.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', app.core.models.base.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('started_at', app.core.models.base.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('finished_at', app.core.models.base.UTCDateTime(timezone=True), nullable=True),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('lease_owner', sa.String(length=200), nullable=True),
-    sa.Column('lease_expires_at', app.models.base.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('lease_expires_at', app.core.models.base.UTCDateTime(timezone=True), nullable=True),
     sa.Column('cancel_requested', sa.Boolean(), nullable=False),
     sa.Column('handback_requested', sa.Boolean(), nullable=False),
-    sa.Column('published_at', app.models.base.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('published_at', app.core.models.base.UTCDateTime(timezone=True), nullable=True),
     sa.Column('progress_epoch', sa.Integer(), nullable=False),
     sa.Column('epochs', sa.Integer(), nullable=False),
     sa.Column('summary', sa.JSON(), nullable=True),
@@ -76,7 +76,7 @@ def upgrade() -> None:
     sa.Column('trainer_state', sa.LargeBinary(), nullable=True),
     sa.Column('size_bytes', sa.Integer(), nullable=False),
     sa.Column('sha256', sa.String(length=64), nullable=False),
-    sa.Column('created_at', app.models.base.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', app.core.models.base.UTCDateTime(timezone=True), nullable=False),
     sa.CheckConstraint("kind IN ('last', 'best')", name=op.f('ck_checkpoints_kind')),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_checkpoints_job_id_jobs'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_checkpoints')),
@@ -94,7 +94,7 @@ def upgrade() -> None:
     sa.Column('lr', sa.Float(), nullable=False),
     sa.Column('epoch_seconds', sa.Float(), nullable=False),
     sa.Column('diagnostics', sa.JSON(), nullable=False),
-    sa.Column('created_at', app.models.base.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', app.core.models.base.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_epoch_metrics_job_id_jobs'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_epoch_metrics')),
     sa.UniqueConstraint('job_id', 'epoch', name=op.f('uq_epoch_metrics_job_id_epoch'))
@@ -104,8 +104,8 @@ def upgrade() -> None:
     sa.Column('job_id', sa.Uuid(), nullable=False),
     sa.Column('attempt', sa.Integer(), nullable=False),
     sa.Column('worker_id', sa.String(length=200), nullable=False),
-    sa.Column('started_at', app.models.base.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('ended_at', app.models.base.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('started_at', app.core.models.base.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('ended_at', app.core.models.base.UTCDateTime(timezone=True), nullable=True),
     sa.Column('outcome', sa.String(length=32), nullable=True),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_job_attempts_job_id_jobs'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_job_attempts')),

@@ -10,9 +10,9 @@ from fastapi.testclient import TestClient
 from httpx import Response
 from sqlalchemy.orm import Session
 
-from app.config import Settings
-from app.datasets.service import load_upload_arrays, resolve_dataset
-from app.jobs.spec import JobSpec
+from app.core.config import Settings
+from app.core.datasets import load_upload_arrays, resolve_dataset
+from app.core.spec import JobSpec
 from tests.factories import spec_payload
 from worker.training.data import prepare
 from worker.training.loop import TrainingRun

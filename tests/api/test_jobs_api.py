@@ -6,7 +6,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Job
+from app.core.models import Job
 from tests.factories import make_job, spec_payload
 
 
@@ -182,7 +182,7 @@ def test_health_and_ready(client: TestClient) -> None:
 
 
 def test_ready_names_the_broker_when_it_is_down(client: TestClient, session: Session) -> None:
-    from worker.celery_app import create_celery_app
+    from app.core.broker import create_celery_app
 
     settings = client.app.state.settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})  # type: ignore[attr-defined]
     client.app.state.dispatcher.celery = create_celery_app(settings)  # type: ignore[attr-defined]

@@ -7,9 +7,9 @@ from pathlib import Path
 PROGRAM = """
 import sys
 from fastapi.testclient import TestClient
-from app.config import Settings
-from app.main import create_app
-from app.migrate import upgrade
+from app.core.config import Settings
+from app.api.main import create_app
+from app.core.migrate import upgrade
 
 url = "sqlite:///" + sys.argv[1]
 upgrade(url)

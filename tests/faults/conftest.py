@@ -12,16 +12,16 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.config import Settings
-from app.db import create_db_engine, create_session_factory, transaction
-from app.jobs.dispatch import Dispatcher
-from app.jobs.service import submit_job
-from app.jobs.spec import JobSpec
-from app.models import EpochMetric, Job, JobAttempt
+from app.api.jobs.service import submit_job
+from app.core.broker import create_celery_app
+from app.core.config import Settings
+from app.core.db import create_db_engine, create_session_factory, transaction
+from app.core.models import EpochMetric, Job, JobAttempt
+from app.core.outbox import Dispatcher
+from app.core.spec import JobSpec
 from tests.factories import spec_payload
 from tests.faults.servers import PostgresServer, RedisServer
 from tests.support.processes import Processes
-from worker.celery_app import create_celery_app
 
 # Short leases so a lost worker is noticed within seconds; every wait in the tests is a poll
 # with a deadline derived from these.

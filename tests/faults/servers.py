@@ -14,7 +14,7 @@ from pathlib import Path
 import redis
 import sqlalchemy as sa
 
-from app.migrate import upgrade
+from app.core.migrate import upgrade
 from tests.support.processes import free_port, wait_until
 
 

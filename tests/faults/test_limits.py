@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.config import Settings
+from app.core.config import Settings
 from tests.faults.conftest import slow_spec, tiny_spec
 from tests.support.processes import Processes, wait_until
 

@@ -12,9 +12,9 @@ from safetensors.torch import load
 from sqlalchemy import select
 from sqlalchemy.orm import undefer
 
-from app.datasets.catalog import BUILTIN_DATASETS
-from app.jobs.spec import JobSpec
-from app.models import Checkpoint
+from app.core.catalog import BUILTIN_DATASETS
+from app.core.models import Checkpoint
+from app.core.spec import JobSpec
 from tests.faults.conftest import LEASE_SECONDS, slow_spec
 from tests.support.processes import Processes, Worker, wait_until
 from worker.training.data import load_builtin, prepare

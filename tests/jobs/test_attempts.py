@@ -1,4 +1,4 @@
-"""Claims, leases and fencing (app.jobs.attempts) on SQLite and PostgreSQL."""
+"""Claims, leases and fencing (app.core.lifecycle) on SQLite and PostgreSQL."""
 
 from datetime import timedelta
 
@@ -6,9 +6,9 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.jobs import attempts
-from app.jobs.attempts import CheckpointBlob, LeaseLost
-from app.models import Checkpoint, EpochMetric, Job, JobAttempt, utcnow
+from app.core import lifecycle
+from app.core.lifecycle import CheckpointBlob, LeaseLost
+from app.core.models import Checkpoint, EpochMetric, Job, JobAttempt, utcnow
 from tests.factories import make_job
 
 METRICS = {
@@ -29,7 +29,7 @@ def _expire_lease(session: Session, job: Job) -> None:
 
 def _record(session: Session, job: Job, attempt: int, epoch: int) -> None:
     blob = CheckpointBlob("last", epoch, b"weights", b"state", "0" * 64)
-    attempts.record_epoch(session, job.id, attempt, epoch, METRICS, {}, [blob], 30)
+    lifecycle.record_epoch(session, job.id, attempt, epoch, METRICS, {}, [blob], 30)
 
 
 def _outcomes(session: Session, job: Job) -> list[str | None]:
@@ -44,33 +44,33 @@ def _outcomes(session: Session, job: Job) -> list[str | None]:
 
 def test_a_second_claim_of_a_claimed_job_gets_nothing(session: Session) -> None:
     job = make_job(session)
-    first = attempts.claim(session, job.id, "w1#1", 30)
+    first = lifecycle.claim(session, job.id, "w1#1", 30)
     assert first is not None
     assert first.attempt == 1
     assert first.started_at_epoch == 0
-    assert attempts.claim(session, job.id, "w2#1", 30) is None
+    assert lifecycle.claim(session, job.id, "w2#1", 30) is None
     session.refresh(job)
     assert (job.status, job.attempts, job.lease_owner) == ("running", 1, "w1#1")
 
 
 def test_a_cancelled_or_finished_job_cannot_be_claimed(session: Session) -> None:
     cancelled = make_job(session, status="cancelled")
-    assert attempts.claim(session, cancelled.id, "w1#1", 30) is None
+    assert lifecycle.claim(session, cancelled.id, "w1#1", 30) is None
     job = make_job(session)
-    claim = attempts.claim(session, job.id, "w1#1", 30)
+    claim = lifecycle.claim(session, job.id, "w1#1", 30)
     assert claim is not None
-    attempts.finish(session, job.id, claim.attempt, "succeeded", summary={})
-    assert attempts.claim(session, job.id, "w1#1", 30) is None
+    lifecycle.finish(session, job.id, claim.attempt, "succeeded", summary={})
+    assert lifecycle.claim(session, job.id, "w1#1", 30) is None
 
 
 def test_a_stale_attempt_cannot_write_after_the_job_moved_on(session: Session) -> None:
     job = make_job(session)
-    stale = attempts.claim(session, job.id, "w1#1", 30)
+    stale = lifecycle.claim(session, job.id, "w1#1", 30)
     assert stale is not None
     _record(session, job, stale.attempt, 1)
     _expire_lease(session, job)
-    assert attempts.reap_expired_leases(session, max_attempts=3) == [job.id]
-    current = attempts.claim(session, job.id, "w2#1", 30)
+    assert lifecycle.reap_expired_leases(session, max_attempts=3) == [job.id]
+    current = lifecycle.claim(session, job.id, "w2#1", 30)
     assert current is not None
     assert current.attempt == 2
     assert current.started_at_epoch == 1  # resumes after the stored epoch
@@ -79,16 +79,16 @@ def test_a_stale_attempt_cannot_write_after_the_job_moved_on(session: Session) -
     with pytest.raises(LeaseLost):
         _record(session, job, stale.attempt, 2)
     with pytest.raises(LeaseLost):
-        attempts.finish(session, job.id, stale.attempt, "succeeded")
+        lifecycle.finish(session, job.id, stale.attempt, "succeeded")
     with pytest.raises(LeaseLost):
-        attempts.renew_lease(session, job.id, stale.attempt, 30)
+        lifecycle.renew_lease(session, job.id, stale.attempt, 30)
     with pytest.raises(LeaseLost):
-        attempts.read_control(session, job.id, stale.attempt)
+        lifecycle.read_control(session, job.id, stale.attempt)
     with pytest.raises(LeaseLost):
-        attempts.hand_back(session, job.id, stale.attempt)
+        lifecycle.hand_back(session, job.id, stale.attempt)
 
     _record(session, job, current.attempt, 2)
-    attempts.finish(session, job.id, current.attempt, "succeeded", summary={"ok": True})
+    lifecycle.finish(session, job.id, current.attempt, "succeeded", summary={"ok": True})
     session.refresh(job)
     assert job.status == "succeeded"
     epochs = session.execute(
@@ -104,8 +104,8 @@ def test_a_stale_attempt_cannot_write_after_the_job_moved_on(session: Session) -
 
 def test_the_reaper_leaves_live_leases_alone(session: Session) -> None:
     job = make_job(session)
-    assert attempts.claim(session, job.id, "w1#1", 30) is not None
-    assert attempts.reap_expired_leases(session, max_attempts=3) == []
+    assert lifecycle.claim(session, job.id, "w1#1", 30) is not None
+    assert lifecycle.reap_expired_leases(session, max_attempts=3) == []
     session.refresh(job)
     assert job.status == "running"
 
@@ -113,9 +113,9 @@ def test_the_reaper_leaves_live_leases_alone(session: Session) -> None:
 def test_the_reaper_fails_the_job_after_max_attempts_lost(session: Session) -> None:
     job = make_job(session)
     for attempt in (1, 2):
-        assert attempts.claim(session, job.id, f"w{attempt}#1", 30) is not None
+        assert lifecycle.claim(session, job.id, f"w{attempt}#1", 30) is not None
         _expire_lease(session, job)
-        assert attempts.reap_expired_leases(session, max_attempts=2) == (
+        assert lifecycle.reap_expired_leases(session, max_attempts=2) == (
             [job.id] if attempt < 2 else []
         )
     session.refresh(job)
@@ -127,13 +127,13 @@ def test_the_reaper_fails_the_job_after_max_attempts_lost(session: Session) -> N
 
 def test_a_hand_back_is_not_counted_as_a_lost_attempt(session: Session) -> None:
     job = make_job(session)
-    claim = attempts.claim(session, job.id, "w1#1", 30)
+    claim = lifecycle.claim(session, job.id, "w1#1", 30)
     assert claim is not None
-    attempts.hand_back(session, job.id, claim.attempt)
-    claim = attempts.claim(session, job.id, "w2#1", 30)
+    lifecycle.hand_back(session, job.id, claim.attempt)
+    claim = lifecycle.claim(session, job.id, "w2#1", 30)
     assert claim is not None
     _expire_lease(session, job)
-    assert attempts.reap_expired_leases(session, max_attempts=2) == [job.id]
+    assert lifecycle.reap_expired_leases(session, max_attempts=2) == [job.id]
     session.refresh(job)
     assert job.status == "queued"
     assert job.published_at is None  # back in the outbox
@@ -142,36 +142,36 @@ def test_a_hand_back_is_not_counted_as_a_lost_attempt(session: Session) -> None:
 
 def test_the_reaper_honours_a_cancel_request(session: Session) -> None:
     job = make_job(session)
-    assert attempts.claim(session, job.id, "w1#1", 30) is not None
+    assert lifecycle.claim(session, job.id, "w1#1", 30) is not None
     session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
     _expire_lease(session, job)
-    assert attempts.reap_expired_leases(session, max_attempts=3) == []
+    assert lifecycle.reap_expired_leases(session, max_attempts=3) == []
     session.refresh(job)
     assert job.status == "cancelled"
 
 
 def test_control_reports_cancel_and_hand_back_requests(session: Session) -> None:
     job = make_job(session)
-    claim = attempts.claim(session, job.id, "node-a@host#7", 30)
+    claim = lifecycle.claim(session, job.id, "node-a@host#7", 30)
     assert claim is not None
-    assert attempts.read_control(session, job.id, 1) == attempts.Control(False, False)
+    assert lifecycle.read_control(session, job.id, 1) == lifecycle.Control(False, False)
     other = make_job(session)
-    assert attempts.claim(session, other.id, "node-b@host#7", 30) is not None
-    assert attempts.request_handback(session, "node-a@host#") == 1
-    assert attempts.read_control(session, job.id, 1).handback_requested
-    assert not attempts.read_control(session, other.id, 1).handback_requested
+    assert lifecycle.claim(session, other.id, "node-b@host#7", 30) is not None
+    assert lifecycle.request_handback(session, "node-a@host#") == 1
+    assert lifecycle.read_control(session, job.id, 1).handback_requested
+    assert not lifecycle.read_control(session, other.id, 1).handback_requested
 
 
 def test_the_outbox_holds_unpublished_and_long_unclaimed_jobs(session: Session) -> None:
     fresh = make_job(session)
     old = make_job(session)
     running = make_job(session)
-    assert attempts.claim(session, running.id, "w1#1", 30) is not None
-    attempts.mark_published(session, [fresh.id, old.id])
+    assert lifecycle.claim(session, running.id, "w1#1", 30) is not None
+    lifecycle.mark_published(session, [fresh.id, old.id])
     session.execute(
         update(Job).where(Job.id == old.id).values(published_at=utcnow() - timedelta(hours=1))
     )
-    pending = attempts.jobs_to_publish(session, republish_after_seconds=60)
+    pending = lifecycle.jobs_to_publish(session, republish_after_seconds=60)
     assert old.id in pending
     assert fresh.id not in pending
     assert running.id not in pending
@@ -179,10 +179,10 @@ def test_the_outbox_holds_unpublished_and_long_unclaimed_jobs(session: Session) 
 
 def test_a_hand_back_racing_a_cancel_ends_the_job_cancelled(session: Session) -> None:
     job = make_job(session)
-    claim = attempts.claim(session, job.id, "w1#1", 30)
+    claim = lifecycle.claim(session, job.id, "w1#1", 30)
     assert claim is not None
     session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
-    attempts.hand_back(session, job.id, claim.attempt)
+    lifecycle.hand_back(session, job.id, claim.attempt)
     session.refresh(job)
     assert job.status == "cancelled"
     assert job.finished_at is not None

@@ -6,12 +6,12 @@ import pytest
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.config import Settings
-from app.jobs.dispatch import Dispatcher
-from app.models import Job
+from app.core.broker import create_celery_app
+from app.core.config import Settings
+from app.core.models import Job
+from app.core.outbox import Dispatcher
 from tests.factories import make_job
 from worker import execution
-from worker.celery_app import create_celery_app
 from worker.execution import WorkerContext, execute_job
 
 

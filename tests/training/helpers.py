@@ -2,8 +2,8 @@
 
 from typing import Any
 
-from app.datasets.catalog import BUILTIN_DATASETS
-from app.jobs.spec import JobSpec
+from app.core.catalog import BUILTIN_DATASETS
+from app.core.spec import JobSpec
 from worker.training.data import PreparedData, load_builtin, prepare
 from worker.training.loop import EpochResult, TrainingRun
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from app.datasets.catalog import BUILTIN_DATASETS
-from app.jobs.spec import DatasetSpec
+from app.core.catalog import BUILTIN_DATASETS
+from app.core.spec import DatasetSpec
 from worker.training.data import load_builtin, prepare
 
 

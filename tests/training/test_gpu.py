@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from app.jobs.spec import JobSpec
+from app.core.spec import JobSpec
 from tests.training.helpers import data_for, make_spec, train
 from worker.training.loop import TrainingRun
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from app.datasets.catalog import BUILTIN_DATASETS
-from app.jobs.spec import SpecError, count_parameters
+from app.core.catalog import BUILTIN_DATASETS
+from app.core.spec import SpecError, count_parameters
 from tests.training.helpers import make_spec, train
 
 NORMS = ["none", "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]

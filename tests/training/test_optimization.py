@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from app.jobs.spec import ScheduleSpec
+from app.core.spec import ScheduleSpec
 from tests.training.helpers import make_spec, train
 from worker.training.loop import Diverged
 from worker.training.optim import lr_factor

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from app.datasets.catalog import BUILTIN_DATASETS, DatasetInfo
-from app.jobs.spec import DatasetSpec
+from app.core.catalog import BUILTIN_DATASETS, DatasetInfo
+from app.core.spec import DatasetSpec
 
 
 @dataclass(frozen=True)

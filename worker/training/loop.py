@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812  (the PyTorch convention)
 
-from app.jobs.spec import JobSpec
+from app.core.spec import JobSpec
 from worker.training.checkpoint import (
     optimizer_state_from_json,
     pack_state,

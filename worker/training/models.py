@@ -2,15 +2,15 @@
 
 Three architectures share one vocabulary of normalization, activation and dropout, so a study
 can change exactly one of them. The trainable parameter count of every model equals
-app.jobs.spec.count_parameters (a test holds the two together), which lets the API enforce
+app.core.spec.count_parameters (a test holds the two together), which lets the API enforce
 its parameter limit without torch.
 """
 
 import torch
 from torch import nn
 
-from app.datasets.catalog import DatasetInfo
-from app.jobs.spec import ModelSpec, NormalizationSpec
+from app.core.catalog import DatasetInfo
+from app.core.spec import ModelSpec, NormalizationSpec
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,

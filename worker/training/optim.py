@@ -5,7 +5,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from app.jobs.spec import OptimizerSpec, ScheduleSpec
+from app.core.spec import OptimizerSpec, ScheduleSpec
 
 
 def build_optimizer(

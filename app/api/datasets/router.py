@@ -5,11 +5,12 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile, status
 from sqlalchemy import select
 
-from app.datasets.catalog import BUILTIN_DATASETS, DataKind
-from app.datasets.schemas import DatasetList, DatasetRead
-from app.datasets.service import UploadForm, create_upload, info_from_row
-from app.dependencies import SessionDep, SettingsDep
-from app.models import Dataset
+from app.api.datasets.schemas import DatasetList, DatasetRead
+from app.api.datasets.service import UploadForm, create_upload
+from app.api.dependencies import SessionDep, SettingsDep
+from app.core.catalog import BUILTIN_DATASETS, DataKind
+from app.core.datasets import info_from_row
+from app.core.models import Dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

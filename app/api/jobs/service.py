@@ -12,9 +12,9 @@ from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, undefer
 
-from app.config import Settings
-from app.datasets.service import resolve_dataset
-from app.errors import (
+from app.core.config import Settings
+from app.core.datasets import resolve_dataset
+from app.core.errors import (
     CheckpointNotFound,
     IdempotencyKeyReused,
     InvalidInput,
@@ -22,8 +22,8 @@ from app.errors import (
     JobNotFound,
     TooManyQueuedJobs,
 )
-from app.jobs.spec import JobSpec, SpecError, check_fits_dataset, count_parameters
-from app.models import Checkpoint, EpochMetric, Job, utcnow
+from app.core.models import Checkpoint, EpochMetric, Job, utcnow
+from app.core.spec import JobSpec, SpecError, check_fits_dataset, count_parameters
 
 
 def spec_sha256(spec: JobSpec) -> str:

@@ -10,7 +10,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.datasets.catalog import (
+from app.core.catalog import (
     BUILTIN_DATASETS,
     SYNTHETIC_DEFAULT_SAMPLES,
     UPLOAD_PREFIX,

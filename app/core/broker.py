@@ -1,11 +1,10 @@
-"""The Celery app and its settings, shared by the worker (consumer) and the API (publisher).
-
-Imports no torch: the API process builds this app to publish "run job X" messages.
+"""The broker: task names and the Celery app's settings, shared by the worker (consumer) and
+the outbox (publisher). Messages name tasks by string, so the publisher never imports worker/.
 """
 
 from celery import Celery
 
-from app.config import Settings
+from app.core.config import Settings
 
 RUN_JOB_TASK = "trainsvc.run_job"
 QUEUE = "trainsvc"

@@ -14,9 +14,9 @@ from collections.abc import Iterable
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import transaction
-from app.jobs import attempts
-from worker.celery_app import RUN_JOB_TASK
+from app.core import lifecycle
+from app.core.broker import RUN_JOB_TASK
+from app.core.db import transaction
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +50,12 @@ class Dispatcher:
             sent.append(job_id)
         if sent:
             with transaction(self.session_factory) as session:
-                attempts.mark_published(session, sent)
+                lifecycle.mark_published(session, sent)
         return sent
 
     def publish_pending(self, republish_after_seconds: float) -> list[uuid.UUID]:
         with transaction(self.session_factory) as session:
-            pending = attempts.jobs_to_publish(session, republish_after_seconds)
+            pending = lifecycle.jobs_to_publish(session, republish_after_seconds)
         return self.publish(pending)
 
     def broker_reachable(self) -> bool:

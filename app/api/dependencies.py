@@ -6,8 +6,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from app.config import Settings
-from app.jobs.dispatch import Dispatcher
+from app.core.config import Settings
+from app.core.outbox import Dispatcher
 
 
 def get_settings_dep(request: Request) -> Settings:

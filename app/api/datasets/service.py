@@ -1,4 +1,4 @@
-"""Datasets: lookups shared by job submission and the API, and the validation of uploads.
+"""Dataset uploads: the validation of an uploaded file, and storing it in canonical form.
 
 An upload is checked completely here, before anything is stored: a file the worker could not
 train on is a 422 naming the part at fault (the file, its x or y, a form field), never a
@@ -8,58 +8,20 @@ failed job later and never a 500.
 import csv
 import hashlib
 import io
-import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import PurePath
 
 import numpy as np
-from sqlalchemy import select
-from sqlalchemy.orm import Session, undefer
+from sqlalchemy.orm import Session
 
-from app.config import Settings
-from app.datasets.catalog import BUILTIN_DATASETS, UPLOAD_PREFIX, DataKind, DatasetInfo
-from app.errors import DatasetNotFound, InvalidInput
-from app.models import Dataset
+from app.core.catalog import DataKind
+from app.core.config import Settings
+from app.core.errors import InvalidInput
+from app.core.models import Dataset
 
 # Fewer samples than this cannot be split into a training and a validation set worth the name.
 MIN_UPLOAD_SAMPLES = 10
-
-
-def info_from_row(row: Dataset) -> DatasetInfo:
-    kind: DataKind = row.kind  # type: ignore[assignment]  # written only by create_upload
-    return DatasetInfo(
-        name=f"{UPLOAD_PREFIX}{row.id}",
-        kind=kind,
-        input_shape=tuple(row.input_shape),
-        num_classes=row.num_classes,
-        n_samples=row.n_samples,
-        description=row.name,
-    )
-
-
-def resolve_dataset(session: Session, name: str) -> DatasetInfo:
-    """The shape of the dataset a spec names; an unknown upload is a 422 on dataset.name."""
-    if name in BUILTIN_DATASETS:
-        return BUILTIN_DATASETS[name]
-    row = session.get(Dataset, uuid.UUID(name.removeprefix(UPLOAD_PREFIX)))
-    if row is None:
-        raise InvalidInput("dataset.name", f"no uploaded dataset {name!r}")
-    return info_from_row(row)
-
-
-def load_upload_arrays(session: Session, dataset_id: uuid.UUID) -> tuple[np.ndarray, np.ndarray]:
-    """An uploaded dataset's arrays; stored as .npz and read back without pickle."""
-    row = session.scalars(
-        select(Dataset).where(Dataset.id == dataset_id).options(undefer(Dataset.data))
-    ).first()
-    if row is None:
-        raise DatasetNotFound(f"no uploaded dataset {dataset_id}")
-    with np.load(io.BytesIO(row.data), allow_pickle=False) as archive:
-        return archive["x"], archive["y"]
-
-
-# -- uploads ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

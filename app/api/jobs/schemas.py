@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from app.models import Checkpoint, EpochMetric, Job
+from app.core.models import Checkpoint, EpochMetric, Job
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 

@@ -1,8 +1,8 @@
 """SQLAlchemy tables. Importing this package registers every table on Base.metadata."""
 
-from app.models.base import Base, utcnow
-from app.models.datasets import Dataset
-from app.models.jobs import (
+from app.core.models.base import Base, utcnow
+from app.core.models.datasets import Dataset
+from app.core.models.jobs import (
     CHECKPOINT_KINDS,
     JOB_STATUSES,
     Checkpoint,

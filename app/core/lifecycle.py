@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import and_, case, delete, func, select, update
 from sqlalchemy.orm import Session, undefer
 
-from app.models import Checkpoint, EpochMetric, Job, JobAttempt, utcnow
+from app.core.models import Checkpoint, EpochMetric, Job, JobAttempt, utcnow
 
 
 class LeaseLost(Exception):

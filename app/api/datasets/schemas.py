@@ -5,8 +5,8 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from app.datasets.catalog import DatasetInfo
-from app.models import Dataset
+from app.core.catalog import DatasetInfo
+from app.core.models import Dataset
 
 
 class DatasetRead(BaseModel):

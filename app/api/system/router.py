@@ -4,7 +4,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from app.dependencies import DispatcherDep
+from app.api.dependencies import DispatcherDep
 
 router = APIRouter(prefix="/v1", tags=["system"])
 

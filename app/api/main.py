@@ -5,15 +5,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.config import Settings, get_settings
-from app.datasets.router import router as datasets_router
-from app.db import create_db_engine, create_session_factory
-from app.errors import install_error_handlers
-from app.jobs.dispatch import Dispatcher
-from app.jobs.router import router as jobs_router
-from app.limits import BodySizeLimit
-from app.system.router import router as system_router
-from worker.celery_app import create_celery_app
+from app.api.datasets.router import router as datasets_router
+from app.api.errors import install_error_handlers
+from app.api.jobs.router import router as jobs_router
+from app.api.limits import BodySizeLimit
+from app.api.system.router import router as system_router
+from app.core.broker import create_celery_app
+from app.core.config import Settings, get_settings
+from app.core.db import create_db_engine, create_session_factory
+from app.core.outbox import Dispatcher
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

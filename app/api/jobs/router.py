@@ -5,10 +5,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response, status
 
-from app.dependencies import DispatcherDep, SessionDep, SettingsDep
-from app.jobs import service
-from app.jobs.dependencies import JobDep
-from app.jobs.schemas import (
+from app.api.dependencies import DispatcherDep, SessionDep, SettingsDep
+from app.api.jobs import service
+from app.api.jobs.dependencies import JobDep
+from app.api.jobs.schemas import (
     CheckpointList,
     CheckpointRead,
     EpochRead,
@@ -17,7 +17,7 @@ from app.jobs.schemas import (
     JobStatus,
     MetricsRead,
 )
-from app.jobs.spec import JobSpec
+from app.core.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

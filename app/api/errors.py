@@ -1,84 +1,52 @@
-"""Typed service errors and the one place that renders every error as JSON.
+"""The one place that renders every error as JSON, and the status each domain error answers.
 
 Every error body is {"error": <code>, "detail": <message or list of {field, message}>}.
-Services raise these; routes never build error responses themselves.
+Services raise domain errors (app/core/errors.py); routes never build error responses.
 """
 
 import logging
-from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from app.jobs.spec import SpecError
+from app.core.errors import (
+    Conflict,
+    DatabaseUnavailable,
+    DomainError,
+    InvalidInput,
+    LimitExceeded,
+    NotFound,
+)
+from app.core.spec import SpecError
 
 logger = logging.getLogger(__name__)
 
 
-class ServiceError(Exception):
-    status_code = 500
-    code = "internal_error"
-    headers: ClassVar[dict[str, str] | None] = None
-
-    def __init__(self, detail: Any) -> None:
-        super().__init__(detail)
-        self.detail = detail
-
-
-class NotFound(ServiceError):
-    status_code = 404
-    code = "not_found"
+# Each domain error family answers one status; the most specific class listed wins.
+STATUS_CODES: dict[type[DomainError], int] = {
+    InvalidInput: 422,
+    NotFound: 404,
+    Conflict: 409,
+    LimitExceeded: 429,
+    DatabaseUnavailable: 503,
+}
 
 
-class JobNotFound(NotFound):
-    code = "job_not_found"
+def status_code_for(exc: DomainError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    return 500
 
 
-class CheckpointNotFound(NotFound):
-    code = "checkpoint_not_found"
-
-
-class DatasetNotFound(NotFound):
-    code = "dataset_not_found"
-
-
-class IdempotencyKeyReused(ServiceError):
-    status_code = 409
-    code = "idempotency_key_reused"
-
-
-class JobNotCancellable(ServiceError):
-    status_code = 409
-    code = "job_not_cancellable"
-
-
-class PayloadTooLarge(ServiceError):
-    status_code = 413
-    code = "payload_too_large"
-
-
-class TooManyQueuedJobs(ServiceError):
-    status_code = 429
-    code = "too_many_queued_jobs"
-    headers: ClassVar[dict[str, str] | None] = {"Retry-After": "30"}
-
-
-class InvalidInput(ServiceError):
-    """A 422 found by a service rather than by pydantic: names the field like pydantic's do."""
-
-    status_code = 422
-    code = "validation_error"
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__([{"field": field, "message": message}])
-
-
-class DatabaseUnavailable(ServiceError):
-    status_code = 503
-    code = "database_unavailable"
-    headers: ClassVar[dict[str, str] | None] = {"Retry-After": "5"}
+def headers_for(exc: DomainError) -> dict[str, str] | None:
+    if isinstance(exc, LimitExceeded):
+        return {"Retry-After": str(exc.retry_after_seconds)}
+    if isinstance(exc, DatabaseUnavailable):
+        return {"Retry-After": "5"}
+    return None
 
 
 def _validation_details(exc: RequestValidationError) -> list[dict[str, str]]:
@@ -102,12 +70,12 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, str]]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
+    @app.exception_handler(DomainError)
+    async def _service_error(_request: Request, exc: DomainError) -> JSONResponse:
         return JSONResponse(
             {"error": exc.code, "detail": exc.detail},
-            status_code=exc.status_code,
-            headers=exc.headers,
+            status_code=status_code_for(exc),
+            headers=headers_for(exc),
         )
 
     @app.exception_handler(RequestValidationError)

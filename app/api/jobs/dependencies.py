@@ -5,9 +5,9 @@ from typing import Annotated
 
 from fastapi import Depends
 
-from app.dependencies import SessionDep
-from app.jobs import service
-from app.models import Job
+from app.api.dependencies import SessionDep
+from app.api.jobs import service
+from app.core.models import Job
 
 
 def job_from_path(job_id: uuid.UUID, session: SessionDep) -> Job:

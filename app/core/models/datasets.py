@@ -6,7 +6,7 @@ from datetime import datetime
 from sqlalchemy import JSON, Integer, LargeBinary, String, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.models.base import Base, UTCDateTime, utcnow
+from app.core.models.base import Base, UTCDateTime, utcnow
 
 
 class Dataset(Base):
@@ -15,7 +15,7 @@ class Dataset(Base):
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(200))
     source_format: Mapped[str] = mapped_column(String(8))  # npz | csv
-    # tabular | sequence | image (app.datasets.catalog.DataKind): a [n, L] upload may be either
+    # tabular | sequence | image (app.core.catalog.DataKind): a [n, L] upload may be either
     # a feature vector or a 1-D signal, and only the uploader knows which.
     kind: Mapped[str] = mapped_column(String(16), server_default="tabular")
     n_samples: Mapped[int] = mapped_column(Integer)

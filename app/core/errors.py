@@ -1,0 +1,71 @@
+"""Domain errors: what went wrong, in the service's own words, knowing nothing of HTTP.
+
+Each has a stable `code` and a `detail` (a message, or a list of {field, message}). The HTTP
+layer (app/api/errors.py) alone decides which status each family answers.
+"""
+
+from typing import Any
+
+
+class DomainError(Exception):
+    code = "error"
+
+    def __init__(self, detail: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(DomainError):
+    code = "not_found"
+
+
+class JobNotFound(NotFound):
+    code = "job_not_found"
+
+
+class CheckpointNotFound(NotFound):
+    code = "checkpoint_not_found"
+
+
+class DatasetNotFound(NotFound):
+    code = "dataset_not_found"
+
+
+class Conflict(DomainError):
+    """The request is valid but contradicts what is stored."""
+
+    code = "conflict"
+
+
+class IdempotencyKeyReused(Conflict):
+    code = "idempotency_key_reused"
+
+
+class JobNotCancellable(Conflict):
+    code = "job_not_cancellable"
+
+
+class LimitExceeded(DomainError):
+    """Back-pressure: valid, but not now; `retry_after_seconds` says when to try again."""
+
+    code = "limit_exceeded"
+    retry_after_seconds = 30
+
+
+class TooManyQueuedJobs(LimitExceeded):
+    code = "too_many_queued_jobs"
+
+
+class InvalidInput(DomainError):
+    """Input that is well-formed but unacceptable: names the field, as pydantic's errors do."""
+
+    code = "validation_error"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__([{"field": field, "message": message}])
+        self.field = field
+        self.message = message
+
+
+class DatabaseUnavailable(DomainError):
+    code = "database_unavailable"
