@@ -7,10 +7,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test test-fast lint format bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[worker,dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[worker,dev]" -e ./client
 	touch $(STAMP)
 
 install: $(STAMP)

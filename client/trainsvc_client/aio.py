@@ -1,0 +1,195 @@
+"""The asyncio client: the same calls as Client, awaited. Decisions live in _protocol."""
+
+import asyncio
+import builtins
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from trainsvc_client._protocol import (
+    Call,
+    RetryPolicy,
+    base_headers,
+    bounded,
+    ends_job,
+    params,
+    past,
+    read,
+    should_retry,
+    submit_call,
+)
+from trainsvc_client.errors import ConnectionFailed, NotFound, WaitTimedOut, error_from_response
+from trainsvc_client.models import Checkpoint, Epoch, Job
+from trainsvc_client.sse import EventDecoder, ServerSentEvent
+
+JobId = uuid.UUID | str
+EventHandler = Callable[[ServerSentEvent], None]
+
+
+class AsyncClient:
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.retry = retry or RetryPolicy()
+        self._http = httpx.AsyncClient(
+            base_url=base_url, headers=base_headers(api_key), timeout=timeout, transport=transport
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def submit(self, spec: dict[str, Any], idempotency_key: str | None = None) -> Job:
+        return Job.model_validate(await self._call(submit_call("/v1/jobs", spec, idempotency_key)))
+
+    async def get(self, job_id: JobId) -> Job:
+        return Job.model_validate(await self._call(Call("GET", f"/v1/jobs/{job_id}")))
+
+    async def list(
+        self, status: str | None = None, study_id: JobId | None = None, page_size: int = 100
+    ) -> AsyncIterator[Job]:
+        cursor: str | None = None
+        while True:
+            query = params(status=status, study_id=study_id, limit=page_size, cursor=cursor)
+            page = await self._call(Call("GET", "/v1/jobs", params=query))
+            for item in page["items"]:
+                yield Job.model_validate(item)
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
+    async def cancel(self, job_id: JobId) -> Job:
+        return Job.model_validate(await self._call(Call("POST", f"/v1/jobs/{job_id}/cancel")))
+
+    async def metrics(self, job_id: JobId, since_epoch: int | None = None) -> builtins.list[Epoch]:
+        body = await self._call(
+            Call("GET", f"/v1/jobs/{job_id}/metrics", params=params(since_epoch=since_epoch))
+        )
+        return [Epoch.model_validate(epoch) for epoch in body["epochs"]]
+
+    async def checkpoints(self, job_id: JobId) -> builtins.list[Checkpoint]:
+        body = await self._call(Call("GET", f"/v1/jobs/{job_id}/checkpoints"))
+        return [Checkpoint.model_validate(item) for item in body["items"]]
+
+    async def download_checkpoint(
+        self, job_id: JobId, checkpoint_id: JobId, path: str | Path
+    ) -> Path:
+        target = Path(path)
+        url = f"/v1/jobs/{job_id}/checkpoints/{checkpoint_id}"
+        async with self._http.stream("GET", url) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                raise error_from_response(response)
+            with target.open("wb") as out:
+                async for chunk in response.aiter_bytes():
+                    out.write(chunk)
+        return target
+
+    async def events(
+        self, job_id: JobId, last_event_id: str | None = None
+    ) -> AsyncIterator[ServerSentEvent]:
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        timeout = httpx.Timeout(self._http.timeout.connect, read=60.0)
+        url = f"/v1/jobs/{job_id}/events"
+        async with self._http.stream("GET", url, headers=headers, timeout=timeout) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                raise error_from_response(response)
+            decoder = EventDecoder()
+            async for line in response.aiter_lines():
+                event = decoder.feed(line)
+                if event is not None:
+                    yield event
+
+    async def wait(
+        self,
+        job_id: JobId,
+        timeout: float | None = None,
+        *,
+        on_event: EventHandler | None = None,
+        poll_interval: float = 2.0,
+    ) -> Job:
+        """As Client.wait: events with reconnects, polling where the stream is unavailable."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last_event_id: str | None = None
+        while True:
+            job = await self.get(job_id)
+            if job.ended:
+                return job
+            if past(deadline):
+                raise WaitTimedOut(f"job {job_id} is still {job.status} after {timeout} s")
+            try:
+                async for event in self.events(job_id, last_event_id):
+                    last_event_id = event.id or last_event_id
+                    if on_event is not None:
+                        on_event(event)
+                    if ends_job(event) or past(deadline):
+                        break
+                continue
+            except NotFound:
+                if last_event_id is not None or not await self._job_exists(job_id):
+                    raise
+            except (httpx.TransportError, ConnectionFailed):
+                pass
+            await asyncio.sleep(bounded(poll_interval, deadline))
+
+    async def _job_exists(self, job_id: JobId) -> bool:
+        try:
+            await self.get(job_id)
+        except NotFound:
+            return False
+        return True
+
+    async def create_study(self, body: dict[str, Any], idempotency_key: str | None = None) -> Any:
+        return await self._call(submit_call("/v1/studies", body, idempotency_key))
+
+    async def get_study(self, study_id: JobId) -> Any:
+        return await self._call(Call("GET", f"/v1/studies/{study_id}"))
+
+    async def study_report(self, study_id: JobId, **query: Any) -> Any:
+        return await self._call(
+            Call("GET", f"/v1/studies/{study_id}/report", params=params(**query))
+        )
+
+    async def cancel_study(self, study_id: JobId) -> Any:
+        return await self._call(Call("POST", f"/v1/studies/{study_id}/cancel"))
+
+    async def _call(self, call: Call) -> Any:
+        retry = 0
+        while True:
+            try:
+                response = await self._http.request(
+                    call.method, call.path, params=call.params, json=call.json, headers=call.headers
+                )
+            except httpx.TransportError as exc:
+                if not should_retry(self.retry, retry, None):
+                    raise ConnectionFailed(f"{call.method} {call.path}: {exc}") from exc
+                await asyncio.sleep(self.retry.delay(retry))
+            else:
+                if not should_retry(self.retry, retry, response):
+                    return read(response)
+                await asyncio.sleep(self.retry.delay(retry, response))
+            retry += 1

@@ -1,0 +1,205 @@
+"""The synchronous client: `Client(base_url, api_key=...)`; see AsyncClient for asyncio."""
+
+import builtins
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from trainsvc_client._protocol import (
+    Call,
+    RetryPolicy,
+    base_headers,
+    bounded,
+    ends_job,
+    params,
+    past,
+    read,
+    should_retry,
+    submit_call,
+)
+from trainsvc_client.errors import ConnectionFailed, NotFound, WaitTimedOut, error_from_response
+from trainsvc_client.models import Checkpoint, Epoch, Job
+from trainsvc_client.sse import EventDecoder, ServerSentEvent
+
+JobId = uuid.UUID | str
+EventHandler = Callable[[ServerSentEvent], None]
+
+
+class Client:
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.retry = retry or RetryPolicy()
+        self._http = httpx.Client(
+            base_url=base_url, headers=base_headers(api_key), timeout=timeout, transport=transport
+        )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def submit(self, spec: dict[str, Any], idempotency_key: str | None = None) -> Job:
+        """Submit a job. Without a key one is made, so the client's retries never submit twice."""
+        return Job.model_validate(self._call(submit_call("/v1/jobs", spec, idempotency_key)))
+
+    def get(self, job_id: JobId) -> Job:
+        return Job.model_validate(self._call(Call("GET", f"/v1/jobs/{job_id}")))
+
+    def list(
+        self, status: str | None = None, study_id: JobId | None = None, page_size: int = 100
+    ) -> Iterator[Job]:
+        """Every matching job, newest first, fetched a page at a time."""
+        cursor: str | None = None
+        while True:
+            query = params(status=status, study_id=study_id, limit=page_size, cursor=cursor)
+            page = self._call(Call("GET", "/v1/jobs", params=query))
+            yield from (Job.model_validate(item) for item in page["items"])
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
+    def cancel(self, job_id: JobId) -> Job:
+        return Job.model_validate(self._call(Call("POST", f"/v1/jobs/{job_id}/cancel")))
+
+    def metrics(self, job_id: JobId, since_epoch: int | None = None) -> builtins.list[Epoch]:
+        body = self._call(
+            Call("GET", f"/v1/jobs/{job_id}/metrics", params=params(since_epoch=since_epoch))
+        )
+        return [Epoch.model_validate(epoch) for epoch in body["epochs"]]
+
+    def checkpoints(self, job_id: JobId) -> builtins.list[Checkpoint]:
+        body = self._call(Call("GET", f"/v1/jobs/{job_id}/checkpoints"))
+        return [Checkpoint.model_validate(item) for item in body["items"]]
+
+    def download_checkpoint(self, job_id: JobId, checkpoint_id: JobId, path: str | Path) -> Path:
+        """Stream a checkpoint's safetensors file to `path`."""
+        target = Path(path)
+        url = f"/v1/jobs/{job_id}/checkpoints/{checkpoint_id}"
+        with self._http.stream("GET", url) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise error_from_response(response)
+            with target.open("wb") as out:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+        return target
+
+    # -- following a job ---------------------------------------------------------------------
+
+    def events(self, job_id: JobId, last_event_id: str | None = None) -> Iterator[ServerSentEvent]:
+        """The job's Server-Sent Events from `last_event_id` on; ends when the server closes."""
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        timeout = httpx.Timeout(self._http.timeout.connect, read=60.0)
+        url = f"/v1/jobs/{job_id}/events"
+        with self._http.stream("GET", url, headers=headers, timeout=timeout) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise error_from_response(response)
+            decoder = EventDecoder()
+            for line in response.iter_lines():
+                event = decoder.feed(line)
+                if event is not None:
+                    yield event
+
+    def wait(
+        self,
+        job_id: JobId,
+        timeout: float | None = None,
+        *,
+        on_event: EventHandler | None = None,
+        poll_interval: float = 2.0,
+    ) -> Job:
+        """Block until the job ends and return it; WaitTimedOut after `timeout` seconds.
+
+        Follows the event stream, reconnecting with Last-Event-ID so that no event is missed or
+        seen twice; where the stream is unavailable it polls the job every `poll_interval`.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last_event_id: str | None = None
+        while True:
+            job = self.get(job_id)
+            if job.ended:
+                return job
+            if past(deadline):
+                raise WaitTimedOut(f"job {job_id} is still {job.status} after {timeout} s")
+            try:
+                for event in self.events(job_id, last_event_id):
+                    last_event_id = event.id or last_event_id
+                    if on_event is not None:
+                        on_event(event)
+                    if ends_job(event) or past(deadline):
+                        break
+                continue  # the stream ended (or the job did): read the job again
+            except NotFound:
+                # The job exists (read above), so it is the stream that is missing: an older
+                # server without events. Poll instead.
+                if last_event_id is not None or not self._job_exists(job_id):
+                    raise
+            except (httpx.TransportError, ConnectionFailed):
+                pass  # a dropped stream: poll once, then reconnect from the last event
+            time.sleep(bounded(poll_interval, deadline))
+
+    def _job_exists(self, job_id: JobId) -> bool:
+        try:
+            self.get(job_id)
+        except NotFound:
+            return False
+        return True
+
+    # -- studies -----------------------------------------------------------------------------
+
+    def create_study(self, body: dict[str, Any], idempotency_key: str | None = None) -> Any:
+        return self._call(submit_call("/v1/studies", body, idempotency_key))
+
+    def get_study(self, study_id: JobId) -> Any:
+        return self._call(Call("GET", f"/v1/studies/{study_id}"))
+
+    def study_report(self, study_id: JobId, **query: Any) -> Any:
+        return self._call(Call("GET", f"/v1/studies/{study_id}/report", params=params(**query)))
+
+    def cancel_study(self, study_id: JobId) -> Any:
+        return self._call(Call("POST", f"/v1/studies/{study_id}/cancel"))
+
+    # -- transport -----------------------------------------------------------------------------
+
+    def _call(self, call: Call) -> Any:
+        retry = 0
+        while True:
+            try:
+                response = self._http.request(
+                    call.method, call.path, params=call.params, json=call.json, headers=call.headers
+                )
+            except httpx.TransportError as exc:
+                if not should_retry(self.retry, retry, None):
+                    raise ConnectionFailed(f"{call.method} {call.path}: {exc}") from exc
+                time.sleep(self.retry.delay(retry))
+            else:
+                if not should_retry(self.retry, retry, response):
+                    return read(response)
+                time.sleep(self.retry.delay(retry, response))
+            retry += 1
