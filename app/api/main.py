@@ -7,6 +7,8 @@ from fastapi import FastAPI
 
 from app.api.datasets.router import router as datasets_router
 from app.api.errors import install_error_handlers
+from app.api.events.hub import EventHub
+from app.api.events.router import router as events_router
 from app.api.jobs.router import router as jobs_router
 from app.api.limits import BodySizeLimit
 from app.api.system.router import router as system_router
@@ -27,7 +29,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.dispatcher = Dispatcher(
             create_celery_app(settings), app.state.session_factory, settings.publish_pause_seconds
         )
+        app.state.event_hub = EventHub(app.state.session_factory, settings.event_poll_seconds)
         yield
+        await app.state.event_hub.close()
         engine.dispose()
 
     app = FastAPI(
@@ -39,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(jobs_router)
     app.include_router(datasets_router)
+    app.include_router(events_router)
     app.include_router(system_router)
     install_error_handlers(app)
     app.add_middleware(

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     # How long a worker retries a database write before giving the attempt up.
     db_retry_seconds: float = Field(45.0, ge=0)
 
+    # How often each API process reads new job events for its open streams (one query per
+    # tick per process, however many clients listen; none while nobody does).
+    event_poll_seconds: float = Field(0.25, gt=0)
+
     # Worker.
     worker_concurrency: int | None = Field(None, ge=1)  # default: visible GPUs, else 1
     broker_publish_timeout_seconds: float = Field(2.0, gt=0)

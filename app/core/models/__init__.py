@@ -2,6 +2,7 @@
 
 from app.core.models.base import Base, utcnow
 from app.core.models.datasets import Dataset
+from app.core.models.events import JobEvent
 from app.core.models.jobs import (
     CHECKPOINT_KINDS,
     JOB_STATUSES,
@@ -20,5 +21,6 @@ __all__ = [
     "EpochMetric",
     "Job",
     "JobAttempt",
+    "JobEvent",
     "utcnow",
 ]

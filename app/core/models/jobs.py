@@ -24,6 +24,8 @@ from app.core.models.base import Base, BigIntId, UTCDateTime, utcnow
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 CHECKPOINT_KINDS = ("last", "best")
+# A job in one of these has ended: nothing more happens to it.
+ENDED_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
 
 class Job(Base):

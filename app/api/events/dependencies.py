@@ -1,0 +1,46 @@
+"""What a stream needs before it starts: the hub, and a job that exists (404 before the 200)."""
+
+import uuid
+from typing import Annotated
+
+import anyio.to_thread
+from fastapi import Depends, Header, Request
+
+from app.api.events.hub import EventHub
+from app.core.errors import InvalidInput, JobNotFound
+from app.core.models import Job
+
+
+def get_hub(request: Request) -> EventHub:
+    hub: EventHub = request.app.state.event_hub
+    return hub
+
+
+async def streamed_job(job_id: uuid.UUID, request: Request) -> uuid.UUID:
+    """The job must exist before the stream answers 200. The session is closed at once: a
+    stream may last hours and must not hold a database connection."""
+
+    def exists() -> bool:
+        with request.app.state.session_factory() as session:
+            return session.get(Job, job_id) is not None
+
+    if not await anyio.to_thread.run_sync(exists):
+        raise JobNotFound(f"no job {job_id}")
+    return job_id
+
+
+def last_event_id(
+    last_event_id: Annotated[
+        str | None, Header(description="resume after this event id (sent by EventSource)")
+    ] = None,
+) -> int | None:
+    if last_event_id is None:
+        return None
+    if not last_event_id.isascii() or not last_event_id.isdigit() or len(last_event_id) > 18:
+        raise InvalidInput("Last-Event-ID", "must be an event id this service sent")
+    return int(last_event_id)
+
+
+HubDep = Annotated[EventHub, Depends(get_hub)]
+StreamedJobDep = Annotated[uuid.UUID, Depends(streamed_job)]
+LastEventIdDep = Annotated[int | None, Depends(last_event_id)]

@@ -1,0 +1,113 @@
+"""One shared poll of the job_events table per API process, fanned out to every open stream.
+
+However many clients follow jobs, a process reads the table once per tick (and not at all
+while nobody listens). Ids are assigned at insert but become visible at commit, so a later id
+can be seen before an earlier one: the hub remembers such gaps for a while and asks for them
+again, so an event that commits late is still delivered, and a stream that falls behind is
+closed (its client reconnects with Last-Event-ID and replays from the table).
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio.to_thread
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core import events
+from app.core.events import Event
+
+logger = logging.getLogger(__name__)
+
+# How long a missing id is asked for again before it is taken for a rolled-back insert.
+GAP_SECONDS = 10.0
+MAX_GAPS = 10_000
+QUEUE_SIZE = 1000
+
+
+@dataclass(eq=False)
+class Subscription:
+    match: Callable[[Event], bool]
+    start_id: int  # events up to this id come from the table, later ones from the hub
+    queue: asyncio.Queue[Event | None] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
+
+
+class EventHub:
+    def __init__(self, session_factory: sessionmaker[Session], poll_seconds: float) -> None:
+        self.session_factory = session_factory
+        self.poll_seconds = poll_seconds
+        self.cursor: int | None = None
+        self.gaps: dict[int, float] = {}
+        self.subscriptions: set[Subscription] = set()
+        self._listening = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def subscribe(self, match: Callable[[Event], bool]) -> Subscription:
+        if self.cursor is None:
+            self.cursor = await anyio.to_thread.run_sync(self._last_id)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="event-hub")
+        subscription = Subscription(match, self.cursor)
+        self.subscriptions.add(subscription)
+        self._listening.set()
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self.subscriptions.discard(subscription)
+        if not self.subscriptions:
+            self._listening.clear()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await self._listening.wait()
+            try:
+                batch = await anyio.to_thread.run_sync(self._poll)
+            except Exception:
+                # The database is away for a moment: streams wait, and resume when it answers.
+                logger.warning("event poll failed; retrying", exc_info=True)
+                batch = []
+            for event in batch:
+                self._deliver(event)
+            if len(batch) < 1000:
+                await asyncio.sleep(self.poll_seconds)
+
+    def _last_id(self) -> int:
+        with self.session_factory() as session:
+            return events.last_event_id(session)
+
+    def _poll(self) -> list[Event]:
+        assert self.cursor is not None
+        now = time.monotonic()
+        self.gaps = {gap: seen for gap, seen in self.gaps.items() if now - seen < GAP_SECONDS}
+        with self.session_factory() as session:
+            batch = events.read_events(session, after_id=self.cursor, ids=list(self.gaps))
+        for event in batch:
+            self.gaps.pop(event.id, None)
+            if event.id > self.cursor:
+                missing = range(self.cursor + 1, event.id)
+                if len(self.gaps) + len(missing) <= MAX_GAPS:
+                    self.gaps.update(dict.fromkeys(missing, now))
+                self.cursor = event.id
+        return batch
+
+    def _deliver(self, event: Event) -> None:
+        for subscription in list(self.subscriptions):
+            if not subscription.match(event):
+                continue
+            try:
+                subscription.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                # A client too slow to read: end its stream; it resumes from Last-Event-ID.
+                self.unsubscribe(subscription)
+                with contextlib.suppress(asyncio.QueueFull):
+                    subscription.queue.get_nowait()
+                    subscription.queue.put_nowait(None)

@@ -1,0 +1,156 @@
+"""Live events over SSE: every status change and epoch once, resumable, from the database."""
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.api.main import create_app
+from app.core import lifecycle
+from app.core.config import Settings
+from app.core.db import create_db_engine, create_session_factory, transaction
+from app.core.migrate import upgrade
+from tests.factories import spec_payload
+
+METRICS = {
+    "train_loss": 1.0,
+    "train_accuracy": 0.5,
+    "val_loss": 1.1,
+    "val_accuracy": 0.4,
+    "lr": 0.1,
+    "epoch_seconds": 0.1,
+}
+
+
+@pytest.fixture
+def committed(tmp_path: Path, redis_url: str) -> Iterator[tuple[Settings, sessionmaker[Session]]]:
+    """A database whose rows are committed, as a worker in another process commits them."""
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    upgrade(url)
+    engine = create_db_engine(url)
+    settings = Settings(database_url=url, broker_url=redis_url, event_poll_seconds=0.05)
+    yield settings, create_session_factory(engine)
+    engine.dispose()
+
+
+def _train(factory: sessionmaker[Session], job_id: uuid.UUID, epochs: int, pause: float) -> None:
+    """What a worker records: claim, each epoch, success; with pauses so streams see it live."""
+    with transaction(factory) as session:
+        claim = lifecycle.claim(session, job_id, "node@host#1", 30)
+    assert claim is not None
+    for epoch in range(1, epochs + 1):
+        time.sleep(pause)
+        with transaction(factory) as session:
+            lifecycle.record_epoch(session, job_id, claim.attempt, epoch, METRICS, {}, [], 30)
+    with transaction(factory) as session:
+        lifecycle.finish(session, job_id, claim.attempt, "succeeded", summary={})
+
+
+def _read(
+    client: TestClient, job_id: str, last_event_id: str | None = None
+) -> list[dict[str, Any]]:
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    events: list[dict[str, Any]] = []
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        current: dict[str, Any] = {}
+        for line in response.iter_lines():
+            if not line:
+                if current:
+                    events.append(current)
+                current = {}
+            elif not line.startswith(":"):
+                name, _, value = line.partition(": ")
+                current[name] = json.loads(value) if name == "data" else value
+    return events
+
+
+def test_a_job_stream_sends_every_change_once_and_resumes_after_last_event_id(
+    committed: tuple[Settings, sessionmaker[Session]],
+) -> None:
+    settings, factory = committed
+    with TestClient(create_app(settings)) as client:
+        job_id = client.post("/v1/jobs", json=spec_payload(epochs=3)).json()["id"]
+        worker = threading.Thread(target=_train, args=(factory, uuid.UUID(job_id), 3, 0.2))
+        worker.start()
+        events = _read(client, job_id)  # ends by itself when the job does
+        worker.join()
+
+    kinds = [(e["event"], e["data"].get("status") or e["data"].get("epoch")) for e in events]
+    assert kinds == [
+        ("status", "queued"),
+        ("status", "running"),
+        ("epoch", 1),
+        ("epoch", 2),
+        ("epoch", 3),
+        ("status", "succeeded"),
+    ]
+    ids = [int(e["id"]) for e in events]
+    assert ids == sorted(set(ids))
+    assert events[2]["data"]["val_accuracy"] == METRICS["val_accuracy"]
+
+    # A new API process (a restart) resumes from the table: after epoch 2, only what followed.
+    with TestClient(create_app(settings)) as restarted:
+        resumed = _read(restarted, job_id, last_event_id=events[3]["id"])
+        assert [e["id"] for e in resumed] == [events[4]["id"], events[5]["id"]]
+        assert _read(restarted, job_id, last_event_id=events[5]["id"]) == []
+
+
+def test_unknown_jobs_and_bad_event_ids_are_refused_before_the_stream_starts(
+    committed: tuple[Settings, sessionmaker[Session]],
+) -> None:
+    settings, _ = committed
+    with TestClient(create_app(settings)) as client:
+        missing = client.get(f"/v1/jobs/{uuid.uuid4()}/events")
+        assert missing.status_code == 404
+        assert missing.json()["error"] == "job_not_found"
+        job_id = client.post("/v1/jobs", json=spec_payload()).json()["id"]
+        bad = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "x1"})
+        assert bad.status_code == 422
+        assert bad.json()["detail"][0]["field"] == "Last-Event-ID"
+
+
+def test_one_poll_serves_every_stream_of_a_process(
+    committed: tuple[Settings, sessionmaker[Session]],
+) -> None:
+    """Ten clients following ten jobs cost one query per tick, not ten."""
+    settings, factory = committed
+    with TestClient(create_app(settings)) as client:
+        hub = client.app.state.event_hub  # type: ignore[attr-defined]
+        jobs = [
+            client.post("/v1/jobs", json=spec_payload(epochs=1)).json()["id"] for _ in range(10)
+        ]
+        polls = 0
+        original = hub._poll
+
+        def counting_poll() -> Any:
+            nonlocal polls
+            polls += 1
+            return original()
+
+        hub._poll = counting_poll
+        results: dict[str, list[dict[str, Any]]] = {}
+        readers = [
+            threading.Thread(target=lambda j=j: results.__setitem__(j, _read(client, j)))
+            for j in jobs
+        ]
+        for reader in readers:
+            reader.start()
+        started = time.monotonic()
+        time.sleep(0.5)
+        for job_id in jobs:
+            _train(factory, uuid.UUID(job_id), 1, 0)
+        for reader in readers:
+            reader.join(timeout=30)
+        elapsed = time.monotonic() - started
+    assert all(results[j][-1]["data"]["status"] == "succeeded" for j in jobs)
+    # One shared poll every 0.05 s over the run, give or take: far below 10 streams x ticks.
+    assert polls <= elapsed / settings.event_poll_seconds + 5
