@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     # tick per process, however many clients listen; none while nobody does).
     event_poll_seconds: float = Field(0.25, gt=0)
 
+    # Webhooks are a way out of the network: when set, callbacks may go to these hosts only
+    # (exact names, or "*.example.com" for subdomains). A JSON list in the environment.
+    webhook_allowed_hosts: list[str] = Field(default_factory=list)
+    # A delivery is retried with backoff (2 s, 4 s, ... up to 5 min apart) for this long.
+    webhook_retry_for_seconds: float = Field(3600.0, gt=0)
+    webhook_timeout_seconds: float = Field(10.0, gt=0)
+
     # Worker.
     worker_concurrency: int | None = Field(None, ge=1)  # default: visible GPUs, else 1
     broker_publish_timeout_seconds: float = Field(2.0, gt=0)

@@ -11,6 +11,7 @@ from app.core.models.jobs import (
     Job,
     JobAttempt,
 )
+from app.core.models.webhooks import JobCallback, WebhookDelivery
 
 __all__ = [
     "CHECKPOINT_KINDS",
@@ -21,6 +22,8 @@ __all__ = [
     "EpochMetric",
     "Job",
     "JobAttempt",
+    "JobCallback",
     "JobEvent",
+    "WebhookDelivery",
     "utcnow",
 ]
