@@ -130,7 +130,8 @@ class AttemptControl(threading.Thread):
         super().__init__(name=f"attempt-control-{claim.job_id}", daemon=True)
         self.ctx = ctx
         self.claim = claim
-        self.deadline = claim.first_started_at_ts + wall_seconds
+        # On this host's monotonic clock: the time already used was measured by the database's.
+        self.deadline = time.monotonic() + wall_seconds - claim.wall_seconds_used
         # cancelled | handed_back | timeout | lease_lost | heartbeat_failed
         self.stop_reason: str | None = None
         self.failure: str | None = None  # why, when this thread itself failed
@@ -183,7 +184,7 @@ class AttemptControl(threading.Thread):
                 self.stop_reason = "cancelled"
             elif control.handback_requested or shutdown_requested.is_set():
                 self.stop_reason = "handed_back"
-            elif time.time() > self.deadline:
+            elif time.monotonic() > self.deadline:
                 self.stop_reason = "timeout"
 
 

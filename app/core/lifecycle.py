@@ -68,7 +68,9 @@ class Claim:
     spec: dict[str, Any]
     resume_weights: bytes | None
     resume_state: bytes | None
-    first_started_at_ts: float
+    # Time since the job's first attempt started, by the database's clock: the wall-time
+    # limit counts across attempts, and a worker's own clock may be skewed.
+    wall_seconds_used: float
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ def claim(
                 claim_token=token,
                 lease_owner=worker_id,
                 lease_expires_at=database_now(lease_seconds),
-                started_at=func.coalesce(Job.started_at, now),
+                started_at=func.coalesce(Job.started_at, database_now()),
                 handback_requested=False,
                 updated_at=now,
             )
@@ -138,14 +140,16 @@ def claim(
         .where(Checkpoint.job_id == job_id, Checkpoint.kind == "last")
         .options(undefer(Checkpoint.weights), undefer(Checkpoint.trainer_state))
     ).first()
+    moment = session.scalar(select(database_now()))
     assert job.started_at is not None
+    assert moment is not None
     return Claim(
         job_id=job_id,
         attempt=job.attempts,
         spec=job.spec,
         resume_weights=last.weights if last else None,
         resume_state=last.trainer_state if last else None,
-        first_started_at_ts=job.started_at.timestamp(),
+        wall_seconds_used=max(0.0, (moment - job.started_at).total_seconds()),
     )
 
 

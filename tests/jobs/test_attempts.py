@@ -198,7 +198,8 @@ def test_a_retried_claim_gets_its_own_claim_back(session: Session) -> None:
     first = lifecycle.claim(session, job.id, "w1#1", 30, token)
     assert first is not None
     again = lifecycle.claim(session, job.id, "w1#1", 30, token)
-    assert again == first
+    assert again is not None
+    assert (again.job_id, again.attempt, again.spec) == (first.job_id, first.attempt, first.spec)
     session.refresh(job)
     assert (job.status, job.attempts, _attempt_rows(session, job)) == ("running", 1, 1)
     # Another claimer's token is not recognised: the job is taken.
@@ -338,3 +339,19 @@ def test_the_outbox_republishes_by_the_database_clock(
     _skew_clock(monkeypatch, timedelta(hours=1))
     assert job.id not in lifecycle.jobs_to_publish(session, republish_after_seconds=60)
     assert job.id in lifecycle.jobs_to_publish(session, republish_after_seconds=-1)
+
+
+def test_the_wall_time_used_is_measured_by_the_database_clock(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = make_job(session)
+    first = lifecycle.claim(session, job.id, "w1#1", 30)
+    assert first is not None
+    assert 0 <= first.wall_seconds_used < 5
+    lifecycle.hand_back(session, job.id, first.attempt)
+    session.execute(update(Job).where(Job.id == job.id).values(started_at=database_now(-100)))
+    # A worker whose clock is an hour ahead resumes it: 100 s are used, not an hour.
+    _skew_clock(monkeypatch, timedelta(hours=1))
+    second = lifecycle.claim(session, job.id, "fast-clock#1", 30)
+    assert second is not None
+    assert 100 <= second.wall_seconds_used < 105
