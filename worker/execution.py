@@ -2,7 +2,8 @@
 
 The trainer knows nothing of the database; this module is the bridge. Beside the training
 thread, an AttemptControl thread renews the lease, watches for cancel and hand-back requests
-and the wall-time limit, and tells the trainer to stop at the next batch.
+and the wall-time limit, and tells the trainer to stop at the next batch. If that thread
+fails, the attempt stops too: training never goes on without a lease.
 """
 
 import hashlib
@@ -19,9 +20,17 @@ from types import FrameType
 from typing import TypeVar
 
 import torch
+from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import InterfaceError as SQLInterfaceError
 from sqlalchemy.orm import Session, sessionmaker
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_before_delay,
+    wait_exponential,
+)
 
 from app.core import lifecycle
 from app.core.catalog import UPLOAD_PREFIX
@@ -86,19 +95,32 @@ def with_db_retry(ctx: WorkerContext, work: Callable[[Session], T]) -> T:
 
     A restart of the database (up to settings.db_retry_seconds) neither fails the attempt nor
     duplicates a write: each retry is a fresh transaction, and a half-done one was rolled back.
+    A try whose commit landed but whose acknowledgement was lost is retried too, so `work`
+    must recognise its own earlier write (the lifecycle's writes do).
+    Backoff 0.2 s doubling to at most 5 s; no sleep that would end past the deadline.
     """
-    deadline = time.monotonic() + ctx.settings.db_retry_seconds
-    delay = 0.2
-    while True:
-        try:
-            with transaction(ctx.session_factory) as session:
-                return work(session)
-        except (OperationalError, SQLInterfaceError) as exc:
-            if time.monotonic() + delay > deadline:
-                raise
-            logger.warning("database unavailable, retrying in %.1fs: %s", delay, exc.orig)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+
+    def attempt() -> T:
+        with transaction(ctx.session_factory) as session:
+            return work(session)
+
+    retrying = Retrying(
+        retry=retry_if_exception_type((OperationalError, SQLInterfaceError)),
+        stop=stop_before_delay(ctx.settings.db_retry_seconds),
+        wait=wait_exponential(multiplier=0.2, max=5.0),
+        before_sleep=_log_db_retry,
+        reraise=True,  # the database's own error, not tenacity's RetryError
+    )
+    return retrying(attempt)
+
+
+def _log_db_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    logger.warning(
+        "database unavailable, retrying in %.1fs: %s",
+        state.upcoming_sleep,
+        getattr(error, "orig", error),
+    )
 
 
 class AttemptControl(threading.Thread):
@@ -108,8 +130,11 @@ class AttemptControl(threading.Thread):
         super().__init__(name=f"attempt-control-{claim.job_id}", daemon=True)
         self.ctx = ctx
         self.claim = claim
-        self.deadline = claim.first_started_at_ts + wall_seconds
-        self.stop_reason: str | None = None  # cancelled | handed_back | timeout | lease_lost
+        # On this host's monotonic clock: the time already used was measured by the database's.
+        self.deadline = time.monotonic() + wall_seconds - claim.wall_seconds_used
+        # cancelled | handed_back | timeout | lease_lost | heartbeat_failed
+        self.stop_reason: str | None = None
+        self.failure: str | None = None  # why, when this thread itself failed
         self._done = threading.Event()
 
     def should_stop(self) -> bool:
@@ -122,6 +147,20 @@ class AttemptControl(threading.Thread):
         self.join()
 
     def run(self) -> None:
+        try:
+            self._keep_lease()
+        except Exception as exc:
+            # Anything unforeseen: a thread that died here would leave training running while
+            # its lease lapses, and the reaper would take a healthy job. Stop the attempt.
+            logger.exception(
+                "job %s attempt %s: keeping the lease failed; stopping the attempt",
+                self.claim.job_id,
+                self.claim.attempt,
+            )
+            self.failure = f"{type(exc).__name__}: {exc}"[:1000]
+            self.stop_reason = "heartbeat_failed"
+
+    def _keep_lease(self) -> None:
         settings = self.ctx.settings
         next_renewal = time.monotonic() + settings.heartbeat_seconds
         while not self._done.wait(settings.control_poll_seconds) and self.stop_reason is None:
@@ -145,7 +184,7 @@ class AttemptControl(threading.Thread):
                 self.stop_reason = "cancelled"
             elif control.handback_requested or shutdown_requested.is_set():
                 self.stop_reason = "handed_back"
-            elif time.time() > self.deadline:
+            elif time.monotonic() > self.deadline:
                 self.stop_reason = "timeout"
 
 
@@ -209,13 +248,21 @@ def execute_job(ctx: WorkerContext, job_id: uuid.UUID) -> str:
         # This process is on its way out: leave the job queued; the message or the outbox's
         # republish brings it to another worker.
         return "shutting_down"
+    token = uuid.uuid4()  # one for every try: a retry recognises a claim that landed unseen
     claim = with_db_retry(
-        ctx, lambda s: lifecycle.claim(s, job_id, ctx.worker_id, ctx.settings.lease_seconds)
+        ctx,
+        lambda s: lifecycle.claim(s, job_id, ctx.worker_id, ctx.settings.lease_seconds, token),
     )
     if claim is None:
         logger.info("job %s is not claimable (taken, ended or cancelled); nothing to do", job_id)
         return "skipped"
-    spec = JobSpec.model_validate(claim.spec)  # stored normalized by the API: it validates
+    try:
+        spec = JobSpec.model_validate(claim.spec)
+    except ValidationError as exc:
+        # Stored by another version of the API, or edited by hand: no attempt can run it.
+        logger.error("job %s has a spec this worker cannot run: %s", job_id, exc)
+        _end(ctx, claim, "failed", error_type="invalid_spec", error_message=_describe(exc))
+        return "failed"
     wall_seconds = min(
         spec.max_wall_seconds or ctx.settings.max_wall_seconds, ctx.settings.max_wall_seconds
     )
@@ -226,6 +273,14 @@ def execute_job(ctx: WorkerContext, job_id: uuid.UUID) -> str:
             return _train(ctx, claim, spec, control)
     finally:
         control.finish()
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'spec'}: {error['msg']}"
+        for error in exc.errors()
+    )
+    return f"the stored spec is not valid for this worker: {problems}"[:2000]
 
 
 def _train(ctx: WorkerContext, claim: Claim, spec: JobSpec, control: AttemptControl) -> str:
@@ -242,7 +297,7 @@ def _train(ctx: WorkerContext, claim: Claim, spec: JobSpec, control: AttemptCont
         _end(ctx, claim, "succeeded", summary=run.summary())
         return "succeeded"
     except Interrupted:
-        return _interrupted(ctx, claim, control.stop_reason, run)
+        return _interrupted(ctx, claim, control, run)
     except Diverged as exc:
         summary = run.summary() if run else None
         _end(ctx, claim, "failed", summary=summary, error_type="diverged", error_message=str(exc))
@@ -284,8 +339,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _interrupted(
-    ctx: WorkerContext, claim: Claim, reason: str | None, run: TrainingRun | None
+    ctx: WorkerContext, claim: Claim, control: AttemptControl, run: TrainingRun | None
 ) -> str:
+    reason = control.stop_reason
     summary = run.summary() if run else None
     if reason == "cancelled":
         _end(ctx, claim, "cancelled", summary=summary)
@@ -297,6 +353,17 @@ def _interrupted(
             summary=summary,
             error_type="timeout",
             error_message="the job ran past its wall-time limit (max_wall_seconds)",
+        )
+    elif reason == "heartbeat_failed":
+        # Failed rather than handed back: a hand-back costs no attempt, so a fault that
+        # recurs would send the job round the workers for ever.
+        _end(
+            ctx,
+            claim,
+            "failed",
+            summary=summary,
+            error_type="heartbeat_failed",
+            error_message=f"the worker could not keep the job's lease: {control.failure}",
         )
     elif reason == "handed_back":
         with_db_retry(ctx, lambda s: lifecycle.hand_back(s, claim.job_id, claim.attempt))

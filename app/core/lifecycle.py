@@ -5,17 +5,56 @@ conditional UPDATE, so a message delivered twice trains the job once. The attemp
 claim hands out is a fencing token: every later write names it and is refused (LeaseLost)
 once the job has moved on to another attempt, so a worker that stalled past its lease and
 wakes up cannot overwrite the attempt that replaced it.
+
+Lease deadlines are the database's clock (database_now), never a worker's: a worker whose
+clock is skewed can neither steal a live lease nor lose its own early. A retry (the worker
+retries every write while the database is away) whose first try committed unseen is
+recognised: the claim by the token its caller chose, finish and hand_back by the outcome the
+first try wrote, and a stored epoch by epoch_stored_by.
 """
 
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, delete, func, select, update
+from sqlalchemy import Float, and_, case, delete, func, literal, select, update
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, undefer
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
+from app.core.errors import JobNotCancellable, JobNotFound
 from app.core.models import Checkpoint, EpochMetric, Job, JobAttempt, utcnow
+from app.core.models.base import UTCDateTime
+
+
+class database_now(FunctionElement[datetime]):  # noqa: N801 (an SQL function, named as one)
+    """The database server's clock plus `offset_seconds`, as an SQL expression.
+
+    Stored in the columns' own format, so it compares with timestamps bound from Python:
+    timestamptz on PostgreSQL; on SQLite the 'YYYY-MM-DD HH:MM:SS.ffffff' text SQLAlchemy
+    writes (SQLite's clock has milliseconds; the padding keeps six digits).
+    """
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+    def __init__(self, offset_seconds: float = 0.0) -> None:
+        super().__init__(literal(float(offset_seconds), Float()))
+
+
+@compiles(database_now, "postgresql")
+def _database_now_postgresql(element: database_now, compiler: SQLCompiler, **kw: Any) -> str:
+    # statement_timestamp(), not now(): now() stands still for a whole transaction.
+    offset = compiler.process(element.clauses, **kw)
+    return f"(statement_timestamp() + make_interval(secs => CAST({offset} AS FLOAT)))"
+
+
+@compiles(database_now, "sqlite")
+def _database_now_sqlite(element: database_now, compiler: SQLCompiler, **kw: Any) -> str:
+    offset = compiler.process(element.clauses, **kw)
+    return f"(strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%.6f seconds', {offset})) || '000')"
 
 
 class LeaseLost(Exception):
@@ -27,10 +66,11 @@ class Claim:
     job_id: uuid.UUID
     attempt: int
     spec: dict[str, Any]
-    started_at_epoch: int  # epochs already stored; training resumes after them
     resume_weights: bytes | None
     resume_state: bytes | None
-    first_started_at_ts: float
+    # Time since the job's first attempt started, by the database's clock: the wall-time
+    # limit counts across attempts, and a worker's own clock may be skewed.
+    wall_seconds_used: float
 
 
 @dataclass(frozen=True)
@@ -49,46 +89,67 @@ class CheckpointBlob:
 
 
 def claim(
-    session: Session, job_id: uuid.UUID, worker_id: str, lease_seconds: float
+    session: Session,
+    job_id: uuid.UUID,
+    worker_id: str,
+    lease_seconds: float,
+    claim_token: uuid.UUID | None = None,
 ) -> Claim | None:
-    """queued -> running, attempts + 1, atomically; None if someone else has it or it ended."""
+    """queued -> running, attempts + 1, atomically; None if someone else has it or it ended.
+
+    Pass the same `claim_token` to every try of one claim: a try that finds the job running
+    under its token (the previous try committed, its acknowledgement was lost) gets that
+    claim back, with the same attempt number and no second attempt row.
+    """
+    token = claim_token or uuid.uuid4()
     now = utcnow()
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(False))
-        .values(
-            status="running",
-            attempts=Job.attempts + 1,
-            lease_owner=worker_id,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            started_at=func.coalesce(Job.started_at, now),
-            handback_requested=False,
-            updated_at=now,
+    own_attempt = session.scalar(
+        select(Job.attempts).where(
+            Job.id == job_id, Job.status == "running", Job.claim_token == token
         )
-        .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        return None
+    if own_attempt is not None:
+        _fenced_update(session, job_id, own_attempt, lease_expires_at=database_now(lease_seconds))
+    else:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(False))
+            .values(
+                status="running",
+                attempts=Job.attempts + 1,
+                claim_token=token,
+                lease_owner=worker_id,
+                lease_expires_at=database_now(lease_seconds),
+                started_at=func.coalesce(Job.started_at, database_now()),
+                handback_requested=False,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return None
     job = session.execute(
         select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
     ).scalar_one()
-    session.add(
-        JobAttempt(job_id=job_id, attempt=job.attempts, worker_id=worker_id, started_at=now)
-    )
+    if own_attempt is None:
+        session.add(
+            JobAttempt(job_id=job_id, attempt=job.attempts, worker_id=worker_id, started_at=now)
+        )
     last = session.scalars(
         select(Checkpoint)
         .where(Checkpoint.job_id == job_id, Checkpoint.kind == "last")
         .options(undefer(Checkpoint.weights), undefer(Checkpoint.trainer_state))
     ).first()
+    moment = session.scalar(select(database_now()))
     assert job.started_at is not None
+    assert moment is not None
     return Claim(
         job_id=job_id,
         attempt=job.attempts,
         spec=job.spec,
-        started_at_epoch=last.epoch if last else 0,
         resume_weights=last.weights if last else None,
         resume_state=last.trainer_state if last else None,
-        first_started_at_ts=job.started_at.timestamp(),
+        wall_seconds_used=max(0.0, (moment - job.started_at).total_seconds()),
     )
 
 
@@ -105,9 +166,7 @@ def _fenced_update(session: Session, job_id: uuid.UUID, attempt: int, **values: 
 
 
 def renew_lease(session: Session, job_id: uuid.UUID, attempt: int, lease_seconds: float) -> None:
-    _fenced_update(
-        session, job_id, attempt, lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)
-    )
+    _fenced_update(session, job_id, attempt, lease_expires_at=database_now(lease_seconds))
 
 
 def read_control(session: Session, job_id: uuid.UUID, attempt: int) -> Control:
@@ -137,7 +196,7 @@ def record_epoch(
         job_id,
         attempt,
         progress_epoch=epoch,
-        lease_expires_at=utcnow() + timedelta(seconds=lease_seconds),
+        lease_expires_at=database_now(lease_seconds),
     )
     session.add(
         EpochMetric(job_id=job_id, epoch=epoch, attempt=attempt, diagnostics=diagnostics, **metrics)
@@ -173,6 +232,18 @@ def _end_attempt(session: Session, job_id: uuid.UUID, attempt: int, outcome: str
     )
 
 
+def _ended_with(session: Session, job_id: uuid.UUID, attempt: int, outcome: str) -> bool:
+    """Whether this attempt already ended with `outcome`: a retry whose first try landed.
+
+    Only this attempt's own finish or hand-back writes these outcomes (the reaper writes
+    "lost"), and it writes the job's row in the same transaction.
+    """
+    ended = session.scalar(
+        select(JobAttempt.outcome).where(JobAttempt.job_id == job_id, JobAttempt.attempt == attempt)
+    )
+    return ended == outcome
+
+
 def finish(
     session: Session,
     job_id: uuid.UUID,
@@ -182,19 +253,24 @@ def finish(
     error_type: str | None = None,
     error_message: str | None = None,
 ) -> None:
-    """End the job succeeded, failed or cancelled."""
-    _fenced_update(
-        session,
-        job_id,
-        attempt,
-        status=status,
-        finished_at=utcnow(),
-        summary=summary,
-        error_type=error_type,
-        error_message=error_message,
-        lease_owner=None,
-        lease_expires_at=None,
-    )
+    """End the job succeeded, failed or cancelled; a retry of a finish that landed is a no-op."""
+    try:
+        _fenced_update(
+            session,
+            job_id,
+            attempt,
+            status=status,
+            finished_at=utcnow(),
+            summary=summary,
+            error_type=error_type,
+            error_message=error_message,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+    except LeaseLost:
+        if _ended_with(session, job_id, attempt, status):
+            return
+        raise
     _end_attempt(session, job_id, attempt, status)
 
 
@@ -202,21 +278,58 @@ def hand_back(session: Session, job_id: uuid.UUID, attempt: int) -> None:
     """Give a job back to the queue (its worker is shutting down); it resumes elsewhere.
 
     A cancel that arrived meanwhile wins: a queued job with cancel_requested set could never
-    be claimed again, so it would sit in the queue for ever.
+    be claimed again, so it would sit in the queue for ever. A retry of a hand-back that
+    landed is a no-op.
     """
     now = utcnow()
-    _fenced_update(
-        session,
-        job_id,
-        attempt,
-        status=case((Job.cancel_requested, "cancelled"), else_="queued"),
-        finished_at=case((Job.cancel_requested, now), else_=None),
-        lease_owner=None,
-        lease_expires_at=None,
-        handback_requested=False,
-        published_at=None,
-    )
+    try:
+        _fenced_update(
+            session,
+            job_id,
+            attempt,
+            status=case((Job.cancel_requested, "cancelled"), else_="queued"),
+            finished_at=case((Job.cancel_requested, now), else_=None),
+            lease_owner=None,
+            lease_expires_at=None,
+            handback_requested=False,
+            published_at=None,
+        )
+    except LeaseLost:
+        if _ended_with(session, job_id, attempt, "handed_back"):
+            return
+        raise
     _end_attempt(session, job_id, attempt, "handed_back")
+
+
+def request_cancel(session: Session, job_id: uuid.UUID) -> str:
+    """A queued job is cancelled at once; a running one is flagged and stops within a batch.
+
+    Returns the status the job has after the request (cancelled, or running with the flag).
+    One UPDATE decides, from the row as it is when the statement gets it: a hand-back, claim
+    or reaper committing at the same moment cannot slip between two checks. (PostgreSQL makes
+    the UPDATE wait for a concurrent writer's row lock and re-read the row; SQLite holds the
+    database's write lock.) The worker's writes are conditional as well, so none overwrites
+    the flag: a hand-back or the reaper then ends the job cancelled.
+    """
+    now = utcnow()
+    queued = Job.status == "queued"
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(("queued", "running")))
+        .values(
+            status=case((queued, "cancelled"), else_=Job.status),
+            finished_at=case((queued, now), else_=Job.finished_at),
+            cancel_requested=True,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    if status is None:
+        raise JobNotFound(f"no job {job_id}")
+    if status in ("succeeded", "failed"):
+        raise JobNotCancellable(f"job {job_id} already ended {status}")
+    return status
 
 
 def request_handback(session: Session, worker_prefix: str) -> int:
@@ -238,9 +351,10 @@ def reap_expired_leases(session: Session, max_attempts: int) -> list[uuid.UUID]:
     now = utcnow()
     expired = session.scalars(
         select(Job)
-        .where(Job.status == "running", Job.lease_expires_at < now)
+        .where(Job.status == "running", Job.lease_expires_at < database_now())
         .with_for_update(skip_locked=True)  # two reapers never handle the same job
         .limit(100)
+        .execution_options(populate_existing=True)
     ).all()
     requeued = []
     for job in expired:
@@ -276,7 +390,7 @@ def jobs_to_publish(
     session: Session, republish_after_seconds: float, limit: int = 500
 ) -> list[uuid.UUID]:
     """The outbox: queued jobs never published, or published long ago and still unclaimed."""
-    stale = utcnow() - timedelta(seconds=republish_after_seconds)
+    stale = database_now(-republish_after_seconds)
     return list(
         session.scalars(
             select(Job.id)
@@ -295,7 +409,7 @@ def mark_published(session: Session, job_ids: list[uuid.UUID]) -> None:
         session.execute(
             update(Job)
             .where(Job.id.in_(job_ids), Job.status == "queued")
-            .values(published_at=utcnow())
+            .values(published_at=database_now())
             .execution_options(synchronize_session=False)
         )
 

@@ -4,6 +4,7 @@ from typing import Any
 
 import pytest
 import torch
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.broker import create_celery_app
@@ -52,3 +53,55 @@ def test_cpu_allocator_failures_count_as_out_of_memory() -> None:
     assert execution.is_out_of_memory(cpu)
     assert execution.is_out_of_memory(MemoryError())
     assert not execution.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def _flaky(failures: int, error: Exception) -> tuple[list[int], Any]:
+    calls: list[int] = []
+
+    def work(_: Session) -> int:
+        calls.append(1)
+        if len(calls) <= failures:
+            raise error
+        return 7
+
+    return calls, work
+
+
+def _context(settings: Settings, session_factory: sessionmaker[Session]) -> WorkerContext:
+    return WorkerContext(
+        settings,
+        session_factory,
+        Dispatcher(create_celery_app(settings), session_factory),
+        "node@host#1",
+    )
+
+
+def test_database_retries_back_off_until_the_database_answers(
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    away = OperationalError("SELECT 1", None, ConnectionRefusedError("connection refused"))
+    calls, work = _flaky(2, away)
+    assert execution.with_db_retry(_context(settings, session_factory), work) == 7
+    assert len(calls) == 3
+    retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert [message.split(":")[0] for message in retries] == [
+        "database unavailable, retrying in 0.2s",
+        "database unavailable, retrying in 0.4s",
+    ]
+
+
+def test_database_retries_stop_at_the_deadline_with_the_database_error(
+    session_factory: sessionmaker[Session], settings: Settings
+) -> None:
+    away = InterfaceError("SELECT 1", None, ConnectionResetError("connection reset"))
+    calls, work = _flaky(100, away)
+    ctx = _context(settings.model_copy(update={"db_retry_seconds": 0.5}), session_factory)
+    with pytest.raises(InterfaceError):
+        execution.with_db_retry(ctx, work)
+    assert len(calls) == 2  # 0.2 s fits in 0.5 s; 0.2 + 0.4 would not
+    calls, work = _flaky(1, ValueError("a bug, not an outage"))
+    with pytest.raises(ValueError, match="a bug"):
+        execution.with_db_retry(ctx, work)
+    assert len(calls) == 1

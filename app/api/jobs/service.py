@@ -8,21 +8,21 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, undefer
 
+from app.core import lifecycle
 from app.core.config import Settings
 from app.core.datasets import resolve_dataset
 from app.core.errors import (
     CheckpointNotFound,
     IdempotencyKeyReused,
     InvalidInput,
-    JobNotCancellable,
     JobNotFound,
     TooManyQueuedJobs,
 )
-from app.core.models import Checkpoint, EpochMetric, Job, utcnow
+from app.core.models import Checkpoint, EpochMetric, Job
 from app.core.spec import JobSpec, SpecError, check_fits_dataset, count_parameters
 
 
@@ -159,21 +159,8 @@ def list_jobs(
 
 def request_cancel(session: Session, job: Job) -> Job:
     """A queued job is cancelled at once; a running one is flagged and stops within a batch."""
-    if job.status in ("succeeded", "failed"):
-        raise JobNotCancellable(f"job {job.id} already ended {job.status}")
-    now = utcnow()
-    # Conditional updates, so a worker's concurrent claim or finish is never overwritten.
-    session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == "queued")
-        .values(status="cancelled", cancel_requested=True, finished_at=now, updated_at=now)
-    )
-    session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == "running")
-        .values(cancel_requested=True, updated_at=now)
-    )
-    session.refresh(job)
+    lifecycle.request_cancel(session, job.id)
+    session.refresh(job)  # what the request left in the row, not what was read before it
     return job
 
 

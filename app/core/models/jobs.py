@@ -56,6 +56,10 @@ class Job(Base):
     # The attempt number is also the fencing token: every write a worker makes names it, and
     # a write from an attempt that is no longer current is refused.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Written by the claim that made the current attempt, chosen by its caller before the
+    # first try: a claim retried after its commit's acknowledgement was lost finds its own
+    # token and gets the same attempt back instead of "nothing to claim".
+    claim_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
