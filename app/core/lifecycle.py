@@ -24,9 +24,11 @@ from sqlalchemy.orm import Session, undefer
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
+from app.core import events, webhooks
 from app.core.errors import JobNotCancellable, JobNotFound
 from app.core.models import Checkpoint, EpochMetric, Job, JobAttempt, utcnow
 from app.core.models.base import UTCDateTime
+from app.core.models.jobs import ENDED_STATUSES
 
 
 class database_now(FunctionElement[datetime]):  # noqa: N801 (an SQL function, named as one)
@@ -135,6 +137,7 @@ def claim(
         session.add(
             JobAttempt(job_id=job_id, attempt=job.attempts, worker_id=worker_id, started_at=now)
         )
+        record_change(session, job_id)
     last = session.scalars(
         select(Checkpoint)
         .where(Checkpoint.job_id == job_id, Checkpoint.kind == "last")
@@ -201,6 +204,9 @@ def record_epoch(
     session.add(
         EpochMetric(job_id=job_id, epoch=epoch, attempt=attempt, diagnostics=diagnostics, **metrics)
     )
+    # The stream carries the epoch's scalars; per-layer lists stay behind the metrics endpoint.
+    scalars = {k: v for k, v in diagnostics.items() if isinstance(v, int | float)}
+    events.record_epoch(session, job_id, epoch, {**metrics, **scalars})
     for blob in checkpoints:
         session.execute(
             delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.kind == blob.kind)
@@ -272,6 +278,7 @@ def finish(
             return
         raise
     _end_attempt(session, job_id, attempt, status)
+    record_change(session, job_id)
 
 
 def hand_back(session: Session, job_id: uuid.UUID, attempt: int) -> None:
@@ -299,6 +306,15 @@ def hand_back(session: Session, job_id: uuid.UUID, attempt: int) -> None:
             return
         raise
     _end_attempt(session, job_id, attempt, "handed_back")
+    record_change(session, job_id)
+
+
+def record_change(session: Session, job_id: uuid.UUID) -> None:
+    """In the transaction that changed a job's status: its event, and its webhook if it ended."""
+    events.record_status(session, job_id)
+    ended = session.scalar(select(Job.status).where(Job.id == job_id)) in ENDED_STATUSES
+    if ended:
+        webhooks.enqueue_if_ended(session, job_id)
 
 
 def request_cancel(session: Session, job_id: uuid.UUID) -> str:
@@ -313,7 +329,7 @@ def request_cancel(session: Session, job_id: uuid.UUID) -> str:
     """
     now = utcnow()
     queued = Job.status == "queued"
-    session.execute(
+    result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.in_(("queued", "running")))
         .values(
@@ -329,6 +345,8 @@ def request_cancel(session: Session, job_id: uuid.UUID) -> str:
         raise JobNotFound(f"no job {job_id}")
     if status in ("succeeded", "failed"):
         raise JobNotCancellable(f"job {job_id} already ended {status}")
+    if result.rowcount == 1 and status == "cancelled":  # type: ignore[attr-defined]
+        record_change(session, job_id)  # it was queued: cancelled now, not just flagged
     return status
 
 
@@ -383,6 +401,7 @@ def reap_expired_leases(session: Session, max_attempts: int) -> list[uuid.UUID]:
             .values(**common, **values)
             .execution_options(synchronize_session=False)
         )
+        record_change(session, job.id)
     return requeued
 
 

@@ -109,14 +109,15 @@ def submit_job(
     if idempotency_key is None:
         session.add(job)
         session.flush()
-        return job, True
-    # Two concurrent submits with one key: the unique index lets exactly one insert win.
-    try:
-        with session.begin_nested():
-            session.add(job)
-        return job, True
-    except IntegrityError:
-        return _find_by_key(session, idempotency_key, digest), False
+    else:
+        # Two concurrent submits with one key: the unique index lets exactly one insert win.
+        try:
+            with session.begin_nested():
+                session.add(job)
+        except IntegrityError:
+            return _find_by_key(session, idempotency_key, digest), False
+    lifecycle.record_change(session, job.id)
+    return job, True
 
 
 def get_job(session: Session, job_id: uuid.UUID) -> Job:
