@@ -35,6 +35,10 @@ class StudyNotFound(NotFound):
     code = "study_not_found"
 
 
+class PlotNotFound(NotFound):
+    code = "plot_not_found"
+
+
 class Conflict(DomainError):
     """The request is valid but contradicts what is stored."""
 

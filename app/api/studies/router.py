@@ -1,12 +1,13 @@
 """HTTP routes for studies: thin, each parses, calls the service and returns a schema."""
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Response, status
+from fastapi.responses import HTMLResponse
 
 from app.api.dependencies import DispatcherDep, SessionDep, SettingsDep
-from app.api.studies import service
-from app.api.studies.dependencies import StudyDep
+from app.api.studies import rendering, service
+from app.api.studies.dependencies import PlotCacheDep, StudyDep
 from app.api.studies.schemas import (
     PresetList,
     PresetRead,
@@ -16,7 +17,9 @@ from app.api.studies.schemas import (
     StudyRead,
     StudySummary,
 )
+from app.core.errors import PlotNotFound
 from app.core.models import Study
+from app.core.studies import plots
 from app.core.studies.presets import PRESETS
 from app.core.studies.report import build_report
 
@@ -112,13 +115,59 @@ def delete_study(study: StudyDep, session: SessionDep) -> Response:
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.get("/{study_id}/report")
+def _plot_urls(study: Study) -> dict[str, str]:
+    return {
+        name: f"/v1/studies/{study.id}/plots/{name}.png" for name in plots.available(study.grid)
+    }
+
+
+@router.get(
+    "/{study_id}/report",
+    responses={
+        200: {
+            "content": {"application/json": {}, "text/html": {}, "text/csv": {}},
+            "description": "the report; ?format=html a page with the plots, ?format=csv the "
+            "configuration table",
+        }
+    },
+)
 def get_report(
     study: StudyDep,
     session: SessionDep,
     target: Annotated[float | None, Query(gt=0.0, le=1.0)] = None,
-) -> dict[str, Any]:
+    format: Literal["json", "html", "csv"] = "json",
+) -> Any:
     """Configurations aggregated over seeds, the largest stable learning rate and each axis
     value's paired effect with a bootstrap 95% interval; works while jobs still run."""
-    report = build_report(study.grid, service.load_runs(session, study), target)
-    return {"study_id": str(study.id), "name": study.name, **report}
+    built = build_report(study.grid, service.load_runs(session, study), target)
+    report = {"study_id": str(study.id), "name": study.name, **built, "plots": _plot_urls(study)}
+    if format == "csv":
+        return Response(
+            rendering.csv_table(report),
+            media_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="study-{study.id}.csv"'},
+        )
+    if format == "html":
+        return HTMLResponse(rendering.html_page(report, report["plots"]))
+    return report
+
+
+@router.get(
+    "/{study_id}/plots/{name}.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def get_plot(study: StudyDep, name: str, session: SessionDep, cache: PlotCacheDep) -> Response:
+    """A plot of the study: learning_curves, gap_by_dropout, accuracy_by_lr (see the report)."""
+    names = plots.available(study.grid)
+    if name not in names:
+        raise PlotNotFound(f"study {study.id} has no plot {name!r}; it has {', '.join(names)}")
+    counts = service.job_counts(session, [study.id])[study.id]
+    ended = not counts["queued"] and not counts["running"]
+    key = (study.id, name, tuple(sorted(counts.items())))
+    png = cache.get(key) if ended else None
+    if png is None:
+        png = plots.draw(name, study.grid, service.load_runs(session, study))
+        if ended:
+            cache.put(key, png)
+    return Response(png, media_type="image/png")
