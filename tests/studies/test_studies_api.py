@@ -1,13 +1,16 @@
 """The studies API against real PostgreSQL and SQLite (each test rolled back)."""
 
+import math
 import uuid
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.models import EpochMetric, Job, Study
+from app.core.studies.presets import PRESETS, resolve_preset
 from tests.factories import spec_payload
 
 GRID = {
@@ -212,3 +215,32 @@ def test_preset_creates_its_grid_with_overrides(client: TestClient) -> None:
     assert unknown.json()["detail"][0]["field"] == "preset"
     both = client.post("/v1/studies", json={"preset": "depth-signal", "grid": {"seed": [0]}})
     assert both.status_code == 422
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_is_a_valid_study(client: TestClient, preset: str) -> None:
+    response = client.post("/v1/studies", json={"preset": preset, "seeds": [0], "epochs": 2})
+    assert response.status_code == 201, response.text
+    study = response.json()
+    sizes = [len(values) for values in study["grid"].values()]
+    assert len(study["jobs"]) == math.prod(sizes)
+    assert study["grid"]["seed"] == [0]
+
+
+def test_dropout_preset_is_in_an_overfitting_regime() -> None:
+    base, grid = resolve_preset("dropout-overfitting")
+    # Capacity to spare for its data: far more parameters than training samples, noisy
+    # labels to memorize, and long enough to memorize them.
+    assert base["model"]["hidden_sizes"] == [1024, 1024]
+    assert base["dataset"]["train_subset"] <= 300
+    assert base["dataset"]["label_noise"] > 0
+    assert base["epochs"] >= 100
+    assert grid["model.dropout.rate"][0] == 0.0
+    assert max(grid["model.dropout.rate"]) >= 0.5
+
+
+def test_preset_architecture_override_drops_what_an_mlp_cannot_do() -> None:
+    _, grid = resolve_preset("normalization-zoo", architecture="mlp")
+    assert "instance_norm" not in grid["model.normalization.type"]
+    base, _ = resolve_preset("normalization-zoo", dataset="mnist1d", epochs=3)
+    assert (base["dataset"]["name"], base["epochs"]) == ("mnist1d", 3)

@@ -43,14 +43,16 @@ PRESETS = {
         ),
         Preset(
             "dropout-overfitting",
-            "Dropout narrows the generalization gap, where there is one: a wide MLP "
-            "(2x1024) on 200 training samples of digits for 150 epochs, so that the "
-            "no-dropout baseline overfits; dropout 0 to 0.7, with and without batch_norm.",
+            "Dropout narrows the generalization gap, where there is one: a wide MLP (2x1024) "
+            "on 200 training samples of digits with 20% of their labels noisy, for 100 epochs: "
+            "capacity to spare, so the no-dropout baseline memorizes the noise (measured, seed "
+            "0: its gap grows from -0.30 at its best epoch to +0.99 at the end, its accuracy "
+            "falls from 0.90 to 0.79); dropout 0 to 0.7, with and without batch_norm.",
             {
-                "dataset": {"name": "digits", "train_subset": 200},
+                "dataset": {"name": "digits", "train_subset": 200, "label_noise": 0.2},
                 "model": {"architecture": "mlp", "hidden_sizes": [1024, 1024]},
                 "optimizer": {"type": "adam", "lr": 0.001},
-                "epochs": 150,
+                "epochs": 100,
             },
             {
                 "model.normalization.type": ["none", "batch_norm"],
