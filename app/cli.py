@@ -83,6 +83,79 @@ def _wait(client: Any, job: dict[str, Any], tqdm: Any) -> dict[str, Any]:
     return job
 
 
+def _study_create(args: argparse.Namespace) -> None:
+    import httpx
+    from tqdm import tqdm
+
+    body = json.loads(Path(args.grid).read_text())
+    with httpx.Client(base_url=args.url, timeout=60) as client:
+        response = client.post("/v1/studies", json=body)
+        if response.status_code >= 400:
+            sys.exit(f"study failed ({response.status_code}): {response.text}")
+        study = response.json()
+        print(f"study {study['id']}: {len(study['jobs'])} jobs")
+        if not args.wait:
+            return
+        with tqdm(total=len(study["jobs"]), unit="job", desc=study["name"] or "study") as bar:
+            while not study["ended"]:
+                time.sleep(1)
+                study = client.get(f"/v1/studies/{study['id']}").raise_for_status().json()
+                counts = study["counts"]
+                bar.update(len(study["jobs"]) - counts["queued"] - counts["running"] - bar.n)
+                bar.set_postfix(running=counts["running"], failed=counts["failed"])
+    print(json.dumps(study["counts"]))
+    print(f"report: trainsvc study report {study['id']}")
+
+
+def _mean_sd(aggregate: dict[str, Any]) -> str:
+    if aggregate["mean"] is None:
+        return "-"
+    sd = f"±{aggregate['std']:.3f}" if aggregate["std"] is not None else ""
+    return f"{aggregate['mean']:.3f}{sd}"
+
+
+def _study_report(args: argparse.Namespace) -> None:
+    import httpx
+
+    with httpx.Client(base_url=args.url, timeout=60) as client:
+        response = client.get(f"/v1/studies/{args.study_id}/report")
+        if response.status_code >= 400:
+            sys.exit(f"report failed ({response.status_code}): {response.text}")
+        report = response.json()
+        if args.csv:
+            table = client.get(
+                f"/v1/studies/{args.study_id}/report", params={"format": "csv"}
+            ).raise_for_status()
+            Path(args.csv).write_text(table.text)
+    axes = [axis for axis in report["axes"] if axis != "seed"]
+    columns = [*axes, "n", "best_val_acc", "gap_final", "epochs_to_target", "diverged"]
+    rows = [
+        [
+            *(json.dumps(row["configuration"].get(axis)) for axis in axes),
+            str(row["succeeded"]),
+            _mean_sd(row["best_val_accuracy"]),
+            _mean_sd(row["generalization_gap_final"]),
+            _mean_sd(row["epochs_to_target"]),
+            str(row["diverged"]),
+        ]
+        for row in report["configurations"]
+    ]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    if report["note"]:
+        print(f"\n{report['note']}")
+    print(f"\ntarget val accuracy: {report['target']['val_accuracy']}")
+    if report["effects"]:
+        print("\neffects (paired, bootstrap 95% intervals):")
+        for effect in report["effects"]:
+            for metric in ("epochs_to_target", "best_val_accuracy", "generalization_gap"):
+                print(f"  {effect[metric]['reading']}")
+    if args.csv:
+        print(f"\nconfiguration table saved to {args.csv}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainsvc", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="show progress until the job ends")
     submit.add_argument("--url", default="http://127.0.0.1:8000")
     submit.set_defaults(handler=_submit)
+
+    study = commands.add_parser("study", help="create a study or print its report")
+    study_commands = study.add_subparsers(dest="study_command", required=True)
+    create = study_commands.add_parser("create", help="create a study from a JSON file")
+    create.add_argument("grid", help='{"name", "base", "grid"} or {"preset": ...}')
+    create.add_argument("--wait", action="store_true", help="show progress until it ends")
+    create.add_argument("--url", default="http://127.0.0.1:8000")
+    create.set_defaults(handler=_study_create)
+    report = study_commands.add_parser("report", help="print a study's report")
+    report.add_argument("study_id")
+    report.add_argument("--csv", help="also save the configuration table to this file")
+    report.add_argument("--url", default="http://127.0.0.1:8000")
+    report.set_defaults(handler=_study_report)
     return parser
 
 

@@ -11,6 +11,7 @@ from app.api.events.hub import EventHub
 from app.api.events.router import router as events_router
 from app.api.jobs.router import router as jobs_router
 from app.api.limits import BodySizeLimit
+from app.api.studies.router import router as studies_router
 from app.api.system.router import router as system_router
 from app.core.broker import create_celery_app
 from app.core.config import Settings, get_settings
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs_router)
     app.include_router(datasets_router)
     app.include_router(events_router)
+    app.include_router(studies_router)
     app.include_router(system_router)
     install_error_handlers(app)
     app.add_middleware(

@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     max_queued_jobs: int = Field(10_000, ge=1)
     # The cap on a spec's max_wall_seconds, and the limit used when a spec gives none.
     max_wall_seconds: int = Field(24 * 3600, ge=1)
+    # A study is one job per grid point: a grid with more points than this is a 422.
+    max_study_jobs: int = Field(1000, ge=1)
 
     # Leases (docs/reliability.md). A running job's lease is renewed every heartbeat; a lease
     # that runs out means its worker is gone, and the reaper queues the job again.

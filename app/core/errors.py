@@ -31,6 +31,14 @@ class DatasetNotFound(NotFound):
     code = "dataset_not_found"
 
 
+class StudyNotFound(NotFound):
+    code = "study_not_found"
+
+
+class PlotNotFound(NotFound):
+    code = "plot_not_found"
+
+
 class Conflict(DomainError):
     """The request is valid but contradicts what is stored."""
 
@@ -43,6 +51,10 @@ class IdempotencyKeyReused(Conflict):
 
 class JobNotCancellable(Conflict):
     code = "job_not_cancellable"
+
+
+class StudyNotEnded(Conflict):
+    code = "study_not_ended"
 
 
 class LimitExceeded(DomainError):

@@ -45,6 +45,27 @@ def record_status(session: Session, job_id: uuid.UUID) -> None:
     session.execute(insert(JobEvent).values(job_id=job_id, kind=STATUS, payload=payload))
 
 
+def record_submitted(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
+    """The `queued` event of jobs just created, in one statement (a study makes hundreds)."""
+    if job_ids:
+        session.execute(
+            insert(JobEvent),
+            [
+                {
+                    "job_id": job_id,
+                    "kind": STATUS,
+                    "payload": {
+                        "job_id": str(job_id),
+                        "status": "queued",
+                        "attempt": 0,
+                        "epoch": 0,
+                    },
+                }
+                for job_id in job_ids
+            ],
+        )
+
+
 def record_epoch(session: Session, job_id: uuid.UUID, epoch: int, metrics: dict[str, Any]) -> None:
     payload = {"job_id": str(job_id), "epoch": epoch, **metrics}
     session.execute(insert(JobEvent).values(job_id=job_id, kind=EPOCH, payload=payload))

@@ -48,9 +48,10 @@ def list_jobs(
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
+    study_id: uuid.UUID | None = None,
 ) -> JobPage:
     """List jobs, newest first; pass next_cursor back as cursor for the next page."""
-    jobs, next_cursor = service.list_jobs(session, status, limit, cursor)
+    jobs, next_cursor = service.list_jobs(session, status, limit, cursor, study_id)
     return JobPage(items=[JobRead.from_job(job) for job in jobs], next_cursor=next_cursor)
 
 

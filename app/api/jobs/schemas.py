@@ -45,6 +45,8 @@ class JobRead(BaseModel):
     progress: Progress
     summary: dict[str, Any] | None
     error: JobError | None
+    study_id: uuid.UUID | None = None
+    grid_point: dict[str, Any] | None = None
 
     @classmethod
     def from_job(cls, job: Job) -> "JobRead":
@@ -64,6 +66,8 @@ class JobRead(BaseModel):
             error=JobError(type=job.error_type, message=job.error_message or "")
             if job.error_type
             else None,
+            study_id=job.study_id,
+            grid_point=job.grid_point,
         )
 
 

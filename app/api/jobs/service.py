@@ -7,12 +7,13 @@ import json
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any, Protocol
 
 from sqlalchemy import func, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, undefer
 
-from app.core import lifecycle
+from app.core import events, lifecycle
 from app.core.config import Settings
 from app.core.datasets import resolve_dataset
 from app.core.errors import (
@@ -68,6 +69,39 @@ def check_limits(session: Session, spec: JobSpec, settings: Settings) -> None:
         )
 
 
+def check_queue_room(session: Session, settings: Settings, adding: int = 1) -> None:
+    """Back-pressure: 429 if `adding` more queued jobs would pass the limit."""
+    queued = session.scalar(select(func.count()).select_from(Job).where(Job.status == "queued"))
+    if (queued or 0) + adding > settings.max_queued_jobs:
+        raise TooManyQueuedJobs(
+            f"{queued} jobs are queued; the limit is {settings.max_queued_jobs}"
+        )
+
+
+def new_job(
+    spec: JobSpec,
+    *,
+    idempotency_key: str | None = None,
+    study_id: uuid.UUID | None = None,
+    grid_point: dict[str, Any] | None = None,
+) -> Job:
+    """A queued job row for a validated spec (not yet added to a session)."""
+    return Job(
+        name=spec.name,
+        spec=spec.model_dump(mode="json"),
+        spec_sha256=spec_sha256(spec),
+        idempotency_key=idempotency_key,
+        epochs=spec.epochs,
+        status="queued",
+        attempts=0,
+        progress_epoch=0,
+        cancel_requested=False,
+        handback_requested=False,
+        study_id=study_id,
+        grid_point=grid_point,
+    )
+
+
 def _find_by_key(session: Session, key: str, digest: str) -> Job:
     job = session.scalars(select(Job).where(Job.idempotency_key == key)).one()
     if job.spec_sha256 != digest:
@@ -89,23 +123,8 @@ def submit_job(
         if existing is not None:
             return _find_by_key(session, idempotency_key, digest), False
     check_limits(session, spec, settings)
-    queued = session.scalar(select(func.count()).select_from(Job).where(Job.status == "queued"))
-    if (queued or 0) >= settings.max_queued_jobs:
-        raise TooManyQueuedJobs(
-            f"{queued} jobs are queued; the limit is {settings.max_queued_jobs}"
-        )
-    job = Job(
-        name=spec.name,
-        spec=spec.model_dump(mode="json"),
-        spec_sha256=digest,
-        idempotency_key=idempotency_key,
-        epochs=spec.epochs,
-        status="queued",
-        attempts=0,
-        progress_epoch=0,
-        cancel_requested=False,
-        handback_requested=False,
-    )
+    check_queue_room(session, settings)
+    job = new_job(spec, idempotency_key=idempotency_key)
     if idempotency_key is None:
         session.add(job)
         session.flush()
@@ -116,7 +135,7 @@ def submit_job(
                 session.add(job)
         except IntegrityError:
             return _find_by_key(session, idempotency_key, digest), False
-    lifecycle.record_change(session, job.id)
+    events.record_submitted(session, [job.id])
     return job, True
 
 
@@ -127,8 +146,14 @@ def get_job(session: Session, job_id: uuid.UUID) -> Job:
     return job
 
 
-def encode_cursor(job: Job) -> str:
-    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
+class _Keyset(Protocol):
+    created_at: datetime
+    id: uuid.UUID
+
+
+def encode_cursor(row: _Keyset) -> str:
+    """A keyset cursor on (created_at, id); also used for studies."""
+    raw = f"{row.created_at.isoformat()}|{row.id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -142,12 +167,18 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 def list_jobs(
-    session: Session, status: str | None, limit: int, cursor: str | None
+    session: Session,
+    status: str | None,
+    limit: int,
+    cursor: str | None,
+    study_id: uuid.UUID | None = None,
 ) -> tuple[Sequence[Job], str | None]:
     """Newest first, keyset-paginated on (created_at, id): stable under concurrent inserts."""
     query = select(Job).options(selectinload(Job.attempt_history))
     if status is not None:
         query = query.where(Job.status == status)
+    if study_id is not None:
+        query = query.where(Job.study_id == study_id)
     if cursor is not None:
         created_at, job_id = decode_cursor(cursor)
         query = query.where(tuple_(Job.created_at, Job.id) < tuple_(created_at, job_id))

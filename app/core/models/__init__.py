@@ -11,6 +11,7 @@ from app.core.models.jobs import (
     Job,
     JobAttempt,
 )
+from app.core.models.studies import Study
 from app.core.models.webhooks import JobCallback, WebhookDelivery
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "JobAttempt",
     "JobCallback",
     "JobEvent",
+    "Study",
     "WebhookDelivery",
     "utcnow",
 ]

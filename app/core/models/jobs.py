@@ -38,6 +38,8 @@ class Job(Base):
         # The reaper's scan for expired leases, and the outbox's scan for unpublished jobs.
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
         Index("ix_jobs_status_published_at", "status", "published_at"),
+        # A study's jobs, and GET /v1/jobs?study_id=.
+        Index("ix_jobs_study_id_created_at_id", "study_id", "created_at", "id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -73,6 +75,9 @@ class Job(Base):
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error_type: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # Set for a job a study made: the study, and the axis values it was made from.
+    study_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    grid_point: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     attempt_history: Mapped[list["JobAttempt"]] = relationship(
         back_populates="job", order_by="JobAttempt.attempt", cascade="all, delete-orphan"

@@ -1,0 +1,1 @@
+"""Studies: grids of jobs over one base spec, their reports and plots."""

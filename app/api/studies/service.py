@@ -1,0 +1,241 @@
+"""Study operations behind the HTTP API, and every query a study makes, in this one module.
+
+A study is created with all its jobs in one transaction; the route publishes the jobs as one
+group after the commit. The report loads the whole study's metrics in two queries.
+"""
+
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, func, select, tuple_
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.api.jobs.service import (
+    check_limits,
+    check_queue_room,
+    decode_cursor,
+    encode_cursor,
+    new_job,
+    request_cancel,
+)
+from app.api.studies.schemas import StudyCreate
+from app.core import events
+from app.core.config import Settings
+from app.core.datasets import resolve_dataset
+from app.core.errors import (
+    DatasetNotFound,
+    IdempotencyKeyReused,
+    InvalidInput,
+    StudyNotEnded,
+    StudyNotFound,
+)
+from app.core.models import EpochMetric, Job, Study
+from app.core.studies.grid import check_axes, expand, point_error
+from app.core.studies.presets import resolve_preset
+from app.core.studies.report import Run
+
+ACTIVE = ("queued", "running")
+
+
+def _request_sha256(name: str | None, preset: str | None, base: Any, grid: Any) -> str:
+    body = {"name": name, "preset": preset, "base": base, "grid": grid}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _find_by_key(session: Session, key: str, digest: str) -> Study:
+    study = session.scalars(select(Study).where(Study.idempotency_key == key)).one()
+    if study.request_sha256 != digest:
+        raise IdempotencyKeyReused(
+            f"Idempotency-Key {key!r} was used for a different study (study {study.id})"
+        )
+    return study
+
+
+def create_study(
+    session: Session, request: StudyCreate, settings: Settings, idempotency_key: str | None
+) -> tuple[Study, list[uuid.UUID], bool]:
+    """Store a study and one queued job per grid point: (study, new job ids, created).
+    One invalid point rejects the whole study; a repeated Idempotency-Key returns the original."""
+    if request.preset is not None:
+        base, grid = resolve_preset(
+            request.preset, request.dataset, request.architecture, request.epochs, request.seeds
+        )
+    else:
+        # The schema's validator guarantees both when there is no preset.
+        base, grid = request.base or {}, request.grid or {}
+    digest = _request_sha256(request.name, request.preset, base, grid)
+    if idempotency_key is not None:
+        existing = session.scalars(
+            select(Study).where(Study.idempotency_key == idempotency_key)
+        ).first()
+        if existing is not None:
+            return _find_by_key(session, idempotency_key, digest), [], False
+    check_axes(grid, settings.max_study_jobs)
+    points = expand(base, grid)
+    for point in points:
+        try:
+            check_limits(session, point.spec, settings)
+        except (InvalidInput, DatasetNotFound) as exc:
+            field = exc.field if isinstance(exc, InvalidInput) else "dataset.name"
+            message = exc.message if isinstance(exc, InvalidInput) else str(exc.detail)
+            raise point_error(point.index, point.values, field, message) from exc
+    check_queue_room(session, settings, adding=len(points))
+    study = Study(
+        name=request.name,
+        preset=request.preset,
+        base=base,
+        grid=grid,
+        request_sha256=digest,
+        idempotency_key=idempotency_key,
+    )
+    try:
+        # Two concurrent creates with one key: the unique index lets exactly one insert win.
+        with session.begin_nested():
+            session.add(study)
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        return _find_by_key(session, idempotency_key, digest), [], False
+    jobs = [new_job(p.spec, study_id=study.id, grid_point=p.values) for p in points]
+    session.add_all(jobs)
+    session.flush()
+    events.record_submitted(session, [job.id for job in jobs])
+    return study, [job.id for job in jobs], True
+
+
+def get_study(session: Session, study_id: uuid.UUID) -> Study:
+    study = session.get(Study, study_id)
+    if study is None:
+        raise StudyNotFound(f"no study {study_id}")
+    return study
+
+
+def job_counts(session: Session, study_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, dict[str, int]]:
+    """Jobs by status for each study, in one grouped query."""
+    counts: dict[uuid.UUID, dict[str, int]] = {
+        study_id: dict.fromkeys(("queued", "running", "succeeded", "failed", "cancelled"), 0)
+        for study_id in study_ids
+    }
+    if not study_ids:
+        return counts
+    rows = session.execute(
+        select(Job.study_id, Job.status, func.count())
+        .where(Job.study_id.in_(study_ids))
+        .group_by(Job.study_id, Job.status)
+    ).all()
+    for study_id, status, count in rows:
+        if study_id is not None:
+            counts[study_id][status] = count
+    return counts
+
+
+def study_jobs(session: Session, study: Study) -> list[tuple[uuid.UUID, str, dict[str, Any]]]:
+    """(id, status, grid_point) of each job, in grid order."""
+    rows = session.execute(
+        select(Job.id, Job.status, Job.grid_point).where(Job.study_id == study.id)
+    ).all()
+    order = grid_order(study.grid)
+    jobs = [(job_id, status, point or {}) for job_id, status, point in rows]
+    return sorted(jobs, key=lambda job: order(job[2]))
+
+
+def grid_order(grid: dict[str, list[Any]]) -> Any:
+    positions = {
+        axis: {json.dumps(value, sort_keys=True): i for i, value in enumerate(values)}
+        for axis, values in grid.items()
+    }
+
+    def key(point: dict[str, Any]) -> tuple[int, ...]:
+        return tuple(
+            positions[axis].get(json.dumps(point.get(axis), sort_keys=True), -1) for axis in grid
+        )
+
+    return key
+
+
+def list_studies(
+    session: Session, limit: int, cursor: str | None
+) -> tuple[Sequence[Study], str | None]:
+    """Newest first, keyset-paginated on (created_at, id), as jobs are."""
+    query = select(Study)
+    if cursor is not None:
+        created_at, study_id = decode_cursor(cursor)
+        query = query.where(tuple_(Study.created_at, Study.id) < tuple_(created_at, study_id))
+    query = query.order_by(Study.created_at.desc(), Study.id.desc()).limit(limit + 1)
+    studies = session.scalars(query).all()
+    if len(studies) > limit:
+        return studies[:limit], encode_cursor(studies[limit - 1])
+    return studies, None
+
+
+def cancel_study(session: Session, study: Study) -> None:
+    """Cancel every job of the study that has not ended (queued at once, running within a
+    batch), through the job lifecycle's own cancel."""
+    active = session.scalars(
+        select(Job).where(Job.study_id == study.id, Job.status.in_(ACTIVE))
+    ).all()
+    for job in active:
+        if job.status in ACTIVE:  # a worker may have finished it since the select
+            request_cancel(session, job)
+
+
+def delete_study(session: Session, study: Study) -> None:
+    """Delete an ended study with its jobs, their metrics and checkpoints."""
+    active = session.scalar(
+        select(func.count()).where(Job.study_id == study.id, Job.status.in_(ACTIVE))
+    )
+    if active:
+        raise StudyNotEnded(f"study {study.id} has {active} jobs queued or running; cancel first")
+    session.execute(delete(Job).where(Job.study_id == study.id))
+    session.execute(delete(Study).where(Study.id == study.id))
+    session.expunge(study)
+
+
+def load_runs(session: Session, study: Study) -> list[Run]:
+    """Every job of the study with the per-epoch metrics a report needs: two queries in all,
+    reading only the needed columns (the per-layer diagnostics stay in the database)."""
+    jobs = session.execute(
+        select(Job.id, Job.status, Job.grid_point, Job.error_type, Job.spec).where(
+            Job.study_id == study.id
+        )
+    ).all()
+    classes: dict[str, int | None] = {}
+    runs: dict[uuid.UUID, Run] = {}
+    for job_id, status, point, error_type, spec in jobs:
+        dataset = spec["dataset"]["name"]
+        if dataset not in classes:
+            try:
+                classes[dataset] = resolve_dataset(session, dataset).num_classes
+            except DatasetNotFound:  # an upload deleted since
+                classes[dataset] = None
+        runs[job_id] = Run(job_id, status, point or {}, error_type, classes[dataset])
+    metrics = session.execute(
+        select(
+            EpochMetric.job_id,
+            EpochMetric.epoch,
+            EpochMetric.val_loss,
+            EpochMetric.val_accuracy,
+            EpochMetric.epoch_seconds,
+            EpochMetric.diagnostics["generalization_gap"].as_float(),
+            EpochMetric.diagnostics["step_loss_std"].as_float(),
+        )
+        .join(Job, Job.id == EpochMetric.job_id)
+        .where(Job.study_id == study.id)
+        .order_by(EpochMetric.job_id, EpochMetric.epoch)
+    ).all()
+    by_job: dict[uuid.UUID, list[Any]] = {}
+    for row in metrics:
+        by_job.setdefault(row[0], []).append(row[1:])
+    for job_id, rows in by_job.items():
+        columns = np.array(rows, dtype=np.float64).T  # a missing diagnostic becomes NaN
+        run = runs[job_id]
+        run.epochs = columns[0].astype(np.int64)
+        run.val_loss, run.val_accuracy, run.epoch_seconds = columns[1], columns[2], columns[3]
+        run.gap, run.step_loss_std = columns[4], columns[5]
+    return list(runs.values())

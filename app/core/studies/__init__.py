@@ -1,0 +1,1 @@
+"""Studies: grids of job specs, the statistics over their stored metrics, and their reports."""

@@ -1,0 +1,130 @@
+"""A study's grid: axes (dotted spec paths) and their values, expanded into job specs.
+
+The grid is the cartesian product of the axes in the order given; each point sets its values
+into a copy of the base spec, and each resulting spec is validated exactly as a submitted job
+is, so one invalid point names itself and its field.
+"""
+
+import copy
+import itertools
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from app.core.errors import InvalidInput
+from app.core.spec import JobSpec, SpecError
+
+SEED_AXIS = "seed"
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    index: int
+    values: dict[str, Any]  # axis -> value
+    spec: JobSpec
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds, also through `X | None`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for member in typing.get_args(annotation):
+            found = _model_in(member)
+            if found is not None:
+                return found
+    return None
+
+
+def path_exists(path: str) -> bool:
+    """Whether a dotted path names a field of the job spec (a leaf or a whole section)."""
+    model: type[BaseModel] | None = JobSpec
+    for part in path.split("."):
+        if model is None or part not in model.model_fields:
+            return False
+        model = _model_in(model.model_fields[part].annotation)
+    return True
+
+
+def check_axes(grid: dict[str, list[Any]], max_jobs: int) -> int:
+    """The number of points, once every axis names a spec field and the size is allowed."""
+    for axis, values in grid.items():
+        if not path_exists(axis):
+            raise InvalidInput(f"grid.{axis}", f"{axis!r} is not a field of the job spec")
+        if not values:
+            raise InvalidInput(f"grid.{axis}", "an axis needs at least one value")
+        keys = [_key(value) for value in values]
+        if len(set(keys)) != len(keys):
+            raise InvalidInput(f"grid.{axis}", "an axis lists a value twice")
+    size = math.prod(len(values) for values in grid.values())
+    if size > max_jobs:
+        raise InvalidInput(
+            "grid", f"{size} grid points; at most {max_jobs} jobs (TRAINSVC_MAX_STUDY_JOBS)"
+        )
+    return size
+
+
+def _key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def set_path(spec: dict[str, Any], path: str, value: Any) -> None:
+    """Set a dotted path in a nested dict, creating the sections on the way."""
+    *sections, leaf = path.split(".")
+    node = spec
+    for section in sections:
+        child = node.get(section)
+        if not isinstance(child, dict):
+            child = {}
+            node[section] = child
+        node = child
+    node[leaf] = copy.deepcopy(value)
+
+
+def _first_error(exc: ValidationError) -> tuple[str, str]:
+    error = exc.errors()[0]
+    location = [str(part) for part in error.get("loc", ())]
+    message = str(error.get("msg", "invalid"))
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, SpecError):
+        location += cause.field.split(".")
+        message = cause.message
+    return ".".join(location) or "spec", message.removeprefix("Value error, ")
+
+
+def expand(base: dict[str, Any], grid: dict[str, list[Any]]) -> list[GridPoint]:
+    """Every point of the grid as a validated spec; the first invalid point is a 422 naming it."""
+    axes = list(grid)
+    points = []
+    for index, combination in enumerate(itertools.product(*(grid[axis] for axis in axes))):
+        values = dict(zip(axes, combination, strict=True))
+        raw = copy.deepcopy(base)
+        for axis, value in values.items():
+            set_path(raw, axis, value)
+        try:
+            # Through JSON, as a submitted job is parsed: the same strictness, the same errors.
+            spec = JobSpec.model_validate_json(json.dumps(raw))
+        except ValidationError as exc:
+            field, message = _first_error(exc)
+            raise point_error(index, values, field, message) from exc
+        points.append(GridPoint(index, values, spec))
+    return points
+
+
+def point_error(index: int, values: dict[str, Any], field: str, message: str) -> InvalidInput:
+    return InvalidInput(f"grid[{index}].{field}", f"{message} (grid point {_key(values)})")
+
+
+def configuration_of(point: dict[str, Any]) -> dict[str, Any]:
+    """A grid point without its seed: what the seeds of one configuration share."""
+    return {axis: value for axis, value in point.items() if axis != SEED_AXIS}
+
+
+def point_key(point: dict[str, Any]) -> str:
+    """A hashable, order-independent key for a grid point (values may be lists)."""
+    return json.dumps(point, sort_keys=True)

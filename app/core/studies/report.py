@@ -1,0 +1,306 @@
+"""A study's report, assembled from its runs' stored metrics: configurations, the largest
+stable learning rate and the paired effects of each axis value against its baseline.
+
+Plain data in, plain data out: the caller loads every run's metrics once (two queries for
+the whole study), and this module never touches the database.
+"""
+
+import itertools
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from app.core.studies import statistics
+from app.core.studies.grid import SEED_AXIS, configuration_of, point_key
+
+LR_AXIS = "optimizer.lr"
+# "Above chance by a margin": a learning rate is stable if every seed ends this far above
+# 1/num_classes in validation accuracy, and none diverged.
+CHANCE_MARGIN = 0.1
+# The default target: this fraction of the best configuration's mean best accuracy.
+DEFAULT_TARGET_FRACTION = 0.95
+ENDED = ("succeeded", "failed", "cancelled")
+
+
+@dataclass
+class Run:
+    """One job of the study with its per-epoch metrics (arrays ordered by epoch)."""
+
+    job_id: uuid.UUID
+    status: str
+    grid_point: dict[str, Any]
+    error_type: str | None
+    num_classes: int | None
+    epochs: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    val_loss: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    val_accuracy: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    gap: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    step_loss_std: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    epoch_seconds: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def diverged(self) -> bool:
+        return self.status == "failed" and self.error_type == "diverged"
+
+    def summary(self) -> statistics.RunSummary | None:
+        if self.status != "succeeded":
+            return None
+        return statistics.summarize_run(
+            self.epochs,
+            self.val_loss,
+            self.val_accuracy,
+            self.gap,
+            self.step_loss_std,
+            self.epoch_seconds,
+        )
+
+
+def baseline_of(axis: str, values: list[Any]) -> Any:
+    """The value others are compared with: no normalization, no dropout, else the first."""
+    if axis.endswith("normalization.type") and "none" in values:
+        return "none"
+    if axis.endswith("dropout.rate"):
+        for value in values:
+            if value == 0:
+                return value
+    return values[0]
+
+
+def label_of(axis: str, value: Any) -> str:
+    """How a reading names an axis value: 'batch_norm', 'dropout 0.5', 'lr 0.1'."""
+    if axis.endswith("normalization.type"):
+        return str(value)
+    if axis.endswith("dropout.rate"):
+        return f"dropout {value}"
+    if axis == LR_AXIS:
+        return f"lr {value}"
+    return f"{axis}={value}"
+
+
+def configurations_in_order(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    axes = [axis for axis in grid if axis != SEED_AXIS]
+    return [
+        dict(zip(axes, values, strict=True))
+        for values in itertools.product(*(grid[axis] for axis in axes))
+    ]
+
+
+def _aggregate(values: list[float | None] | list[float]) -> dict[str, Any]:
+    return asdict(statistics.aggregate(values))
+
+
+def _pending_note(counts: dict[str, int]) -> str | None:
+    queued, running = counts.get("queued", 0), counts.get("running", 0)
+    if not queued and not running:
+        return None
+    ended = sum(counts.get(status, 0) for status in ENDED)
+    return (
+        f"{queued} jobs still queued and {running} running; "
+        f"this report covers the {ended} that ended"
+    )
+
+
+def build_report(
+    grid: dict[str, list[Any]],
+    runs: list[Run],
+    target: float | None = None,
+) -> dict[str, Any]:
+    """The report's body (without identity or plot links, which the caller adds)."""
+    counts = {status: 0 for status in ("queued", "running", *ENDED)}
+    for run in runs:
+        counts[run.status] = counts.get(run.status, 0) + 1
+    summaries = {run.job_id: run.summary() for run in runs}
+    by_configuration: dict[str, list[Run]] = {}
+    for run in runs:
+        by_configuration.setdefault(point_key(configuration_of(run.grid_point)), []).append(run)
+
+    configurations = configurations_in_order(grid)
+    best_means = []
+    for configuration in configurations:
+        members = by_configuration.get(point_key(configuration), [])
+        best = [s.best_val_accuracy for r in members if (s := summaries[r.job_id])]
+        mean = statistics.aggregate(best).mean
+        if mean is not None:
+            best_means.append(mean)
+    target_source = "query"
+    if target is None:
+        target_source = (
+            f"default: {DEFAULT_TARGET_FRACTION:.0%} of the best configuration's "
+            "mean best_val_accuracy"
+        )
+        target = DEFAULT_TARGET_FRACTION * max(best_means) if best_means else None
+    reached: dict[uuid.UUID, int | None] = {
+        run.job_id: statistics.epochs_to_target(run.epochs, run.val_accuracy, target)
+        if target is not None and summaries[run.job_id] is not None
+        else None
+        for run in runs
+    }
+
+    rows = []
+    for configuration in configurations:
+        members = by_configuration.get(point_key(configuration), [])
+        done = [s for r in members if (s := summaries[r.job_id]) is not None]
+        to_target = [reached[r.job_id] for r in members if summaries[r.job_id] is not None]
+        rows.append(
+            {
+                "configuration": configuration,
+                "jobs": len(members),
+                "succeeded": len(done),
+                "diverged": sum(r.diverged for r in members),
+                "pending": sum(r.status in ("queued", "running") for r in members),
+                "best_val_accuracy": _aggregate([s.best_val_accuracy for s in done]),
+                "final_val_accuracy": _aggregate([s.final_val_accuracy for s in done]),
+                "final_val_loss": _aggregate([s.final_val_loss for s in done]),
+                "generalization_gap_final": _aggregate([s.gap_final for s in done]),
+                "generalization_gap_at_best": _aggregate([s.gap_at_best for s in done]),
+                "epochs_to_target": {
+                    **_aggregate([float(e) for e in to_target if e is not None]),
+                    "never_reached": sum(e is None for e in to_target),
+                },
+                "step_loss_roughness": _aggregate([s.step_loss_roughness for s in done]),
+                "seconds_per_epoch": _aggregate([s.seconds_per_epoch for s in done]),
+            }
+        )
+    return {
+        "complete": not counts["queued"] and not counts["running"],
+        "counts": counts,
+        "note": _pending_note(counts),
+        "target": {"val_accuracy": target, "source": target_source},
+        "axes": list(grid),
+        "configurations": rows,
+        "max_stable_lr": max_stable_lr(grid, runs, summaries),
+        "effects": effects(grid, runs, summaries, reached),
+    }
+
+
+def max_stable_lr(
+    grid: dict[str, list[Any]],
+    runs: list[Run],
+    summaries: dict[uuid.UUID, statistics.RunSummary | None],
+) -> dict[str, Any] | None:
+    """Per configuration without the learning rate: the largest lr at which no seed diverged
+    and every seed ended above chance by CHANCE_MARGIN. None where lr is not an axis."""
+    if LR_AXIS not in grid:
+        return None
+    others = {axis: values for axis, values in grid.items() if axis != LR_AXIS}
+    groups: dict[str, dict[str, list[Run]]] = {}
+    for run in runs:
+        rest = configuration_of({a: v for a, v in run.grid_point.items() if a != LR_AXIS})
+        lr_key = point_key({"lr": run.grid_point.get(LR_AXIS)})
+        groups.setdefault(point_key(rest), {}).setdefault(lr_key, []).append(run)
+    rows = []
+    for configuration in configurations_in_order(others):
+        by_lr = groups.get(point_key(configuration), {})
+        verdicts = []
+        for lr in sorted(grid[LR_AXIS]):
+            members = by_lr.get(point_key({"lr": lr}), [])
+            verdicts.append({"lr": lr, **_stability(members, summaries)})
+        stable = [v["lr"] for v in verdicts if v["stable"]]
+        rows.append(
+            {
+                "configuration": configuration,
+                "max_stable_lr": max(stable) if stable else None,
+                "by_lr": verdicts,
+            }
+        )
+    return {"chance_margin": CHANCE_MARGIN, "configurations": rows}
+
+
+def _stability(
+    members: list[Run], summaries: dict[uuid.UUID, statistics.RunSummary | None]
+) -> dict[str, Any]:
+    diverged = sum(r.diverged for r in members)
+    done = [(r, s) for r in members if (s := summaries[r.job_id]) is not None]
+    if diverged:
+        return {"stable": False, "reason": f"{diverged} of {len(members)} seeds diverged"}
+    if not done:
+        return {"stable": False, "reason": "no seed has finished"}
+    for run, summary in done:
+        chance = 1.0 / run.num_classes if run.num_classes else 0.0
+        if summary.final_val_accuracy < chance + CHANCE_MARGIN:
+            return {
+                "stable": False,
+                "reason": f"a seed ended at {summary.final_val_accuracy:.3g} accuracy, "
+                f"within {CHANCE_MARGIN} of chance ({chance:.3g})",
+            }
+    return {"stable": True, "reason": f"{len(done)} seeds ended above chance, none diverged"}
+
+
+def effects(
+    grid: dict[str, list[Any]],
+    runs: list[Run],
+    summaries: dict[uuid.UUID, statistics.RunSummary | None],
+    reached: dict[uuid.UUID, int | None],
+) -> list[dict[str, Any]]:
+    """Each axis value against its baseline, paired over the other axes and the seeds."""
+    by_point = {point_key(run.grid_point): run for run in runs}
+    found = []
+    for axis, values in grid.items():
+        if axis == SEED_AXIS or len(values) < 2:
+            continue
+        baseline = baseline_of(axis, values)
+        for value in values:
+            if value == baseline:
+                continue
+            pairs = []
+            for run in runs:
+                if point_key({"v": run.grid_point.get(axis)}) != point_key({"v": value}):
+                    continue
+                partner = by_point.get(point_key({**run.grid_point, axis: baseline}))
+                treated = summaries[run.job_id]
+                base = summaries[partner.job_id] if partner else None
+                if partner is not None and treated is not None and base is not None:
+                    pairs.append((run, treated, partner, base))
+            found.append(_effect(axis, value, baseline, pairs, reached))
+    return found
+
+
+def _effect(
+    axis: str,
+    value: Any,
+    baseline: Any,
+    pairs: list[tuple[Run, statistics.RunSummary, Run, statistics.RunSummary]],
+    reached: dict[uuid.UUID, int | None],
+) -> dict[str, Any]:
+    label = label_of(axis, value)
+    epoch_pairs = [
+        (base_epochs, treated_epochs)
+        for run, _, partner, _ in pairs
+        if (treated_epochs := reached[run.job_id]) is not None
+        and (base_epochs := reached[partner.job_id]) is not None
+    ]
+    ratio = statistics.paired_ratio([b for b, _ in epoch_pairs], [t for _, t in epoch_pairs])
+    accuracy = statistics.paired_difference(
+        [t.best_val_accuracy for _, t, _, _ in pairs],
+        [b.best_val_accuracy for _, _, _, b in pairs],
+    )
+    gap_pairs = [
+        (t.gap_final, b.gap_final)
+        for _, t, _, b in pairs
+        if t.gap_final is not None and b.gap_final is not None
+    ]
+    gap = statistics.paired_difference([t for t, _ in gap_pairs], [b for _, b in gap_pairs])
+    return {
+        "axis": axis,
+        "value": value,
+        "baseline": baseline,
+        "pairs": len(pairs),
+        "epochs_to_target": {
+            **asdict(ratio),
+            "kind": "ratio: baseline epochs / these epochs (above 1: fewer epochs)",
+            "reading": statistics.read_epoch_ratio(label, ratio),
+        },
+        "best_val_accuracy": {
+            **asdict(accuracy),
+            "kind": "difference: this - baseline",
+            "reading": statistics.read_difference(label, "best val accuracy", accuracy),
+        },
+        "generalization_gap": {
+            **asdict(gap),
+            "kind": "difference: this - baseline, final epoch",
+            "reading": statistics.read_difference(label, "the generalization gap", gap),
+        },
+    }

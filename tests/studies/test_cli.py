@@ -1,0 +1,77 @@
+"""trainsvc study create / report, against the API in-process."""
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from app.cli import main
+from tests.factories import spec_payload
+from tests.studies.test_report import finish, store_epochs
+
+
+@pytest.fixture
+def cli_talks_to(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> TestClient:
+    """httpx.Client in the CLI reaches the test's app (and its rolled-back transaction)."""
+
+    real_client = httpx.Client
+
+    def in_process(**kwargs: Any) -> httpx.Client:
+        return real_client(base_url="http://testserver", transport=client._transport)
+
+    monkeypatch.setattr(httpx, "Client", in_process)
+    return client
+
+
+def test_study_create_then_report_with_csv(
+    cli_talks_to: TestClient,
+    session: Session,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    grid_file = tmp_path / "grid.json"
+    body = {
+        "name": "cli",
+        "base": spec_payload(),
+        "grid": {"model.normalization.type": ["none", "batch_norm"], "seed": [0, 1]},
+    }
+    grid_file.write_text(json.dumps(body))
+    main(["study", "create", str(grid_file)])
+    out = capsys.readouterr().out
+    assert out.endswith(": 4 jobs\n")
+    study_id = out.split()[1].rstrip(":")
+    study = cli_talks_to.get(f"/v1/studies/{study_id}").json()
+    for job in study["jobs"]:
+        finish(session, job["id"])
+        base = 0.9 if job["grid_point"]["model.normalization.type"] == "batch_norm" else 0.6
+        store_epochs(session, uuid.UUID(job["id"]), [(base, 0.1), (base + 0.05, 0.2)])
+    session.commit()
+
+    csv_path = tmp_path / "table.csv"
+    main(["study", "report", study_id, "--csv", str(csv_path)])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "model.normalization.type",
+        "n",
+        "best_val_acc",
+        "gap_final",
+        "epochs_to_target",
+        "diverged",
+    ]
+    assert lines[1].split()[:3] == ['"none"', "2", "0.650±0.000"]
+    assert lines[2].split()[:3] == ['"batch_norm"', "2", "0.950±0.000"]
+    assert "batch_norm raised best val accuracy by +0.3 [0.3, 0.3], n=2" in out
+    assert csv_path.read_text().startswith("model.normalization.type,jobs,succeeded")
+
+
+def test_study_create_reports_a_422(cli_talks_to: TestClient, tmp_path: Path) -> None:
+    grid_file = tmp_path / "grid.json"
+    grid_file.write_text(json.dumps({"base": spec_payload(), "grid": {"colour": [1]}}))
+    with pytest.raises(SystemExit, match=r"study failed \(422\).*grid\.colour"):
+        main(["study", "create", str(grid_file)])

@@ -1,0 +1,106 @@
+"""The report as HTML and CSV, and the plots as PNG."""
+
+import csv
+import io
+import uuid
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from tests.factories import spec_payload
+from tests.studies.test_report import finish, store_epochs
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+GRID = {
+    "model.normalization.type": ["none", "batch_norm"],
+    "model.dropout.rate": [0.0, 0.5],
+    "optimizer.lr": [0.1, 1.0],
+    "seed": [0, 1],
+}
+
+
+@pytest.fixture
+def ended_study(client: TestClient, session: Session) -> dict[str, Any]:
+    body = {"name": "<script>alert(1)</script>", "base": spec_payload(), "grid": GRID}
+    created = client.post("/v1/studies", json=body).json()
+    for index, job in enumerate(created["jobs"]):
+        finish(session, job["id"])
+        base = 0.5 + 0.01 * index
+        store_epochs(
+            session, uuid.UUID(job["id"]), [(base, 0.1), (base + 0.2, 0.2), (base + 0.3, 0.3)]
+        )
+    session.commit()
+    return created
+
+
+def test_csv_has_one_row_per_configuration(client: TestClient, ended_study: dict[str, Any]) -> None:
+    response = client.get(f"/v1/studies/{ended_study['id']}/report", params={"format": "csv"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(response.text)))
+    assert len(rows) == 8
+    first = rows[0]
+    assert first["model.normalization.type"] == "none"
+    assert first["model.dropout.rate"] == "0.0"
+    assert first["optimizer.lr"] == "0.1"
+    assert first["succeeded"] == "2"
+    # Jobs 0 and 1 (seeds 0, 1) end at 0.80 and 0.81.
+    assert float(first["best_val_accuracy_mean"]) == pytest.approx(0.805)
+    assert first["best_val_accuracy_n"] == "2"
+
+
+def test_html_is_escaped_and_shows_the_plots(
+    client: TestClient, ended_study: dict[str, Any]
+) -> None:
+    response = client.get(f"/v1/studies/{ended_study['id']}/report", params={"format": "html"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    page = response.text
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    for name in ("learning_curves", "gap_by_dropout", "accuracy_by_lr"):
+        assert f"/v1/studies/{ended_study['id']}/plots/{name}.png" in page
+    assert "Largest stable learning rate" in page
+    assert "batch_norm" in page
+
+
+def test_report_lists_plots_and_each_is_a_png(
+    client: TestClient, ended_study: dict[str, Any]
+) -> None:
+    report = client.get(f"/v1/studies/{ended_study['id']}/report").json()
+    assert set(report["plots"]) == {"learning_curves", "gap_by_dropout", "accuracy_by_lr"}
+    for url in report["plots"].values():
+        response = client.get(url)
+        assert response.status_code == 200, url
+        assert response.headers["content-type"] == "image/png"
+        assert response.content.startswith(PNG_SIGNATURE)
+        assert len(response.content) > 5000  # axes, lines and labels, not an empty canvas
+
+
+def test_plots_of_an_ended_study_are_drawn_once(
+    client: TestClient, ended_study: dict[str, Any]
+) -> None:
+    url = f"/v1/studies/{ended_study['id']}/plots/learning_curves.png"
+    first = client.get(url).content
+    cache = client.app.state.study_plot_cache  # type: ignore[attr-defined]
+    [(key, cached)] = list(cache._entries.items())
+    assert key[:2] == (uuid.UUID(ended_study["id"]), "learning_curves")
+    cache._entries[key] = b"drawn once"  # a second request must be served from here
+    assert client.get(url).content == b"drawn once"
+    assert cached == first
+
+
+def test_running_study_plots_are_not_cached_and_unknown_plot_is_404(
+    client: TestClient,
+) -> None:
+    body = {"base": spec_payload(), "grid": {"seed": [0, 1]}}
+    created = client.post("/v1/studies", json=body).json()
+    response = client.get(f"/v1/studies/{created['id']}/plots/learning_curves.png")
+    assert response.status_code == 200
+    assert response.content.startswith(PNG_SIGNATURE)  # no finished run yet: empty axes
+    assert not client.app.state.study_plot_cache._entries  # type: ignore[attr-defined]
+    missing = client.get(f"/v1/studies/{created['id']}/plots/gap_by_dropout.png")
+    assert missing.status_code == 404
+    assert missing.json()["error"] == "plot_not_found"
