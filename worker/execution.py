@@ -29,6 +29,7 @@ from app.core.config import Settings
 from app.core.datasets import load_upload_arrays, resolve_dataset
 from app.core.db import transaction
 from app.core.lifecycle import CheckpointBlob, Claim, LeaseLost
+from app.core.observability import logs, metrics
 from app.core.outbox import Dispatcher
 from app.core.spec import JobSpec
 from worker.training.data import PreparedData, load_builtin, prepare
@@ -122,6 +123,10 @@ class AttemptControl(threading.Thread):
         self.join()
 
     def run(self) -> None:
+        with logs.job_context(self.claim.job_id, self.claim.attempt):  # threads start bare
+            self._run()
+
+    def _run(self) -> None:
         settings = self.ctx.settings
         next_renewal = time.monotonic() + settings.heartbeat_seconds
         while not self._done.wait(settings.control_poll_seconds) and self.stop_reason is None:
@@ -173,6 +178,8 @@ def record(ctx: WorkerContext, claim: Claim, run: TrainingRun, result: EpochResu
     if result.improved:
         blobs.append(_blob("best", result.epoch, weights, None))
 
+    metrics.observe_epoch(str(run.device), len(run.x_train), result.metrics["epoch_seconds"])
+
     def write(session: Session) -> None:
         lifecycle.record_epoch(
             session,
@@ -201,10 +208,16 @@ def _end(ctx: WorkerContext, claim: Claim, status: str, **fields: object) -> Non
         ctx,
         lambda session: lifecycle.finish(session, claim.job_id, claim.attempt, status, **fields),  # type: ignore[arg-type]
     )
+    metrics.observe_job_end(status, claim.first_started_at_ts)
 
 
 def execute_job(ctx: WorkerContext, job_id: uuid.UUID) -> str:
     """Run the job if it can be claimed; returns how this attempt ended."""
+    with logs.job_context(job_id):  # every line this attempt logs names the job
+        return _attempt(ctx, job_id)
+
+
+def _attempt(ctx: WorkerContext, job_id: uuid.UUID) -> str:
     if shutdown_requested.is_set():
         # This process is on its way out: leave the job queued; the message or the outbox's
         # republish brings it to another worker.
@@ -215,6 +228,8 @@ def execute_job(ctx: WorkerContext, job_id: uuid.UUID) -> str:
     if claim is None:
         logger.info("job %s is not claimable (taken, ended or cancelled); nothing to do", job_id)
         return "skipped"
+    logs.bind_attempt(claim.attempt)
+    metrics.observe_claim(claim.created_at_ts, claim.first_started_at_ts, claim.attempt)
     spec = JobSpec.model_validate(claim.spec)  # stored normalized by the API: it validates
     wall_seconds = min(
         spec.max_wall_seconds or ctx.settings.max_wall_seconds, ctx.settings.max_wall_seconds

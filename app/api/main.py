@@ -9,6 +9,8 @@ from app.api.datasets.router import router as datasets_router
 from app.api.errors import install_error_handlers
 from app.api.jobs.router import router as jobs_router
 from app.api.limits import BodySizeLimit
+from app.api.observability import RequestObservability
+from app.api.system.router import metrics_router
 from app.api.system.router import router as system_router
 from app.core.broker import create_celery_app
 from app.core.config import Settings, get_settings
@@ -40,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs_router)
     app.include_router(datasets_router)
     app.include_router(system_router)
+    app.include_router(metrics_router)
     install_error_handlers(app)
     app.add_middleware(
         BodySizeLimit,
@@ -47,4 +50,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         upload_limit=settings.max_upload_bytes,
         upload_paths=("/v1/datasets",),
     )
+    # Outermost: the request id is set before anything else logs, and a 413 is counted too.
+    app.add_middleware(RequestObservability)
     return app

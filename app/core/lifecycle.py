@@ -31,6 +31,7 @@ class Claim:
     resume_weights: bytes | None
     resume_state: bytes | None
     first_started_at_ts: float
+    created_at_ts: float = 0.0  # when the job was submitted (for the submit-to-start metric)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ def claim(
         resume_weights=last.weights if last else None,
         resume_state=last.trainer_state if last else None,
         first_started_at_ts=job.started_at.timestamp(),
+        created_at_ts=job.created_at.timestamp(),
     )
 
 
