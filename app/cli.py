@@ -54,6 +54,15 @@ def _up(args: argparse.Namespace) -> None:
             worker.kill()
 
 
+def _doctor(args: argparse.Namespace) -> None:
+    from app.core.observability.doctor import report, run_checks
+
+    checks = run_checks(get_settings(), host=args.host)
+    print(report(checks))
+    if any(check.outcome == "fail" for check in checks):
+        sys.exit(1)
+
+
 def _submit(args: argparse.Namespace) -> None:
     import httpx
     from tqdm import tqdm
@@ -110,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="migrate, then run the API and one worker together")
     server_options(up)
     up.set_defaults(handler=_up)
+
+    doctor = commands.add_parser(
+        "doctor", help="check the database, broker, workers, GPUs and auth; say how to fix"
+    )
+    doctor.add_argument("--host", default=None, help="the address the API will listen on")
+    doctor.set_defaults(handler=_doctor)
 
     submit = commands.add_parser("submit", help="submit a job spec (JSON file)")
     submit.add_argument("spec")

@@ -10,6 +10,7 @@ from app.core.models.jobs import (
     Job,
     JobAttempt,
 )
+from app.core.models.workers import WorkerHeartbeat
 
 __all__ = [
     "CHECKPOINT_KINDS",
@@ -20,5 +21,6 @@ __all__ = [
     "EpochMetric",
     "Job",
     "JobAttempt",
+    "WorkerHeartbeat",
     "utcnow",
 ]
