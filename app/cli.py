@@ -10,19 +10,22 @@ from pathlib import Path
 from typing import Any
 
 from app.core.config import get_settings
+from app.core.observability.logs import configure_logging
+from app.core.observability.multiprocess import share_metrics_between_processes
 
 
 def _serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
     from app.api.main import create_app
+    from app.api.server import run_server
 
-    uvicorn.run(create_app(get_settings()), host=args.host, port=args.port, log_level="info")
+    configure_logging(get_settings())
+    run_server(create_app(get_settings()), args.host, args.port, get_settings())
 
 
 def _worker(args: argparse.Namespace) -> None:
     from worker.main import run_worker  # the worker, and torch with it, only in this process
 
+    configure_logging(get_settings())
     run_worker(get_settings(), concurrency=args.concurrency, loglevel=args.loglevel)
 
 
@@ -38,6 +41,7 @@ def _up(args: argparse.Namespace) -> None:
     from app.core.migrate import upgrade
 
     upgrade(get_settings().database_url)
+    share_metrics_between_processes()  # before the worker starts: it inherits the directory
     worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
     try:
         _serve(args)  # returns on Ctrl-C or SIGTERM, after uvicorn's own graceful shutdown
@@ -48,6 +52,15 @@ def _up(args: argparse.Namespace) -> None:
             worker.wait(timeout=60)
         except subprocess.TimeoutExpired:
             worker.kill()
+
+
+def _doctor(args: argparse.Namespace) -> None:
+    from app.core.observability.doctor import report, run_checks
+
+    checks = run_checks(get_settings(), host=args.host)
+    print(report(checks))
+    if any(check.outcome == "fail" for check in checks):
+        sys.exit(1)
 
 
 def _submit(args: argparse.Namespace) -> None:
@@ -179,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="migrate, then run the API and one worker together")
     server_options(up)
     up.set_defaults(handler=_up)
+
+    doctor = commands.add_parser(
+        "doctor", help="check the database, broker, workers, GPUs and auth; say how to fix"
+    )
+    doctor.add_argument("--host", default=None, help="the address the API will listen on")
+    doctor.set_defaults(handler=_doctor)
 
     submit = commands.add_parser("submit", help="submit a job spec (JSON file)")
     submit.add_argument("spec")

@@ -38,6 +38,7 @@ from app.core.config import Settings
 from app.core.datasets import load_upload_arrays, resolve_dataset
 from app.core.db import transaction
 from app.core.lifecycle import CheckpointBlob, Claim, LeaseLost
+from app.core.observability import logs, metrics
 from app.core.outbox import Dispatcher
 from app.core.spec import JobSpec
 from worker.training.data import PreparedData, load_builtin, prepare
@@ -148,7 +149,8 @@ class AttemptControl(threading.Thread):
 
     def run(self) -> None:
         try:
-            self._keep_lease()
+            with logs.job_context(self.claim.job_id, self.claim.attempt):  # threads start bare
+                self._keep_lease()
         except Exception as exc:
             # Anything unforeseen: a thread that died here would leave training running while
             # its lease lapses, and the reaper would take a healthy job. Stop the attempt.
@@ -212,6 +214,8 @@ def record(ctx: WorkerContext, claim: Claim, run: TrainingRun, result: EpochResu
     if result.improved:
         blobs.append(_blob("best", result.epoch, weights, None))
 
+    metrics.observe_epoch(str(run.device), len(run.x_train), result.metrics["epoch_seconds"])
+
     def write(session: Session) -> None:
         lifecycle.record_epoch(
             session,
@@ -240,10 +244,18 @@ def _end(ctx: WorkerContext, claim: Claim, status: str, **fields: object) -> Non
         ctx,
         lambda session: lifecycle.finish(session, claim.job_id, claim.attempt, status, **fields),  # type: ignore[arg-type]
     )
+    metrics.observe_job_end(
+        status, claim.wall_seconds_used + time.monotonic() - claim.claimed_at_monotonic
+    )
 
 
 def execute_job(ctx: WorkerContext, job_id: uuid.UUID) -> str:
     """Run the job if it can be claimed; returns how this attempt ended."""
+    with logs.job_context(job_id):  # every line this attempt logs names the job
+        return _attempt(ctx, job_id)
+
+
+def _attempt(ctx: WorkerContext, job_id: uuid.UUID) -> str:
     if shutdown_requested.is_set():
         # This process is on its way out: leave the job queued; the message or the outbox's
         # republish brings it to another worker.
@@ -256,6 +268,8 @@ def execute_job(ctx: WorkerContext, job_id: uuid.UUID) -> str:
     if claim is None:
         logger.info("job %s is not claimable (taken, ended or cancelled); nothing to do", job_id)
         return "skipped"
+    logs.bind_attempt(claim.attempt)
+    metrics.observe_claim(claim.queued_seconds, claim.attempt)
     try:
         spec = JobSpec.model_validate(claim.spec)
     except ValidationError as exc:

@@ -14,6 +14,7 @@ from app.core import lifecycle
 from app.core.broker import QUEUE, create_celery_app
 from app.core.config import Settings
 from app.core.db import create_db_engine, create_session_factory, transaction
+from app.core.observability import heartbeats
 from app.core.outbox import Dispatcher
 from worker.execution import WorkerContext, with_db_retry
 from worker.tasks import register_tasks
@@ -79,6 +80,7 @@ class Sweeper(threading.Thread):
         settings = self.context.settings
         with transaction(self.context.session_factory) as session:
             requeued = lifecycle.reap_expired_leases(session, settings.max_attempts)
+            heartbeats.touch(session, self.context.worker_id, socket.gethostname())
         if requeued:
             logger.warning("re-queued %d job(s) whose worker was lost: %s", len(requeued), requeued)
         self.context.dispatcher.publish_pending(settings.republish_after_seconds)

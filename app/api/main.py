@@ -11,7 +11,9 @@ from app.api.events.hub import EventHub
 from app.api.events.router import router as events_router
 from app.api.jobs.router import router as jobs_router
 from app.api.limits import BodySizeLimit
+from app.api.observability import RequestObservability
 from app.api.studies.router import router as studies_router
+from app.api.system.router import metrics_router
 from app.api.system.router import router as system_router
 from app.core.broker import create_celery_app
 from app.core.config import Settings, get_settings
@@ -47,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(events_router)
     app.include_router(studies_router)
     app.include_router(system_router)
+    app.include_router(metrics_router)
     install_error_handlers(app)
     app.add_middleware(
         BodySizeLimit,
@@ -54,4 +57,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         upload_limit=settings.max_upload_bytes,
         upload_paths=("/v1/datasets",),
     )
+    # Outermost: the request id is set before anything else logs, and a 413 is counted too.
+    app.add_middleware(RequestObservability)
     return app

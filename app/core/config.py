@@ -1,6 +1,7 @@
 """Settings: every knob of the service in one typed place, read from TRAINSVC_* variables."""
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -67,6 +68,21 @@ class Settings(BaseSettings):
     broker_publish_timeout_seconds: float = Field(2.0, gt=0)
     # After a publish fails (broker down), skip publishing this long; the outbox keeps the jobs.
     publish_pause_seconds: float = Field(5.0, ge=0)
+
+    # Operations (docs/operations.md). Logs: json lines, a console line, or auto (console on a
+    # terminal, json otherwise).
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # /metrics answers without a key unless this is set (enforced with the API keys).
+    metrics_require_key: bool = False
+    # The HTTP server's limits on slow clients: a request's line and headers must arrive within
+    # http_header_timeout_seconds of the connection opening (or of the previous response); an
+    # idle keep-alive connection closes after http_keep_alive_seconds; a request head over
+    # http_max_header_bytes is refused; over http_max_connections open connections, 503.
+    http_header_timeout_seconds: float = Field(10.0, gt=0)
+    http_keep_alive_seconds: int = Field(5, ge=1)
+    http_max_header_bytes: int = Field(16 * 1024, ge=1024)
+    http_max_connections: int | None = Field(None, ge=1)
 
 
 @lru_cache

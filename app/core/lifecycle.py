@@ -13,8 +13,9 @@ recognised: the claim by the token its caller chose, finish and hand_back by the
 first try wrote, and a stored epoch by epoch_stored_by.
 """
 
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -73,6 +74,10 @@ class Claim:
     # Time since the job's first attempt started, by the database's clock: the wall-time
     # limit counts across attempts, and a worker's own clock may be skewed.
     wall_seconds_used: float
+    # How long the job waited from submit to its first start (the database's clock).
+    queued_seconds: float
+    # This host's monotonic clock at the claim: with wall_seconds_used, the job's duration.
+    claimed_at_monotonic: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,7 @@ def claim(
         resume_weights=last.weights if last else None,
         resume_state=last.trainer_state if last else None,
         wall_seconds_used=max(0.0, (moment - job.started_at).total_seconds()),
+        queued_seconds=max(0.0, (job.started_at - job.created_at).total_seconds()),
     )
 
 

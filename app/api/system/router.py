@@ -1,12 +1,16 @@
-"""Liveness (/v1/health) and readiness (/v1/ready: the database and the broker answer)."""
+"""Liveness (/v1/health), readiness (/v1/ready: the database and broker answer), /metrics."""
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 from app.api.dependencies import DispatcherDep
+from app.core.observability import metrics
 
 router = APIRouter(prefix="/v1", tags=["system"])
+# Prometheus scrapes /metrics by convention, outside the versioned API. It needs no key unless
+# settings.metrics_require_key is set: the API-key dependency is added to this router for that.
+metrics_router = APIRouter(tags=["system"])
 
 
 @router.get("/health")
@@ -35,3 +39,14 @@ def _database_up(request: Request) -> bool:
         return True
     except Exception:
         return False
+
+
+@metrics_router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {metrics.CONTENT_TYPE_LATEST: {}}, "description": "Metrics"}},
+)
+def prometheus_metrics(request: Request) -> Response:
+    """Prometheus metrics: requests, jobs by status, queue, outbox, attempts, training."""
+    body = metrics.render(request.app.state.session_factory)
+    return Response(body, media_type=metrics.CONTENT_TYPE_LATEST)

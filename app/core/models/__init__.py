@@ -13,6 +13,7 @@ from app.core.models.jobs import (
 )
 from app.core.models.studies import Study
 from app.core.models.webhooks import JobCallback, WebhookDelivery
+from app.core.models.workers import WorkerHeartbeat
 
 __all__ = [
     "CHECKPOINT_KINDS",
@@ -27,5 +28,6 @@ __all__ = [
     "JobEvent",
     "Study",
     "WebhookDelivery",
+    "WorkerHeartbeat",
     "utcnow",
 ]

@@ -1,0 +1,80 @@
+"""The HTTP server: uvicorn, with limits so that a slow or stalled client cannot hold a connection.
+
+uvicorn (0.54) closes an idle keep-alive connection after timeout_keep_alive, but has no timer
+on a request still arriving: a client that opens a connection and sends half a request line
+holds it for ever (its keep-alive timer is cancelled by the first byte). RequestHeadTimeout
+closes a connection whose request line and headers have not all arrived within
+http_header_timeout_seconds of it opening, or of the previous response ending.
+"""
+
+import asyncio
+from typing import Any
+
+import h11
+import uvicorn
+from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from app.core.config import Settings
+
+
+class RequestHeadTimeout(H11Protocol):
+    """h11, plus a deadline for each request's line and headers (the head)."""
+
+    head_timeout_seconds = 10.0  # set per server by protocol_with_head_timeout()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the head is in: the request is the app's now
+            self._disarm_head_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._arm_head_deadline()  # the next request on this connection gets a deadline too
+
+    def _arm_head_deadline(self) -> None:
+        self._disarm_head_deadline()
+        self._head_deadline = self.loop.call_later(self.head_timeout_seconds, self._head_too_slow)
+
+    def _disarm_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.logger.info("closing a connection whose request head did not arrive in time")
+            self.transport.close()
+
+
+def protocol_with_head_timeout(seconds: float) -> type[RequestHeadTimeout]:
+    return type("RequestHeadTimeout", (RequestHeadTimeout,), {"head_timeout_seconds": seconds})
+
+
+def run_server(app: FastAPI, host: str, port: int, settings: Settings) -> None:
+    """Serve `app` until Ctrl-C or SIGTERM, with the slow-client limits from settings."""
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        http=protocol_with_head_timeout(settings.http_header_timeout_seconds),
+        timeout_keep_alive=settings.http_keep_alive_seconds,
+        h11_max_incomplete_event_size=settings.http_max_header_bytes,
+        limit_concurrency=settings.http_max_connections,
+        log_config=None,  # logging is configured once, by configure_logging()
+        log_level=settings.log_level.lower(),
+    )
