@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, delete, func, select, update
+from sqlalchemy import and_, case, func, select, update
 from sqlalchemy.orm import Session, undefer
 
 from app.core.models import Checkpoint, EpochMetric, Job, JobAttempt, utcnow
@@ -131,33 +131,68 @@ def record_epoch(
     checkpoints: list[CheckpointBlob],
     lease_seconds: float,
 ) -> None:
-    """One epoch's metrics and checkpoints, in the caller's one transaction: all or nothing."""
+    """One epoch's metrics (and checkpoints, when due), in the caller's one transaction.
+
+    Checkpoints are stored only every so often, so a resume may start before the last stored
+    epoch and train it again: the rerun's numbers replace the stored row (the later epochs grow
+    from the rerun, and on CPU it is bit-identical anyway), never a second row. A write retried
+    after its commit landed is the same overwrite, so retries need no special case.
+    """
     _fenced_update(
         session,
         job_id,
         attempt,
-        progress_epoch=epoch,
+        # A rerun epoch does not take the progress back: its metrics are stored already.
+        progress_epoch=case((Job.progress_epoch > epoch, Job.progress_epoch), else_=epoch),
         lease_expires_at=utcnow() + timedelta(seconds=lease_seconds),
     )
-    session.add(
-        EpochMetric(job_id=job_id, epoch=epoch, attempt=attempt, diagnostics=diagnostics, **metrics)
+    values: dict[str, Any] = {"attempt": attempt, "diagnostics": diagnostics, **metrics}
+    rerun = session.execute(
+        update(EpochMetric)
+        .where(EpochMetric.job_id == job_id, EpochMetric.epoch == epoch)
+        .values(created_at=utcnow(), **values)
+        .execution_options(synchronize_session=False)
     )
+    if rerun.rowcount == 0:  # type: ignore[attr-defined]
+        session.add(EpochMetric(job_id=job_id, epoch=epoch, **values))
+    _write_checkpoints(session, job_id, attempt, checkpoints)
+
+
+def store_checkpoints(
+    session: Session, job_id: uuid.UUID, attempt: int, checkpoints: list[CheckpointBlob]
+) -> None:
+    """Checkpoints alone, e.g. the last completed epoch's when an attempt is stopped."""
+    _fenced_update(session, job_id, attempt)
+    _write_checkpoints(session, job_id, attempt, checkpoints)
+
+
+def _write_checkpoints(
+    session: Session, job_id: uuid.UUID, attempt: int, checkpoints: list[CheckpointBlob]
+) -> None:
+    """In place: a job's `last` and `best` rows keep their ids, and a rewrite moves created_at.
+
+    An UPDATE of the blob, not a delete and an insert: half the writes, and the id a client
+    listed still names the checkpoint. The fence holds the job's row, so no other attempt
+    inserts the same kind meanwhile.
+    """
     for blob in checkpoints:
-        session.execute(
-            delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.kind == blob.kind)
+        values: dict[str, Any] = {
+            "epoch": blob.epoch,
+            "attempt": attempt,
+            "weights": blob.weights,
+            "trainer_state": blob.trainer_state,
+            "size_bytes": len(blob.weights),
+            "sha256": blob.sha256,
+            "created_at": utcnow(),
+        }
+        rewritten = session.execute(
+            update(Checkpoint)
+            .where(Checkpoint.job_id == job_id, Checkpoint.kind == blob.kind)
+            .values(**values)
+            .execution_options(synchronize_session=False)
         )
-        session.add(
-            Checkpoint(
-                job_id=job_id,
-                epoch=blob.epoch,
-                kind=blob.kind,
-                attempt=attempt,
-                weights=blob.weights,
-                trainer_state=blob.trainer_state,
-                size_bytes=len(blob.weights),
-                sha256=blob.sha256,
-            )
-        )
+        if rewritten.rowcount == 0:  # type: ignore[attr-defined]
+            session.add(Checkpoint(job_id=job_id, kind=blob.kind, **values))
     session.flush()
 
 
@@ -298,10 +333,3 @@ def mark_published(session: Session, job_ids: list[uuid.UUID]) -> None:
             .values(published_at=utcnow())
             .execution_options(synchronize_session=False)
         )
-
-
-def epoch_stored_by(session: Session, job_id: uuid.UUID, epoch: int, attempt: int) -> bool:
-    stored = session.scalar(
-        select(EpochMetric.attempt).where(EpochMetric.job_id == job_id, EpochMetric.epoch == epoch)
-    )
-    return stored == attempt

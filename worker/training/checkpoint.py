@@ -16,11 +16,11 @@ from safetensors.torch import save as save_tensors
 _STATE_KEY = "trainsvc.trainer_state"
 
 
-def pack_weights(model: torch.nn.Module) -> bytes:
-    state = {
-        name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()
-    }
-    return save_tensors(state)
+def pack_weights(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A model's state dict as a safetensors file, with string metadata in its header."""
+    return save_tensors(
+        {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}, metadata
+    )
 
 
 def unpack_weights(model: torch.nn.Module, data: bytes) -> None:
