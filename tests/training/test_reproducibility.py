@@ -1,5 +1,6 @@
 """Same spec and seed: bit-identical on CPU. Resumed from a checkpoint: as if never stopped."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,12 @@ def test_weights_carry_their_epoch_and_the_callers_metadata(tmp_path: Path) -> N
     path.write_bytes(run.weights({"job_id": "j-1", "spec": "{}"}))
     with safe_open(str(path), framework="pt") as opened:
         assert opened.metadata() == {"job_id": "j-1", "spec": "{}", "epoch": "2"}
+
+
+def test_trainer_state_is_a_safetensors_file_the_library_reads_whole() -> None:
+    """No header parsed by hand: safetensors' own load() returns every part of the state."""
+    run, _ = train(make_spec(epochs=1))
+    tensors = load_safetensors(run.trainer_state())
+    skeleton = json.loads(tensors["trainsvc.trainer_state"].numpy().tobytes())
+    assert skeleton["progress"]["epoch"] == 1
+    assert {"s.rng_cpu", "s.rng_shuffle"} <= set(tensors)
