@@ -7,6 +7,7 @@ fails, the attempt stops too: training never goes on without a lease.
 """
 
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -15,14 +16,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import TypeVar
 
 import torch
 from pydantic import ValidationError
-from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import InterfaceError as SQLInterfaceError
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from tenacity import (
     RetryCallState,
@@ -204,15 +205,63 @@ def load_data(ctx: WorkerContext, spec: JobSpec) -> PreparedData:
     return with_db_retry(ctx, read)
 
 
+@dataclass
+class CheckpointCadence:
+    """When an attempt stores its checkpoints, and which epochs the stored ones hold.
+
+    The `last` checkpoint is rewritten at most every settings.checkpoint_every_seconds, after
+    the final epoch, and when the attempt is stopped; `best` rides along whenever a newer best
+    epoch exists, so the two stored rows always agree with the stored trainer state.
+    """
+
+    every_seconds: float
+    last_epoch: int  # what the stored `last` holds
+    best_epoch: int  # what the stored `best` holds
+    written_at: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def resuming(cls, every_seconds: float, run: TrainingRun) -> "CheckpointCadence":
+        # A resumed run starts from the stored `last`, whose state names the stored `best`.
+        return cls(every_seconds, run.completed_epoch, run.best_epoch)
+
+    def due(self, run: TrainingRun) -> bool:
+        return run.finished or time.monotonic() - self.written_at >= self.every_seconds
+
+    def blobs(self, claim: Claim, run: TrainingRun) -> list[CheckpointBlob]:
+        """The checkpoints newer than the stored ones, as of the last completed epoch."""
+        if run.completed_epoch <= self.last_epoch:
+            return []
+        metadata = {"job_id": str(claim.job_id), "spec": json.dumps(claim.spec, sort_keys=True)}
+        blobs = [_blob("last", run.completed_epoch, run.weights(metadata), run.trainer_state())]
+        if run.best_epoch > self.best_epoch:
+            blobs.append(_blob("best", run.best_epoch, run.weights(metadata, best=True), None))
+        return blobs
+
+    def stored(self, blobs: list[CheckpointBlob]) -> None:
+        for blob in blobs:
+            if blob.kind == "last":
+                self.last_epoch = blob.epoch
+            else:
+                self.best_epoch = blob.epoch
+        self.written_at = time.monotonic()
+
+
 def _blob(kind: str, epoch: int, weights: bytes, state: bytes | None) -> CheckpointBlob:
     return CheckpointBlob(kind, epoch, weights, state, hashlib.sha256(weights).hexdigest())
 
 
-def record(ctx: WorkerContext, claim: Claim, run: TrainingRun, result: EpochResult) -> None:
-    weights = run.weights()
-    blobs = [_blob("last", result.epoch, weights, run.trainer_state())]
-    if result.improved:
-        blobs.append(_blob("best", result.epoch, weights, None))
+def record(
+    ctx: WorkerContext,
+    claim: Claim,
+    run: TrainingRun,
+    result: EpochResult,
+    cadence: CheckpointCadence,
+) -> None:
+    """Store an epoch's metrics, and its checkpoints when the cadence says they are due.
+
+    A retry after a commit that landed rewrites the same rows (record_epoch overwrites).
+    """
+    blobs = cadence.blobs(claim, run) if cadence.due(run) else []
 
     metrics.observe_epoch(str(run.device), len(run.x_train), result.metrics["epoch_seconds"])
 
@@ -228,15 +277,32 @@ def record(ctx: WorkerContext, claim: Claim, run: TrainingRun, result: EpochResu
             ctx.settings.lease_seconds,
         )
 
+    with_db_retry(ctx, write)
+    if blobs:
+        cadence.stored(blobs)
+
+
+def store_on_stop(
+    ctx: WorkerContext, claim: Claim, run: TrainingRun, cadence: CheckpointCadence
+) -> None:
+    """A stopped attempt stores its last completed epoch, so the next one resumes from there.
+
+    The half-trained epoch it was in is lost; its metrics were never stored either. A lost
+    lease stores nothing: the attempt that owns the job now has its own checkpoints.
+    """
+    blobs = cadence.blobs(claim, run)
+    if not blobs:
+        return
     try:
-        with_db_retry(ctx, write)
-    except IntegrityError:
-        # The commit may have landed just before the connection broke; then this epoch is
-        # stored already, by this very attempt (the fence allows no other), and all is well.
-        if not with_db_retry(
-            ctx, lambda s: lifecycle.epoch_stored_by(s, claim.job_id, result.epoch, claim.attempt)
-        ):
-            raise
+        with_db_retry(
+            ctx, lambda s: lifecycle.store_checkpoints(s, claim.job_id, claim.attempt, blobs)
+        )
+    except LeaseLost:
+        logger.warning(
+            "job %s attempt %s lost its lease: checkpoint not stored", claim.job_id, claim.attempt
+        )
+        return
+    cadence.stored(blobs)
 
 
 def _end(ctx: WorkerContext, claim: Claim, status: str, **fields: object) -> None:
@@ -299,6 +365,7 @@ def _describe(exc: ValidationError) -> str:
 
 def _train(ctx: WorkerContext, claim: Claim, spec: JobSpec, control: AttemptControl) -> str:
     run: TrainingRun | None = None
+    cadence: CheckpointCadence | None = None
     try:
         run = TrainingRun(
             spec,
@@ -306,11 +373,14 @@ def _train(ctx: WorkerContext, claim: Claim, spec: JobSpec, control: AttemptCont
             resume_weights=claim.resume_weights,
             resume_state=claim.resume_state,
         )
+        cadence = CheckpointCadence.resuming(ctx.settings.checkpoint_every_seconds, run)
         for result in run.epochs(should_stop=control.should_stop):
-            record(ctx, claim, run, result)
+            record(ctx, claim, run, result, cadence)
         _end(ctx, claim, "succeeded", summary=run.summary())
         return "succeeded"
     except Interrupted:
+        if run and cadence and control.stop_reason in ("cancelled", "handed_back", "timeout"):
+            store_on_stop(ctx, claim, run, cadence)
         return _interrupted(ctx, claim, control, run)
     except Diverged as exc:
         summary = run.summary() if run else None

@@ -7,6 +7,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.db import READ_ONLY
 from app.core.outbox import Dispatcher
 
 
@@ -16,8 +17,12 @@ def get_settings_dep(request: Request) -> Settings:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """One session per request: committed if the route returns, rolled back if it raises."""
-    with request.app.state.session_factory() as session:
+    """One session per request: committed if the route returns, rolled back if it raises.
+
+    A GET only reads, so its session takes no write lock (on SQLite it reads beside a writer).
+    """
+    options = READ_ONLY if request.method in ("GET", "HEAD") else {}
+    with request.app.state.session_factory(execution_options=options) as session:
         try:
             yield session
             session.commit()

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1)
     # How long a worker retries a database write before giving the attempt up.
     db_retry_seconds: float = Field(45.0, ge=0)
+    # The `last` checkpoint (weights and optimizer state, ~12 bytes a parameter with Adam) is
+    # rewritten at most this often, and always after the last epoch and when an attempt is
+    # cancelled or handed back; 0 rewrites it every epoch. A lost worker's job resumes from it.
+    checkpoint_every_seconds: float = Field(30.0, ge=0)
 
     # How often each API process reads new job events for its open streams (one query per
     # tick per process, however many clients listen; none while nobody does).

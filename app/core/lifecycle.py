@@ -10,7 +10,7 @@ Lease deadlines are the database's clock (database_now), never a worker's: a wor
 clock is skewed can neither steal a live lease nor lose its own early. A retry (the worker
 retries every write while the database is away) whose first try committed unseen is
 recognised: the claim by the token its caller chose, finish and hand_back by the outcome the
-first try wrote, and a stored epoch by epoch_stored_by.
+first try wrote, and a stored epoch is simply overwritten by its retry.
 """
 
 import time
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Float, and_, case, delete, func, literal, select, update
+from sqlalchemy import Float, and_, case, func, literal, select, update
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, undefer
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -199,36 +199,72 @@ def record_epoch(
     checkpoints: list[CheckpointBlob],
     lease_seconds: float,
 ) -> None:
-    """One epoch's metrics and checkpoints, in the caller's one transaction: all or nothing."""
+    """One epoch's metrics (and checkpoints, when due), in the caller's one transaction.
+
+    Checkpoints are stored only every so often, so a resume may start before the last stored
+    epoch and train it again: the rerun's numbers replace the stored row (the later epochs grow
+    from the rerun, and on CPU it is bit-identical anyway), never a second row. A write retried
+    after its commit landed is the same overwrite, so retries need no special case.
+    """
     _fenced_update(
         session,
         job_id,
         attempt,
-        progress_epoch=epoch,
+        # A rerun epoch does not take the progress back: its metrics are stored already.
+        progress_epoch=case((Job.progress_epoch > epoch, Job.progress_epoch), else_=epoch),
         lease_expires_at=database_now(lease_seconds),
     )
-    session.add(
-        EpochMetric(job_id=job_id, epoch=epoch, attempt=attempt, diagnostics=diagnostics, **metrics)
+    values: dict[str, Any] = {"attempt": attempt, "diagnostics": diagnostics, **metrics}
+    rerun = session.execute(
+        update(EpochMetric)
+        .where(EpochMetric.job_id == job_id, EpochMetric.epoch == epoch)
+        .values(created_at=utcnow(), **values)
+        .execution_options(synchronize_session=False)
     )
-    # The stream carries the epoch's scalars; per-layer lists stay behind the metrics endpoint.
-    scalars = {k: v for k, v in diagnostics.items() if isinstance(v, int | float)}
-    events.record_epoch(session, job_id, epoch, {**metrics, **scalars})
+    if rerun.rowcount == 0:  # type: ignore[attr-defined]
+        session.add(EpochMetric(job_id=job_id, epoch=epoch, **values))
+        # Streams carry each epoch once (a rerun after a resume is not news), with its scalars;
+        # per-layer lists stay behind the metrics endpoint.
+        scalars = {k: v for k, v in diagnostics.items() if isinstance(v, int | float)}
+        events.record_epoch(session, job_id, epoch, {**metrics, **scalars})
+    _write_checkpoints(session, job_id, attempt, checkpoints)
+
+
+def store_checkpoints(
+    session: Session, job_id: uuid.UUID, attempt: int, checkpoints: list[CheckpointBlob]
+) -> None:
+    """Checkpoints alone, e.g. the last completed epoch's when an attempt is stopped."""
+    _fenced_update(session, job_id, attempt)
+    _write_checkpoints(session, job_id, attempt, checkpoints)
+
+
+def _write_checkpoints(
+    session: Session, job_id: uuid.UUID, attempt: int, checkpoints: list[CheckpointBlob]
+) -> None:
+    """In place: a job's `last` and `best` rows keep their ids, and a rewrite moves created_at.
+
+    An UPDATE of the blob, not a delete and an insert: half the writes, and the id a client
+    listed still names the checkpoint. The fence holds the job's row, so no other attempt
+    inserts the same kind meanwhile.
+    """
     for blob in checkpoints:
-        session.execute(
-            delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.kind == blob.kind)
+        values: dict[str, Any] = {
+            "epoch": blob.epoch,
+            "attempt": attempt,
+            "weights": blob.weights,
+            "trainer_state": blob.trainer_state,
+            "size_bytes": len(blob.weights),
+            "sha256": blob.sha256,
+            "created_at": utcnow(),
+        }
+        rewritten = session.execute(
+            update(Checkpoint)
+            .where(Checkpoint.job_id == job_id, Checkpoint.kind == blob.kind)
+            .values(**values)
+            .execution_options(synchronize_session=False)
         )
-        session.add(
-            Checkpoint(
-                job_id=job_id,
-                epoch=blob.epoch,
-                kind=blob.kind,
-                attempt=attempt,
-                weights=blob.weights,
-                trainer_state=blob.trainer_state,
-                size_bytes=len(blob.weights),
-                sha256=blob.sha256,
-            )
-        )
+        if rewritten.rowcount == 0:  # type: ignore[attr-defined]
+            session.add(Checkpoint(job_id=job_id, kind=blob.kind, **values))
     session.flush()
 
 
@@ -437,10 +473,3 @@ def mark_published(session: Session, job_ids: list[uuid.UUID]) -> None:
             .values(published_at=database_now())
             .execution_options(synchronize_session=False)
         )
-
-
-def epoch_stored_by(session: Session, job_id: uuid.UUID, epoch: int, attempt: int) -> bool:
-    stored = session.scalar(
-        select(EpochMetric.attempt).where(EpochMetric.job_id == job_id, EpochMetric.epoch == epoch)
-    )
-    return stored == attempt

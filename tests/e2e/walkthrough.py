@@ -54,5 +54,5 @@ def run_walkthrough(base_url: str) -> dict[str, Any]:
         assert len(download.content) == last["size_bytes"]
         weights = load_safetensors(download.content)
         # The MLP's first Linear maps digits' 64 features to 64 units.
-        assert weights["1.weight"].shape == (64, 64)
+        assert weights["hidden.0.linear.weight"].shape == (64, 64)
         return job

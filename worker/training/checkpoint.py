@@ -1,12 +1,12 @@
 """Checkpoints as safetensors, never pickle: they cross a trust boundary (users download them).
 
 Two files per checkpoint: the model's weights (what users download, opened by
-safetensors.torch.load), and the trainer state a resume needs (optimizer tensors and RNG
-states as tensors; step counters, hyper-parameters and bookkeeping as JSON metadata).
+safetensors.torch.load; the job, epoch and spec in its metadata), and the trainer state a
+resume needs (optimizer tensors and RNG states as tensors; step counters, hyper-parameters
+and bookkeeping as JSON, itself stored as a byte tensor).
 """
 
 import json
-import struct
 from typing import Any
 
 import torch
@@ -16,11 +16,11 @@ from safetensors.torch import save as save_tensors
 _STATE_KEY = "trainsvc.trainer_state"
 
 
-def pack_weights(model: torch.nn.Module) -> bytes:
-    state = {
-        name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()
-    }
-    return save_tensors(state)
+def pack_weights(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A model's state dict as a safetensors file, with string metadata in its header."""
+    return save_tensors(
+        {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}, metadata
+    )
 
 
 def unpack_weights(model: torch.nn.Module, data: bytes) -> None:
@@ -50,17 +50,24 @@ def _join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def pack_state(state: dict[str, Any]) -> bytes:
-    """A nested dict of tensors and JSON values as one safetensors file."""
+    """A nested dict of tensors and JSON values as one safetensors file.
+
+    The JSON skeleton travels as a byte tensor, not as header metadata: safetensors reads
+    metadata only through safe_open, from a file path, never from bytes (safetensors#194),
+    and a state comes back from the database as bytes. So the library reads the whole file
+    and no header is parsed by hand.
+    """
     tensors: dict[str, torch.Tensor] = {}
-    skeleton = _split_tensors(state, "s", tensors)
-    return save_tensors(tensors, metadata={_STATE_KEY: json.dumps(skeleton)})
+    skeleton = _split_tensors(state, "s", tensors)  # tensor names all start with "s."
+    encoded = bytearray(json.dumps(skeleton).encode())
+    tensors[_STATE_KEY] = torch.frombuffer(encoded, dtype=torch.uint8)
+    return save_tensors(tensors)
 
 
 def unpack_state(data: bytes) -> dict[str, Any]:
-    (header_size,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + header_size])
-    skeleton = json.loads(header["__metadata__"][_STATE_KEY])
-    state: dict[str, Any] = _join_tensors(skeleton, load_tensors(data))
+    tensors = load_tensors(data)
+    skeleton = json.loads(tensors.pop(_STATE_KEY).numpy().tobytes())
+    state: dict[str, Any] = _join_tensors(skeleton, tensors)
     return state
 
 

@@ -4,6 +4,11 @@ In-memory datasets live on the device as tensors and are batched by index (no Da
 processes). Everything the next epoch depends on (weights, optimizer, schedule position,
 every RNG, the best-so-far bookkeeping) is in trainer_state(), so a run resumed from it
 continues bit for bit as if it had never stopped.
+
+A run stopped in the middle of an epoch has half-trained weights that no resume could
+continue from, so every epoch ends with a snapshot: a copy, on the device, of everything the
+state holds. weights() and trainer_state() serialize the snapshot, i.e. the run as of its last
+completed epoch, whenever the caller chooses to store it (not necessarily every epoch).
 """
 
 import time
@@ -52,6 +57,26 @@ class EpochResult:
     ]  # train_loss, train_accuracy, val_loss, val_accuracy, lr, epoch_seconds
     diagnostics: dict[str, Any]
     improved: bool  # a new best validation result: this epoch's weights are the best checkpoint
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """The run as of the end of one epoch: copies on the device, serialized only when stored."""
+
+    epoch: int
+    weights: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+
+def _copied(value: Any) -> Any:
+    """A deep copy of a (nested) state dict whose tensors no later step can change."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_copied(v) for v in value]
+    return value
 
 
 @dataclass
@@ -109,9 +134,12 @@ class TrainingRun:
         # numbers dropout drew; both are saved in the trainer state.
         self.shuffle = torch.Generator().manual_seed(spec.seed + 1)
         self.progress = _Progress()
+        self._snapshot: _Snapshot | None = None  # none before the first completed epoch
+        self._best_weights: dict[str, torch.Tensor] | None = None  # the best epoch's weights
         if resume_weights is not None and resume_state is not None:
             unpack_weights(self.model, resume_weights)
             self._load_state(unpack_state(resume_state))
+            self._take_snapshot()
 
     @property
     def parameters(self) -> int:
@@ -190,6 +218,9 @@ class TrainingRun:
             "layers": self.layer_diagnostics.epoch_report(self.steps_per_epoch),
         }
         improved = self._update_progress(epoch, metrics, gap)
+        self._take_snapshot()
+        if improved:
+            self._best_weights = self._snapshot.weights if self._snapshot else None
         metrics["epoch_seconds"] = time.perf_counter() - started
         return EpochResult(epoch, metrics, diagnostics, improved)
 
@@ -233,10 +264,44 @@ class TrainingRun:
 
     # -- results and state ------------------------------------------------------------------
 
-    def weights(self) -> bytes:
-        return pack_weights(self.model)
+    @property
+    def completed_epoch(self) -> int:
+        """The last completed epoch: what weights() and trainer_state() hold (0: none yet)."""
+        return self._snapshot.epoch if self._snapshot else 0
+
+    @property
+    def best_epoch(self) -> int:
+        """The epoch of the best validation accuracy so far (0: none yet)."""
+        return self.progress.best_epoch
+
+    @property
+    def finished(self) -> bool:
+        """No epoch is left: the last one is done, or early stopping ended the run."""
+        return self.progress.epoch >= self.spec.epochs or self.progress.stopped_early
+
+    def weights(self, metadata: dict[str, str] | None = None, *, best: bool = False) -> bytes:
+        """The model as of the last completed epoch (or of the best one) as safetensors.
+
+        The file's metadata holds the epoch, plus whatever the caller adds (the trainer knows
+        nothing of jobs). A resumed run holds no best weights until it improves on its own.
+        """
+        if best:
+            if self._best_weights is None:
+                raise ValueError("this run has completed no best epoch of its own")
+            tensors, epoch = self._best_weights, self.best_epoch
+        elif self._snapshot is not None:
+            tensors, epoch = self._snapshot.weights, self._snapshot.epoch
+        else:
+            raise ValueError("no epoch has completed yet: there are no weights to store")
+        return pack_weights(tensors, {**(metadata or {}), "epoch": str(epoch)})
 
     def trainer_state(self) -> bytes:
+        """Everything but the weights that a resume after the last completed epoch needs."""
+        if self._snapshot is None:
+            raise ValueError("no epoch has completed yet: there is no state to resume from")
+        return pack_state(self._snapshot.state)
+
+    def _take_snapshot(self) -> None:
         p = self.progress
         state: dict[str, Any] = {
             "format": 1,
@@ -256,7 +321,8 @@ class TrainingRun:
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        return pack_state(state)
+        # Copies on the device: cheap next to an epoch, and the training goes on meanwhile.
+        self._snapshot = _Snapshot(p.epoch, _copied(self.model.state_dict()), _copied(state))
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(optimizer_state_from_json(state["optimizer"]))

@@ -6,6 +6,9 @@ app.core.spec.count_parameters (a test holds the two together), which lets the A
 its parameter limit without torch.
 """
 
+from collections import OrderedDict
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -85,35 +88,54 @@ def dropout_layer(kind: str, rate: float, dims: int = 0) -> nn.Module:
     return nn.Dropout(rate)
 
 
-def _norm_and_activation(spec: ModelSpec, norm: nn.Module | None) -> list[nn.Module]:
+def _norm_and_activation(spec: ModelSpec, norm: nn.Module | None) -> list[tuple[str, nn.Module]]:
     """The activation, with the normalization before or after it as the spec places it."""
-    layers: list[nn.Module] = [ACTIVATIONS[spec.activation]()]
+    layers: list[tuple[str, nn.Module]] = [("activation", ACTIVATIONS[spec.activation]())]
     if norm is not None:
-        layers.insert(0 if spec.normalization.position == "before_activation" else 1, norm)
+        position = 0 if spec.normalization.position == "before_activation" else 1
+        layers.insert(position, ("norm", norm))
     return layers
 
 
+def _named(layers: list[tuple[str, nn.Module]]) -> nn.Sequential:
+    """A Sequential whose children are named for what they are: `linear`, `norm`, ..."""
+    return nn.Sequential(OrderedDict(layers))
+
+
+def _indexed(blocks: Sequence[nn.Module]) -> nn.Sequential:
+    return nn.Sequential(*blocks)  # children 0, 1, ...: the position is the name
+
+
+def _input_dropout(spec: ModelSpec) -> list[tuple[str, nn.Module]]:
+    if not spec.dropout.input_rate:
+        return []
+    # Input dropout is element-wise even for "spatial": a sample has a single channel.
+    kind = "alpha" if spec.dropout.type == "alpha" else "standard"
+    return [("input_dropout", dropout_layer(kind, spec.dropout.input_rate))]
+
+
 def build_mlp(spec: ModelSpec, info: DatasetInfo) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Flatten()]
-    if spec.dropout.input_rate:
-        # Input dropout is element-wise even for "spatial": a sample has a single channel.
-        layers.append(
-            dropout_layer(
-                "alpha" if spec.dropout.type == "alpha" else "standard", spec.dropout.input_rate
-            )
-        )
+    """flatten, input_dropout, hidden.<i>.{linear, norm, activation, dropout}, output."""
     fan_in = info.num_features
     has_norm = spec.normalization.type != "none"
+    hidden: list[nn.Module] = []
     for width, rate in zip(spec.widths, spec.dropout.rates(len(spec.widths)), strict=True):
-        layers.append(nn.Linear(fan_in, width))
-        layers += _norm_and_activation(
+        layer: list[tuple[str, nn.Module]] = [("linear", nn.Linear(fan_in, width))]
+        layer += _norm_and_activation(
             spec, feature_norm(spec.normalization, width) if has_norm else None
         )
         if rate:
-            layers.append(dropout_layer(spec.dropout.type, rate))
+            layer.append(("dropout", dropout_layer(spec.dropout.type, rate)))
+        hidden.append(_named(layer))
         fan_in = width
-    layers.append(nn.Linear(fan_in, info.num_classes))
-    return nn.Sequential(*layers)
+    return _named(
+        [
+            ("flatten", nn.Flatten()),
+            *_input_dropout(spec),
+            ("hidden", _indexed(hidden)),
+            ("output", nn.Linear(fan_in, info.num_classes)),
+        ]
+    )
 
 
 def _conv(dims: int, channels_in: int, channels_out: int, kernel: int) -> nn.Module:
@@ -125,45 +147,51 @@ def _pool(dims: int) -> nn.Module:
     return nn.MaxPool1d(2) if dims == 1 else nn.MaxPool2d(2)
 
 
-def _head(dims: int, channels: int, classes: int) -> list[nn.Module]:
+def _head(dims: int, channels: int, classes: int) -> nn.Sequential:
     pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
-    return [pool, nn.Flatten(), nn.Linear(channels, classes)]
-
-
-def _input_layers(spec: ModelSpec) -> list[nn.Module]:
-    layers: list[nn.Module] = [AddChannel()]
-    if spec.dropout.input_rate:
-        layers.append(
-            dropout_layer(
-                "alpha" if spec.dropout.type == "alpha" else "standard", spec.dropout.input_rate
-            )
-        )
-    return layers
+    return _named(
+        [("pool", pool), ("flatten", nn.Flatten()), ("linear", nn.Linear(channels, classes))]
+    )
 
 
 def build_cnn(spec: ModelSpec, info: DatasetInfo) -> nn.Sequential:
-    """Conv blocks (conv, norm/activation, dropout), halving the resolution while it is >= 4."""
+    """Conv blocks (conv, norm/activation, dropout), halving the resolution while it is >= 4:
+    add_channel, input_dropout, blocks.<i>.{conv, norm, activation, dropout, pool}, head."""
     dims = len(info.input_shape)
     size = min(info.input_shape)
-    layers = _input_layers(spec)
     channels_in = 1
     has_norm = spec.normalization.type != "none"
+    blocks: list[nn.Module] = []
     for width, rate in zip(spec.widths, spec.dropout.rates(len(spec.widths)), strict=True):
-        layers.append(_conv(dims, channels_in, width, spec.kernel_size))
-        layers += _norm_and_activation(
+        block: list[tuple[str, nn.Module]] = [
+            ("conv", _conv(dims, channels_in, width, spec.kernel_size))
+        ]
+        block += _norm_and_activation(
             spec, channel_norm(spec.normalization, width, dims) if has_norm else None
         )
         if rate:
-            layers.append(dropout_layer(spec.dropout.type, rate, dims))
+            block.append(("dropout", dropout_layer(spec.dropout.type, rate, dims)))
         if size >= 4:
-            layers.append(_pool(dims))
+            block.append(("pool", _pool(dims)))
             size //= 2
+        blocks.append(_named(block))
         channels_in = width
-    return nn.Sequential(*layers, *_head(dims, channels_in, info.num_classes))
+    return _named(
+        [
+            ("add_channel", AddChannel()),
+            *_input_dropout(spec),
+            ("blocks", _indexed(blocks)),
+            ("head", _head(dims, channels_in, info.num_classes)),
+        ]
+    )
 
 
 class ResidualBlock(nn.Module):
-    """Two convs with normalization, plus the identity (or a 1x1 projection when widths change)."""
+    """Two convs with normalization, plus the identity (or a 1x1 projection when widths change).
+
+    first.{conv, norm, activation, dropout}, second.{conv, norm}, shortcut, activation, and
+    output_norm where the normalization comes after the activation.
+    """
 
     def __init__(
         self, spec: ModelSpec, dims: int, channels_in: int, width: int, rate: float
@@ -174,54 +202,75 @@ class ResidualBlock(nn.Module):
         def norm() -> nn.Module | None:
             return channel_norm(spec.normalization, width, dims) if has_norm else None
 
-        first: list[nn.Module] = [
-            _conv(dims, channels_in, width, spec.kernel_size),
+        first: list[tuple[str, nn.Module]] = [
+            ("conv", _conv(dims, channels_in, width, spec.kernel_size)),
             *_norm_and_activation(spec, norm()),
         ]
         if rate:
-            first.append(dropout_layer(spec.dropout.type, rate, dims))
-        self.first = nn.Sequential(*first)
-        second: list[nn.Module] = [_conv(dims, width, width, spec.kernel_size)]
+            first.append(("dropout", dropout_layer(spec.dropout.type, rate, dims)))
+        self.first = _named(first)
+        second: list[tuple[str, nn.Module]] = [
+            ("conv", _conv(dims, width, width, spec.kernel_size))
+        ]
         second_norm = norm()
         if second_norm is not None and spec.normalization.position == "before_activation":
-            second.append(second_norm)  # normalize the residual branch before the sum
-        self.second = nn.Sequential(*second)
+            second.append(("norm", second_norm))  # normalize the residual branch before the sum
+        self.second = _named(second)
         self.shortcut = (
             _conv(dims, channels_in, width, 1) if channels_in != width else nn.Identity()
         )
         self.activation = ACTIVATIONS[spec.activation]()
         # With the normalization after the activation, it applies to the block's output.
-        self.after = second_norm if spec.normalization.position == "after_activation" else None
+        self.output_norm = (
+            second_norm if spec.normalization.position == "after_activation" else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.activation(self.second(self.first(x)) + self.shortcut(x))
-        return self.after(out) if self.after is not None else out
+        return self.output_norm(out) if self.output_norm is not None else out
 
 
 def build_resnet(spec: ModelSpec, info: DatasetInfo) -> nn.Sequential:
-    """A stem conv, then per width a stage of residual blocks, halving resolution between stages."""
+    """A stem conv, then per width a stage of residual blocks, halving resolution between
+    stages: add_channel, input_dropout, stem.{conv, norm, activation},
+    stages.<i>.{pool, blocks.<j>.*}, head."""
     dims = len(info.input_shape)
     size = min(info.input_shape)
     stem_width = spec.widths[0]
     has_norm = spec.normalization.type != "none"
-    layers = _input_layers(spec)
-    layers.append(_conv(dims, 1, stem_width, spec.kernel_size))
-    layers += _norm_and_activation(
-        spec, channel_norm(spec.normalization, stem_width, dims) if has_norm else None
+    stem = _named(
+        [
+            ("conv", _conv(dims, 1, stem_width, spec.kernel_size)),
+            *_norm_and_activation(
+                spec, channel_norm(spec.normalization, stem_width, dims) if has_norm else None
+            ),
+        ]
     )
     channels_in = stem_width
+    stages: list[nn.Module] = []
     for stage, (width, rate) in enumerate(
         zip(spec.widths, spec.dropout.rates(len(spec.widths)), strict=True)
     ):
+        layers: list[tuple[str, nn.Module]] = []
         if stage and size >= 4:
-            layers.append(_pool(dims))
+            layers.append(("pool", _pool(dims)))
             size //= 2
-        for block in range(spec.blocks_per_stage):
-            layers.append(
-                ResidualBlock(spec, dims, channels_in if block == 0 else width, width, rate)
-            )
+        blocks = [
+            ResidualBlock(spec, dims, channels_in if block == 0 else width, width, rate)
+            for block in range(spec.blocks_per_stage)
+        ]
+        layers.append(("blocks", _indexed(blocks)))
+        stages.append(_named(layers))
         channels_in = width
-    return nn.Sequential(*layers, *_head(dims, channels_in, info.num_classes))
+    return _named(
+        [
+            ("add_channel", AddChannel()),
+            *_input_dropout(spec),
+            ("stem", stem),
+            ("stages", _indexed(stages)),
+            ("head", _head(dims, channels_in, info.num_classes)),
+        ]
+    )
 
 
 def build_model(spec: ModelSpec, info: DatasetInfo) -> nn.Module:

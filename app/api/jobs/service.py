@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import func, select, tuple_
+from sqlalchemy import case, func, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, undefer
 
@@ -204,8 +204,10 @@ def list_metrics(session: Session, job: Job, since_epoch: int | None) -> Sequenc
 
 
 def list_checkpoints(session: Session, job: Job) -> Sequence[Checkpoint]:
+    """`last` first (what a resume or a download usually wants), then `best`."""
     query = select(Checkpoint).where(Checkpoint.job_id == job.id)
-    return session.scalars(query.order_by(Checkpoint.epoch, Checkpoint.kind)).all()
+    last_first = case((Checkpoint.kind == "last", 0), else_=1)
+    return session.scalars(query.order_by(last_first, Checkpoint.kind)).all()
 
 
 def checkpoint_weights(session: Session, job: Job, checkpoint_id: uuid.UUID) -> Checkpoint:
