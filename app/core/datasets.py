@@ -29,7 +29,12 @@ def resolve_dataset(session: Session, name: str) -> DatasetInfo:
     """The shape of the dataset a spec names; an unknown upload is a 422 on dataset.name."""
     if name in BUILTIN_DATASETS:
         return BUILTIN_DATASETS[name]
-    row = session.get(Dataset, uuid.UUID(name.removeprefix(UPLOAD_PREFIX)))
+    try:
+        dataset_id = uuid.UUID(name.removeprefix(UPLOAD_PREFIX))
+    except ValueError:
+        # The spec's pattern admits only UUIDs; a name from elsewhere must not be a 500 either.
+        raise InvalidInput("dataset.name", f"no uploaded dataset {name!r}") from None
+    row = session.get(Dataset, dataset_id)
     if row is None:
         raise InvalidInput("dataset.name", f"no uploaded dataset {name!r}")
     return info_from_row(row)

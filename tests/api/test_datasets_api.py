@@ -2,6 +2,7 @@
 
 import io
 import uuid
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -243,3 +244,123 @@ def test_npz_that_unpacks_past_the_limit_is_422_before_it_is_read(client: TestCl
     [error] = response.json()["detail"]
     assert error["field"] == "file.x"
     assert "unpacks to 2097280 bytes" in error["message"]
+
+
+# -- crafted inputs that were 500s ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "upload:" + "-" * 36,  # passed the old regex, then uuid.UUID raised
+        f"upload:{uuid.uuid4()}\n",  # `$` matched before the trailing newline
+        f"upload:{uuid.uuid4().hex}xxxx",  # 36 hex-ish characters, not a UUID's layout
+    ],
+    ids=["dashes", "trailing newline", "no dashes"],
+)
+def test_malformed_upload_name_in_spec_is_422(client: TestClient, name: str) -> None:
+    response = client.post("/v1/jobs", json=spec_payload(dataset={"name": name}))
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == "dataset.name"
+    assert "unknown dataset" in error["message"]
+
+
+def test_upload_name_of_unknown_id_is_422(client: TestClient) -> None:
+    response = client.post(
+        "/v1/jobs", json=spec_payload(dataset={"name": f"upload:{uuid.uuid4()}"})
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["field"] == "dataset.name"
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def npy_header_only(descr: str, shape: tuple[int, ...]) -> bytes:
+    """An .npy whose header claims `shape` but which holds no data at all."""
+    buffer = io.BytesIO()
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
+def test_npz_members_without_npy_suffix_are_422(client: TestClient) -> None:
+    arrays = tabular()
+    content = zip_bytes({"x": npy_bytes(arrays["x"]), "y": npy_bytes(arrays["y"])})
+    response = upload(client, content)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == "file"
+    assert "x.npy" in error["message"]
+
+
+def test_npz_header_claiming_a_huge_shape_is_422_before_any_allocation(
+    client: TestClient,
+) -> None:
+    # 674 bytes that once made numpy allocate 74.5 GiB: the header is judged, not trusted.
+    content = zip_bytes(
+        {"x.npy": npy_header_only("<f8", (10**10,)), "y.npy": npy_bytes(np.arange(20) % 2)}
+    )
+    assert len(content) < 1000
+    response = upload(client, content)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == "file.x"
+    assert "10000000000" in error["message"]
+
+
+def test_npz_header_claiming_more_data_than_it_holds_is_422(client: TestClient) -> None:
+    # Within every limit, but the member holds no data: a truncated file, not a 500.
+    content = zip_bytes(
+        {"x.npy": npy_header_only("<f4", (20, 3)), "y.npy": npy_bytes(np.arange(20) % 2)}
+    )
+    response = upload(client, content)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == "file.x"
+    assert "truncated" in error["message"]
+
+
+def test_npz_members_together_over_the_unpacked_limit_are_422(client: TestClient) -> None:
+    # Each member under the limit, both together over it: the limit is per upload.
+    x = np.zeros((MAX_SAMPLES, 40))  # 128,000 bytes
+    y = np.array([f"class {i % 2}".ljust(100) for i in range(MAX_SAMPLES)])  # 160,000 bytes
+    assert x.nbytes < MAX_UNPACKED
+    assert y.nbytes < MAX_UNPACKED < x.nbytes + y.nbytes
+    content = io.BytesIO()
+    np.savez_compressed(content, x=x, y=y)
+    response = upload(client, content.getvalue())
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == "file"
+    assert "together" in error["message"]
+
+
+def test_csv_label_that_isdigit_but_is_no_integer_is_a_string_label(client: TestClient) -> None:
+    # "²".isdigit() is True and int("²") raises: such labels are names, like any other text.
+    csv = "label,a\n" + "".join(f"{'²' if i % 2 else '1'},{i}\n" for i in range(20))
+    response = upload(client, csv.encode(), "t.csv")
+    assert response.status_code == 201, response.text
+    assert response.json()["class_names"] == ["1", "²"]
+
+
+def test_csv_label_too_long_is_422(client: TestClient) -> None:
+    # 5,000 digits is past Python's int-string limit: a clear 422, not a ValueError's 500.
+    csv = "label,a\n" + "0,1\n" * 10 + "9" * 5000 + ",2\n"
+    response = upload(client, csv.encode(), "t.csv")
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == "file.y"
+    assert "longer than" in error["message"]
