@@ -33,6 +33,8 @@ def settings(database_url: str, redis_url: str) -> Settings:
         max_upload_bytes=MAX_BYTES,
         max_upload_classes=MAX_CLASSES,
         max_upload_unpacked_bytes=MAX_UNPACKED,
+        upload_concurrency=1,
+        upload_wait_seconds=0.2,
     )
 
 
@@ -364,3 +366,16 @@ def test_csv_label_too_long_is_422(client: TestClient) -> None:
     [error] = response.json()["detail"]
     assert error["field"] == "file.y"
     assert "longer than" in error["message"]
+
+
+def test_upload_beyond_the_concurrency_waits_then_is_429(client: TestClient) -> None:
+    content = npz_bytes(**tabular())
+    assert upload(client, content).status_code == 201
+    slots = client.app.state.upload_slots  # type: ignore[attr-defined]
+    with slots.slot():  # the one slot (upload_concurrency=1) is taken while this one arrives
+        busy = upload(client, content)
+    assert busy.status_code == 429, busy.text
+    assert busy.json()["error"] == "uploads_busy"
+    assert "TRAINSVC_UPLOAD_CONCURRENCY" in busy.json()["detail"]
+    assert busy.headers["retry-after"] == "5"
+    assert upload(client, content).status_code == 201  # the slot was given back
