@@ -379,3 +379,33 @@ def test_upload_beyond_the_concurrency_waits_then_is_429(client: TestClient) -> 
     assert "TRAINSVC_UPLOAD_CONCURRENCY" in busy.json()["detail"]
     assert busy.headers["retry-after"] == "5"
     assert upload(client, content).status_code == 201  # the slot was given back
+
+
+@pytest.mark.parametrize(
+    ("dataset", "field"),
+    [
+        ({"val_fraction": 0.99}, "dataset.val_fraction"),  # 10 samples: 10 val, 0 train
+        ({"val_fraction": 0.9}, "dataset.val_fraction"),  # 9 val, 1 train (batch_norm needs 2)
+        ({"val_fraction": 0.5, "train_subset": 1}, "dataset.train_subset"),
+    ],
+    ids=["nothing to train on", "one to train on", "subset of one"],
+)
+def test_split_the_worker_cannot_train_on_is_422_at_submit(
+    client: TestClient, dataset: dict[str, Any], field: str
+) -> None:
+    # Accepted before, then failed in the worker with "range() arg 3 must not be zero".
+    body = upload(client, npz_bytes(**tabular(n=10))).json()
+    response = client.post("/v1/jobs", json=spec_payload(dataset={"name": body["name"], **dataset}))
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == field
+    fine = spec_payload(dataset={"name": body["name"], "val_fraction": 0.8})  # 8 val, 2 train
+    assert client.post("/v1/jobs", json=fine).status_code == 201
+
+
+def test_split_of_a_synthetic_set_is_judged_on_its_n_samples(client: TestClient) -> None:
+    dataset = {"name": "two_moons", "n_samples": 20, "val_fraction": 0.95}
+    response = client.post("/v1/jobs", json=spec_payload(dataset=dataset))
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["field"] == "dataset.val_fraction"
+    assert "20 samples" in response.json()["detail"][0]["message"]
