@@ -21,7 +21,8 @@ def info_from_row(row: Dataset) -> DatasetInfo:
         input_shape=tuple(row.input_shape),
         num_classes=row.num_classes,
         n_samples=row.n_samples,
-        description=row.name,
+        # row.name is the upload's display name (the API shows it as display_name).
+        description=f"uploaded .{row.source_format} file",
     )
 
 

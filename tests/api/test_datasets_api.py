@@ -63,19 +63,26 @@ def test_npz_upload_is_stored_listed_and_trainable_by_name(
     assert body["name"].startswith("upload:")
     assert body | {"name": "", "created_at": None} == {
         "name": "",
+        "display_name": "my table",
         "source": "upload",
         "kind": "tabular",
         "input_shape": [3],
         "num_classes": 3,
         "n_samples": 40,
         "synthetic": False,
-        "description": "my table",
+        "description": "uploaded .npz file",
         "class_names": None,
         "created_at": None,
     }
     listed = {item["name"]: item for item in client.get("/v1/datasets").json()["items"]}
     assert listed[body["name"]] == body
     assert listed["digits"]["source"] == "builtin"
+    assert listed["digits"]["display_name"] is None
+
+    # The display name is a label only: a spec names the upload by upload:<id>.
+    by_label = client.post("/v1/jobs", json=spec_payload(dataset={"name": "my table"}))
+    assert by_label.status_code == 422
+    assert by_label.json()["detail"][0]["field"] == "dataset.name"
 
     # Stored canonically: float32 features and int64 labels, the values unchanged.
     x, y = load_upload_arrays(session, uuid.UUID(body["name"].removeprefix("upload:")))
@@ -409,3 +416,11 @@ def test_split_of_a_synthetic_set_is_judged_on_its_n_samples(client: TestClient)
     assert response.status_code == 422, response.text
     assert response.json()["detail"][0]["field"] == "dataset.val_fraction"
     assert "20 samples" in response.json()["detail"][0]["message"]
+
+
+def test_display_name_defaults_to_the_file_name_and_refuses_nul(client: TestClient) -> None:
+    content = npz_bytes(**tabular())
+    assert upload(client, content, "churn.npz").json()["display_name"] == "churn.npz"
+    response = upload(client, content, name="a\x00b")  # PostgreSQL cannot store a NUL
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["field"] == "name"
