@@ -11,8 +11,10 @@ from fastapi.testclient import TestClient
 from httpx import Response
 from sqlalchemy.orm import Session
 
+from app.api.datasets import parsing
 from app.core.config import Settings
 from app.core.datasets import load_upload_arrays, resolve_dataset
+from app.core.errors import InvalidInput
 from app.core.spec import JobSpec
 from tests.factories import spec_payload
 from worker.training.data import prepare
@@ -424,3 +426,25 @@ def test_display_name_defaults_to_the_file_name_and_refuses_nul(client: TestClie
     response = upload(client, content, name="a\x00b")  # PostgreSQL cannot store a NUL
     assert response.status_code == 422, response.text
     assert response.json()["detail"][0]["field"] == "name"
+
+
+def test_npz_with_a_huge_zip_directory_is_422_before_zipfile_reads_it(client: TestClient) -> None:
+    # zipfile makes an object per directory entry up front: a 64 MiB upload of empty members
+    # would be over a million of them, before a single header is read.
+    arrays = tabular()
+    members = {"x.npy": npy_bytes(arrays["x"]), "y.npy": npy_bytes(arrays["y"])}
+    members |= {f"pad{i}": b"" for i in range(600)}
+    response = upload(client, zip_bytes(members))
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == "file"
+    assert "602 members" in error["message"]
+
+
+def test_csv_line_longer_than_the_limit_is_422_before_it_is_split() -> None:
+    limits = parsing.UploadLimits(
+        max_samples=100, max_features=1, max_unpacked_bytes=1024**2, max_classes=10
+    )
+    line = b"0," * (limits.max_csv_line_bytes // 2 + 1)
+    with pytest.raises(InvalidInput, match="longer than"):
+        parsing.read_csv(io.BytesIO(b"label,a\n" + line + b"\n"), "label", limits)

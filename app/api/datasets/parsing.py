@@ -13,6 +13,7 @@ import csv
 import lzma
 import math
 import re
+import struct
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -31,6 +32,10 @@ MIN_UPLOAD_SAMPLES = 10
 MAX_LABEL_CHARS = 200
 # An .npy is read in pieces of about this size, cast to float32 piece by piece.
 _READ_CHUNK_BYTES = 4 * 1024 * 1024
+# zipfile reads an archive's whole central directory into objects before anything else: an
+# .npz holds a few members, so a directory larger than this is refused before zipfile sees it.
+_MAX_CENTRAL_DIRECTORY_BYTES = 16 * 1024
+_END_OF_CENTRAL_DIRECTORY = struct.Struct("<4s4H2LH")
 # Non-negative decimal integers in ASCII digits only ("²".isdigit() is True, int("²") fails).
 _INTEGER_LABEL = re.compile(r"-?[0-9]+")
 _UNREADABLE_ZIP = (
@@ -142,6 +147,7 @@ class _NpyHeader:
 
 def read_npz(file: IO[bytes], limits: UploadLimits) -> tuple[np.ndarray, np.ndarray]:
     """x as float32 and y as stored, from an .npz with members x.npy and y.npy."""
+    _check_central_directory(file)
     try:
         with zipfile.ZipFile(file) as archive:
             infos = _npz_members(archive, limits)
@@ -153,6 +159,29 @@ def read_npz(file: IO[bytes], limits: UploadLimits) -> tuple[np.ndarray, np.ndar
     except _UNREADABLE_ZIP as exc:
         raise InvalidInput("file", f"not a readable .npz: {exc}") from exc
     return x, y
+
+
+def _check_central_directory(file: IO[bytes]) -> None:
+    """Refuse a zip whose central directory is large (thousands of members) or in zip64 form,
+    which no upload-sized .npz needs, before zipfile turns it into objects."""
+    end = file.seek(0, 2)
+    tail_size = min(end, _END_OF_CENTRAL_DIRECTORY.size + 65535 + 20)  # record, comment, zip64
+    file.seek(end - tail_size)
+    tail = file.read(tail_size)
+    file.seek(0)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < _END_OF_CENTRAL_DIRECTORY.size:
+        return  # not a zip: zipfile says so, and that is a 422 too
+    record = _END_OF_CENTRAL_DIRECTORY.unpack_from(tail, at)
+    entries, directory_size = record[4], record[5]
+    zip64 = tail[max(0, at - 20) : at].startswith(b"PK\x06\x07")
+    if zip64 or entries == 0xFFFF or directory_size > _MAX_CENTRAL_DIRECTORY_BYTES:
+        raise InvalidInput(
+            "file",
+            f"the .npz's zip directory lists {entries} members in {directory_size} bytes; an "
+            f"upload holds x.npy and y.npy (a directory up to {_MAX_CENTRAL_DIRECTORY_BYTES} "
+            "bytes, no zip64)",
+        )
 
 
 def _npz_members(archive: zipfile.ZipFile, limits: UploadLimits) -> dict[str, zipfile.ZipInfo]:
