@@ -12,7 +12,11 @@ class BodyTooLarge(Exception):
 class BodySizeLimit:
     """Refuse bodies over `default_limit` bytes (over `upload_limit` on upload paths).
 
-    Content-Length is checked up front; a chunked body is counted as it streams in.
+    A declared Content-Length is checked up front. A chunked body (no Content-Length) is
+    counted as it streams in: the message that crosses the limit is never handed to the app;
+    the 413 is sent there and then, and the app's own reaction to the body that broke off
+    (FastAPI answers a 400 "There was an error parsing the body") is dropped, so the client
+    sees the same 413 either way. Nothing is buffered here: the limit holds before memory grows.
     """
 
     def __init__(
@@ -35,26 +39,34 @@ class BodySizeLimit:
             return
         received = 0
         response_started = False
+        rejected = False
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, rejected
+            if rejected:
+                raise BodyTooLarge
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    if not response_started:
+                        rejected = True
+                        await _reject(send, limit)
                     raise BodyTooLarge
             return message
 
-        async def tracking_send(message: Message) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal response_started
+            if rejected:
+                return  # the 413 has been sent; whatever the app makes of the cut body is not
             response_started = response_started or message["type"] == "http.response.start"
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, guarded_send)
         except BodyTooLarge:
-            if not response_started:
-                await _reject(send, limit)
+            if not rejected:
+                raise
 
 
 async def _reject(send: Send, limit: int) -> None:
@@ -68,6 +80,8 @@ async def _reject(send: Send, limit: int) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
+                # The rest of the body is never read: the connection cannot carry another request.
+                (b"connection", b"close"),
             ],
         }
     )

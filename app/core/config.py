@@ -22,8 +22,14 @@ class Settings(BaseSettings):
     max_layer_width: int = Field(4096, ge=1)
     max_layers: int = Field(16, ge=1)
     max_parameters: int = Field(20_000_000, ge=1)
-    # An .npz is compressed: its arrays may unpack to at most this much (a zip bomb is a 422).
-    max_upload_unpacked_bytes: int = Field(1024**3, ge=1024)
+    # What an upload's arrays may take once unpacked: an .npz's members together, and x as
+    # float32 (a zip bomb, or a header claiming a huge shape, is a 422). Parsing one upload
+    # holds at most about 3x this (README, "Uploads and memory").
+    max_upload_unpacked_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    # At most this many uploads are parsed at once; one more waits up to
+    # upload_wait_seconds for a slot, then is a 429.
+    upload_concurrency: int = Field(2, ge=1)
+    upload_wait_seconds: float = Field(10.0, ge=0)
     max_upload_samples: int = Field(200_000, ge=1)
     max_upload_features: int = Field(100_000, ge=1)
     # An upload's labels 0..C-1: C above this is a 422 (the output layer would be that wide).

@@ -21,7 +21,8 @@ def info_from_row(row: Dataset) -> DatasetInfo:
         input_shape=tuple(row.input_shape),
         num_classes=row.num_classes,
         n_samples=row.n_samples,
-        description=row.name,
+        # row.name is the upload's display name (the API shows it as display_name).
+        description=f"uploaded .{row.source_format} file",
     )
 
 
@@ -29,7 +30,12 @@ def resolve_dataset(session: Session, name: str) -> DatasetInfo:
     """The shape of the dataset a spec names; an unknown upload is a 422 on dataset.name."""
     if name in BUILTIN_DATASETS:
         return BUILTIN_DATASETS[name]
-    row = session.get(Dataset, uuid.UUID(name.removeprefix(UPLOAD_PREFIX)))
+    try:
+        dataset_id = uuid.UUID(name.removeprefix(UPLOAD_PREFIX))
+    except ValueError:
+        # The spec's pattern admits only UUIDs; a name from elsewhere must not be a 500 either.
+        raise InvalidInput("dataset.name", f"no uploaded dataset {name!r}") from None
+    row = session.get(Dataset, dataset_id)
     if row is None:
         raise InvalidInput("dataset.name", f"no uploaded dataset {name!r}")
     return info_from_row(row)

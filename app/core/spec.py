@@ -17,7 +17,11 @@ from app.core.catalog import (
     DatasetInfo,
 )
 
-_UPLOAD_NAME = re.compile(rf"^{UPLOAD_PREFIX}[0-9a-fA-F-]{{36}}$")
+# upload:<id> with the id in a UUID's own layout, matched whole (fullmatch: a `$` would let a
+# trailing newline through), so that every name it admits is one uuid.UUID parses.
+_UPLOAD_NAME = re.compile(
+    UPLOAD_PREFIX + "-".join(f"[0-9a-fA-F]{{{digits}}}" for digits in (8, 4, 4, 4, 12))
+)
 
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 NormalizationType = Literal[
@@ -70,7 +74,7 @@ class DatasetSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_name(self) -> Self:
-        if self.name not in BUILTIN_DATASETS and not _UPLOAD_NAME.match(self.name):
+        if self.name not in BUILTIN_DATASETS and not _UPLOAD_NAME.fullmatch(self.name):
             known = ", ".join(sorted(BUILTIN_DATASETS))
             raise SpecError(
                 "name", f"unknown dataset {self.name!r}; use one of {known} or upload:<id>"

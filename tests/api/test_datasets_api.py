@@ -2,6 +2,7 @@
 
 import io
 import uuid
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -10,8 +11,10 @@ from fastapi.testclient import TestClient
 from httpx import Response
 from sqlalchemy.orm import Session
 
+from app.api.datasets import parsing
 from app.core.config import Settings
 from app.core.datasets import load_upload_arrays, resolve_dataset
+from app.core.errors import InvalidInput
 from app.core.spec import JobSpec
 from tests.factories import spec_payload
 from worker.training.data import prepare
@@ -32,6 +35,8 @@ def settings(database_url: str, redis_url: str) -> Settings:
         max_upload_bytes=MAX_BYTES,
         max_upload_classes=MAX_CLASSES,
         max_upload_unpacked_bytes=MAX_UNPACKED,
+        upload_concurrency=1,
+        upload_wait_seconds=0.2,
     )
 
 
@@ -60,19 +65,26 @@ def test_npz_upload_is_stored_listed_and_trainable_by_name(
     assert body["name"].startswith("upload:")
     assert body | {"name": "", "created_at": None} == {
         "name": "",
+        "display_name": "my table",
         "source": "upload",
         "kind": "tabular",
         "input_shape": [3],
         "num_classes": 3,
         "n_samples": 40,
         "synthetic": False,
-        "description": "my table",
+        "description": "uploaded .npz file",
         "class_names": None,
         "created_at": None,
     }
     listed = {item["name"]: item for item in client.get("/v1/datasets").json()["items"]}
     assert listed[body["name"]] == body
     assert listed["digits"]["source"] == "builtin"
+    assert listed["digits"]["display_name"] is None
+
+    # The display name is a label only: a spec names the upload by upload:<id>.
+    by_label = client.post("/v1/jobs", json=spec_payload(dataset={"name": "my table"}))
+    assert by_label.status_code == 422
+    assert by_label.json()["detail"][0]["field"] == "dataset.name"
 
     # Stored canonically: float32 features and int64 labels, the values unchanged.
     x, y = load_upload_arrays(session, uuid.UUID(body["name"].removeprefix("upload:")))
@@ -243,3 +255,196 @@ def test_npz_that_unpacks_past_the_limit_is_422_before_it_is_read(client: TestCl
     [error] = response.json()["detail"]
     assert error["field"] == "file.x"
     assert "unpacks to 2097280 bytes" in error["message"]
+
+
+# -- crafted inputs that were 500s ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "upload:" + "-" * 36,  # passed the old regex, then uuid.UUID raised
+        f"upload:{uuid.uuid4()}\n",  # `$` matched before the trailing newline
+        f"upload:{uuid.uuid4().hex}xxxx",  # 36 hex-ish characters, not a UUID's layout
+    ],
+    ids=["dashes", "trailing newline", "no dashes"],
+)
+def test_malformed_upload_name_in_spec_is_422(client: TestClient, name: str) -> None:
+    response = client.post("/v1/jobs", json=spec_payload(dataset={"name": name}))
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == "dataset.name"
+    assert "unknown dataset" in error["message"]
+
+
+def test_upload_name_of_unknown_id_is_422(client: TestClient) -> None:
+    response = client.post(
+        "/v1/jobs", json=spec_payload(dataset={"name": f"upload:{uuid.uuid4()}"})
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["field"] == "dataset.name"
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def npy_header_only(descr: str, shape: tuple[int, ...]) -> bytes:
+    """An .npy whose header claims `shape` but which holds no data at all."""
+    buffer = io.BytesIO()
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
+def test_npz_members_without_npy_suffix_are_422(client: TestClient) -> None:
+    arrays = tabular()
+    content = zip_bytes({"x": npy_bytes(arrays["x"]), "y": npy_bytes(arrays["y"])})
+    response = upload(client, content)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == "file"
+    assert "x.npy" in error["message"]
+
+
+def test_npz_header_claiming_a_huge_shape_is_422_before_any_allocation(
+    client: TestClient,
+) -> None:
+    # 674 bytes that once made numpy allocate 74.5 GiB: the header is judged, not trusted.
+    content = zip_bytes(
+        {"x.npy": npy_header_only("<f8", (10**10,)), "y.npy": npy_bytes(np.arange(20) % 2)}
+    )
+    assert len(content) < 1000
+    response = upload(client, content)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == "file.x"
+    assert "10000000000" in error["message"]
+
+
+def test_npz_header_claiming_more_data_than_it_holds_is_422(client: TestClient) -> None:
+    # Within every limit, but the member holds no data: a truncated file, not a 500.
+    content = zip_bytes(
+        {"x.npy": npy_header_only("<f4", (20, 3)), "y.npy": npy_bytes(np.arange(20) % 2)}
+    )
+    response = upload(client, content)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == "file.x"
+    assert "truncated" in error["message"]
+
+
+def test_npz_members_together_over_the_unpacked_limit_are_422(client: TestClient) -> None:
+    # Each member under the limit, both together over it: the limit is per upload.
+    x = np.zeros((MAX_SAMPLES, 40))  # 128,000 bytes
+    y = np.array([f"class {i % 2}".ljust(100) for i in range(MAX_SAMPLES)])  # 160,000 bytes
+    assert x.nbytes < MAX_UNPACKED
+    assert y.nbytes < MAX_UNPACKED < x.nbytes + y.nbytes
+    content = io.BytesIO()
+    np.savez_compressed(content, x=x, y=y)
+    response = upload(client, content.getvalue())
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == "file"
+    assert "together" in error["message"]
+
+
+def test_csv_label_that_isdigit_but_is_no_integer_is_a_string_label(client: TestClient) -> None:
+    # "²".isdigit() is True and int("²") raises: such labels are names, like any other text.
+    csv = "label,a\n" + "".join(f"{'²' if i % 2 else '1'},{i}\n" for i in range(20))
+    response = upload(client, csv.encode(), "t.csv")
+    assert response.status_code == 201, response.text
+    assert response.json()["class_names"] == ["1", "²"]
+
+
+def test_csv_label_too_long_is_422(client: TestClient) -> None:
+    # 5,000 digits is past Python's int-string limit: a clear 422, not a ValueError's 500.
+    csv = "label,a\n" + "0,1\n" * 10 + "9" * 5000 + ",2\n"
+    response = upload(client, csv.encode(), "t.csv")
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == "file.y"
+    assert "longer than" in error["message"]
+
+
+def test_upload_beyond_the_concurrency_waits_then_is_429(client: TestClient) -> None:
+    content = npz_bytes(**tabular())
+    assert upload(client, content).status_code == 201
+    slots = client.app.state.upload_slots  # type: ignore[attr-defined]
+    with slots.slot():  # the one slot (upload_concurrency=1) is taken while this one arrives
+        busy = upload(client, content)
+    assert busy.status_code == 429, busy.text
+    assert busy.json()["error"] == "uploads_busy"
+    assert "TRAINSVC_UPLOAD_CONCURRENCY" in busy.json()["detail"]
+    assert busy.headers["retry-after"] == "5"
+    assert upload(client, content).status_code == 201  # the slot was given back
+
+
+@pytest.mark.parametrize(
+    ("dataset", "field"),
+    [
+        ({"val_fraction": 0.99}, "dataset.val_fraction"),  # 10 samples: 10 val, 0 train
+        ({"val_fraction": 0.9}, "dataset.val_fraction"),  # 9 val, 1 train (batch_norm needs 2)
+        ({"val_fraction": 0.5, "train_subset": 1}, "dataset.train_subset"),
+    ],
+    ids=["nothing to train on", "one to train on", "subset of one"],
+)
+def test_split_the_worker_cannot_train_on_is_422_at_submit(
+    client: TestClient, dataset: dict[str, Any], field: str
+) -> None:
+    # Accepted before, then failed in the worker with "range() arg 3 must not be zero".
+    body = upload(client, npz_bytes(**tabular(n=10))).json()
+    response = client.post("/v1/jobs", json=spec_payload(dataset={"name": body["name"], **dataset}))
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == field
+    fine = spec_payload(dataset={"name": body["name"], "val_fraction": 0.8})  # 8 val, 2 train
+    assert client.post("/v1/jobs", json=fine).status_code == 201
+
+
+def test_split_of_a_synthetic_set_is_judged_on_its_n_samples(client: TestClient) -> None:
+    dataset = {"name": "two_moons", "n_samples": 20, "val_fraction": 0.95}
+    response = client.post("/v1/jobs", json=spec_payload(dataset=dataset))
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["field"] == "dataset.val_fraction"
+    assert "20 samples" in response.json()["detail"][0]["message"]
+
+
+def test_display_name_defaults_to_the_file_name_and_refuses_nul(client: TestClient) -> None:
+    content = npz_bytes(**tabular())
+    assert upload(client, content, "churn.npz").json()["display_name"] == "churn.npz"
+    response = upload(client, content, name="a\x00b")  # PostgreSQL cannot store a NUL
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["field"] == "name"
+
+
+def test_npz_with_a_huge_zip_directory_is_422_before_zipfile_reads_it(client: TestClient) -> None:
+    # zipfile makes an object per directory entry up front: a 64 MiB upload of empty members
+    # would be over a million of them, before a single header is read.
+    arrays = tabular()
+    members = {"x.npy": npy_bytes(arrays["x"]), "y.npy": npy_bytes(arrays["y"])}
+    members |= {f"pad{i}": b"" for i in range(600)}
+    response = upload(client, zip_bytes(members))
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == "file"
+    assert "602 members" in error["message"]
+
+
+def test_csv_line_longer_than_the_limit_is_422_before_it_is_split() -> None:
+    limits = parsing.UploadLimits(
+        max_samples=100, max_features=1, max_unpacked_bytes=1024**2, max_classes=10
+    )
+    line = b"0," * (limits.max_csv_line_bytes // 2 + 1)
+    with pytest.raises(InvalidInput, match="longer than"):
+        parsing.read_csv(io.BytesIO(b"label,a\n" + line + b"\n"), "label", limits)

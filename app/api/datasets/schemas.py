@@ -11,6 +11,9 @@ from app.core.models import Dataset
 
 class DatasetRead(BaseModel):
     name: str  # what a spec's dataset.name says: a built-in name, or upload:<id>
+    # An upload's label, from the upload's `name` form field (or its file name): shown to
+    # people, never accepted in a spec. None for built-in datasets.
+    display_name: str | None = None
     source: Literal["builtin", "upload"]
     kind: Literal["tabular", "sequence", "image"]
     input_shape: list[int]
@@ -27,6 +30,7 @@ class DatasetRead(BaseModel):
         """A built-in dataset from its catalog entry, or an upload from its info and row."""
         return cls(
             name=info.name,
+            display_name=None if row is None else row.name,
             source="builtin" if row is None else "upload",
             kind=info.kind,
             input_shape=list(info.input_shape),

@@ -3,25 +3,62 @@
 An upload is checked completely here, before anything is stored: a file the worker could not
 train on is a 422 naming the part at fault (the file, its x or y, a form field), never a
 failed job later and never a 500.
+
+Memory: the upload arrives streamed into a spooled temporary file (at most 1 MiB of it in
+memory, the rest on disk; TRAINSVC_MAX_UPLOAD_BYTES is enforced as it streams in), and is
+parsed from there (parsing.py) into its features as float32, which
+TRAINSVC_MAX_UPLOAD_UNPACKED_BYTES bounds. Storing adds a compressed copy and the database
+driver's copy of it, so one upload holds at most about 3 x TRAINSVC_MAX_UPLOAD_UNPACKED_BYTES,
+and at most TRAINSVC_UPLOAD_CONCURRENCY uploads are parsed at once (UploadSlots): the API's
+memory for uploads stays under TRAINSVC_UPLOAD_CONCURRENCY x 3 x that limit.
 """
 
-import csv
 import hashlib
 import io
-import zipfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import PurePath
+from typing import IO
 
 import numpy as np
 from sqlalchemy.orm import Session
 
+from app.api.datasets import parsing
 from app.core.catalog import DataKind
 from app.core.config import Settings
-from app.core.errors import InvalidInput
+from app.core.errors import InvalidInput, LimitExceeded
 from app.core.models import Dataset
 
-# Fewer samples than this cannot be split into a training and a validation set worth the name.
-MIN_UPLOAD_SAMPLES = 10
+
+class UploadsBusy(LimitExceeded):
+    """Every upload slot stayed taken for TRAINSVC_UPLOAD_WAIT_SECONDS: try again shortly."""
+
+    code = "uploads_busy"
+    retry_after_seconds = 5
+
+
+class UploadSlots:
+    """At most `concurrency` uploads parsed at once; a request waits up to `wait_seconds`
+    for a slot, then is refused with a 429, so memory does not add up past the bound."""
+
+    def __init__(self, concurrency: int, wait_seconds: float) -> None:
+        self.concurrency = concurrency
+        self.wait_seconds = wait_seconds
+        self._semaphore = threading.BoundedSemaphore(concurrency)
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        if not self._semaphore.acquire(timeout=self.wait_seconds):
+            raise UploadsBusy(
+                f"{self.concurrency} uploads are being parsed (TRAINSVC_UPLOAD_CONCURRENCY); "
+                "retry shortly"
+            )
+        try:
+            yield
+        finally:
+            self._semaphore.release()
 
 
 @dataclass(frozen=True)
@@ -29,179 +66,69 @@ class UploadForm:
     """What came with the file: its name, and the form fields that say how to read it."""
 
     filename: str
-    content: bytes
+    file: IO[bytes]  # seekable: the spooled temporary file the upload was streamed to
     kind: DataKind | None  # None: tabular for [n, F], image for [n, H, W]
     label_column: str  # CSV only
-    name: str | None  # a description; the file's name if not given
+    name: str | None  # a label to recognise the dataset by; the file's name if not given
 
 
 def create_upload(session: Session, form: UploadForm, settings: Settings) -> Dataset:
     """Validate an uploaded .npz or CSV, store it in canonical form and return its row."""
-    source_format = _source_format(form.filename, form.content)
+    if form.name is not None and "\x00" in form.name:
+        raise InvalidInput("name", "the name must not contain a NUL character")
+    limits = parsing.UploadLimits.from_settings(settings)
+    source_format = _source_format(form.filename, form.file)
+    labels: np.ndarray | list[str] | None
+    raw_labels = None
     if source_format == "npz":
-        x, raw_labels = _read_npz(form.content, settings.max_upload_unpacked_bytes)
+        x, raw_labels = parsing.read_npz(form.file, limits)
+        labels = parsing.labels_as_text(raw_labels)
+        if labels is None:
+            labels = raw_labels
     else:
-        x, raw_labels = _read_csv(form.content, form.label_column)
-    y, class_names = _labels(raw_labels, settings.max_upload_classes)
-    if len(y) != len(x):
-        raise InvalidInput("file.y", f"y has {len(y)} labels for {len(x)} samples in x")
-    kind = _kind(x, form.kind)
-    _check_limits(x, settings)
-    with np.errstate(over="ignore"):
-        x = x.astype(np.float32)
-    # After the cast: a float64 beyond float32's range becomes inf here and must fail too.
-    if not np.isfinite(x).all():
-        raise InvalidInput("file.x", "x contains NaN or infinite values")
+        x, labels = parsing.read_csv(form.file, form.label_column, limits)
+    y, class_names = parsing.class_indices(labels, settings.max_upload_classes)
+    parsing.check_enough_samples(x)
+    kind = parsing.check_kind(x.ndim, form.kind)
+    parsing.check_finite(x)
 
+    n_samples, input_shape, num_classes = len(x), list(x.shape[1:]), int(y.max()) + 1
     buffer = io.BytesIO()
     np.savez_compressed(buffer, x=x, y=y)
+    del (
+        x,
+        y,
+        labels,
+        raw_labels,
+    )  # the arrays go before the database driver copies the compressed bytes
     data = buffer.getvalue()
+    del buffer
+    name = form.name or form.filename.replace("\x00", "") or "upload"
     row = Dataset(
-        name=(form.name or form.filename or "upload")[:200],
+        name=name[:200],
         source_format=source_format,
         kind=kind,
-        n_samples=len(x),
-        input_shape=list(x.shape[1:]),
-        num_classes=int(y.max()) + 1,
+        n_samples=n_samples,
+        input_shape=input_shape,
+        num_classes=num_classes,
         class_names=class_names,
         data=data,
         size_bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
     )
+    del data
     session.add(row)
     session.flush()
+    # Written: the session need not hold the bytes until the request's commit.
+    session.expire(row, ["data"])
     return row
 
 
-def _source_format(filename: str, content: bytes) -> str:
-    suffix = PurePath(filename).suffix.lower()
+def _source_format(filename: str, file: IO[bytes]) -> str:
+    suffix = PurePath(filename.replace("\x00", "")).suffix.lower()
     if suffix in (".npz", ".csv"):
         return suffix[1:]
     # No telling suffix: an .npz is a zip archive, anything else is read as CSV text.
-    return "npz" if content.startswith(b"PK") else "csv"
-
-
-def _read_npz(content: bytes, max_unpacked_bytes: int) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        # allow_pickle=False: an object array in an upload is refused, never unpickled.
-        with np.load(io.BytesIO(content), allow_pickle=False) as archive:
-            missing = {"x", "y"} - set(archive.files)
-            if missing:
-                raise InvalidInput(
-                    "file", f"the .npz has no array named {' or '.join(sorted(missing))}"
-                )
-            # An .npz is a zip: a few compressed megabytes can unpack to gigabytes. Judge each
-            # member by its declared size before reading; zipfile never reads past that size.
-            for member in ("x", "y"):
-                unpacked = archive.zip.getinfo(f"{member}.npy").file_size
-                if unpacked > max_unpacked_bytes:
-                    raise InvalidInput(
-                        f"file.{member}",
-                        f"{member} unpacks to {unpacked} bytes, over the limit of "
-                        f"{max_unpacked_bytes} (TRAINSVC_MAX_UPLOAD_UNPACKED_BYTES)",
-                    )
-            x, y = archive["x"], archive["y"]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        # ValueError is also what numpy raises for a pickled (object) array.
-        raise InvalidInput("file", f"not a readable .npz without pickled objects: {exc}") from exc
-    if x.dtype.kind not in "biuf":
-        raise InvalidInput("file.x", f"x must be numeric, not {x.dtype}")
-    return x, y
-
-
-def _read_csv(content: bytes, label_column: str) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        text = content.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InvalidInput("file", "a CSV must be UTF-8 text") from exc
-    rows = list(csv.reader(io.StringIO(text)))
-    rows = [row for row in rows if any(cell.strip() for cell in row)]
-    if not rows:
-        raise InvalidInput("file", "the CSV is empty")
-    header = [cell.strip() for cell in rows[0]]
-    if label_column not in header:
-        raise InvalidInput(
-            "label_column", f"the CSV header has no column {label_column!r}: {header[:20]}"
-        )
-    label_index = header.index(label_column)
-    features = np.empty((len(rows) - 1, len(header) - 1), dtype=np.float64)
-    labels: list[str] = []
-    for line, row in enumerate(rows[1:], start=2):
-        if len(row) != len(header):
-            raise InvalidInput(
-                "file", f"line {line} has {len(row)} fields; the header has {len(header)}"
-            )
-        labels.append(row[label_index].strip())
-        cells = row[:label_index] + row[label_index + 1 :]
-        try:
-            features[line - 2] = [float(cell) for cell in cells]
-        except ValueError as exc:
-            raise InvalidInput("file", f"line {line}: every feature must be a number") from exc
-    return features, np.array(labels)
-
-
-def _labels(raw: np.ndarray, max_classes: int) -> tuple[np.ndarray, list[str] | None]:
-    """Class indices 0..C-1, and the class names when the labels were strings."""
-    if raw.ndim != 1:
-        raise InvalidInput("file.y", f"y must be one label per sample, not of shape {raw.shape}")
-    class_names = None
-    if raw.dtype.kind in "US":
-        as_text = np.char.strip(raw.astype(str))
-        if all(label.lstrip("-").isdigit() for label in as_text):
-            # A CSV's "0", "1", ... are class indices; Python ints cannot overflow on the way.
-            raw = np.array([int(label) for label in as_text], dtype=object)
-        else:
-            if (as_text == "").any():
-                raise InvalidInput("file.y", "a label is empty")
-            names, raw = np.unique(as_text, return_inverse=True)
-            class_names = [str(name) for name in names]
-    elif raw.dtype.kind == "b":
-        raw = raw.astype(np.int64)
-    elif raw.dtype.kind not in "iu":
-        raise InvalidInput(
-            "file.y", f"labels must be integers 0..C-1 or strings, not {raw.dtype} values"
-        )
-    if len(raw) == 0:
-        raise InvalidInput("file.y", "y is empty")
-    low, high = int(raw.min()), int(raw.max())
-    if low < 0:
-        raise InvalidInput("file.y", f"labels must be 0..C-1; found {low}")
-    if high + 1 > max_classes:
-        raise InvalidInput(
-            "file.y", f"label {high} makes {high + 1} classes, over the limit of {max_classes}"
-        )
-    y = raw.astype(np.int64)
-    if len(np.unique(y)) < 2:
-        raise InvalidInput("file.y", "a classification dataset needs at least two classes")
-    return y, class_names
-
-
-def _kind(x: np.ndarray, requested: DataKind | None) -> DataKind:
-    per_sample = x.ndim - 1
-    if per_sample not in (1, 2):
-        raise InvalidInput(
-            "file.x",
-            f"x must be [samples, features] or [samples, height, width], not {list(x.shape)}",
-        )
-    kind: DataKind = requested or ("tabular" if per_sample == 1 else "image")
-    if (kind == "image") != (per_sample == 2):
-        wanted = "[samples, height, width]" if kind == "image" else "[samples, length]"
-        raise InvalidInput("kind", f"kind {kind!r} needs x of shape {wanted}, not {list(x.shape)}")
-    return kind
-
-
-def _check_limits(x: np.ndarray, settings: Settings) -> None:
-    if len(x) < MIN_UPLOAD_SAMPLES:
-        raise InvalidInput("file.x", f"at least {MIN_UPLOAD_SAMPLES} samples are needed")
-    if len(x) > settings.max_upload_samples:
-        raise InvalidInput(
-            "file.x", f"{len(x)} samples is over the limit of {settings.max_upload_samples}"
-        )
-    features = int(np.prod(x.shape[1:]))
-    if features == 0:
-        raise InvalidInput("file.x", f"x has no features: shape {list(x.shape)}")
-    if features > settings.max_upload_features:
-        raise InvalidInput(
-            "file.x",
-            f"{features} features per sample is over the limit of {settings.max_upload_features}",
-        )
+    magic = file.read(2)
+    file.seek(0)
+    return "npz" if magic == b"PK" else "csv"

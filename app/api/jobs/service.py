@@ -67,6 +67,23 @@ def check_limits(session: Session, spec: JobSpec, settings: Settings) -> None:
             "dataset.train_subset",
             f"{spec.dataset.name!r} has {info.n_samples} samples, fewer than train_subset",
         )
+    # The split exactly as worker/training/data.py prepare() makes it, so that a split the
+    # worker cannot train on is a 422 here, not a failed job ("range() arg 3 must not be
+    # zero"). A batch larger than the training set is fine: the trainer takes the minimum.
+    dataset = spec.dataset
+    n = dataset.n_samples if info.synthetic and dataset.n_samples else info.n_samples
+    n_val = max(1, round(n * dataset.val_fraction))
+    n_train = n - n_val
+    if dataset.train_subset is not None and dataset.train_subset < n_train:
+        if dataset.train_subset < 2:
+            raise InvalidInput("dataset.train_subset", "train on at least 2 samples")
+        n_train = dataset.train_subset
+    if n_train < 2:
+        raise InvalidInput(
+            "dataset.val_fraction",
+            f"val_fraction {dataset.val_fraction} of {n} samples leaves {n_val} for validation "
+            f"and {n_train} for training; training needs at least 2",
+        )
 
 
 def check_queue_room(session: Session, settings: Settings, adding: int = 1) -> None:
