@@ -15,9 +15,18 @@ from app.core.config import get_settings
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from app.api.auth import check_exposure
     from app.api.main import create_app
 
-    uvicorn.run(create_app(get_settings()), host=args.host, port=args.port, log_level="info")
+    settings = get_settings()
+    if getattr(args, "embedded", False):
+        # `trainsvc up`: one person's laptop, so no keys; check_exposure keeps it on loopback.
+        settings = settings.model_copy(update={"auth": "off"})
+        print(f"trainsvc up: no API keys needed (auth off), listening on {args.host} only")
+    refusal = check_exposure(settings, args.host)
+    if refusal is not None:
+        sys.exit(refusal)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -50,12 +59,81 @@ def _up(args: argparse.Namespace) -> None:
             worker.kill()
 
 
+def _keys_create(args: argparse.Namespace) -> None:
+    from app.core.errors import DomainError
+    from app.core.keys import create_key
+
+    try:
+        with _session() as session:
+            row, key = create_key(session, args.tenant, args.admin, args.description)
+            role = "admin key" if row.admin else "key"
+            print(f"created {role} {row.id} for tenant {row.tenant!r}")
+    except DomainError as exc:
+        sys.exit(f"cannot create a key: {exc}")
+    print("the key is shown once, now; the service keeps only its hash:")
+    print(key)
+
+
+def _keys_list(_args: argparse.Namespace) -> None:
+    from app.core.keys import list_keys
+
+    columns = ("id", "tenant", "admin", "prefix", "created", "last used", "revoked", "description")
+    rows = [columns]
+    with _session() as session:
+        for key in list_keys(session):
+            rows.append(
+                (
+                    str(key.id),
+                    key.tenant,
+                    "yes" if key.admin else "no",
+                    key.prefix,
+                    _moment(key.created_at),
+                    _moment(key.last_used_at),
+                    _moment(key.revoked_at),
+                    key.description or "",
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def _keys_revoke(args: argparse.Namespace) -> None:
+    import uuid
+
+    from app.core.errors import DomainError
+    from app.core.keys import revoke_key
+
+    try:
+        key_id = uuid.UUID(args.id)
+        with _session() as session:
+            row = revoke_key(session, key_id)
+            print(f"revoked key {row.id} ({row.prefix}...) of tenant {row.tenant!r}")
+    except (ValueError, DomainError) as exc:
+        sys.exit(f"cannot revoke {args.id}: {exc}")
+
+
+def _session() -> Any:
+    """One committed unit of work on the configured database, for the `keys` commands."""
+    from app.core.db import create_db_engine, create_session_factory, transaction
+
+    return transaction(create_session_factory(create_db_engine(get_settings().database_url)))
+
+
+def _moment(value: Any) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
+
+
 def _submit(args: argparse.Namespace) -> None:
     import httpx
     from tqdm import tqdm
 
     spec = json.loads(Path(args.spec).read_text())
-    with httpx.Client(base_url=args.url, timeout=30) as client:
+    api_key = get_settings().api_key
+    headers = {"Authorization": f"Bearer {api_key.get_secret_value()}"} if api_key else {}
+    with httpx.Client(base_url=args.url, timeout=30, headers=headers) as client:
         response = client.post("/v1/jobs", json=spec)
         if response.status_code >= 400:
             sys.exit(f"submit failed ({response.status_code}): {response.text}")
@@ -105,13 +183,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="migrate, then run the API and one worker together")
     server_options(up)
-    up.set_defaults(handler=_up)
+    up.set_defaults(handler=_up, embedded=True)
 
     submit = commands.add_parser("submit", help="submit a job spec (JSON file)")
     submit.add_argument("spec")
     submit.add_argument("--wait", action="store_true", help="show progress until the job ends")
     submit.add_argument("--url", default="http://127.0.0.1:8000")
     submit.set_defaults(handler=_submit)
+
+    keys = commands.add_parser("keys", help="create, list and revoke API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="make a key; it is printed once")
+    create.add_argument("--tenant", required=True, help="whose jobs and datasets the key reaches")
+    create.add_argument("--admin", action="store_true", help="may see every tenant")
+    create.add_argument("--description", default=None)
+    create.set_defaults(handler=_keys_create)
+    key_commands.add_parser("list", help="every key, without the keys").set_defaults(
+        handler=_keys_list
+    )
+    revoke = key_commands.add_parser("revoke", help="refuse a key from now on")
+    revoke.add_argument("id")
+    revoke.set_defaults(handler=_keys_revoke)
     return parser
 
 

@@ -1,8 +1,9 @@
 """Settings: every knob of the service in one typed place, read from TRAINSVC_* variables."""
 
 from functools import lru_cache
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -54,6 +55,23 @@ class Settings(BaseSettings):
     broker_publish_timeout_seconds: float = Field(2.0, gt=0)
     # After a publish fails (broker down), skip publishing this long; the outbox keeps the jobs.
     publish_pause_seconds: float = Field(5.0, ge=0)
+
+    # Keys and tenants (docs/security.md). With auth off every request acts as the default
+    # tenant with admin rights, which is only allowed on a loopback address unless
+    # allow_unauthenticated_network says the operator means it.
+    auth: Literal["on", "off"] = "on"
+    allow_unauthenticated_network: bool = False
+    metrics_require_key: bool = False
+    # How long an API process trusts a key lookup: a revoked key is refused within this.
+    key_cache_seconds: float = Field(1.0, ge=0)
+    # Per tenant: bytes of uploads plus checkpoints, and jobs queued plus running.
+    tenant_storage_bytes: int = Field(10 * 1024**3, ge=0)
+    tenant_max_active_jobs: int = Field(100, ge=1)
+    # Per key, per API process: a token bucket refilled at this rate, holding up to the burst.
+    key_requests_per_second: float = Field(50.0, gt=0)
+    key_request_burst: int = Field(100, ge=1)
+    # The key `trainsvc submit` sends (TRAINSVC_API_KEY), kept out of the command line.
+    api_key: SecretStr | None = None
 
 
 @lru_cache

@@ -25,12 +25,16 @@ def info_from_row(row: Dataset) -> DatasetInfo:
     )
 
 
-def resolve_dataset(session: Session, name: str) -> DatasetInfo:
-    """The shape of the dataset a spec names; an unknown upload is a 422 on dataset.name."""
+def resolve_dataset(session: Session, name: str, tenant: str | None = None) -> DatasetInfo:
+    """The shape of the dataset a spec names; an unknown upload is a 422 on dataset.name.
+
+    With `tenant` (the API), only that tenant's uploads count; without (the worker, running a
+    job whose spec was checked at submit), any upload.
+    """
     if name in BUILTIN_DATASETS:
         return BUILTIN_DATASETS[name]
     row = session.get(Dataset, uuid.UUID(name.removeprefix(UPLOAD_PREFIX)))
-    if row is None:
+    if row is None or (tenant is not None and row.tenant != tenant):
         raise InvalidInput("dataset.name", f"no uploaded dataset {name!r}")
     return info_from_row(row)
 

@@ -46,7 +46,8 @@ class Processes:
         self.workdir = workdir
         # Only what the test names: a developer's own TRAINSVC_* variables must not leak in.
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("TRAINSVC_")}
-        self.env = {**inherited, "PYTHONUNBUFFERED": "1", **env}
+        # Auth off (on loopback): these tests are about processes; keys have their own tests.
+        self.env = {**inherited, "PYTHONUNBUFFERED": "1", "TRAINSVC_AUTH": "off", **env}
         self.started: list[tuple[subprocess.Popen[bytes], Path]] = []
 
     def start(

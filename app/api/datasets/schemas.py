@@ -12,6 +12,7 @@ from app.core.models import Dataset
 class DatasetRead(BaseModel):
     name: str  # what a spec's dataset.name says: a built-in name, or upload:<id>
     source: Literal["builtin", "upload"]
+    tenant: str | None = None  # an upload's owner; built-in datasets belong to everyone
     kind: Literal["tabular", "sequence", "image"]
     input_shape: list[int]
     num_classes: int
@@ -34,6 +35,7 @@ class DatasetRead(BaseModel):
             n_samples=info.n_samples,
             synthetic=info.synthetic,
             description=info.description,
+            tenant=None if row is None else row.tenant,
             class_names=None if row is None else row.class_names,
             created_at=None if row is None else row.created_at,
         )

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import Select, delete, func, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, undefer
 
@@ -19,11 +19,18 @@ from app.core.errors import (
     IdempotencyKeyReused,
     InvalidInput,
     JobNotCancellable,
+    JobNotEnded,
     JobNotFound,
+    QuotaExceeded,
+    TooManyActiveJobs,
     TooManyQueuedJobs,
 )
 from app.core.models import Checkpoint, EpochMetric, Job, utcnow
 from app.core.spec import JobSpec, SpecError, check_fits_dataset, count_parameters
+from app.core.tenancy import Caller, scoped, storage_bytes
+
+ACTIVE_STATUSES = ("queued", "running")
+ENDED_STATUSES = ("succeeded", "failed", "cancelled")
 
 
 def spec_sha256(spec: JobSpec) -> str:
@@ -31,9 +38,10 @@ def spec_sha256(spec: JobSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def check_limits(session: Session, spec: JobSpec, settings: Settings) -> None:
+def check_limits(session: Session, spec: JobSpec, settings: Settings, caller: Caller) -> None:
     """What pydantic cannot judge alone: the dataset's shape and the operator's limits."""
-    info = resolve_dataset(session, spec.dataset.name)
+    # Only the caller's own uploads: another tenant's is "no uploaded dataset", like a typo.
+    info = resolve_dataset(session, spec.dataset.name, tenant=caller.tenant)
     try:
         check_fits_dataset(spec, info)
     except SpecError as exc:
@@ -68,8 +76,34 @@ def check_limits(session: Session, spec: JobSpec, settings: Settings) -> None:
         )
 
 
-def _find_by_key(session: Session, key: str, digest: str) -> Job:
-    job = session.scalars(select(Job).where(Job.idempotency_key == key)).one()
+def check_tenant_limits(session: Session, settings: Settings, tenant: str) -> None:
+    """A tenant's share: its queued plus running jobs, and its stored bytes."""
+    active = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.tenant == tenant, Job.status.in_(ACTIVE_STATUSES))
+    )
+    if (active or 0) >= settings.tenant_max_active_jobs:
+        raise TooManyActiveJobs(
+            f"tenant {tenant!r} has {active} jobs queued or running; the limit is "
+            f"{settings.tenant_max_active_jobs} (TRAINSVC_TENANT_MAX_ACTIVE_JOBS)"
+        )
+    stored = storage_bytes(session, tenant)
+    if stored >= settings.tenant_storage_bytes:
+        raise QuotaExceeded(
+            f"tenant {tenant!r} stores {stored} bytes of uploads and checkpoints, at its quota "
+            f"of {settings.tenant_storage_bytes} bytes (TRAINSVC_TENANT_STORAGE_BYTES); "
+            "delete datasets or ended jobs first"
+        )
+
+
+def _by_key(tenant: str, key: str) -> Select[Job]:
+    # Idempotency keys are the tenant's own namespace, also for an admin.
+    return select(Job).where(Job.tenant == tenant, Job.idempotency_key == key)
+
+
+def _find_by_key(session: Session, tenant: str, key: str, digest: str) -> Job:
+    job = session.scalars(_by_key(tenant, key)).one()
     if job.spec_sha256 != digest:
         raise IdempotencyKeyReused(
             f"Idempotency-Key {key!r} was used for a different spec (job {job.id})"
@@ -78,23 +112,30 @@ def _find_by_key(session: Session, key: str, digest: str) -> Job:
 
 
 def submit_job(
-    session: Session, spec: JobSpec, settings: Settings, idempotency_key: str | None
+    session: Session,
+    spec: JobSpec,
+    settings: Settings,
+    idempotency_key: str | None,
+    caller: Caller,
 ) -> tuple[Job, bool]:
-    """Store a queued job: (job, created). A repeated Idempotency-Key returns the original."""
+    """Store a queued job of the caller's tenant: (job, created).
+
+    A repeated Idempotency-Key returns the original.
+    """
     digest = spec_sha256(spec)
     if idempotency_key is not None:
-        existing = session.scalars(
-            select(Job).where(Job.idempotency_key == idempotency_key)
-        ).first()
+        existing = session.scalars(_by_key(caller.tenant, idempotency_key)).first()
         if existing is not None:
-            return _find_by_key(session, idempotency_key, digest), False
-    check_limits(session, spec, settings)
+            return _find_by_key(session, caller.tenant, idempotency_key, digest), False
+    check_limits(session, spec, settings, caller)
+    check_tenant_limits(session, settings, caller.tenant)
     queued = session.scalar(select(func.count()).select_from(Job).where(Job.status == "queued"))
     if (queued or 0) >= settings.max_queued_jobs:
         raise TooManyQueuedJobs(
             f"{queued} jobs are queued; the limit is {settings.max_queued_jobs}"
         )
     job = Job(
+        tenant=caller.tenant,
         name=spec.name,
         spec=spec.model_dump(mode="json"),
         spec_sha256=digest,
@@ -116,11 +157,13 @@ def submit_job(
             session.add(job)
         return job, True
     except IntegrityError:
-        return _find_by_key(session, idempotency_key, digest), False
+        return _find_by_key(session, caller.tenant, idempotency_key, digest), False
 
 
-def get_job(session: Session, job_id: uuid.UUID) -> Job:
-    job = session.get(Job, job_id, options=[selectinload(Job.attempt_history)])
+def get_job(session: Session, job_id: uuid.UUID, caller: Caller) -> Job:
+    """The job, if the caller may see it; another tenant's is not found, like an unknown id."""
+    query = scoped(select(Job).where(Job.id == job_id), Job, caller)
+    job = session.scalars(query.options(selectinload(Job.attempt_history))).first()
     if job is None:
         raise JobNotFound(f"no job {job_id}")
     return job
@@ -141,10 +184,15 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 def list_jobs(
-    session: Session, status: str | None, limit: int, cursor: str | None
+    session: Session,
+    caller: Caller,
+    status: str | None,
+    limit: int,
+    cursor: str | None,
+    tenant: str | None = None,
 ) -> tuple[Sequence[Job], str | None]:
     """Newest first, keyset-paginated on (created_at, id): stable under concurrent inserts."""
-    query = select(Job).options(selectinload(Job.attempt_history))
+    query = scoped(select(Job), Job, caller, tenant).options(selectinload(Job.attempt_history))
     if status is not None:
         query = query.where(Job.status == status)
     if cursor is not None:
@@ -175,6 +223,17 @@ def request_cancel(session: Session, job: Job) -> Job:
     )
     session.refresh(job)
     return job
+
+
+def delete_job(session: Session, job: Job) -> None:
+    """Delete an ended job with its attempts, metrics and checkpoints (ON DELETE CASCADE)."""
+    # Conditional, so a job a worker is still running can never be deleted under it.
+    deleted = session.scalars(
+        delete(Job).where(Job.id == job.id, Job.status.in_(ENDED_STATUSES)).returning(Job.id)
+    ).first()
+    if deleted is None:
+        raise JobNotEnded(f"job {job.id} is {job.status}; cancel it and wait until it ends")
+    session.expunge(job)
 
 
 def list_metrics(session: Session, job: Job, since_epoch: int | None) -> Sequence[EpochMetric]:

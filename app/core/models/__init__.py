@@ -10,10 +10,13 @@ from app.core.models.jobs import (
     Job,
     JobAttempt,
 )
+from app.core.models.keys import DEFAULT_TENANT, ApiKey
 
 __all__ = [
     "CHECKPOINT_KINDS",
+    "DEFAULT_TENANT",
     "JOB_STATUSES",
+    "ApiKey",
     "Base",
     "Checkpoint",
     "Dataset",
