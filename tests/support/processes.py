@@ -78,7 +78,14 @@ class Processes:
     def api(self, command: str = "serve") -> str:
         """Start the API (`serve`, or `up` for API and worker together); returns its URL."""
         port = free_port()
-        self.start(command, "--port", str(port))
+        # `serve` needs keys unless told otherwise: these tests are about processes, and keys
+        # have tests of their own. `up` is left alone, as it must work without keys by itself.
+        auth = (
+            {"TRAINSVC_AUTH": "off"}
+            if command == "serve" and "TRAINSVC_AUTH" not in self.env
+            else {}
+        )
+        self.start(command, "--port", str(port), env=auth)
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: _healthy(url), 60, f"the API on {url}")
         return url
