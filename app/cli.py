@@ -9,23 +9,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.core.config import get_settings
+from app.core.config import Settings, get_settings
 
 
-def _serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
+def _api_settings(args: argparse.Namespace) -> Settings:
+    """The API's settings; exits if they would expose an unauthenticated API to the network."""
     from app.api.auth import check_exposure
-    from app.api.main import create_app
 
     settings = get_settings()
     if getattr(args, "embedded", False):
         # `trainsvc up`: one person's laptop, so no keys; check_exposure keeps it on loopback.
         settings = settings.model_copy(update={"auth": "off"})
-        print(f"trainsvc up: no API keys needed (auth off), listening on {args.host} only")
     refusal = check_exposure(settings, args.host)
     if refusal is not None:
         sys.exit(refusal)
+    return settings
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from app.api.main import create_app
+
+    settings = _api_settings(args)
+    if settings.auth == "off":
+        print(f"trainsvc: auth is off, no API keys needed; listening on {args.host}", flush=True)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
 
 
@@ -46,6 +54,7 @@ def _up(args: argparse.Namespace) -> None:
     """The embedded default in one command: migrate, then a worker process and the API."""
     from app.core.migrate import upgrade
 
+    _api_settings(args)  # refuse before starting anything
     upgrade(get_settings().database_url)
     worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
     try:

@@ -247,6 +247,14 @@ def test_serve_refuses_auth_off_on_a_network_address(tmp_path: Path, repo_root: 
     assert "refusing to serve without API keys on 0.0.0.0" in result.stderr
 
 
+def test_up_runs_without_keys_so_only_on_loopback(tmp_path: Path, repo_root: Path) -> None:
+    # No TRAINSVC_AUTH: `up` turns auth off itself, so a network address is refused too.
+    result = _cli(repo_root, f"sqlite:///{tmp_path}/up.db", "up", "--host", "0.0.0.0")
+    assert result.returncode != 0
+    assert "refusing to serve without API keys on 0.0.0.0" in result.stderr
+    assert not (tmp_path / "up.db").exists()  # refused before anything started
+
+
 def test_keys_commands_create_list_and_revoke(tmp_path: Path, repo_root: Path) -> None:
     url = f"sqlite:///{tmp_path}/keys.db"
     upgrade(url)
