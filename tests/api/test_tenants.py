@@ -318,3 +318,17 @@ def test_a_tenants_queued_and_running_jobs_are_limited_with_a_429(
     assert (
         client.post("/v1/jobs", json=spec_payload(), headers=key_headers("beta")).status_code == 201
     )
+
+
+def test_a_tenant_at_its_storage_quota_cannot_submit(
+    small_quotas: Settings, client: TestClient, session: Session, key_headers: KeyHeaders
+) -> None:
+    small_quotas.tenant_storage_bytes = 100  # alpha's one checkpoint fills it
+    ended_job(session, "alpha")
+    refused = client.post("/v1/jobs", json=spec_payload(), headers=key_headers("alpha"))
+    assert refused.status_code == 413
+    assert refused.json()["error"] == "storage_quota_exceeded"
+    assert "quota of 100 bytes (TRAINSVC_TENANT_STORAGE_BYTES)" in refused.json()["detail"]
+    assert (
+        client.post("/v1/jobs", json=spec_payload(), headers=key_headers("beta")).status_code == 201
+    )

@@ -29,7 +29,12 @@ router = APIRouter(
 )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobRead)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobRead,
+    responses={413: {"description": "The tenant is at its storage quota (storage_quota_exceeded)"}},
+)
 def submit_job(
     spec: JobSpec,
     response: Response,
