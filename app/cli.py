@@ -9,17 +9,34 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.core.config import get_settings
+from app.core.config import Settings, get_settings
 from app.core.observability.logs import configure_logging
 from app.core.observability.multiprocess import share_metrics_between_processes
+
+
+def _api_settings(args: argparse.Namespace) -> Settings:
+    """The API's settings; exits if they would expose an unauthenticated API to the network."""
+    from app.api.auth import check_exposure
+
+    settings = get_settings()
+    if getattr(args, "embedded", False):
+        # `trainsvc up`: one person's laptop, so no keys; check_exposure keeps it on loopback.
+        settings = settings.model_copy(update={"auth": "off"})
+    refusal = check_exposure(settings, args.host)
+    if refusal is not None:
+        sys.exit(refusal)
+    return settings
 
 
 def _serve(args: argparse.Namespace) -> None:
     from app.api.main import create_app
     from app.api.server import run_server
 
-    configure_logging(get_settings())
-    run_server(create_app(get_settings()), args.host, args.port, get_settings())
+    settings = _api_settings(args)
+    configure_logging(settings)
+    if settings.auth == "off":
+        print(f"trainsvc: auth is off, no API keys needed; listening on {args.host}", flush=True)
+    run_server(create_app(settings), args.host, args.port, settings)
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -40,6 +57,7 @@ def _up(args: argparse.Namespace) -> None:
     """The embedded default in one command: migrate, then a worker process and the API."""
     from app.core.migrate import upgrade
 
+    _api_settings(args)  # refuse before starting anything
     upgrade(get_settings().database_url)
     share_metrics_between_processes()  # before the worker starts: it inherits the directory
     worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
@@ -63,12 +81,81 @@ def _doctor(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def _keys_create(args: argparse.Namespace) -> None:
+    from app.core.errors import DomainError
+    from app.core.keys import create_key
+
+    try:
+        with _session() as session:
+            row, key = create_key(session, args.tenant, args.admin, args.description)
+            role = "admin key" if row.admin else "key"
+            print(f"created {role} {row.id} for tenant {row.tenant!r}")
+    except DomainError as exc:
+        sys.exit(f"cannot create a key: {exc}")
+    print("the key is shown once, now; the service keeps only its hash:")
+    print(key)
+
+
+def _keys_list(_args: argparse.Namespace) -> None:
+    from app.core.keys import list_keys
+
+    columns = ("id", "tenant", "admin", "prefix", "created", "last used", "revoked", "description")
+    rows = [columns]
+    with _session() as session:
+        for key in list_keys(session):
+            rows.append(
+                (
+                    str(key.id),
+                    key.tenant,
+                    "yes" if key.admin else "no",
+                    key.prefix,
+                    _moment(key.created_at),
+                    _moment(key.last_used_at),
+                    _moment(key.revoked_at),
+                    key.description or "",
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def _keys_revoke(args: argparse.Namespace) -> None:
+    import uuid
+
+    from app.core.errors import DomainError
+    from app.core.keys import revoke_key
+
+    try:
+        key_id = uuid.UUID(args.id)
+        with _session() as session:
+            row = revoke_key(session, key_id)
+            print(f"revoked key {row.id} ({row.prefix}...) of tenant {row.tenant!r}")
+    except (ValueError, DomainError) as exc:
+        sys.exit(f"cannot revoke {args.id}: {exc}")
+
+
+def _session() -> Any:
+    """One committed unit of work on the configured database, for the `keys` commands."""
+    from app.core.db import create_db_engine, create_session_factory, transaction
+
+    return transaction(create_session_factory(create_db_engine(get_settings().database_url)))
+
+
+def _moment(value: Any) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
+
+
 def _submit(args: argparse.Namespace) -> None:
     import httpx
     from tqdm import tqdm
 
     spec = json.loads(Path(args.spec).read_text())
-    with httpx.Client(base_url=args.url, timeout=30) as client:
+    api_key = get_settings().api_key
+    headers = {"Authorization": f"Bearer {api_key.get_secret_value()}"} if api_key else {}
+    with httpx.Client(base_url=args.url, timeout=30, headers=headers) as client:
         response = client.post("/v1/jobs", json=spec)
         if response.status_code >= 400:
             sys.exit(f"submit failed ({response.status_code}): {response.text}")
@@ -191,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="migrate, then run the API and one worker together")
     server_options(up)
-    up.set_defaults(handler=_up)
+    up.set_defaults(handler=_up, embedded=True)
 
     doctor = commands.add_parser(
         "doctor", help="check the database, broker, workers, GPUs and auth; say how to fix"
@@ -217,6 +304,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--csv", help="also save the configuration table to this file")
     report.add_argument("--url", default="http://127.0.0.1:8000")
     report.set_defaults(handler=_study_report)
+
+    keys = commands.add_parser("keys", help="create, list and revoke API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    key_create = key_commands.add_parser("create", help="make a key; it is printed once")
+    key_create.add_argument(
+        "--tenant", required=True, help="whose jobs and datasets the key reaches"
+    )
+    key_create.add_argument("--admin", action="store_true", help="may see every tenant")
+    key_create.add_argument("--description", default=None)
+    key_create.set_defaults(handler=_keys_create)
+    key_commands.add_parser("list", help="every key, without the keys").set_defaults(
+        handler=_keys_list
+    )
+    revoke = key_commands.add_parser("revoke", help="refuse a key from now on")
+    revoke.add_argument("id")
+    revoke.set_defaults(handler=_keys_revoke)
     return parser
 
 

@@ -13,7 +13,7 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.api.main import create_app
 from app.core.config import Settings
 from app.core.db import create_db_engine
+from app.core.keys import create_key
 from app.core.migrate import upgrade
+from app.core.models import DEFAULT_TENANT
 from tests.support.processes import Processes
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -171,11 +173,33 @@ def settings(database_url: str, redis_url: str) -> Settings:
 
 
 @pytest.fixture
-def client(settings: Settings, session_factory: sessionmaker[Session]) -> Iterator[TestClient]:
+def key_headers(session_factory: sessionmaker[Session]) -> Callable[..., dict[str, str]]:
+    """Makes an API key (rolled back with the test) and returns its Authorization header."""
+
+    def make(tenant: str = DEFAULT_TENANT, admin: bool = False) -> dict[str, str]:
+        with session_factory() as session:
+            _, key = create_key(session, tenant, admin)
+            session.commit()
+        return {"Authorization": f"Bearer {key}"}
+
+    return make
+
+
+@pytest.fixture
+def client(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    key_headers: Callable[..., dict[str, str]],
+) -> Iterator[TestClient]:
+    """The API as a client of the default tenant, with a key of its own (not an admin)."""
     app = create_app(settings)
     with TestClient(app, raise_server_exceptions=False) as test_client:
         app.state.session_factory = session_factory
         app.state.dispatcher.session_factory = session_factory
+        # The test's one connection cannot be shared with the key cache's writer thread.
+        app.state.key_verifier.background_writes = False
+        if settings.auth == "on":
+            test_client.headers.update(key_headers())
         yield test_client
 
 

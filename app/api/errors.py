@@ -18,6 +18,8 @@ from app.core.errors import (
     InvalidInput,
     LimitExceeded,
     NotFound,
+    QuotaExceeded,
+    Unauthorized,
 )
 from app.core.spec import SpecError
 
@@ -27,8 +29,10 @@ logger = logging.getLogger(__name__)
 # Each domain error family answers one status; the most specific class listed wins.
 STATUS_CODES: dict[type[DomainError], int] = {
     InvalidInput: 422,
+    Unauthorized: 401,
     NotFound: 404,
     Conflict: 409,
+    QuotaExceeded: 413,
     LimitExceeded: 429,
     DatabaseUnavailable: 503,
 }
@@ -44,6 +48,8 @@ def status_code_for(exc: DomainError) -> int:
 def headers_for(exc: DomainError) -> dict[str, str] | None:
     if isinstance(exc, LimitExceeded):
         return {"Retry-After": str(exc.retry_after_seconds)}
+    if isinstance(exc, Unauthorized):
+        return {"WWW-Authenticate": "Bearer"}
     if isinstance(exc, DatabaseUnavailable):
         return {"Retry-After": "5"}
     return None

@@ -5,6 +5,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.api.auth import install_auth
 from app.api.datasets.router import router as datasets_router
 from app.api.errors import install_error_handlers
 from app.api.events.hub import EventHub
@@ -28,6 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_db_engine(settings.database_url)
         app.state.settings = settings
+        install_auth(app.state, settings)
         app.state.session_factory = create_session_factory(engine)
         app.state.dispatcher = Dispatcher(
             create_celery_app(settings), app.state.session_factory, settings.publish_pause_seconds

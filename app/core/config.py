@@ -3,7 +3,7 @@
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -93,6 +93,21 @@ class Settings(BaseSettings):
     http_keep_alive_seconds: int = Field(5, ge=1)
     http_max_header_bytes: int = Field(16 * 1024, ge=1024)
     http_max_connections: int | None = Field(None, ge=1)
+    # Keys and tenants (docs/security.md). With auth off every request acts as the default
+    # tenant with admin rights, which is only allowed on a loopback address unless
+    # allow_unauthenticated_network says the operator means it.
+    auth: Literal["on", "off"] = "on"
+    allow_unauthenticated_network: bool = False
+    # How long an API process trusts a key lookup: a revoked key is refused within this.
+    key_cache_seconds: float = Field(1.0, ge=0)
+    # Per tenant: bytes of uploads plus checkpoints, and jobs queued plus running.
+    tenant_storage_bytes: int = Field(10 * 1024**3, ge=0)
+    tenant_max_active_jobs: int = Field(100, ge=1)
+    # Per key, per API process: a token bucket refilled at this rate, holding up to the burst.
+    key_requests_per_second: float = Field(50.0, gt=0)
+    key_request_burst: int = Field(100, ge=1)
+    # The key `trainsvc submit` sends (TRAINSVC_API_KEY), kept out of the command line.
+    api_key: SecretStr | None = None
 
 
 @lru_cache

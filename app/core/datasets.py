@@ -26,8 +26,12 @@ def info_from_row(row: Dataset) -> DatasetInfo:
     )
 
 
-def resolve_dataset(session: Session, name: str) -> DatasetInfo:
-    """The shape of the dataset a spec names; an unknown upload is a 422 on dataset.name."""
+def resolve_dataset(session: Session, name: str, tenant: str | None = None) -> DatasetInfo:
+    """The shape of the dataset a spec names; an unknown upload is a 422 on dataset.name.
+
+    With `tenant` (the API), only that tenant's uploads count; without (the worker, running a
+    job whose spec was checked at submit), any upload.
+    """
     if name in BUILTIN_DATASETS:
         return BUILTIN_DATASETS[name]
     try:
@@ -36,7 +40,7 @@ def resolve_dataset(session: Session, name: str) -> DatasetInfo:
         # The spec's pattern admits only UUIDs; a name from elsewhere must not be a 500 either.
         raise InvalidInput("dataset.name", f"no uploaded dataset {name!r}") from None
     row = session.get(Dataset, dataset_id)
-    if row is None:
+    if row is None or (tenant is not None and row.tenant != tenant):
         raise InvalidInput("dataset.name", f"no uploaded dataset {name!r}")
     return info_from_row(row)
 

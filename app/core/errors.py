@@ -39,6 +39,28 @@ class PlotNotFound(NotFound):
     code = "plot_not_found"
 
 
+class Unauthorized(DomainError):
+    """No usable API key: the detail says whether it was missing, malformed, unknown or revoked."""
+
+    code = "unauthorized"
+
+
+class MissingKey(Unauthorized):
+    code = "missing_key"
+
+
+class MalformedKey(Unauthorized):
+    code = "malformed_key"
+
+
+class UnknownKey(Unauthorized):
+    code = "unknown_key"
+
+
+class RevokedKey(Unauthorized):
+    code = "revoked_key"
+
+
 class Conflict(DomainError):
     """The request is valid but contradicts what is stored."""
 
@@ -57,6 +79,14 @@ class StudyNotEnded(Conflict):
     code = "study_not_ended"
 
 
+class JobNotEnded(Conflict):
+    code = "job_not_ended"
+
+
+class DatasetInUse(Conflict):
+    code = "dataset_in_use"
+
+
 class LimitExceeded(DomainError):
     """Back-pressure: valid, but not now; `retry_after_seconds` says when to try again."""
 
@@ -66,6 +96,28 @@ class LimitExceeded(DomainError):
 
 class TooManyQueuedJobs(LimitExceeded):
     code = "too_many_queued_jobs"
+
+
+class TooManyActiveJobs(LimitExceeded):
+    """The tenant's queued plus running jobs are at its limit."""
+
+    code = "too_many_active_jobs"
+
+
+class RequestRateExceeded(LimitExceeded):
+    """The key's requests per second are over its rate; retry once the bucket refills."""
+
+    code = "request_rate_exceeded"
+
+    def __init__(self, detail: str, retry_after_seconds: int) -> None:
+        super().__init__(detail)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class QuotaExceeded(DomainError):
+    """Storing this would take the tenant over its storage quota: free space, then retry."""
+
+    code = "storage_quota_exceeded"
 
 
 class InvalidInput(DomainError):

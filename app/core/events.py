@@ -23,6 +23,8 @@ EPOCH = "epoch"
 class Event:
     id: int
     job_id: uuid.UUID
+    tenant: str
+    study_id: uuid.UUID | None
     kind: str
     payload: dict[str, Any]
 
@@ -31,7 +33,13 @@ def record_status(session: Session, job_id: uuid.UUID) -> None:
     """The job's status as this transaction leaves it (read back, so it is what commits)."""
     job = session.execute(
         select(
-            Job.status, Job.attempts, Job.progress_epoch, Job.error_type, Job.error_message
+            Job.tenant,
+            Job.study_id,
+            Job.status,
+            Job.attempts,
+            Job.progress_epoch,
+            Job.error_type,
+            Job.error_message,
         ).where(Job.id == job_id)
     ).one()
     payload: dict[str, Any] = {
@@ -42,33 +50,43 @@ def record_status(session: Session, job_id: uuid.UUID) -> None:
     }
     if job.error_type:
         payload["error"] = {"type": job.error_type, "message": job.error_message or ""}
-    session.execute(insert(JobEvent).values(job_id=job_id, kind=STATUS, payload=payload))
+    session.execute(
+        insert(JobEvent).values(
+            job_id=job_id, tenant=job.tenant, study_id=job.study_id, kind=STATUS, payload=payload
+        )
+    )
 
 
-def record_submitted(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
+def record_submitted(session: Session, jobs: Sequence[Job]) -> None:
     """The `queued` event of jobs just created, in one statement (a study makes hundreds)."""
-    if job_ids:
+    if jobs:
         session.execute(
             insert(JobEvent),
             [
                 {
-                    "job_id": job_id,
+                    "job_id": job.id,
+                    "tenant": job.tenant,
+                    "study_id": job.study_id,
                     "kind": STATUS,
-                    "payload": {
-                        "job_id": str(job_id),
-                        "status": "queued",
-                        "attempt": 0,
-                        "epoch": 0,
-                    },
+                    "payload": {"job_id": str(job.id), "status": "queued", "attempt": 0},
                 }
-                for job_id in job_ids
+                for job in jobs
             ],
         )
 
 
 def record_epoch(session: Session, job_id: uuid.UUID, epoch: int, metrics: dict[str, Any]) -> None:
+    owner = session.execute(select(Job.tenant, Job.study_id).where(Job.id == job_id)).one()
     payload = {"job_id": str(job_id), "epoch": epoch, **metrics}
-    session.execute(insert(JobEvent).values(job_id=job_id, kind=EPOCH, payload=payload))
+    session.execute(
+        insert(JobEvent).values(
+            job_id=job_id,
+            tenant=owner.tenant,
+            study_id=owner.study_id,
+            kind=EPOCH,
+            payload=payload,
+        )
+    )
 
 
 def read_events(
@@ -87,11 +105,20 @@ def read_events(
         condition = condition & (JobEvent.id <= until_id)
     if ids:
         condition = condition | JobEvent.id.in_(ids)
-    query = select(JobEvent.id, JobEvent.job_id, JobEvent.kind, JobEvent.payload).where(condition)
+    query = select(
+        JobEvent.id,
+        JobEvent.job_id,
+        JobEvent.tenant,
+        JobEvent.study_id,
+        JobEvent.kind,
+        JobEvent.payload,
+    ).where(condition)
     if job_id is not None:
         query = query.where(JobEvent.job_id == job_id)
     rows = session.execute(query.order_by(JobEvent.id).limit(limit)).all()
-    return [Event(row.id, row.job_id, row.kind, row.payload) for row in rows]
+    return [
+        Event(row.id, row.job_id, row.tenant, row.study_id, row.kind, row.payload) for row in rows
+    ]
 
 
 def last_event_id(session: Session) -> int:

@@ -1,7 +1,7 @@
 """studies: a grid of job specs; jobs.study_id and jobs.grid_point
 
 Revision ID: 0006
-Revises: 0003
+Revises: 0005
 """
 
 from collections.abc import Sequence
@@ -13,7 +13,7 @@ import app.core.models.base
 
 revision: str = "0006"
 # Written beside 0003-0005 on other branches; the merge re-chains it after the last of them.
-down_revision: str | None = "0003"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -22,6 +22,7 @@ def upgrade() -> None:
     op.create_table(
         "studies",
         sa.Column("id", sa.Uuid(), nullable=False),
+        sa.Column("tenant", sa.String(length=100), server_default="default", nullable=False),
         sa.Column("name", sa.String(length=200), nullable=True),
         sa.Column("preset", sa.String(length=64), nullable=True),
         sa.Column("base", sa.JSON(), nullable=False),
@@ -32,10 +33,14 @@ def upgrade() -> None:
             "created_at", app.core.models.base.UTCDateTime(timezone=True), nullable=False
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_studies")),
-        sa.UniqueConstraint("idempotency_key", name=op.f("uq_studies_idempotency_key")),
+        sa.UniqueConstraint(
+            "tenant", "idempotency_key", name=op.f("uq_studies_tenant_idempotency_key")
+        ),
     )
     with op.batch_alter_table("studies") as batch_op:
-        batch_op.create_index("ix_studies_created_at_id", ["created_at", "id"], unique=False)
+        batch_op.create_index(
+            "ix_studies_tenant_created_at_id", ["tenant", "created_at", "id"], unique=False
+        )
     # SQLite cannot add a foreign key in place: batch mode rebuilds the table.
     with op.batch_alter_table("jobs") as batch_op:
         batch_op.add_column(sa.Column("study_id", sa.Uuid(), nullable=True))
@@ -55,5 +60,5 @@ def downgrade() -> None:
         batch_op.drop_column("grid_point")
         batch_op.drop_column("study_id")
     with op.batch_alter_table("studies") as batch_op:
-        batch_op.drop_index("ix_studies_created_at_id")
+        batch_op.drop_index("ix_studies_tenant_created_at_id")
     op.drop_table("studies")

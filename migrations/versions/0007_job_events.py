@@ -27,6 +27,8 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("job_id", sa.Uuid(), nullable=False),
+        sa.Column("tenant", sa.String(length=100), nullable=False),
+        sa.Column("study_id", sa.Uuid(), nullable=True),
         sa.Column("kind", sa.String(length=16), nullable=False),
         sa.Column("payload", sa.JSON(), nullable=False),
         sa.Column("created_at", app.core.models.base.UTCDateTime(timezone=True), nullable=False),

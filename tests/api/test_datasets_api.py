@@ -67,6 +67,7 @@ def test_npz_upload_is_stored_listed_and_trainable_by_name(
         "name": "",
         "display_name": "my table",
         "source": "upload",
+        "tenant": "default",  # the client's key's tenant
         "kind": "tabular",
         "input_shape": [3],
         "num_classes": 3,

@@ -35,7 +35,7 @@ def committed(tmp_path: Path, redis_url: str) -> Iterator[tuple[Settings, sessio
     url = f"sqlite:///{tmp_path / 'events.db'}"
     upgrade(url)
     engine = create_db_engine(url)
-    settings = Settings(database_url=url, broker_url=redis_url, event_poll_seconds=0.05)
+    settings = Settings(database_url=url, broker_url=redis_url, event_poll_seconds=0.05, auth="off")
     yield settings, create_session_factory(engine)
     engine.dispose()
 

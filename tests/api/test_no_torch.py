@@ -13,7 +13,9 @@ from app.core.migrate import upgrade
 
 url = "sqlite:///" + sys.argv[1]
 upgrade(url)
-settings = Settings(database_url=url, broker_url="sqla+sqlite:///" + sys.argv[1] + ".broker")
+settings = Settings(
+    database_url=url, broker_url="sqla+sqlite:///" + sys.argv[1] + ".broker", auth="off"
+)
 with TestClient(create_app(settings)) as client:
     job = client.post("/v1/jobs", json={"dataset": {"name": "digits"}, "epochs": 1}).json()
     assert client.get(f"/v1/jobs/{job['id']}").status_code == 200

@@ -15,6 +15,7 @@ from sqlalchemy.orm import sessionmaker
 from app.api.main import create_app
 from app.core.config import Settings
 from app.core.db import create_db_engine, create_session_factory, transaction
+from app.core.keys import create_key
 from app.core.migrate import upgrade
 from app.core.models import Job
 from tests.factories import make_job
@@ -54,8 +55,16 @@ def test_a_get_answers_while_a_worker_holds_the_write_lock(
         database_url=f"sqlite:///{sqlite_file}",
         broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
     )
+    engine = create_db_engine(settings.database_url)
+    with transaction(create_session_factory(engine)) as session:
+        # A key used once to warm up, and one first used behind the writer: its lookup reads
+        # beside the writer, and its last_used_at is written once the writer is done.
+        warm, fresh = (create_key(session, "default")[1] for _ in range(2))
+    engine.dispose()
     with TestClient(create_app(settings)) as client:
+        client.headers["Authorization"] = f"Bearer {warm}"
         assert client.get(f"/v1/jobs/{job_id}").status_code == 200  # warm: connection, imports
+        client.headers["Authorization"] = f"Bearer {fresh}"
         writer = sqlite3.connect(sqlite_file, isolation_level=None, check_same_thread=False)
         writer.execute("BEGIN IMMEDIATE")
         writer.execute("UPDATE jobs SET progress_epoch = 7")

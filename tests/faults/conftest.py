@@ -19,6 +19,7 @@ from app.core.db import create_db_engine, create_session_factory, transaction
 from app.core.models import EpochMetric, Job, JobAttempt
 from app.core.outbox import Dispatcher
 from app.core.spec import JobSpec
+from app.core.tenancy import UNAUTHENTICATED
 from tests.factories import spec_payload
 from tests.faults.servers import PostgresServer, RedisServer
 from tests.support.processes import Processes
@@ -65,7 +66,9 @@ class Jobs:
 
     def submit(self, spec: dict[str, Any], publish: bool = True) -> uuid.UUID:
         with transaction(self.session_factory) as session:
-            job, _ = submit_job(session, JobSpec.model_validate(spec), self.settings, None)
+            job, _ = submit_job(
+                session, JobSpec.model_validate(spec), self.settings, None, UNAUTHENTICATED
+            )
             job_id = job.id
         if publish:
             self.dispatcher.publish([job_id])

@@ -46,7 +46,8 @@ class Processes:
         self.workdir = workdir
         # Only what the test names: a developer's own TRAINSVC_* variables must not leak in.
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("TRAINSVC_")}
-        self.env = {**inherited, "PYTHONUNBUFFERED": "1", **env}
+        # Auth off (on loopback): these tests are about processes; keys have their own tests.
+        self.env = {**inherited, "PYTHONUNBUFFERED": "1", "TRAINSVC_AUTH": "off", **env}
         self.started: list[tuple[subprocess.Popen[bytes], Path]] = []
 
     def start(
@@ -77,7 +78,14 @@ class Processes:
     def api(self, command: str = "serve") -> str:
         """Start the API (`serve`, or `up` for API and worker together); returns its URL."""
         port = free_port()
-        self.start(command, "--port", str(port))
+        # `serve` needs keys unless told otherwise: these tests are about processes, and keys
+        # have tests of their own. `up` is left alone, as it must work without keys by itself.
+        auth = (
+            {"TRAINSVC_AUTH": "off"}
+            if command == "serve" and "TRAINSVC_AUTH" not in self.env
+            else {}
+        )
+        self.start(command, "--port", str(port), env=auth)
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: _healthy(url), 60, f"the API on {url}")
         return url

@@ -1,14 +1,24 @@
-"""Dependencies of the dataset routes: the upload slots that bound concurrent parsing."""
+"""Dependencies of the dataset routes: lookups that can 404 (done once here, so no route
+repeats them), and the upload slots that bound concurrent parsing."""
 
 import threading
+import uuid
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.api.auth import CallerDep
+from app.api.datasets import service
 from app.api.datasets.service import UploadSlots
+from app.api.dependencies import SessionDep
 from app.core.config import Settings
+from app.core.models import Dataset
 
 _creating = threading.Lock()
+
+
+def upload_from_path(dataset_id: uuid.UUID, session: SessionDep, caller: CallerDep) -> Dataset:
+    return service.get_upload(session, dataset_id, caller)
 
 
 def get_upload_slots(request: Request) -> UploadSlots:
@@ -23,4 +33,5 @@ def get_upload_slots(request: Request) -> UploadSlots:
     return slots
 
 
+UploadDep = Annotated[Dataset, Depends(upload_from_path)]
 UploadSlotsDep = Annotated[UploadSlots, Depends(get_upload_slots)]

@@ -1,35 +1,54 @@
-"""HTTP routes for datasets: list the built-in ones and those uploaded, and take uploads."""
+"""HTTP routes for datasets: list the built-in ones and the caller's uploads, take, read and
+delete uploads."""
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile, status
-from sqlalchemy import select
+from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile, status
 
-from app.api.datasets.dependencies import UploadSlotsDep
+from app.api.auth import AUTH_RESPONSES, CallerDep, get_caller
+from app.api.datasets import service
+from app.api.datasets.dependencies import UploadDep, UploadSlotsDep
 from app.api.datasets.schemas import DatasetList, DatasetRead
 from app.api.datasets.service import UploadForm, create_upload
 from app.api.dependencies import SessionDep, SettingsDep
 from app.core.catalog import BUILTIN_DATASETS, DataKind
 from app.core.datasets import info_from_row
-from app.core.models import Dataset
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+# Every route needs a caller; a route cannot opt out (tests/api/test_tenants.py checks).
+router = APIRouter(
+    prefix="/v1/datasets",
+    tags=["datasets"],
+    dependencies=[Depends(get_caller)],
+    responses=AUTH_RESPONSES,
+)
 
 
 @router.get("", response_model=DatasetList)
-def list_datasets(session: SessionDep) -> DatasetList:
-    """Built-in and uploaded datasets, with their shapes and classes."""
+def list_datasets(
+    session: SessionDep,
+    caller: CallerDep,
+    tenant: Annotated[
+        str | None, Query(max_length=100, description="admin keys: only this tenant's uploads")
+    ] = None,
+) -> DatasetList:
+    """Built-in datasets and the caller's uploads, with their shapes and classes."""
     items = [DatasetRead.from_info(info) for info in BUILTIN_DATASETS.values()]
-    for row in session.scalars(select(Dataset).order_by(Dataset.created_at.desc())):
+    for row in service.list_uploads(session, caller, tenant):
         items.append(DatasetRead.from_info(info_from_row(row), row))
     return DatasetList(items=items)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetRead)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetRead,
+    responses={413: {"description": "Over the upload size or the tenant's storage quota"}},
+)
 def upload_dataset(
     session: SessionDep,
     settings: SettingsDep,
     slots: UploadSlotsDep,
+    caller: CallerDep,
     file: Annotated[UploadFile, File(description=".npz with arrays x and y, or CSV")],
     kind: Annotated[
         DataKind | None,
@@ -50,5 +69,23 @@ def upload_dataset(
     # into memory whole, and only a few uploads at a time.
     form = UploadForm(file.filename or "", file.file, kind, label_column, name)
     with slots.slot():
-        row = create_upload(session, form, settings)
+        row = create_upload(session, form, settings, caller)
     return DatasetRead.from_info(info_from_row(row), row)
+
+
+@router.get("/{dataset_id}", response_model=DatasetRead)
+def get_dataset(row: UploadDep) -> DatasetRead:
+    """An uploaded dataset: its shape, classes and owner."""
+    return DatasetRead.from_info(info_from_row(row), row)
+
+
+@router.delete(
+    "/{dataset_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses={409: {"description": "A queued or running job uses it (dataset_in_use)"}},
+)
+def delete_dataset(row: UploadDep, session: SessionDep) -> Response:
+    """Delete an upload; 409 while a queued or running job trains on it."""
+    service.delete_upload(session, row)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

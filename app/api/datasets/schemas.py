@@ -15,6 +15,7 @@ class DatasetRead(BaseModel):
     # people, never accepted in a spec. None for built-in datasets.
     display_name: str | None = None
     source: Literal["builtin", "upload"]
+    tenant: str | None = None  # an upload's owner; built-in datasets belong to everyone
     kind: Literal["tabular", "sequence", "image"]
     input_shape: list[int]
     num_classes: int
@@ -38,6 +39,7 @@ class DatasetRead(BaseModel):
             n_samples=info.n_samples,
             synthetic=info.synthetic,
             description=info.description,
+            tenant=None if row is None else row.tenant,
             class_names=None if row is None else row.class_names,
             created_at=None if row is None else row.created_at,
         )

@@ -16,20 +16,29 @@ memory for uploads stays under TRAINSVC_UPLOAD_CONCURRENCY x 3 x that limit.
 import hashlib
 import io
 import threading
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import IO
 
 import numpy as np
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from app.api.datasets import parsing
-from app.core.catalog import DataKind
+from app.core.catalog import UPLOAD_PREFIX, DataKind
 from app.core.config import Settings
-from app.core.errors import InvalidInput, LimitExceeded
-from app.core.models import Dataset
+from app.core.errors import (
+    DatasetInUse,
+    DatasetNotFound,
+    InvalidInput,
+    LimitExceeded,
+    QuotaExceeded,
+)
+from app.core.models import Dataset, Job
+from app.core.tenancy import Caller, scoped, storage_bytes
 
 
 class UploadsBusy(LimitExceeded):
@@ -72,8 +81,10 @@ class UploadForm:
     name: str | None  # a label to recognise the dataset by; the file's name if not given
 
 
-def create_upload(session: Session, form: UploadForm, settings: Settings) -> Dataset:
-    """Validate an uploaded .npz or CSV, store it in canonical form and return its row."""
+def create_upload(
+    session: Session, form: UploadForm, settings: Settings, caller: Caller
+) -> Dataset:
+    """Validate an uploaded .npz or CSV, store it as the caller's and return its row."""
     if form.name is not None and "\x00" in form.name:
         raise InvalidInput("name", "the name must not contain a NUL character")
     limits = parsing.UploadLimits.from_settings(settings)
@@ -103,8 +114,10 @@ def create_upload(session: Session, form: UploadForm, settings: Settings) -> Dat
     )  # the arrays go before the database driver copies the compressed bytes
     data = buffer.getvalue()
     del buffer
+    _check_quota(session, caller.tenant, len(data), settings)
     name = form.name or form.filename.replace("\x00", "") or "upload"
     row = Dataset(
+        tenant=caller.tenant,
         name=name[:200],
         source_format=source_format,
         kind=kind,
@@ -122,6 +135,49 @@ def create_upload(session: Session, form: UploadForm, settings: Settings) -> Dat
     # Written: the session need not hold the bytes until the request's commit.
     session.expire(row, ["data"])
     return row
+
+
+def list_uploads(session: Session, caller: Caller, tenant: str | None) -> Sequence[Dataset]:
+    query = scoped(select(Dataset), Dataset, caller, tenant)
+    return session.scalars(query.order_by(Dataset.created_at.desc(), Dataset.id.desc())).all()
+
+
+def get_upload(session: Session, dataset_id: uuid.UUID, caller: Caller) -> Dataset:
+    """The upload, if the caller may see it; another tenant's is not found, like an unknown id."""
+    query = scoped(select(Dataset).where(Dataset.id == dataset_id), Dataset, caller)
+    row = session.scalars(query).first()
+    if row is None:
+        raise DatasetNotFound(f"no uploaded dataset {dataset_id}")
+    return row
+
+
+def delete_upload(session: Session, row: Dataset) -> None:
+    """Delete an upload no queued or running job needs; jobs that ended keep their results."""
+    in_use = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.status.in_(("queued", "running")),
+            Job.spec["dataset"]["name"].as_string() == f"{UPLOAD_PREFIX}{row.id}",
+        )
+    )
+    if in_use:
+        raise DatasetInUse(
+            f"{in_use} queued or running jobs train on {UPLOAD_PREFIX}{row.id}; "
+            "cancel them or wait until they end"
+        )
+    session.execute(delete(Dataset).where(Dataset.id == row.id))
+    session.expunge(row)
+
+
+def _check_quota(session: Session, tenant: str, size: int, settings: Settings) -> None:
+    stored = storage_bytes(session, tenant)
+    if stored + size > settings.tenant_storage_bytes:
+        raise QuotaExceeded(
+            f"tenant {tenant!r} stores {stored} bytes of uploads and checkpoints; {size} more "
+            f"would pass its quota of {settings.tenant_storage_bytes} bytes "
+            "(TRAINSVC_TENANT_STORAGE_BYTES)"
+        )
 
 
 def _source_format(filename: str, file: IO[bytes]) -> str:

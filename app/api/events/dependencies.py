@@ -5,10 +5,13 @@ from typing import Annotated
 
 import anyio.to_thread
 from fastapi import Depends, Header, Request
+from sqlalchemy import select
 
+from app.api.auth import CallerDep
 from app.api.events.hub import EventHub
 from app.core.errors import InvalidInput, JobNotFound
 from app.core.models import Job
+from app.core.tenancy import scoped
 
 
 def get_hub(request: Request) -> EventHub:
@@ -16,13 +19,15 @@ def get_hub(request: Request) -> EventHub:
     return hub
 
 
-async def streamed_job(job_id: uuid.UUID, request: Request) -> uuid.UUID:
-    """The job must exist before the stream answers 200. The session is closed at once: a
-    stream may last hours and must not hold a database connection."""
+async def streamed_job(job_id: uuid.UUID, request: Request, caller: CallerDep) -> uuid.UUID:
+    """The caller's job must exist before the stream answers 200 (another tenant's is not
+    found, like an unknown id). The session is closed at once: a stream may last hours and
+    must not hold a database connection."""
 
     def exists() -> bool:
+        query = scoped(select(Job.id).where(Job.id == job_id), Job, caller)
         with request.app.state.session_factory() as session:
-            return session.get(Job, job_id) is not None
+            return session.scalar(query) is not None
 
     if not await anyio.to_thread.run_sync(exists):
         raise JobNotFound(f"no job {job_id}")

@@ -1,17 +1,22 @@
 """Live events as Server-Sent Events: one job's, or every job's."""
 
+import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
+from app.api.auth import AUTH_RESPONSES, CallerDep, get_caller
 from app.api.events import service
 from app.api.events.dependencies import HubDep, LastEventIdDep, StreamedJobDep
 from app.core.events import EPOCH, STATUS, Event
 from app.core.models.jobs import JOB_STATUSES
 
-router = APIRouter(prefix="/v1", tags=["events"])
+# Every route needs a caller; a route cannot opt out (tests/api/test_tenants.py checks).
+router = APIRouter(
+    prefix="/v1", tags=["events"], dependencies=[Depends(get_caller)], responses=AUTH_RESPONSES
+)
 
 
 @router.get("/jobs/{job_id}/events", response_class=EventSourceResponse)
@@ -28,13 +33,20 @@ async def job_events(
 async def all_events(
     request: Request,
     hub: HubDep,
+    caller: CallerDep,
     last_event_id: LastEventIdDep,
+    study_id: uuid.UUID | None = None,
     status: Annotated[list[str] | None, Query(description=f"any of {JOB_STATUSES}")] = None,
 ) -> AsyncIterator[ServerSentEvent]:
-    """Every job's events from now on, optionally only for jobs in the given statuses."""
+    """The caller's jobs' events from now on, optionally one study's, or only status changes
+    to the given statuses (and epochs, if `running` is one)."""
     wanted = set(status or ())
 
     def match(event: Event) -> bool:
+        if not caller.admin and event.tenant != caller.tenant:
+            return False
+        if study_id is not None and event.study_id != study_id:
+            return False
         if not wanted:
             return True
         if event.kind == STATUS:

@@ -5,13 +5,14 @@ from typing import Annotated
 
 from fastapi import Depends
 
+from app.api.auth import CallerDep
 from app.api.dependencies import SessionDep
 from app.api.jobs import service
 from app.core.models import Job
 
 
-def job_from_path(job_id: uuid.UUID, session: SessionDep) -> Job:
-    return service.get_job(session, job_id)
+def job_from_path(job_id: uuid.UUID, session: SessionDep, caller: CallerDep) -> Job:
+    return service.get_job(session, job_id, caller)
 
 
 JobDep = Annotated[Job, Depends(job_from_path)]

@@ -3,8 +3,9 @@
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Response, status
 
+from app.api.auth import AUTH_RESPONSES, CallerDep, get_caller
 from app.api.dependencies import DispatcherDep, SessionDep, SettingsDep
 from app.api.jobs import service
 from app.api.jobs.dependencies import JobDep
@@ -19,39 +20,57 @@ from app.api.jobs.schemas import (
 )
 from app.core.spec import JobSpec
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+# Every route needs a caller; a route cannot opt out (tests/api/test_tenants.py checks).
+router = APIRouter(
+    prefix="/v1/jobs",
+    tags=["jobs"],
+    dependencies=[Depends(get_caller)],
+    responses=AUTH_RESPONSES,
+)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobRead)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobRead,
+    responses={413: {"description": "The tenant is at its storage quota (storage_quota_exceeded)"}},
+)
 def submit_job(
     spec: JobSpec,
     response: Response,
     session: SessionDep,
     settings: SettingsDep,
     dispatcher: DispatcherDep,
+    caller: CallerDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobRead:
     """Submit a training job; a repeated Idempotency-Key returns the original job (200)."""
-    job, created = service.submit_job(session, spec, settings, idempotency_key)
+    job, created = service.submit_job(session, spec, settings, idempotency_key, caller)
     # Commit before publishing: a worker must find the row the message names.
     session.commit()
     if created:
         dispatcher.publish([job.id])
     else:
         response.status_code = status.HTTP_200_OK
-    return JobRead.from_job(service.get_job(session, job.id))
+    return JobRead.from_job(service.get_job(session, job.id, caller))
 
 
 @router.get("", response_model=JobPage)
 def list_jobs(
     session: SessionDep,
+    caller: CallerDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
     study_id: uuid.UUID | None = None,
+    tenant: Annotated[
+        str | None, Query(max_length=100, description="admin keys: only this tenant's jobs")
+    ] = None,
 ) -> JobPage:
-    """List jobs, newest first; pass next_cursor back as cursor for the next page."""
-    jobs, next_cursor = service.list_jobs(session, status, limit, cursor, study_id)
+    """List the caller's jobs, newest first; pass next_cursor back as cursor for the next page."""
+    jobs, next_cursor = service.list_jobs(
+        session, caller, status, limit, cursor, tenant, study_id=study_id
+    )
     return JobPage(items=[JobRead.from_job(job) for job in jobs], next_cursor=next_cursor)
 
 
@@ -59,6 +78,18 @@ def list_jobs(
 def get_job(job: JobDep) -> JobRead:
     """A job: its status, progress, attempts, summary and error."""
     return JobRead.from_job(job)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses={409: {"description": "The job has not ended (job_not_ended)"}},
+)
+def delete_job(job: JobDep, session: SessionDep) -> Response:
+    """Delete an ended job with its metrics and checkpoints; 409 while queued or running."""
+    service.delete_job(session, job)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobRead)

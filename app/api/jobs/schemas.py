@@ -33,6 +33,7 @@ class AttemptRead(BaseModel):
 
 class JobRead(BaseModel):
     id: uuid.UUID
+    tenant: str
     name: str | None
     status: JobStatus
     spec: dict[str, Any]
@@ -52,6 +53,7 @@ class JobRead(BaseModel):
     def from_job(cls, job: Job) -> "JobRead":
         return cls(
             id=job.id,
+            tenant=job.tenant,
             name=job.name,
             status=job.status,  # the table's CHECK holds it to JobStatus
             spec=job.spec,

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import case, func, select, tuple_
+from sqlalchemy import Select, case, delete, func, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, undefer
 
@@ -20,11 +20,18 @@ from app.core.errors import (
     CheckpointNotFound,
     IdempotencyKeyReused,
     InvalidInput,
+    JobNotEnded,
     JobNotFound,
+    QuotaExceeded,
+    TooManyActiveJobs,
     TooManyQueuedJobs,
 )
 from app.core.models import Checkpoint, EpochMetric, Job
 from app.core.spec import JobSpec, SpecError, check_fits_dataset, count_parameters
+from app.core.tenancy import Caller, scoped, storage_bytes
+
+ACTIVE_STATUSES = ("queued", "running")
+ENDED_STATUSES = ("succeeded", "failed", "cancelled")
 
 
 def spec_sha256(spec: JobSpec) -> str:
@@ -32,9 +39,10 @@ def spec_sha256(spec: JobSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def check_limits(session: Session, spec: JobSpec, settings: Settings) -> None:
+def check_limits(session: Session, spec: JobSpec, settings: Settings, caller: Caller) -> None:
     """What pydantic cannot judge alone: the dataset's shape and the operator's limits."""
-    info = resolve_dataset(session, spec.dataset.name)
+    # Only the caller's own uploads: another tenant's is "no uploaded dataset", like a typo.
+    info = resolve_dataset(session, spec.dataset.name, tenant=caller.tenant)
     try:
         check_fits_dataset(spec, info)
     except SpecError as exc:
@@ -98,12 +106,14 @@ def check_queue_room(session: Session, settings: Settings, adding: int = 1) -> N
 def new_job(
     spec: JobSpec,
     *,
+    tenant: str,
     idempotency_key: str | None = None,
     study_id: uuid.UUID | None = None,
     grid_point: dict[str, Any] | None = None,
 ) -> Job:
     """A queued job row for a validated spec (not yet added to a session)."""
     return Job(
+        tenant=tenant,
         name=spec.name,
         spec=spec.model_dump(mode="json"),
         spec_sha256=spec_sha256(spec),
@@ -119,8 +129,34 @@ def new_job(
     )
 
 
-def _find_by_key(session: Session, key: str, digest: str) -> Job:
-    job = session.scalars(select(Job).where(Job.idempotency_key == key)).one()
+def check_tenant_limits(session: Session, settings: Settings, tenant: str, adding: int = 1) -> None:
+    """A tenant's share: its queued plus running jobs (`adding` more), and its stored bytes."""
+    active = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.tenant == tenant, Job.status.in_(ACTIVE_STATUSES))
+    )
+    if (active or 0) + adding > settings.tenant_max_active_jobs:
+        raise TooManyActiveJobs(
+            f"tenant {tenant!r} has {active} jobs queued or running; the limit is "
+            f"{settings.tenant_max_active_jobs} (TRAINSVC_TENANT_MAX_ACTIVE_JOBS)"
+        )
+    stored = storage_bytes(session, tenant)
+    if stored >= settings.tenant_storage_bytes:
+        raise QuotaExceeded(
+            f"tenant {tenant!r} stores {stored} bytes of uploads and checkpoints, at its quota "
+            f"of {settings.tenant_storage_bytes} bytes (TRAINSVC_TENANT_STORAGE_BYTES); "
+            "delete datasets or ended jobs first"
+        )
+
+
+def _by_key(tenant: str, key: str) -> Select[Job]:
+    # Idempotency keys are the tenant's own namespace, also for an admin.
+    return select(Job).where(Job.tenant == tenant, Job.idempotency_key == key)
+
+
+def _find_by_key(session: Session, tenant: str, key: str, digest: str) -> Job:
+    job = session.scalars(_by_key(tenant, key)).one()
     if job.spec_sha256 != digest:
         raise IdempotencyKeyReused(
             f"Idempotency-Key {key!r} was used for a different spec (job {job.id})"
@@ -129,19 +165,25 @@ def _find_by_key(session: Session, key: str, digest: str) -> Job:
 
 
 def submit_job(
-    session: Session, spec: JobSpec, settings: Settings, idempotency_key: str | None
+    session: Session,
+    spec: JobSpec,
+    settings: Settings,
+    idempotency_key: str | None,
+    caller: Caller,
 ) -> tuple[Job, bool]:
-    """Store a queued job: (job, created). A repeated Idempotency-Key returns the original."""
+    """Store a queued job of the caller's tenant: (job, created).
+
+    A repeated Idempotency-Key returns the original.
+    """
     digest = spec_sha256(spec)
     if idempotency_key is not None:
-        existing = session.scalars(
-            select(Job).where(Job.idempotency_key == idempotency_key)
-        ).first()
+        existing = session.scalars(_by_key(caller.tenant, idempotency_key)).first()
         if existing is not None:
-            return _find_by_key(session, idempotency_key, digest), False
-    check_limits(session, spec, settings)
+            return _find_by_key(session, caller.tenant, idempotency_key, digest), False
+    check_limits(session, spec, settings, caller)
+    check_tenant_limits(session, settings, caller.tenant)
     check_queue_room(session, settings)
-    job = new_job(spec, idempotency_key=idempotency_key)
+    job = new_job(spec, tenant=caller.tenant, idempotency_key=idempotency_key)
     if idempotency_key is None:
         session.add(job)
         session.flush()
@@ -151,13 +193,15 @@ def submit_job(
             with session.begin_nested():
                 session.add(job)
         except IntegrityError:
-            return _find_by_key(session, idempotency_key, digest), False
-    events.record_submitted(session, [job.id])
+            return _find_by_key(session, caller.tenant, idempotency_key, digest), False
+    events.record_submitted(session, [job])
     return job, True
 
 
-def get_job(session: Session, job_id: uuid.UUID) -> Job:
-    job = session.get(Job, job_id, options=[selectinload(Job.attempt_history)])
+def get_job(session: Session, job_id: uuid.UUID, caller: Caller) -> Job:
+    """The job, if the caller may see it; another tenant's is not found, like an unknown id."""
+    query = scoped(select(Job).where(Job.id == job_id), Job, caller)
+    job = session.scalars(query.options(selectinload(Job.attempt_history))).first()
     if job is None:
         raise JobNotFound(f"no job {job_id}")
     return job
@@ -185,13 +229,15 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 def list_jobs(
     session: Session,
+    caller: Caller,
     status: str | None,
     limit: int,
     cursor: str | None,
+    tenant: str | None = None,
     study_id: uuid.UUID | None = None,
 ) -> tuple[Sequence[Job], str | None]:
     """Newest first, keyset-paginated on (created_at, id): stable under concurrent inserts."""
-    query = select(Job).options(selectinload(Job.attempt_history))
+    query = scoped(select(Job), Job, caller, tenant).options(selectinload(Job.attempt_history))
     if status is not None:
         query = query.where(Job.status == status)
     if study_id is not None:
@@ -211,6 +257,17 @@ def request_cancel(session: Session, job: Job) -> Job:
     lifecycle.request_cancel(session, job.id)
     session.refresh(job)  # what the request left in the row, not what was read before it
     return job
+
+
+def delete_job(session: Session, job: Job) -> None:
+    """Delete an ended job with its attempts, metrics and checkpoints (ON DELETE CASCADE)."""
+    # Conditional, so a job a worker is still running can never be deleted under it.
+    deleted = session.scalars(
+        delete(Job).where(Job.id == job.id, Job.status.in_(ENDED_STATUSES)).returning(Job.id)
+    ).first()
+    if deleted is None:
+        raise JobNotEnded(f"job {job.id} is {job.status}; cancel it and wait until it ends")
+    session.expunge(job)
 
 
 def list_metrics(session: Session, job: Job, since_epoch: int | None) -> Sequence[EpochMetric]:

@@ -7,13 +7,14 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.api.auth import CallerDep
 from app.api.dependencies import SessionDep
 from app.api.studies import service
 from app.core.models import Study
 
 
-def study_from_path(study_id: uuid.UUID, session: SessionDep) -> Study:
-    return service.get_study(session, study_id)
+def study_from_path(study_id: uuid.UUID, session: SessionDep, caller: CallerDep) -> Study:
+    return service.get_study(session, study_id, caller)
 
 
 StudyDep = Annotated[Study, Depends(study_from_path)]

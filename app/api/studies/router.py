@@ -2,9 +2,10 @@
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Response, status
 from fastapi.responses import HTMLResponse
 
+from app.api.auth import AUTH_RESPONSES, CallerDep, get_caller
 from app.api.dependencies import DispatcherDep, SessionDep, SettingsDep
 from app.api.studies import rendering, service
 from app.api.studies.dependencies import PlotCacheDep, StudyDep
@@ -23,7 +24,13 @@ from app.core.studies import plots
 from app.core.studies.presets import PRESETS
 from app.core.studies.report import build_report
 
-router = APIRouter(prefix="/v1/studies", tags=["studies"])
+# Every route needs a caller; a route cannot opt out (tests/api/test_tenants.py checks).
+router = APIRouter(
+    prefix="/v1/studies",
+    tags=["studies"],
+    dependencies=[Depends(get_caller)],
+    responses=AUTH_RESPONSES,
+)
 
 
 def _summary(study: Study, counts: dict[str, int]) -> dict[str, Any]:
@@ -53,11 +60,14 @@ def create_study(
     session: SessionDep,
     settings: SettingsDep,
     dispatcher: DispatcherDep,
+    caller: CallerDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> StudyRead:
     """Create a study: one job per grid point, all or none; a repeated Idempotency-Key
     returns the original study (200)."""
-    study, job_ids, created = service.create_study(session, request, settings, idempotency_key)
+    study, job_ids, created = service.create_study(
+        session, request, settings, idempotency_key, caller
+    )
     # Commit before publishing: a worker must find the rows the messages name.
     session.commit()
     if created:
@@ -70,11 +80,15 @@ def create_study(
 @router.get("", response_model=StudyPage)
 def list_studies(
     session: SessionDep,
+    caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
+    tenant: Annotated[
+        str | None, Query(max_length=100, description="admin keys: only this tenant's studies")
+    ] = None,
 ) -> StudyPage:
-    """List studies, newest first; pass next_cursor back as cursor for the next page."""
-    studies, next_cursor = service.list_studies(session, limit, cursor)
+    """List the caller's studies, newest first; pass next_cursor back as cursor."""
+    studies, next_cursor = service.list_studies(session, caller, limit, cursor, tenant)
     counts = service.job_counts(session, [study.id for study in studies])
     return StudyPage(
         items=[StudySummary(**_summary(study, counts[study.id])) for study in studies],

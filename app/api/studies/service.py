@@ -11,13 +11,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, func, select, tuple_
+from sqlalchemy import Select, delete, func, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.api.jobs.service import (
     check_limits,
     check_queue_room,
+    check_tenant_limits,
     decode_cursor,
     encode_cursor,
     new_job,
@@ -38,6 +39,7 @@ from app.core.models import EpochMetric, Job, Study
 from app.core.studies.grid import check_axes, expand, point_error
 from app.core.studies.presets import resolve_preset
 from app.core.studies.report import Run
+from app.core.tenancy import Caller, scoped
 
 ACTIVE = ("queued", "running")
 
@@ -48,8 +50,13 @@ def _request_sha256(name: str | None, preset: str | None, base: Any, grid: Any) 
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _find_by_key(session: Session, key: str, digest: str) -> Study:
-    study = session.scalars(select(Study).where(Study.idempotency_key == key)).one()
+def _by_key(tenant: str, key: str) -> Select[Study]:
+    # Idempotency keys are the tenant's own namespace, also for an admin.
+    return select(Study).where(Study.tenant == tenant, Study.idempotency_key == key)
+
+
+def _find_by_key(session: Session, tenant: str, key: str, digest: str) -> Study:
+    study = session.scalars(_by_key(tenant, key)).one()
     if study.request_sha256 != digest:
         raise IdempotencyKeyReused(
             f"Idempotency-Key {key!r} was used for a different study (study {study.id})"
@@ -58,7 +65,11 @@ def _find_by_key(session: Session, key: str, digest: str) -> Study:
 
 
 def create_study(
-    session: Session, request: StudyCreate, settings: Settings, idempotency_key: str | None
+    session: Session,
+    request: StudyCreate,
+    settings: Settings,
+    idempotency_key: str | None,
+    caller: Caller,
 ) -> tuple[Study, list[uuid.UUID], bool]:
     """Store a study and one queued job per grid point: (study, new job ids, created).
     One invalid point rejects the whole study; a repeated Idempotency-Key returns the original."""
@@ -71,22 +82,22 @@ def create_study(
         base, grid = request.base or {}, request.grid or {}
     digest = _request_sha256(request.name, request.preset, base, grid)
     if idempotency_key is not None:
-        existing = session.scalars(
-            select(Study).where(Study.idempotency_key == idempotency_key)
-        ).first()
+        existing = session.scalars(_by_key(caller.tenant, idempotency_key)).first()
         if existing is not None:
-            return _find_by_key(session, idempotency_key, digest), [], False
+            return _find_by_key(session, caller.tenant, idempotency_key, digest), [], False
     check_axes(grid, settings.max_study_jobs)
     points = expand(base, grid)
     for point in points:
         try:
-            check_limits(session, point.spec, settings)
+            check_limits(session, point.spec, settings, caller)
         except (InvalidInput, DatasetNotFound) as exc:
             field = exc.field if isinstance(exc, InvalidInput) else "dataset.name"
             message = exc.message if isinstance(exc, InvalidInput) else str(exc.detail)
             raise point_error(point.index, point.values, field, message) from exc
+    check_tenant_limits(session, settings, caller.tenant, adding=len(points))
     check_queue_room(session, settings, adding=len(points))
     study = Study(
+        tenant=caller.tenant,
         name=request.name,
         preset=request.preset,
         base=base,
@@ -101,16 +112,22 @@ def create_study(
     except IntegrityError:
         if idempotency_key is None:
             raise
-        return _find_by_key(session, idempotency_key, digest), [], False
-    jobs = [new_job(p.spec, study_id=study.id, grid_point=p.values) for p in points]
+        return _find_by_key(session, caller.tenant, idempotency_key, digest), [], False
+    jobs = [
+        new_job(p.spec, tenant=caller.tenant, study_id=study.id, grid_point=p.values)
+        for p in points
+    ]
     session.add_all(jobs)
     session.flush()
-    events.record_submitted(session, [job.id for job in jobs])
+    events.record_submitted(session, jobs)
     return study, [job.id for job in jobs], True
 
 
-def get_study(session: Session, study_id: uuid.UUID) -> Study:
-    study = session.get(Study, study_id)
+def get_study(session: Session, study_id: uuid.UUID, caller: Caller) -> Study:
+    """The study, if the caller may see it; another tenant's is not found, like an unknown id."""
+    study = session.scalars(
+        scoped(select(Study).where(Study.id == study_id), Study, caller)
+    ).first()
     if study is None:
         raise StudyNotFound(f"no study {study_id}")
     return study
@@ -160,10 +177,10 @@ def grid_order(grid: dict[str, list[Any]]) -> Any:
 
 
 def list_studies(
-    session: Session, limit: int, cursor: str | None
+    session: Session, caller: Caller, limit: int, cursor: str | None, tenant: str | None = None
 ) -> tuple[Sequence[Study], str | None]:
-    """Newest first, keyset-paginated on (created_at, id), as jobs are."""
-    query = select(Study)
+    """The caller's studies, newest first, keyset-paginated on (created_at, id), as jobs are."""
+    query = scoped(select(Study), Study, caller, tenant)
     if cursor is not None:
         created_at, study_id = decode_cursor(cursor)
         query = query.where(tuple_(Study.created_at, Study.id) < tuple_(created_at, study_id))

@@ -4,6 +4,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
+from app.api.auth import MetricsCallerDep
 from app.api.dependencies import DispatcherDep
 from app.core.observability import metrics
 
@@ -46,7 +47,8 @@ def _database_up(request: Request) -> bool:
     response_class=Response,
     responses={200: {"content": {metrics.CONTENT_TYPE_LATEST: {}}, "description": "Metrics"}},
 )
-def prometheus_metrics(request: Request) -> Response:
-    """Prometheus metrics: requests, jobs by status, queue, outbox, attempts, training."""
+def prometheus_metrics(request: Request, _caller: MetricsCallerDep) -> Response:
+    """Prometheus metrics: requests, jobs by status, queue, outbox, attempts, training. No key
+    is needed unless TRAINSVC_METRICS_REQUIRE_KEY is set."""
     body = metrics.render(request.app.state.session_factory)
     return Response(body, media_type=metrics.CONTENT_TYPE_LATEST)

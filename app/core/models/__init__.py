@@ -11,13 +11,16 @@ from app.core.models.jobs import (
     Job,
     JobAttempt,
 )
+from app.core.models.keys import DEFAULT_TENANT, ApiKey
 from app.core.models.studies import Study
 from app.core.models.webhooks import JobCallback, WebhookDelivery
 from app.core.models.workers import WorkerHeartbeat
 
 __all__ = [
     "CHECKPOINT_KINDS",
+    "DEFAULT_TENANT",
     "JOB_STATUSES",
+    "ApiKey",
     "Base",
     "Checkpoint",
     "Dataset",

@@ -7,12 +7,19 @@ from sqlalchemy import JSON, Integer, LargeBinary, String, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.models.base import Base, UTCDateTime, utcnow
+from app.core.models.keys import DEFAULT_TENANT, TENANT_NAME_LENGTH
 
 
 class Dataset(Base):
     __tablename__ = "datasets"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant: Mapped[str] = mapped_column(
+        String(TENANT_NAME_LENGTH),
+        default=DEFAULT_TENANT,
+        server_default=DEFAULT_TENANT,
+        index=True,
+    )
     name: Mapped[str] = mapped_column(String(200))
     source_format: Mapped[str] = mapped_column(String(8))  # npz | csv
     # tabular | sequence | image (app.core.catalog.DataKind): a [n, L] upload may be either

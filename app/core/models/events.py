@@ -12,6 +12,7 @@ from sqlalchemy import JSON, ForeignKey, Index, String, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.models.base import Base, BigIntId, UTCDateTime, utcnow
+from app.core.models.keys import TENANT_NAME_LENGTH
 
 
 class JobEvent(Base):
@@ -26,6 +27,9 @@ class JobEvent(Base):
     job_id: Mapped[uuid.UUID] = mapped_column(
         Uuid, ForeignKey("jobs.id", ondelete="CASCADE"), index=False
     )
+    # The job's owner and study, copied so that a stream filters events without a join.
+    tenant: Mapped[str] = mapped_column(String(TENANT_NAME_LENGTH))
+    study_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     kind: Mapped[str] = mapped_column(String(16))  # status | epoch
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -21,6 +21,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.core.models.base import Base, BigIntId, UTCDateTime, utcnow
+from app.core.models.keys import DEFAULT_TENANT, TENANT_NAME_LENGTH
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 CHECKPOINT_KINDS = ("last", "best")
@@ -40,15 +41,23 @@ class Job(Base):
         Index("ix_jobs_status_published_at", "status", "published_at"),
         # A study's jobs, and GET /v1/jobs?study_id=.
         Index("ix_jobs_study_id_created_at_id", "study_id", "created_at", "id"),
+        # A tenant's listing, and its count of active jobs.
+        Index("ix_jobs_tenant_created_at_id", "tenant", "created_at", "id"),
+        Index("ix_jobs_tenant_status", "tenant", "status"),
+        # Idempotency keys are per tenant: one tenant's key never finds another's job.
+        UniqueConstraint("tenant", "idempotency_key"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant: Mapped[str] = mapped_column(
+        String(TENANT_NAME_LENGTH), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT
+    )
     name: Mapped[str | None] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), default="queued")
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     # sha256 of the canonical normalized spec: an Idempotency-Key reused with another body is a 409.
     spec_sha256: Mapped[str] = mapped_column(String(64))
-    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

@@ -1,0 +1,144 @@
+"""Who is calling: the `Authorization: Bearer <key>` check every /v1 router depends on.
+
+`CallerDep` answers the request's Caller (tenant, admin, key id); routers declare it in
+`dependencies=` so no route can be added without it, and a test walks app.routes to be sure.
+With auth off (`trainsvc up`, TRAINSVC_AUTH=off) every request is the default tenant's admin.
+"""
+
+import ipaddress
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.api.dependencies import SettingsDep
+from app.core.config import Settings
+from app.core.errors import MalformedKey, MissingKey, RequestRateExceeded
+from app.core.keys import KEY_PATTERN, KeyVerifier
+from app.core.tenancy import UNAUTHENTICATED, Caller
+
+# Declares the scheme in OpenAPI; the header itself is parsed below, so that a missing key
+# and a malformed one get different answers.
+bearer_scheme = HTTPBearer(
+    auto_error=False, description="An API key from `trainsvc keys create`: Bearer tsk_..."
+)
+
+_ERROR_BODY: dict[str, Any] = {
+    "type": "object",
+    "required": ["error", "detail"],
+    "properties": {"error": {"type": "string"}, "detail": {}},
+}
+
+# What every route behind the caller dependency may answer besides its own responses.
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {
+        "description": "No usable API key: missing_key, malformed_key, unknown_key or revoked_key",
+        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+        "content": {"application/json": {"schema": _ERROR_BODY}},
+    },
+    429: {
+        "description": "Over a limit (request_rate_exceeded: the key's requests per second)",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        "content": {"application/json": {"schema": _ERROR_BODY}},
+    },
+}
+
+
+class KeyRateLimiter:
+    """A token bucket per key: `rate` requests a second, bursts of up to `burst`.
+
+    Per API process: N processes behind a balancer allow N times the rate (docs/security.md).
+    """
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self._buckets: dict[uuid.UUID, tuple[float, float]] = {}  # key id: (tokens, at)
+        self._lock = threading.Lock()
+
+    def take(self, key_id: uuid.UUID) -> None:
+        now = self.clock()
+        with self._lock:
+            tokens, at = self._buckets.get(key_id, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+            if tokens < 1:
+                self._buckets[key_id] = (tokens, now)
+                wait = math.ceil((1 - tokens) / self.rate)
+                raise RequestRateExceeded(
+                    f"over this key's limit of {self.rate:g} requests per second, bursts of "
+                    f"{self.burst} (TRAINSVC_KEY_REQUESTS_PER_SECOND, TRAINSVC_KEY_REQUEST_BURST)",
+                    retry_after_seconds=max(1, wait),
+                )
+            self._buckets[key_id] = (tokens - 1, now)
+
+
+def install_auth(app_state: Any, settings: Settings) -> None:
+    """The key cache and rate buckets of one API process (on app.state)."""
+    app_state.key_verifier = KeyVerifier(settings.key_cache_seconds)
+    app_state.rate_limiter = KeyRateLimiter(
+        settings.key_requests_per_second, settings.key_request_burst
+    )
+
+
+def get_caller(
+    request: Request,
+    settings: SettingsDep,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
+) -> Caller:
+    if settings.auth == "off":
+        return UNAUTHENTICATED
+    header = request.headers.get("authorization")
+    if header is None:
+        raise MissingKey("an API key is required: send the header Authorization: Bearer <key>")
+    scheme, _, key = header.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not KEY_PATTERN.fullmatch(key):
+        raise MalformedKey(
+            "the Authorization header must be 'Bearer tsk_...' with a key from "
+            "`trainsvc keys create`"
+        )
+    verifier: KeyVerifier = request.app.state.key_verifier
+    caller = verifier.verify(request.app.state.session_factory, key)
+    if caller.key_id is not None:
+        limiter: KeyRateLimiter = request.app.state.rate_limiter
+        limiter.take(caller.key_id)
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def get_metrics_caller(request: Request, settings: SettingsDep) -> Caller | None:
+    """For /metrics: no key needed unless TRAINSVC_METRICS_REQUIRE_KEY is set."""
+    if not settings.metrics_require_key:
+        return None
+    return get_caller(request, settings, None)
+
+
+MetricsCallerDep = Annotated[Caller | None, Depends(get_metrics_caller)]
+
+
+def check_exposure(settings: Settings, host: str) -> str | None:
+    """Why the API must not start on `host` with these settings, or None if it may."""
+    if settings.auth == "on" or settings.allow_unauthenticated_network or is_loopback(host):
+        return None
+    return (
+        f"refusing to serve without API keys on {host}: anyone who reaches it could use it. "
+        "Turn auth on (TRAINSVC_AUTH=on, keys from `trainsvc keys create`), bind to "
+        "127.0.0.1, or set TRAINSVC_ALLOW_UNAUTHENTICATED_NETWORK=true if the network is yours."
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
