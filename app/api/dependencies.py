@@ -16,7 +16,13 @@ def get_settings_dep(request: Request) -> Settings:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """One session per request: committed if the route returns, rolled back if it raises."""
+    """One session per request: committed if the route returns, rolled back if it raises.
+
+    Used with scope="function" (SessionDep): the commit then runs when the route returns and
+    before the response is sent, so a failed commit is an error response, never a 2xx, and a
+    client's next request sees its write. (A yield dependency's default scope exits only after
+    the response has gone out.)
+    """
     with request.app.state.session_factory() as session:
         try:
             yield session
@@ -32,5 +38,5 @@ def get_dispatcher(request: Request) -> Dispatcher:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
