@@ -5,11 +5,14 @@ Services raise domain errors (app/core/errors.py); routes never build error resp
 """
 
 import logging
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from app.core.errors import (
     Conflict,
@@ -69,6 +72,53 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, str]]:
     return details
 
 
+def database_is_away(exc: DBAPIError) -> bool:
+    """Connection refused, dropped or reset, server restarting: worth a retry once it is back."""
+    return isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated
+
+
+def _framework_error_code(status_code: int) -> str:
+    # 404 -> "not_found", 405 -> "method_not_allowed": the reason phrase, as our codes are.
+    try:
+        return HTTPStatus(status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "http_error"
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _allowed_methods(request: Request) -> str:
+    # Starlette's Allow names only the first route matching the path; a path can have several
+    # (GET and POST /v1/jobs), so ask the router which methods it would take on this path.
+    allowed = [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in request.app.router.routes
+        )
+    ]
+    return ", ".join(allowed)
+
+
+def _framework_error(request: Request, exc: HTTPException) -> JSONResponse:
+    detail = str(exc.detail)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        detail = f"no route {request.url.path}"
+    elif exc.status_code == 405 and exc.detail == "Method Not Allowed":
+        headers["Allow"] = _allowed_methods(request)
+        detail = (
+            f"{request.method} is not allowed on {request.url.path}; allowed: {headers['Allow']}"
+        )
+    return JSONResponse(
+        {"error": _framework_error_code(exc.status_code), "detail": detail},
+        status_code=exc.status_code,
+        headers=headers or None,
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _service_error(_request: Request, exc: DomainError) -> JSONResponse:
@@ -84,12 +134,29 @@ def install_error_handlers(app: FastAPI) -> None:
             {"error": "validation_error", "detail": _validation_details(exc)}, status_code=422
         )
 
-    @app.exception_handler(OperationalError)
-    async def _database_down(_request: Request, exc: DBAPIError) -> JSONResponse:
-        # Connection refused, server restarting: the request may be retried once it is back.
-        logger.warning("database unavailable: %s", exc.orig)
-        error = DatabaseUnavailable("the database is unavailable; retry shortly")
-        return await _service_error(_request, error)
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # The router's 404/405 and the body parser's 400, in the same shape as ours.
+        return _framework_error(request, exc)
+
+    @app.exception_handler(DBAPIError)
+    async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
+        if database_is_away(exc):
+            logger.warning("database unavailable: %s", exc.orig)
+            error = DatabaseUnavailable("the database is unavailable; retry shortly")
+            return await _service_error(request, error)
+        if isinstance(exc, DataError):
+            # A value the database refused: inputs are validated before they reach it, so this
+            # is a gap in validation (logged as such), but still the client's input, not a 500.
+            logger.error("database refused a value: %s", exc.orig)
+            return JSONResponse(
+                {
+                    "error": "validation_error",
+                    "detail": [{"field": "body", "message": "a value the database cannot store"}],
+                },
+                status_code=422,
+            )
+        return await _unexpected(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

@@ -239,3 +239,35 @@ def test_wall_time_over_the_cap_is_422(client: TestClient) -> None:
             "message": "at most 86400 seconds (TRAINSVC_MAX_WALL_SECONDS)",
         }
     ]
+
+
+def test_framework_errors_answer_in_the_service_format(client: TestClient) -> None:
+    unknown = client.get("/v1/nowhere")
+    assert unknown.status_code == 404
+    assert unknown.json() == {"error": "not_found", "detail": "no route /v1/nowhere"}
+
+    wrong_method = client.delete("/v1/jobs")
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"] == "method_not_allowed"
+    assert "DELETE" in wrong_method.json()["detail"]
+    assert set(wrong_method.headers["Allow"].split(", ")) == {"GET", "POST"}
+
+    malformed = client.post(
+        "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert malformed.status_code == 422
+    assert malformed.json()["error"] == "validation_error"
+
+    wrong_type = client.post(
+        "/v1/jobs", content=b'{"epochs": 1}', headers={"content-type": "text/plain"}
+    )
+    assert wrong_type.status_code == 422
+    assert wrong_type.json()["error"] == "validation_error"
+
+    broken_multipart = client.post(
+        "/v1/datasets",
+        content=b"--b\r\nnot a part",
+        headers={"content-type": "multipart/form-data; boundary=b"},
+    )
+    assert broken_multipart.status_code in (400, 422)
+    assert set(broken_multipart.json()) == {"error", "detail"}
