@@ -104,7 +104,9 @@ def build_mlp(spec: ModelSpec, info: DatasetInfo) -> nn.Sequential:
         )
     fan_in = info.num_features
     has_norm = spec.normalization.type != "none"
-    for width, rate in zip(spec.widths, spec.dropout.rates(len(spec.widths)), strict=True):
+    for width, rate in zip(
+        spec.hidden_sizes, spec.dropout.rates(len(spec.hidden_sizes)), strict=True
+    ):
         layers.append(nn.Linear(fan_in, width))
         layers += _norm_and_activation(
             spec, feature_norm(spec.normalization, width) if has_norm else None
@@ -148,7 +150,9 @@ def build_cnn(spec: ModelSpec, info: DatasetInfo) -> nn.Sequential:
     layers = _input_layers(spec)
     channels_in = 1
     has_norm = spec.normalization.type != "none"
-    for width, rate in zip(spec.widths, spec.dropout.rates(len(spec.widths)), strict=True):
+    for width, rate in zip(
+        spec.hidden_sizes, spec.dropout.rates(len(spec.hidden_sizes)), strict=True
+    ):
         layers.append(_conv(dims, channels_in, width, spec.kernel_size))
         layers += _norm_and_activation(
             spec, channel_norm(spec.normalization, width, dims) if has_norm else None
@@ -202,7 +206,7 @@ def build_resnet(spec: ModelSpec, info: DatasetInfo) -> nn.Sequential:
     """A stem conv, then per width a stage of residual blocks, halving resolution between stages."""
     dims = len(info.input_shape)
     size = min(info.input_shape)
-    stem_width = spec.widths[0]
+    stem_width = spec.hidden_sizes[0]
     has_norm = spec.normalization.type != "none"
     layers = _input_layers(spec)
     layers.append(_conv(dims, 1, stem_width, spec.kernel_size))
@@ -211,7 +215,7 @@ def build_resnet(spec: ModelSpec, info: DatasetInfo) -> nn.Sequential:
     )
     channels_in = stem_width
     for stage, (width, rate) in enumerate(
-        zip(spec.widths, spec.dropout.rates(len(spec.widths)), strict=True)
+        zip(spec.hidden_sizes, spec.dropout.rates(len(spec.hidden_sizes)), strict=True)
     ):
         if stage and size >= 4:
             layers.append(_pool(dims))

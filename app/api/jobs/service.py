@@ -40,7 +40,7 @@ def check_limits(session: Session, spec: JobSpec, settings: Settings) -> None:
         raise InvalidInput(exc.field, exc.message) from exc
     if spec.epochs > settings.max_epochs:
         raise InvalidInput("epochs", f"at most {settings.max_epochs} epochs (TRAINSVC_MAX_EPOCHS)")
-    widths = spec.model.widths
+    widths = spec.model.hidden_sizes
     if len(widths) > settings.max_layers:
         raise InvalidInput(
             "model.hidden_sizes", f"at most {settings.max_layers} layers (TRAINSVC_MAX_LAYERS)"
