@@ -3,11 +3,11 @@
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Query, Response, status
 
 from app.api.dependencies import DispatcherDep, SessionDep, SettingsDep
 from app.api.jobs import service
-from app.api.jobs.dependencies import JobDep
+from app.api.jobs.dependencies import IdempotencyKeyDep, JobDep
 from app.api.jobs.schemas import (
     CheckpointList,
     CheckpointRead,
@@ -29,7 +29,7 @@ def submit_job(
     session: SessionDep,
     settings: SettingsDep,
     dispatcher: DispatcherDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: IdempotencyKeyDep,
 ) -> JobRead:
     """Submit a training job; a repeated Idempotency-Key returns the original job (200)."""
     job, created = service.submit_job(session, spec, settings, idempotency_key)
