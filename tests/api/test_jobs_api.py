@@ -1,12 +1,20 @@
 """The jobs API against real PostgreSQL and SQLite (each test rolled back)."""
 
+import json
 import uuid
+from typing import Any
 
 from fastapi.testclient import TestClient
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.api.jobs.service import spec_sha256
 from app.core.models import Job
+from app.core.spec import JobSpec
 from tests.factories import make_job, spec_payload
 
 
@@ -271,3 +279,124 @@ def test_framework_errors_answer_in_the_service_format(client: TestClient) -> No
     )
     assert broken_multipart.status_code in (400, 422)
     assert set(broken_multipart.json()) == {"error", "detail"}
+
+
+def test_an_empty_or_repeated_idempotency_key_is_422_naming_the_header(
+    client: TestClient, session: Session
+) -> None:
+    empty = client.post("/v1/jobs", json=spec_payload(), headers={"Idempotency-Key": ""})
+    assert empty.status_code == 422, empty.text
+    assert empty.json()["detail"][0]["field"] == "idempotency-key"
+
+    repeated = client.post(
+        "/v1/jobs",
+        json=spec_payload(),
+        headers=[("Idempotency-Key", "a"), ("Idempotency-Key", "b")],
+    )
+    assert repeated.status_code == 422, repeated.text
+    assert repeated.json()["detail"] == [
+        {"field": "idempotency-key", "message": "send one Idempotency-Key header, not 2"}
+    ]
+    assert session.scalars(select(Job)).all() == []
+
+
+def test_infinite_or_nan_floats_are_422(client: TestClient, session: Session) -> None:
+    for raw in (
+        b'{"dataset": {"name": "digits"}, "epochs": 1, "schedule": {"min_lr": 1e999}}',
+        b'{"dataset": {"name": "digits"}, "epochs": 1, "grad_clip_norm": Infinity}',
+        b'{"dataset": {"name": "digits"}, "epochs": 1, "optimizer": {"betas": [NaN, 0.9]}}',
+        b'{"dataset": {"name": "digits"}, "epochs": 1, "early_stopping": {"min_delta": -Infinity}}',
+    ):
+        response = client.post(
+            "/v1/jobs", content=raw, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 422, (raw, response.text)
+        assert response.json()["error"] == "validation_error"
+    assert session.scalars(select(Job)).all() == []
+
+
+def test_cosine_min_lr_above_lr_is_422(client: TestClient) -> None:
+    response = client.post(
+        "/v1/jobs",
+        json=spec_payload(
+            optimizer={"type": "adam", "lr": 0.001}, schedule={"type": "cosine", "min_lr": 0.01}
+        ),
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "schedule.min_lr"
+
+
+def test_nul_characters_in_spec_strings_are_422(client: TestClient, session: Session) -> None:
+    for payload in (
+        spec_payload(name="bad\x00name"),
+        spec_payload(tags={"team": "vi\x00sion"}),
+        spec_payload(tags={"te\x00am": "vision"}),
+        spec_payload(dataset={"name": "dig\x00its"}),
+    ):
+        response = client.post("/v1/jobs", json=payload)
+        assert response.status_code == 422, response.text
+        assert "NUL" in response.json()["detail"][0]["message"]
+    assert session.scalars(select(Job)).all() == []
+
+
+def test_the_stored_spec_resubmitted_is_the_same_job(client: TestClient) -> None:
+    headers = {"Idempotency-Key": "round-trip"}
+    created = client.post(
+        "/v1/jobs", json={"dataset": {"name": "two_moons"}, "epochs": 2}, headers=headers
+    )
+    assert created.status_code == 201
+    shown = client.get(f"/v1/jobs/{created.json()['id']}").json()["spec"]
+    again = client.post("/v1/jobs", json=shown, headers=headers)
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == created.json()["id"]
+    assert again.json()["spec"] == shown
+
+
+_SPEC_VARIATIONS = st.fixed_dictionaries(
+    {
+        "dataset": st.fixed_dictionaries(
+            {"name": st.sampled_from(["digits", "two_moons", "mnist1d", "iris"])},
+            optional={
+                "val_fraction": st.floats(0.05, 0.5),
+                "label_noise": st.floats(0.0, 0.5),
+            },
+        ),
+        "epochs": st.integers(1, 50),
+    },
+    optional={
+        "model": st.fixed_dictionaries(
+            {},
+            optional={
+                "hidden_sizes": st.lists(st.sampled_from([8, 16, 32]), min_size=1, max_size=3),
+                "normalization": st.fixed_dictionaries(
+                    {"type": st.sampled_from(["none", "batch_norm", "layer_norm", "rms_norm"])}
+                ),
+                "dropout": st.fixed_dictionaries({"rate": st.floats(0.0, 0.9)}),
+            },
+        ),
+        "optimizer": st.fixed_dictionaries(
+            {"type": st.sampled_from(["adam", "adamw", "sgd"]), "lr": st.floats(1e-5, 1.0)}
+        ),
+        "schedule": st.fixed_dictionaries(
+            {"type": st.sampled_from(["constant", "step", "cosine"])},
+            optional={"min_lr": st.floats(0.0, 1e-5), "gamma": st.floats(0.01, 1.0)},
+        ),
+        "grad_clip_norm": st.floats(1e-3, 1e3),
+        "name": st.text(max_size=20),
+        "tags": st.dictionaries(st.text(max_size=5), st.text(max_size=10), max_size=3),
+    },
+)
+
+
+@hypothesis_settings(max_examples=200, deadline=None, derandomize=True)
+@given(_SPEC_VARIATIONS)
+def test_a_stored_spec_validates_back_to_itself(payload: dict[str, Any]) -> None:
+    """What GET shows (the spec's JSON dump) is accepted again and hashes the same."""
+    try:
+        spec = JobSpec.model_validate(payload)
+    except ValidationError:
+        return  # an impossible combination: refused at submit, never stored
+    shown = json.loads(json.dumps(spec.model_dump(mode="json"), allow_nan=False))
+    again = JobSpec.model_validate(shown)
+    assert again == spec
+    assert spec_sha256(again) == spec_sha256(spec)
