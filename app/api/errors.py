@@ -6,10 +6,12 @@ Services raise domain errors (app/core/errors.py); routes never build error resp
 
 import logging
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
@@ -25,6 +27,39 @@ from app.core.errors import (
 from app.core.spec import SpecError
 
 logger = logging.getLogger(__name__)
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="the dotted path at fault, e.g. model.normalization.type")
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error the service answers: a stable code, and a message or the fields at fault."""
+
+    error: str = Field(
+        description="a stable code: validation_error, job_not_found, database_unavailable, ..."
+    )
+    detail: str | list[FieldError]
+
+
+_RETRY_AFTER = {
+    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}
+}
+_ERROR_RESPONSES: dict[int, dict[str, Any]] = {
+    400: {"description": "The request body could not be parsed"},
+    404: {"description": "No such job or checkpoint"},
+    409: {"description": "The request contradicts what is stored"},
+    413: {"description": "The request body is over the limit"},
+    422: {"description": "A field is invalid; detail names each field and the reason"},
+    429: {"description": "Too many jobs are queued; retry later", "headers": _RETRY_AFTER},
+    503: {"description": "The database is unavailable; retry shortly", "headers": _RETRY_AFTER},
+}
+
+
+def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these statuses, each with the ErrorBody schema."""
+    return {code: {**_ERROR_RESPONSES[code], "model": ErrorBody} for code in status_codes}
 
 
 # Each domain error family answers one status; the most specific class listed wins.
@@ -164,3 +199,49 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             {"error": "internal_error", "detail": "internal error"}, status_code=500
         )
+
+
+def document_errors(app: FastAPI) -> None:
+    """Declare in OpenAPI the errors every operation of a kind can give, in their real shape.
+
+    Routers declare what their domain raises (404, 409, 429, 503); what the framework and the
+    middleware add is declared here for every operation it applies to: a 422 in our ErrorBody
+    (not FastAPI's HTTPValidationError) wherever there is input to validate, a 400 and a 413
+    wherever there is a body.
+    """
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = default_openapi()
+        error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+
+        def declare(responses: dict[str, Any], code: int) -> None:
+            response = responses.setdefault(str(code), {})
+            response.setdefault("description", _ERROR_RESPONSES[code]["description"])
+            response["content"] = {"application/json": {"schema": error_ref}}
+
+        for path_item in schema.get("paths", {}).values():
+            for operation in path_item.values():
+                responses = operation["responses"]
+                if "422" in responses or operation.get("parameters"):
+                    declare(responses, 422)
+                body = operation.get("requestBody")
+                if body is not None:
+                    # Starlette's parsers answer 400 for a body they cannot decode at all
+                    # (bytes that are not UTF-8, a broken multipart form).
+                    declare(responses, 400)
+                    declare(responses, 413)
+                    declare(responses, 422)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        if "ErrorBody" not in components:
+            generated = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(generated.pop("$defs", {}))
+            components["ErrorBody"] = generated
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

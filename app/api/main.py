@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.api.datasets.router import router as datasets_router
-from app.api.errors import install_error_handlers
+from app.api.errors import document_errors, error_responses, install_error_handlers
 from app.api.jobs.router import router as jobs_router
 from app.api.limits import BodySizeLimit
 from app.api.system.router import router as system_router
@@ -37,10 +37,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "dropout do to training?",
         lifespan=lifespan,
     )
-    app.include_router(jobs_router)
-    app.include_router(datasets_router)
+    # Every operation that reads or writes the database answers 503 while it is away.
+    app.include_router(jobs_router, responses=error_responses(503))
+    app.include_router(datasets_router, responses=error_responses(503))
     app.include_router(system_router)
     install_error_handlers(app)
+    document_errors(app)
     app.add_middleware(
         BodySizeLimit,
         default_limit=settings.max_body_bytes,

@@ -400,3 +400,36 @@ def test_a_stored_spec_validates_back_to_itself(payload: dict[str, Any]) -> None
     again = JobSpec.model_validate(shown)
     assert again == spec
     assert spec_sha256(again) == spec_sha256(spec)
+
+
+def test_since_epoch_beyond_any_epoch_is_422_not_500(client: TestClient) -> None:
+    job_id = client.post("/v1/jobs", json=spec_payload()).json()["id"]
+    response = client.get(f"/v1/jobs/{job_id}/metrics", params={"since_epoch": 10**30})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "since_epoch"
+    response = client.get(f"/v1/jobs/{job_id}/metrics", params={"since_epoch": 2**31 - 1})
+    assert response.json()["epochs"] == []
+
+
+def test_openapi_declares_every_error_in_the_error_schema(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    assert set(schema["components"]["schemas"]["ErrorBody"]["required"]) == {"error", "detail"}
+    expected = {
+        ("post", "/v1/jobs"): {"200", "201", "400", "409", "413", "422", "429", "503"},
+        ("get", "/v1/jobs"): {"200", "422", "503"},
+        ("get", "/v1/jobs/{job_id}"): {"200", "404", "422", "503"},
+        ("post", "/v1/jobs/{job_id}/cancel"): {"202", "404", "409", "422", "503"},
+        ("get", "/v1/jobs/{job_id}/checkpoints/{checkpoint_id}"): {"200", "404", "422", "503"},
+        ("post", "/v1/datasets"): {"201", "400", "413", "422", "503"},
+        ("get", "/v1/ready"): {"200", "503"},
+    }
+    for (method, path), statuses in expected.items():
+        responses = schema["paths"][path][method]["responses"]
+        assert set(responses) == statuses, (method, path)
+        for status, response in responses.items():
+            if status.startswith(("4", "5")) and path != "/v1/ready":
+                content = response["content"]["application/json"]["schema"]
+                assert content == {"$ref": "#/components/schemas/ErrorBody"}, (path, status)
+    job_status = schema["components"]["schemas"]["JobRead"]["properties"]["status"]
+    assert "queued" in str(job_status)

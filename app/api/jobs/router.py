@@ -6,6 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 
 from app.api.dependencies import DispatcherDep, SessionDep, SettingsDep
+from app.api.errors import error_responses
 from app.api.jobs import service
 from app.api.jobs.dependencies import IdempotencyKeyDep, JobDep
 from app.api.jobs.schemas import (
@@ -20,9 +21,19 @@ from app.api.jobs.schemas import (
 from app.core.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+# The routes under one job: each looks the job up first, so each can answer 404.
+job_router = APIRouter(prefix="/{job_id}", responses=error_responses(404))
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobRead)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobRead,
+    responses={
+        200: {"model": JobRead, "description": "A repeated Idempotency-Key: the original job"},
+        **error_responses(409, 429),
+    },
+)
 def submit_job(
     spec: JobSpec,
     response: Response,
@@ -54,36 +65,43 @@ def list_jobs(
     return JobPage(items=[JobRead.from_job(job) for job in jobs], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobRead)
+@job_router.get("", response_model=JobRead)
 def get_job(job: JobDep) -> JobRead:
     """A job: its status, progress, attempts, summary and error."""
     return JobRead.from_job(job)
 
 
-@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobRead)
+@job_router.post(
+    "/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobRead,
+    responses=error_responses(409),
+)
 def cancel_job(job: JobDep, session: SessionDep) -> JobRead:
     """Cancel a job: a queued one at once, a running one within a batch (checkpoints kept)."""
     return JobRead.from_job(service.request_cancel(session, job))
 
 
-@router.get("/{job_id}/metrics", response_model=MetricsRead)
+@job_router.get("/metrics", response_model=MetricsRead)
 def get_metrics(
-    job: JobDep, session: SessionDep, since_epoch: Annotated[int | None, Query(ge=0)] = None
+    job: JobDep,
+    session: SessionDep,
+    since_epoch: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
 ) -> MetricsRead:
     """Per-epoch metrics and diagnostics, ascending; only epochs after since_epoch if given."""
     rows = service.list_metrics(session, job, since_epoch)
     return MetricsRead(job_id=job.id, epochs=[EpochRead.from_row(row) for row in rows])
 
 
-@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+@job_router.get("/checkpoints", response_model=CheckpointList)
 def list_checkpoints(job: JobDep, session: SessionDep) -> CheckpointList:
     """The job's checkpoints: the latest epoch's and the best validation epoch's."""
     rows = service.list_checkpoints(session, job)
     return CheckpointList(items=[CheckpointRead.from_row(row) for row in rows])
 
 
-@router.get(
-    "/{job_id}/checkpoints/{checkpoint_id}",
+@job_router.get(
+    "/checkpoints/{checkpoint_id}",
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
@@ -99,3 +117,6 @@ def download_checkpoint(job: JobDep, checkpoint_id: uuid.UUID, session: SessionD
             "ETag": f'"{checkpoint.sha256}"',
         },
     )
+
+
+router.include_router(job_router)
