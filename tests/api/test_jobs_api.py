@@ -431,5 +431,14 @@ def test_openapi_declares_every_error_in_the_error_schema(client: TestClient) ->
             if status.startswith(("4", "5")) and path != "/v1/ready":
                 content = response["content"]["application/json"]["schema"]
                 assert content == {"$ref": "#/components/schemas/ErrorBody"}, (path, status)
-    job_status = schema["components"]["schemas"]["JobRead"]["properties"]["status"]
-    assert "queued" in str(job_status)
+    assert schema["components"]["schemas"]["JobStatus"]["enum"] == [
+        "queued",
+        "running",
+        "succeeded",
+        "failed",
+        "cancelled",
+    ]
+    status_param = next(
+        p for p in schema["paths"]["/v1/jobs"]["get"]["parameters"] if p["name"] == "status"
+    )
+    assert "#/components/schemas/JobStatus" in str(status_param["schema"])

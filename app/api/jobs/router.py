@@ -15,9 +15,9 @@ from app.api.jobs.schemas import (
     EpochRead,
     JobPage,
     JobRead,
-    JobStatus,
     MetricsRead,
 )
+from app.core.models import JobStatus
 from app.core.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])

@@ -22,7 +22,7 @@ from app.core.errors import (
     JobNotFound,
     TooManyQueuedJobs,
 )
-from app.core.models import Checkpoint, EpochMetric, Job, utcnow
+from app.core.models import Checkpoint, EpochMetric, Job, JobStatus, utcnow
 from app.core.spec import JobSpec, SpecError, check_fits_dataset, count_parameters
 
 
@@ -89,7 +89,9 @@ def submit_job(
         if existing is not None:
             return _find_by_key(session, idempotency_key, digest), False
     check_limits(session, spec, settings)
-    queued = session.scalar(select(func.count()).select_from(Job).where(Job.status == "queued"))
+    queued = session.scalar(
+        select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)
+    )
     if (queued or 0) >= settings.max_queued_jobs:
         raise TooManyQueuedJobs(
             f"{queued} jobs are queued; the limit is {settings.max_queued_jobs}"
@@ -100,7 +102,7 @@ def submit_job(
         spec_sha256=digest,
         idempotency_key=idempotency_key,
         epochs=spec.epochs,
-        status="queued",
+        status=JobStatus.QUEUED,
         attempts=0,
         progress_epoch=0,
         cancel_requested=False,

@@ -4,21 +4,21 @@ from app.core.models.base import Base, utcnow
 from app.core.models.datasets import Dataset
 from app.core.models.jobs import (
     CHECKPOINT_KINDS,
-    JOB_STATUSES,
     Checkpoint,
     EpochMetric,
     Job,
     JobAttempt,
+    JobStatus,
 )
 
 __all__ = [
     "CHECKPOINT_KINDS",
-    "JOB_STATUSES",
     "Base",
     "Checkpoint",
     "Dataset",
     "EpochMetric",
     "Job",
     "JobAttempt",
+    "JobStatus",
     "utcnow",
 ]
