@@ -4,7 +4,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
 from app.core.outbox import Dispatcher
@@ -32,6 +32,12 @@ def get_session(request: Request) -> Iterator[Session]:
             raise
 
 
+def get_session_factory(request: Request) -> sessionmaker[Session]:
+    """For work that outlives the route (a streamed download): it opens its own sessions."""
+    factory: sessionmaker[Session] = request.app.state.session_factory
+    return factory
+
+
 def get_dispatcher(request: Request) -> Dispatcher:
     dispatcher: Dispatcher = request.app.state.dispatcher
     return dispatcher
@@ -39,4 +45,5 @@ def get_dispatcher(request: Request) -> Dispatcher:
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]

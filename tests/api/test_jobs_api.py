@@ -1,19 +1,23 @@
 """The jobs API against real PostgreSQL and SQLite (each test rolled back)."""
 
+import hashlib
 import json
+import os
 import uuid
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine, event, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
+from app.api.jobs import service
 from app.api.jobs.service import spec_sha256
-from app.core.models import Job
+from app.core.models import Checkpoint, Job
 from app.core.spec import JobSpec
 from tests.factories import make_job, spec_payload
 
@@ -442,3 +446,58 @@ def test_openapi_declares_every_error_in_the_error_schema(client: TestClient) ->
         p for p in schema["paths"]["/v1/jobs"]["get"]["parameters"] if p["name"] == "status"
     )
     assert "#/components/schemas/JobStatus" in str(status_param["schema"])
+
+
+def _store_checkpoint(session: Session, job: Job, weights: bytes) -> Checkpoint:
+    checkpoint = Checkpoint(
+        job_id=job.id,
+        epoch=1,
+        kind="last",
+        attempt=1,
+        weights=weights,
+        size_bytes=len(weights),
+        sha256=hashlib.sha256(weights).hexdigest(),
+    )
+    session.add(checkpoint)
+    session.commit()
+    return checkpoint
+
+
+def test_checkpoint_download_is_streamed_in_chunks(
+    client: TestClient, session: Session, engine: Engine
+) -> None:
+    weights = os.urandom(2 * service.DOWNLOAD_CHUNK_BYTES + 12345)
+    checkpoint = _store_checkpoint(session, make_job(session, status="succeeded"), weights)
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        response = client.get(f"/v1/jobs/{checkpoint.job_id}/checkpoints/{checkpoint.id}")
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert response.status_code == 200
+    assert response.content == weights
+    assert response.headers["Content-Length"] == str(len(weights))
+    assert response.headers["ETag"] == f'"{checkpoint.sha256}"'
+    blob_reads = [s for s in statements if "checkpoints.weights" in s]
+    # Three chunks, each a substring of the blob: never the whole blob in one read.
+    assert len(blob_reads) == 3
+    assert all("substr(checkpoints.weights" in s for s in blob_reads), blob_reads
+
+
+def test_a_checkpoint_rewritten_during_a_download_ends_the_stream(
+    session: Session, session_factory: sessionmaker[Session]
+) -> None:
+    weights = os.urandom(3000)
+    checkpoint = _store_checkpoint(session, make_job(session, status="running"), weights)
+    chunks = service.stream_weights(session_factory, checkpoint, chunk_bytes=1000)
+    assert next(chunks) == weights[:1000]
+    session.execute(
+        update(Checkpoint).where(Checkpoint.id == checkpoint.id).values(sha256="0" * 64)
+    )
+    session.commit()
+    with pytest.raises(service.CheckpointChanged):
+        next(chunks)

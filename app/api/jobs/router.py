@@ -4,8 +4,9 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
+from fastapi.responses import StreamingResponse
 
-from app.api.dependencies import DispatcherDep, SessionDep, SettingsDep
+from app.api.dependencies import DispatcherDep, SessionDep, SessionFactoryDep, SettingsDep
 from app.api.errors import error_responses
 from app.api.jobs import service
 from app.api.jobs.dependencies import IdempotencyKeyDep, JobDep
@@ -102,18 +103,21 @@ def list_checkpoints(job: JobDep, session: SessionDep) -> CheckpointList:
 
 @job_router.get(
     "/checkpoints/{checkpoint_id}",
-    response_class=Response,
+    response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
-def download_checkpoint(job: JobDep, checkpoint_id: uuid.UUID, session: SessionDep) -> Response:
+def download_checkpoint(
+    job: JobDep, checkpoint_id: uuid.UUID, session: SessionDep, factory: SessionFactoryDep
+) -> StreamingResponse:
     """The checkpoint's model weights, as a safetensors file."""
-    checkpoint = service.checkpoint_weights(session, job, checkpoint_id)
+    checkpoint = service.find_checkpoint(session, job, checkpoint_id)
     filename = f"{job.id}-epoch{checkpoint.epoch}-{checkpoint.kind}.safetensors"
-    return Response(
-        content=checkpoint.weights,
+    return StreamingResponse(
+        service.stream_weights(factory, checkpoint),
         media_type="application/octet-stream",
         headers={
             "Content-Disposition": f'attachment; filename="{filename}"',
+            "Content-Length": str(checkpoint.size_bytes),
             "ETag": f'"{checkpoint.sha256}"',
         },
     )

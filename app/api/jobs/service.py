@@ -5,12 +5,12 @@ import binascii
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 
 from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload, undefer
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from app.core.config import Settings
 from app.core.datasets import resolve_dataset
@@ -191,13 +191,52 @@ def list_checkpoints(session: Session, job: Job) -> Sequence[Checkpoint]:
     return session.scalars(query.order_by(Checkpoint.epoch, Checkpoint.kind)).all()
 
 
-def checkpoint_weights(session: Session, job: Job, checkpoint_id: uuid.UUID) -> Checkpoint:
-    query = (
-        select(Checkpoint)
-        .where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job.id)
-        .options(undefer(Checkpoint.weights))  # the blob, for this one row only
-    )
+# What one query of a download reads: large enough to be few queries, small enough that a
+# download of a 240 MB checkpoint never holds more than this in the API process.
+DOWNLOAD_CHUNK_BYTES = 1 << 20
+
+
+class CheckpointChanged(Exception):
+    """The checkpoint was rewritten while it was being streamed: the download must not go on."""
+
+
+def find_checkpoint(session: Session, job: Job, checkpoint_id: uuid.UUID) -> Checkpoint:
+    """The checkpoint's row without its blobs (they stay deferred)."""
+    query = select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job.id)
     checkpoint = session.scalars(query).first()
     if checkpoint is None:
         raise CheckpointNotFound(f"job {job.id} has no checkpoint {checkpoint_id}")
     return checkpoint
+
+
+def stream_weights(
+    factory: sessionmaker[Session],
+    checkpoint: Checkpoint,
+    chunk_bytes: int = DOWNLOAD_CHUNK_BYTES,
+) -> Iterator[bytes]:
+    """The weights in chunks, each read by its own short query (substr of the blob).
+
+    Each query also names the sha256 the download announced: a checkpoint rewritten meanwhile
+    ends the stream early (the client sees fewer bytes than Content-Length), never a mix.
+    """
+    # Read now, not as the stream goes: the row object may be refreshed or expired meanwhile.
+    return _chunks(factory, checkpoint.id, checkpoint.sha256, checkpoint.size_bytes, chunk_bytes)
+
+
+def _chunks(
+    factory: sessionmaker[Session],
+    checkpoint_id: uuid.UUID,
+    sha256: str,
+    size_bytes: int,
+    chunk_bytes: int,
+) -> Iterator[bytes]:
+    for offset in range(0, size_bytes, chunk_bytes):
+        with factory() as session:
+            chunk = session.scalar(
+                select(func.substr(Checkpoint.weights, offset + 1, chunk_bytes)).where(
+                    Checkpoint.id == checkpoint_id, Checkpoint.sha256 == sha256
+                )
+            )
+        if chunk is None:
+            raise CheckpointChanged(f"checkpoint {checkpoint_id} changed during the download")
+        yield bytes(chunk)
