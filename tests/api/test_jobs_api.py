@@ -501,3 +501,15 @@ def test_a_checkpoint_rewritten_during_a_download_ends_the_stream(
     session.commit()
     with pytest.raises(service.CheckpointChanged):
         next(chunks)
+
+
+def test_more_layers_than_max_layers_is_422(client: TestClient) -> None:
+    response = client.post("/v1/jobs", json=spec_payload(model={"hidden_sizes": [8] * 17}))
+    assert response.status_code == 422
+    assert response.json()["detail"] == [
+        {"field": "model.hidden_sizes", "message": "at most 16 layers (TRAINSVC_MAX_LAYERS)"}
+    ]
+    assert (
+        client.post("/v1/jobs", json=spec_payload(model={"hidden_sizes": [8] * 16})).status_code
+        == 201
+    )
