@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event, select
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -154,3 +154,16 @@ def test_a_2xx_write_is_committed_before_the_response_starts(
             assert response.json()["name"] in names
     finally:
         reader.dispose()
+
+
+def test_a_value_the_database_refuses_is_a_422_not_a_500(
+    client: TestClient, session_factory: sessionmaker[Session]
+) -> None:
+    # Validation should stop such values first; one that slips through is still not a 500.
+    fail = _fail_commits(session_factory, DataError("INSERT", {}, Exception("invalid input")))
+    try:
+        response = client.post("/v1/jobs", json=spec_payload())
+    finally:
+        event.remove(session_factory, "before_commit", fail)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "validation_error"
