@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from app.core.observability.multiprocess import share_metrics_between_processes
 
 def _api_settings(args: argparse.Namespace) -> Settings:
     """The API's settings; exits if they would expose an unauthenticated API to the network."""
-    from app.api.auth import check_exposure
+    from app.core.config import check_exposure
 
     settings = get_settings()
     if getattr(args, "embedded", False):
@@ -35,7 +36,9 @@ def _serve(args: argparse.Namespace) -> None:
     settings = _api_settings(args)
     configure_logging(settings)
     if settings.auth == "off":
-        print(f"trainsvc: auth is off, no API keys needed; listening on {args.host}", flush=True)
+        logging.getLogger("trainsvc").warning(
+            "auth is off: no API keys needed; listening on %s", args.host
+        )
     run_server(create_app(settings), args.host, args.port, settings)
 
 

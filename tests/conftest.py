@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 import sqlalchemy as sa
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -185,6 +186,14 @@ def key_headers(session_factory: sessionmaker[Session]) -> Callable[..., dict[st
     return make
 
 
+def use_test_sessions(app: FastAPI, session_factory: sessionmaker[Session]) -> None:
+    """Point a started app at the test's rolled-back transaction."""
+    app.state.session_factory = session_factory
+    app.state.dispatcher.session_factory = session_factory
+    # The test's one connection cannot be shared with the key cache's writer thread.
+    app.state.key_verifier.background_writes = False
+
+
 @pytest.fixture
 def client(
     settings: Settings,
@@ -194,10 +203,7 @@ def client(
     """The API as a client of the default tenant, with a key of its own (not an admin)."""
     app = create_app(settings)
     with TestClient(app, raise_server_exceptions=False) as test_client:
-        app.state.session_factory = session_factory
-        app.state.dispatcher.session_factory = session_factory
-        # The test's one connection cannot be shared with the key cache's writer thread.
-        app.state.key_verifier.background_writes = False
+        use_test_sessions(app, session_factory)
         if settings.auth == "on":
             test_client.headers.update(key_headers())
         yield test_client

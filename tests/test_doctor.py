@@ -108,7 +108,7 @@ def test_auth_off_on_a_network_address_is_a_failure() -> None:
     assert doctor.check_auth(off, "127.0.0.1").outcome == "warn"
     assert doctor.check_auth(off, "localhost").outcome == "warn"
     assert doctor.check_auth(SimpleNamespace(auth="on"), "0.0.0.0").outcome == "ok"
-    assert doctor.check_auth(Settings(), None).outcome == "info"  # no keys in this version
+    assert doctor.check_auth(Settings(), None).outcome == "ok"  # keys are on by default
 
 
 def test_gpus_are_listed_from_nvidia_smi(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,6 @@
 With auth off (`trainsvc up`, TRAINSVC_AUTH=off) every request is the default tenant's admin.
 """
 
-import ipaddress
 import math
 import threading
 import time
@@ -17,6 +16,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.api.dependencies import SettingsDep
+from app.api.errors import error_responses
 from app.core.config import Settings
 from app.core.errors import MalformedKey, MissingKey, RequestRateExceeded
 from app.core.keys import KEY_PATTERN, KeyVerifier
@@ -28,25 +28,8 @@ bearer_scheme = HTTPBearer(
     auto_error=False, description="An API key from `trainsvc keys create`: Bearer tsk_..."
 )
 
-_ERROR_BODY: dict[str, Any] = {
-    "type": "object",
-    "required": ["error", "detail"],
-    "properties": {"error": {"type": "string"}, "detail": {}},
-}
-
 # What every route behind the caller dependency may answer besides its own responses.
-AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {
-        "description": "No usable API key: missing_key, malformed_key, unknown_key or revoked_key",
-        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
-        "content": {"application/json": {"schema": _ERROR_BODY}},
-    },
-    429: {
-        "description": "Over a limit (request_rate_exceeded: the key's requests per second)",
-        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
-        "content": {"application/json": {"schema": _ERROR_BODY}},
-    },
-}
+AUTH_RESPONSES = error_responses(401, 429)
 
 
 class KeyRateLimiter:
@@ -122,23 +105,3 @@ def get_metrics_caller(request: Request, settings: SettingsDep) -> Caller | None
 
 
 MetricsCallerDep = Annotated[Caller | None, Depends(get_metrics_caller)]
-
-
-def check_exposure(settings: Settings, host: str) -> str | None:
-    """Why the API must not start on `host` with these settings, or None if it may."""
-    if settings.auth == "on" or settings.allow_unauthenticated_network or is_loopback(host):
-        return None
-    return (
-        f"refusing to serve without API keys on {host}: anyone who reaches it could use it. "
-        "Turn auth on (TRAINSVC_AUTH=on, keys from `trainsvc keys create`), bind to "
-        "127.0.0.1, or set TRAINSVC_ALLOW_UNAUTHENTICATED_NETWORK=true if the network is yours."
-    )
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
 from app.core.db import READ_ONLY
@@ -19,6 +19,11 @@ def get_settings_dep(request: Request) -> Settings:
 def get_session(request: Request) -> Iterator[Session]:
     """One session per request: committed if the route returns, rolled back if it raises.
 
+    Used with scope="function" (SessionDep): the commit then runs when the route returns and
+    before the response is sent, so a failed commit is an error response, never a 2xx, and a
+    client's next request sees its write. (A yield dependency's default scope exits only after
+    the response has gone out.)
+
     A GET only reads, so its session takes no write lock (on SQLite it reads beside a writer).
     """
     options = READ_ONLY if request.method in ("GET", "HEAD") else {}
@@ -31,11 +36,18 @@ def get_session(request: Request) -> Iterator[Session]:
             raise
 
 
+def get_session_factory(request: Request) -> sessionmaker[Session]:
+    """For work that outlives the route (a streamed download): it opens its own sessions."""
+    factory: sessionmaker[Session] = request.app.state.session_factory
+    return factory
+
+
 def get_dispatcher(request: Request) -> Dispatcher:
     dispatcher: Dispatcher = request.app.state.dispatcher
     return dispatcher
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]

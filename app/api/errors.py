@@ -5,11 +5,16 @@ Services raise domain errors (app/core/errors.py); routes never build error resp
 """
 
 import logging
+from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from pydantic import BaseModel, Field
+from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from app.core.errors import (
     Conflict,
@@ -24,6 +29,47 @@ from app.core.errors import (
 from app.core.spec import SpecError
 
 logger = logging.getLogger(__name__)
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="the dotted path at fault, e.g. model.normalization.type")
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error the service answers: a stable code, and a message or the fields at fault."""
+
+    error: str = Field(
+        description="a stable code: validation_error, job_not_found, database_unavailable, ..."
+    )
+    detail: str | list[FieldError]
+
+
+_RETRY_AFTER = {
+    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}
+}
+_ERROR_RESPONSES: dict[int, dict[str, Any]] = {
+    400: {"description": "The request body could not be parsed"},
+    401: {
+        "description": "No usable API key: missing_key, malformed_key, unknown_key or revoked_key",
+        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    },
+    404: {"description": "Not found: no such id, or not the caller's (the same answer)"},
+    409: {"description": "The request contradicts what is stored"},
+    413: {"description": "Over the body size limit, or the tenant's storage quota"},
+    422: {"description": "A field is invalid; detail names each field and the reason"},
+    429: {
+        "description": "Over a limit (queued jobs, the tenant's active jobs, the key's request "
+        "rate, busy uploads); retry after Retry-After",
+        "headers": _RETRY_AFTER,
+    },
+    503: {"description": "The database is unavailable; retry shortly", "headers": _RETRY_AFTER},
+}
+
+
+def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these statuses, each with the ErrorBody schema."""
+    return {code: {**_ERROR_RESPONSES[code], "model": ErrorBody} for code in status_codes}
 
 
 # Each domain error family answers one status; the most specific class listed wins.
@@ -75,6 +121,53 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, str]]:
     return details
 
 
+def database_is_away(exc: DBAPIError) -> bool:
+    """Connection refused, dropped or reset, server restarting: worth a retry once it is back."""
+    return isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated
+
+
+def _framework_error_code(status_code: int) -> str:
+    # 404 -> "not_found", 405 -> "method_not_allowed": the reason phrase, as our codes are.
+    try:
+        return HTTPStatus(status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "http_error"
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _allowed_methods(request: Request) -> str:
+    # Starlette's Allow names only the first route matching the path; a path can have several
+    # (GET and POST /v1/jobs), so ask the router which methods it would take on this path.
+    allowed = [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in request.app.router.routes
+        )
+    ]
+    return ", ".join(allowed)
+
+
+def _framework_error(request: Request, exc: HTTPException) -> JSONResponse:
+    detail = str(exc.detail)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        detail = f"no route {request.url.path}"
+    elif exc.status_code == 405 and exc.detail == "Method Not Allowed":
+        headers["Allow"] = _allowed_methods(request)
+        detail = (
+            f"{request.method} is not allowed on {request.url.path}; allowed: {headers['Allow']}"
+        )
+    return JSONResponse(
+        {"error": _framework_error_code(exc.status_code), "detail": detail},
+        status_code=exc.status_code,
+        headers=headers or None,
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _service_error(_request: Request, exc: DomainError) -> JSONResponse:
@@ -90,12 +183,29 @@ def install_error_handlers(app: FastAPI) -> None:
             {"error": "validation_error", "detail": _validation_details(exc)}, status_code=422
         )
 
-    @app.exception_handler(OperationalError)
-    async def _database_down(_request: Request, exc: DBAPIError) -> JSONResponse:
-        # Connection refused, server restarting: the request may be retried once it is back.
-        logger.warning("database unavailable: %s", exc.orig)
-        error = DatabaseUnavailable("the database is unavailable; retry shortly")
-        return await _service_error(_request, error)
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # The router's 404/405 and the body parser's 400, in the same shape as ours.
+        return _framework_error(request, exc)
+
+    @app.exception_handler(DBAPIError)
+    async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
+        if database_is_away(exc):
+            logger.warning("database unavailable: %s", exc.orig)
+            error = DatabaseUnavailable("the database is unavailable; retry shortly")
+            return await _service_error(request, error)
+        if isinstance(exc, DataError):
+            # A value the database refused: inputs are validated before they reach it, so this
+            # is a gap in validation (logged as such), but still the client's input, not a 500.
+            logger.error("database refused a value: %s", exc.orig)
+            return JSONResponse(
+                {
+                    "error": "validation_error",
+                    "detail": [{"field": "body", "message": "a value the database cannot store"}],
+                },
+                status_code=422,
+            )
+        return await _unexpected(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
@@ -103,3 +213,49 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             {"error": "internal_error", "detail": "internal error"}, status_code=500
         )
+
+
+def document_errors(app: FastAPI) -> None:
+    """Declare in OpenAPI the errors every operation of a kind can give, in their real shape.
+
+    Routers declare what their domain raises (404, 409, 429, 503); what the framework and the
+    middleware add is declared here for every operation it applies to: a 422 in our ErrorBody
+    (not FastAPI's HTTPValidationError) wherever there is input to validate, a 400 and a 413
+    wherever there is a body.
+    """
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = default_openapi()
+        error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+
+        def declare(responses: dict[str, Any], code: int) -> None:
+            response = responses.setdefault(str(code), {})
+            response.setdefault("description", _ERROR_RESPONSES[code]["description"])
+            response["content"] = {"application/json": {"schema": error_ref}}
+
+        for path_item in schema.get("paths", {}).values():
+            for operation in path_item.values():
+                responses = operation["responses"]
+                if "422" in responses or operation.get("parameters"):
+                    declare(responses, 422)
+                body = operation.get("requestBody")
+                if body is not None:
+                    # Starlette's parsers answer 400 for a body they cannot decode at all
+                    # (bytes that are not UTF-8, a broken multipart form).
+                    declare(responses, 400)
+                    declare(responses, 413)
+                    declare(responses, 422)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        if "ErrorBody" not in components:
+            generated = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(generated.pop("$defs", {}))
+            components["ErrorBody"] = generated
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

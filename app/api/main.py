@@ -7,7 +7,7 @@ from fastapi import FastAPI
 
 from app.api.auth import install_auth
 from app.api.datasets.router import router as datasets_router
-from app.api.errors import install_error_handlers
+from app.api.errors import document_errors, error_responses, install_error_handlers
 from app.api.events.hub import EventHub
 from app.api.events.router import router as events_router
 from app.api.jobs.router import router as jobs_router
@@ -46,13 +46,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "dropout do to training?",
         lifespan=lifespan,
     )
-    app.include_router(jobs_router)
-    app.include_router(datasets_router)
-    app.include_router(events_router)
-    app.include_router(studies_router)
+    # Every operation that reads or writes the database answers 503 while it is away.
+    app.include_router(jobs_router, responses=error_responses(503))
+    app.include_router(datasets_router, responses=error_responses(503))
+    app.include_router(events_router, responses=error_responses(503))
+    app.include_router(studies_router, responses=error_responses(503))
     app.include_router(system_router)
     app.include_router(metrics_router)
     install_error_handlers(app)
+    document_errors(app)
     app.add_middleware(
         BodySizeLimit,
         default_limit=settings.max_body_bytes,

@@ -1,5 +1,6 @@
 """Settings: every knob of the service in one typed place, read from TRAINSVC_* variables."""
 
+import ipaddress
 from functools import lru_cache
 from typing import Literal
 
@@ -108,6 +109,26 @@ class Settings(BaseSettings):
     key_request_burst: int = Field(100, ge=1)
     # The key `trainsvc submit` sends (TRAINSVC_API_KEY), kept out of the command line.
     api_key: SecretStr | None = None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: Settings, host: str) -> str | None:
+    """Why the API must not start on `host` with these settings, or None if it may."""
+    if settings.auth == "on" or settings.allow_unauthenticated_network or is_loopback(host):
+        return None
+    return (
+        f"refusing to serve without API keys on {host}: anyone who reaches it could use it. "
+        "Turn auth on (TRAINSVC_AUTH=on, keys from `trainsvc keys create`), bind to "
+        "127.0.0.1, or set TRAINSVC_ALLOW_UNAUTHENTICATED_NETWORK=true if the network is yours."
+    )
 
 
 @lru_cache

@@ -8,7 +8,7 @@ in, so what a job ran is always exactly what GET /v1/jobs/{id} shows.
 import re
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from app.core.catalog import (
     BUILTIN_DATASETS,
@@ -41,11 +41,24 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # allow_inf_nan=False: JSON cannot carry Infinity or NaN back out (GET showed null for a
+    # stored 1e999), and no setting of this spec means anything at infinity.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL; refuse it here rather than fail inside the database.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+# Every free-text string of the spec (names, tags).
+Text = Annotated[str, AfterValidator(_no_nul)]
 
 
 class DatasetSpec(_Strict):
-    name: str = Field(description="a built-in dataset, or upload:<id> for an uploaded one")
+    name: Text = Field(description="a built-in dataset, or upload:<id> for an uploaded one")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     batch_size: int = Field(64, ge=1, le=65536)
     train_subset: int | None = Field(
@@ -135,7 +148,7 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_combination(self) -> Self:
-        widths = self.widths
+        widths = self.hidden_sizes
         norm = self.normalization
         if norm.type == "group_norm":
             bad = [w for w in widths if w % norm.num_groups]
@@ -163,10 +176,6 @@ class ModelSpec(_Strict):
                 f"for {len(widths)} hidden layers",
             )
         return self
-
-    @property
-    def widths(self) -> list[int]:
-        return self.hidden_sizes
 
 
 class OptimizerSpec(_Strict):
@@ -213,7 +222,7 @@ class EarlyStoppingSpec(_Strict):
 
 
 class JobSpec(_Strict):
-    name: str | None = Field(None, max_length=200)
+    name: Text | None = Field(None, max_length=200)
     dataset: DatasetSpec
     model: ModelSpec = Field(default_factory=lambda: ModelSpec.model_validate({}))
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
@@ -225,8 +234,8 @@ class JobSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: Literal["none", "bf16"] = Field("none", description="bf16 autocast, on CUDA")
     max_wall_seconds: int | None = Field(None, ge=1, description="fail with timeout past this")
-    tags: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=256)]] = Field(
-        default_factory=dict, max_length=32
+    tags: dict[Annotated[Text, Field(max_length=64)], Annotated[Text, Field(max_length=256)]] = (
+        Field(default_factory=dict, max_length=32)
     )
 
     @model_validator(mode="after")
@@ -241,6 +250,12 @@ class JobSpec(_Strict):
                 "schedule.warmup_epochs",
                 f"schedule.warmup_epochs ({self.schedule.warmup_epochs}) must be below "
                 f"epochs ({self.epochs})",
+            )
+        if self.schedule.type == "cosine" and self.schedule.min_lr > self.optimizer.lr:
+            raise SpecError(
+                "schedule.min_lr",
+                f"cosine decays from lr ({self.optimizer.lr}) down to min_lr "
+                f"({self.schedule.min_lr}); min_lr must not exceed lr",
             )
         return self
 
@@ -263,7 +278,7 @@ def count_parameters(spec: JobSpec, info: DatasetInfo) -> int:
     """
     model = spec.model
     norm = model.normalization
-    widths = model.widths
+    widths = model.hidden_sizes
     normalized = norm.type != "none" and norm.affine
     if model.architecture == "mlp":
         total, fan_in = 0, info.num_features

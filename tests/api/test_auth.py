@@ -14,15 +14,16 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.api.auth import KeyRateLimiter, MetricsCallerDep, check_exposure
+from app.api.auth import KeyRateLimiter, MetricsCallerDep
 from app.api.main import create_app
-from app.core.config import Settings
+from app.core.config import Settings, check_exposure
 from app.core.db import create_db_engine, create_session_factory, transaction
 from app.core.errors import RequestRateExceeded, RevokedKey, UnknownKey
 from app.core.keys import KeyVerifier, create_key, revoke_key
 from app.core.migrate import upgrade
 from app.core.models import ApiKey
 from app.core.tenancy import Caller
+from tests.conftest import use_test_sessions
 
 KeyHeaders = Callable[..., dict[str, str]]
 
@@ -77,7 +78,7 @@ def test_a_revoked_key_is_401_revoked(
 ) -> None:
     app = create_app(settings.model_copy(update={"key_cache_seconds": 0}))
     with TestClient(app) as client:
-        app.state.session_factory = session_factory
+        use_test_sessions(app, session_factory)
         with session_factory() as session:
             row, key = create_key(session, "acme")
             session.commit()
@@ -102,7 +103,7 @@ def test_answers_are_cached_briefly_and_revocation_lands_when_they_expire(
     session_factory: sessionmaker[Session],
 ) -> None:
     clock = FakeClock()
-    verifier = KeyVerifier(cache_seconds=1.0, clock=clock)
+    verifier = KeyVerifier(cache_seconds=1.0, clock=clock, background_writes=False)
     with session_factory() as session:
         row, key = create_key(session, "acme", admin=True)
         session.commit()
@@ -123,7 +124,8 @@ def test_answers_are_cached_briefly_and_revocation_lands_when_they_expire(
 def test_last_used_is_written_once_a_minute_not_per_request(
     session_factory: sessionmaker[Session],
 ) -> None:
-    verifier = KeyVerifier(cache_seconds=0)  # every call goes to the database
+    # Every call goes to the database; the test's one connection stays in this thread.
+    verifier = KeyVerifier(cache_seconds=0, background_writes=False)
     with session_factory() as session:
         row, key = create_key(session, "acme")
         session.commit()
@@ -149,7 +151,7 @@ def test_a_key_over_its_request_rate_is_429_naming_the_rate(
         settings.model_copy(update={"key_requests_per_second": 0.5, "key_request_burst": 2})
     )
     with TestClient(app) as client:
-        app.state.session_factory = session_factory
+        use_test_sessions(app, session_factory)
         limited, other = key_headers("acme"), key_headers("acme")
         answers = [client.get("/v1/jobs", headers=limited) for _ in range(3)]
         assert [a.status_code for a in answers] == [200, 200, 429]
@@ -179,7 +181,7 @@ def test_with_auth_off_every_request_is_the_default_tenants_admin(
 ) -> None:
     app = create_app(settings.model_copy(update={"auth": "off"}))
     with TestClient(app) as client:
-        app.state.session_factory = session_factory
+        use_test_sessions(app, session_factory)
         app.state.dispatcher.session_factory = session_factory
         created = client.post("/v1/jobs", json={"dataset": {"name": "iris"}, "epochs": 1})
         assert created.status_code == 201, created.text
@@ -198,7 +200,7 @@ def test_metrics_need_a_key_only_when_the_setting_says_so(
             return {"tenant": caller.tenant if caller else None}
 
         with TestClient(app) as client:
-            app.state.session_factory = session_factory
+            use_test_sessions(app, session_factory)
             anonymous = client.get("/metrics-probe")
             keyed = client.get("/metrics-probe", headers=key_headers("acme"))
         if required:

@@ -1,12 +1,24 @@
 """The jobs API against real PostgreSQL and SQLite (each test rolled back)."""
 
+import hashlib
+import json
+import os
 import uuid
+from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+from sqlalchemy import Engine, event, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
-from app.core.models import Job
+from app.api.jobs import service
+from app.api.jobs.service import spec_sha256
+from app.core.models import Checkpoint, Job
+from app.core.spec import JobSpec
 from tests.factories import make_job, spec_payload
 
 
@@ -239,3 +251,267 @@ def test_wall_time_over_the_cap_is_422(client: TestClient) -> None:
             "message": "at most 86400 seconds (TRAINSVC_MAX_WALL_SECONDS)",
         }
     ]
+
+
+def test_framework_errors_answer_in_the_service_format(client: TestClient) -> None:
+    unknown = client.get("/v1/nowhere")
+    assert unknown.status_code == 404
+    assert unknown.json() == {"error": "not_found", "detail": "no route /v1/nowhere"}
+
+    wrong_method = client.delete("/v1/jobs")
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"] == "method_not_allowed"
+    assert "DELETE" in wrong_method.json()["detail"]
+    assert set(wrong_method.headers["Allow"].split(", ")) == {"GET", "POST"}
+
+    malformed = client.post(
+        "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert malformed.status_code == 422
+    assert malformed.json()["error"] == "validation_error"
+
+    wrong_type = client.post(
+        "/v1/jobs", content=b'{"epochs": 1}', headers={"content-type": "text/plain"}
+    )
+    assert wrong_type.status_code == 422
+    assert wrong_type.json()["error"] == "validation_error"
+
+    broken_multipart = client.post(
+        "/v1/datasets",
+        content=b"--b\r\nnot a part",
+        headers={"content-type": "multipart/form-data; boundary=b"},
+    )
+    assert broken_multipart.status_code in (400, 422)
+    assert set(broken_multipart.json()) == {"error", "detail"}
+
+
+def test_an_empty_or_repeated_idempotency_key_is_422_naming_the_header(
+    client: TestClient, session: Session
+) -> None:
+    empty = client.post("/v1/jobs", json=spec_payload(), headers={"Idempotency-Key": ""})
+    assert empty.status_code == 422, empty.text
+    assert empty.json()["detail"][0]["field"] == "idempotency-key"
+
+    repeated = client.post(
+        "/v1/jobs",
+        json=spec_payload(),
+        headers=[("Idempotency-Key", "a"), ("Idempotency-Key", "b")],
+    )
+    assert repeated.status_code == 422, repeated.text
+    assert repeated.json()["detail"] == [
+        {"field": "idempotency-key", "message": "send one Idempotency-Key header, not 2"}
+    ]
+    assert session.scalars(select(Job)).all() == []
+
+
+def test_infinite_or_nan_floats_are_422(client: TestClient, session: Session) -> None:
+    for raw in (
+        b'{"dataset": {"name": "digits"}, "epochs": 1, "schedule": {"min_lr": 1e999}}',
+        b'{"dataset": {"name": "digits"}, "epochs": 1, "grad_clip_norm": Infinity}',
+        b'{"dataset": {"name": "digits"}, "epochs": 1, "optimizer": {"betas": [NaN, 0.9]}}',
+        b'{"dataset": {"name": "digits"}, "epochs": 1, "early_stopping": {"min_delta": -Infinity}}',
+    ):
+        response = client.post(
+            "/v1/jobs", content=raw, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 422, (raw, response.text)
+        assert response.json()["error"] == "validation_error"
+    assert session.scalars(select(Job)).all() == []
+
+
+def test_cosine_min_lr_above_lr_is_422(client: TestClient) -> None:
+    response = client.post(
+        "/v1/jobs",
+        json=spec_payload(
+            optimizer={"type": "adam", "lr": 0.001}, schedule={"type": "cosine", "min_lr": 0.01}
+        ),
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "schedule.min_lr"
+
+
+def test_nul_characters_in_spec_strings_are_422(client: TestClient, session: Session) -> None:
+    for payload in (
+        spec_payload(name="bad\x00name"),
+        spec_payload(tags={"team": "vi\x00sion"}),
+        spec_payload(tags={"te\x00am": "vision"}),
+        spec_payload(dataset={"name": "dig\x00its"}),
+    ):
+        response = client.post("/v1/jobs", json=payload)
+        assert response.status_code == 422, response.text
+        assert "NUL" in response.json()["detail"][0]["message"]
+    assert session.scalars(select(Job)).all() == []
+
+
+def test_the_stored_spec_resubmitted_is_the_same_job(client: TestClient) -> None:
+    headers = {"Idempotency-Key": "round-trip"}
+    created = client.post(
+        "/v1/jobs", json={"dataset": {"name": "two_moons"}, "epochs": 2}, headers=headers
+    )
+    assert created.status_code == 201
+    shown = client.get(f"/v1/jobs/{created.json()['id']}").json()["spec"]
+    again = client.post("/v1/jobs", json=shown, headers=headers)
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == created.json()["id"]
+    assert again.json()["spec"] == shown
+
+
+_SPEC_VARIATIONS = st.fixed_dictionaries(
+    {
+        "dataset": st.fixed_dictionaries(
+            {"name": st.sampled_from(["digits", "two_moons", "mnist1d", "iris"])},
+            optional={
+                "val_fraction": st.floats(0.05, 0.5),
+                "label_noise": st.floats(0.0, 0.5),
+            },
+        ),
+        "epochs": st.integers(1, 50),
+    },
+    optional={
+        "model": st.fixed_dictionaries(
+            {},
+            optional={
+                "hidden_sizes": st.lists(st.sampled_from([8, 16, 32]), min_size=1, max_size=3),
+                "normalization": st.fixed_dictionaries(
+                    {"type": st.sampled_from(["none", "batch_norm", "layer_norm", "rms_norm"])}
+                ),
+                "dropout": st.fixed_dictionaries({"rate": st.floats(0.0, 0.9)}),
+            },
+        ),
+        "optimizer": st.fixed_dictionaries(
+            {"type": st.sampled_from(["adam", "adamw", "sgd"]), "lr": st.floats(1e-5, 1.0)}
+        ),
+        "schedule": st.fixed_dictionaries(
+            {"type": st.sampled_from(["constant", "step", "cosine"])},
+            optional={"min_lr": st.floats(0.0, 1e-5), "gamma": st.floats(0.01, 1.0)},
+        ),
+        "grad_clip_norm": st.floats(1e-3, 1e3),
+        "name": st.text(max_size=20),
+        "tags": st.dictionaries(st.text(max_size=5), st.text(max_size=10), max_size=3),
+    },
+)
+
+
+@hypothesis_settings(max_examples=200, deadline=None, derandomize=True)
+@given(_SPEC_VARIATIONS)
+def test_a_stored_spec_validates_back_to_itself(payload: dict[str, Any]) -> None:
+    """What GET shows (the spec's JSON dump) is accepted again and hashes the same."""
+    try:
+        spec = JobSpec.model_validate(payload)
+    except ValidationError:
+        return  # an impossible combination: refused at submit, never stored
+    shown = json.loads(json.dumps(spec.model_dump(mode="json"), allow_nan=False))
+    again = JobSpec.model_validate(shown)
+    assert again == spec
+    assert spec_sha256(again) == spec_sha256(spec)
+
+
+def test_since_epoch_beyond_any_epoch_is_422_not_500(client: TestClient) -> None:
+    job_id = client.post("/v1/jobs", json=spec_payload()).json()["id"]
+    response = client.get(f"/v1/jobs/{job_id}/metrics", params={"since_epoch": 10**30})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "since_epoch"
+    response = client.get(f"/v1/jobs/{job_id}/metrics", params={"since_epoch": 2**31 - 1})
+    assert response.json()["epochs"] == []
+
+
+def test_openapi_declares_every_error_in_the_error_schema(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    assert set(schema["components"]["schemas"]["ErrorBody"]["required"]) == {"error", "detail"}
+    keyed = {"401", "429"}  # behind the API key: refused keys, and the key's request rate
+    expected = {
+        ("post", "/v1/jobs"): {"200", "201", "400", "409", "413", "422", "503"} | keyed,
+        ("get", "/v1/jobs"): {"200", "422", "503"} | keyed,
+        ("get", "/v1/jobs/{job_id}"): {"200", "404", "422", "503"} | keyed,
+        ("post", "/v1/jobs/{job_id}/cancel"): {"202", "404", "409", "422", "503"} | keyed,
+        ("get", "/v1/jobs/{job_id}/checkpoints/{checkpoint_id}"): {"200", "404", "422", "503"}
+        | keyed,
+        ("post", "/v1/datasets"): {"201", "400", "413", "422", "503"} | keyed,
+        ("get", "/v1/ready"): {"200", "503"},
+    }
+    for (method, path), statuses in expected.items():
+        responses = schema["paths"][path][method]["responses"]
+        assert set(responses) == statuses, (method, path)
+        for status, response in responses.items():
+            if status.startswith(("4", "5")) and path != "/v1/ready":
+                content = response["content"]["application/json"]["schema"]
+                assert content == {"$ref": "#/components/schemas/ErrorBody"}, (path, status)
+    assert schema["components"]["schemas"]["JobStatus"]["enum"] == [
+        "queued",
+        "running",
+        "succeeded",
+        "failed",
+        "cancelled",
+    ]
+    status_param = next(
+        p for p in schema["paths"]["/v1/jobs"]["get"]["parameters"] if p["name"] == "status"
+    )
+    assert "#/components/schemas/JobStatus" in str(status_param["schema"])
+
+
+def _store_checkpoint(session: Session, job: Job, weights: bytes) -> Checkpoint:
+    checkpoint = Checkpoint(
+        job_id=job.id,
+        epoch=1,
+        kind="last",
+        attempt=1,
+        weights=weights,
+        size_bytes=len(weights),
+        sha256=hashlib.sha256(weights).hexdigest(),
+    )
+    session.add(checkpoint)
+    session.commit()
+    return checkpoint
+
+
+def test_checkpoint_download_is_streamed_in_chunks(
+    client: TestClient, session: Session, engine: Engine
+) -> None:
+    weights = os.urandom(2 * service.DOWNLOAD_CHUNK_BYTES + 12345)
+    checkpoint = _store_checkpoint(session, make_job(session, status="succeeded"), weights)
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        response = client.get(f"/v1/jobs/{checkpoint.job_id}/checkpoints/{checkpoint.id}")
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert response.status_code == 200
+    assert response.content == weights
+    assert response.headers["Content-Length"] == str(len(weights))
+    assert response.headers["ETag"] == f'"{checkpoint.sha256}"'
+    blob_reads = [s for s in statements if "checkpoints.weights" in s]
+    # Three chunks, each a substring of the blob: never the whole blob in one read.
+    assert len(blob_reads) == 3
+    assert all("substr(checkpoints.weights" in s for s in blob_reads), blob_reads
+
+
+def test_a_checkpoint_rewritten_during_a_download_ends_the_stream(
+    session: Session, session_factory: sessionmaker[Session]
+) -> None:
+    weights = os.urandom(3000)
+    checkpoint = _store_checkpoint(session, make_job(session, status="running"), weights)
+    chunks = service.stream_weights(session_factory, checkpoint, chunk_bytes=1000)
+    assert next(chunks) == weights[:1000]
+    session.execute(
+        update(Checkpoint).where(Checkpoint.id == checkpoint.id).values(sha256="0" * 64)
+    )
+    session.commit()
+    with pytest.raises(service.CheckpointChanged):
+        next(chunks)
+
+
+def test_more_layers_than_max_layers_is_422(client: TestClient) -> None:
+    response = client.post("/v1/jobs", json=spec_payload(model={"hidden_sizes": [8] * 17}))
+    assert response.status_code == 422
+    assert response.json()["detail"] == [
+        {"field": "model.hidden_sizes", "message": "at most 16 layers (TRAINSVC_MAX_LAYERS)"}
+    ]
+    assert (
+        client.post("/v1/jobs", json=spec_payload(model={"hidden_sizes": [8] * 16})).status_code
+        == 201
+    )

@@ -17,7 +17,7 @@ from app.core.config import Settings
 from app.core.db import create_db_engine, create_session_factory, transaction
 from app.core.keys import create_key
 from app.core.migrate import upgrade
-from app.core.models import Job
+from app.core.models import ApiKey, Job
 from tests.factories import make_job
 
 
@@ -81,6 +81,13 @@ def test_a_get_answers_while_a_worker_holds_the_write_lock(
         writer.rollback()
         writer.close()
         reader.join()
+        # The fresh key's last use was written beside the request, once the writer was done.
+        client.app.state.key_verifier.wait_for_writes()  # type: ignore[attr-defined]
+    engine = create_db_engine(settings.database_url)
+    with transaction(create_session_factory(engine), write=False) as session:
+        used = session.scalars(sa.select(ApiKey.last_used_at).where(ApiKey.tenant == "default"))
+        assert None not in list(used)
+    engine.dispose()
     [(status, seconds)] = answers
     assert status == 200
     # The requirement: a GET beside an open writer answers within 100 ms (it waited

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.e2e.walkthrough import SPEC, run_walkthrough, wait_for_status
+from tests.factories import spec_payload
 from tests.support.processes import Processes, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -94,3 +95,29 @@ def test_postgres_and_redis_with_separate_processes(
         checkpoints = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["items"]
         last_epochs = {c["epoch"] for c in checkpoints if c["kind"] == "last"}
         assert last_epochs == {cancelled["progress"]["epoch"]}
+
+
+def test_a_nan_loss_ends_the_job_failed_diverged(processes: Processes) -> None:
+    """README: a NaN loss ends a job `failed` with `diverged` and the epoch and step."""
+    url = processes.api("up")
+    # Plain SGD at lr=100 on an MLP without normalization: the loss is NaN within a few steps
+    # of the first epoch (epoch 1, step 5 on CPU with this seed).
+    diverging = spec_payload(
+        name="diverges",
+        model={"hidden_sizes": [64, 64], "normalization": {"type": "none"}},
+        optimizer={"type": "sgd", "lr": 100.0},
+        epochs=2,
+        device="cpu",
+    )
+    with httpx.Client(base_url=url, timeout=10) as client:
+        created = client.post("/v1/jobs", json=diverging)
+        assert created.status_code == 201, created.text
+        job = wait_for_status(client, created.json()["id"], {"succeeded", "failed", "cancelled"})
+        assert job["status"] == "failed"
+        assert job["error"]["type"] == "diverged"
+        assert "epoch 1, step" in job["error"]["message"]
+        assert job["attempt_history"][-1]["outcome"] == "failed"
+        # The diverged epoch is not stored as if it had numbers.
+        metrics = client.get(f"/v1/jobs/{job['id']}/metrics")
+        assert metrics.status_code == 200
+        assert metrics.json()["epochs"] == []

@@ -22,7 +22,9 @@ def cli_talks_to(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> TestCli
     real_client = httpx.Client
 
     def in_process(**kwargs: Any) -> httpx.Client:
-        return real_client(base_url="http://testserver", transport=client._transport)
+        return real_client(
+            base_url="http://testserver", transport=client._transport, headers=client.headers
+        )
 
     monkeypatch.setattr(httpx, "Client", in_process)
     return client

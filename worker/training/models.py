@@ -119,7 +119,9 @@ def build_mlp(spec: ModelSpec, info: DatasetInfo) -> nn.Sequential:
     fan_in = info.num_features
     has_norm = spec.normalization.type != "none"
     hidden: list[nn.Module] = []
-    for width, rate in zip(spec.widths, spec.dropout.rates(len(spec.widths)), strict=True):
+    for width, rate in zip(
+        spec.hidden_sizes, spec.dropout.rates(len(spec.hidden_sizes)), strict=True
+    ):
         layer: list[tuple[str, nn.Module]] = [("linear", nn.Linear(fan_in, width))]
         layer += _norm_and_activation(
             spec, feature_norm(spec.normalization, width) if has_norm else None
@@ -162,7 +164,9 @@ def build_cnn(spec: ModelSpec, info: DatasetInfo) -> nn.Sequential:
     channels_in = 1
     has_norm = spec.normalization.type != "none"
     blocks: list[nn.Module] = []
-    for width, rate in zip(spec.widths, spec.dropout.rates(len(spec.widths)), strict=True):
+    for width, rate in zip(
+        spec.hidden_sizes, spec.dropout.rates(len(spec.hidden_sizes)), strict=True
+    ):
         block: list[tuple[str, nn.Module]] = [
             ("conv", _conv(dims, channels_in, width, spec.kernel_size))
         ]
@@ -236,7 +240,7 @@ def build_resnet(spec: ModelSpec, info: DatasetInfo) -> nn.Sequential:
     stages.<i>.{pool, blocks.<j>.*}, head."""
     dims = len(info.input_shape)
     size = min(info.input_shape)
-    stem_width = spec.widths[0]
+    stem_width = spec.hidden_sizes[0]
     has_norm = spec.normalization.type != "none"
     stem = _named(
         [
@@ -249,7 +253,7 @@ def build_resnet(spec: ModelSpec, info: DatasetInfo) -> nn.Sequential:
     channels_in = stem_width
     stages: list[nn.Module] = []
     for stage, (width, rate) in enumerate(
-        zip(spec.widths, spec.dropout.rates(len(spec.widths)), strict=True)
+        zip(spec.hidden_sizes, spec.dropout.rates(len(spec.hidden_sizes)), strict=True)
     ):
         layers: list[tuple[str, nn.Module]] = []
         if stage and size >= 4:

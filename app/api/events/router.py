@@ -11,7 +11,7 @@ from app.api.auth import AUTH_RESPONSES, CallerDep, get_caller
 from app.api.events import service
 from app.api.events.dependencies import HubDep, LastEventIdDep, StreamedJobDep
 from app.core.events import EPOCH, STATUS, Event
-from app.core.models.jobs import JOB_STATUSES
+from app.core.models.jobs import JobStatus
 
 # Every route needs a caller; a route cannot opt out (tests/api/test_tenants.py checks).
 router = APIRouter(
@@ -36,7 +36,7 @@ async def all_events(
     caller: CallerDep,
     last_event_id: LastEventIdDep,
     study_id: uuid.UUID | None = None,
-    status: Annotated[list[str] | None, Query(description=f"any of {JOB_STATUSES}")] = None,
+    status: Annotated[list[JobStatus] | None, Query()] = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """The caller's jobs' events from now on, optionally one study's, or only status changes
     to the given statuses (and epochs, if `running` is one)."""

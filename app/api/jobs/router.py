@@ -3,21 +3,23 @@
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Response, status
+from fastapi import APIRouter, Depends, Query, Response, status
+from fastapi.responses import StreamingResponse
 
 from app.api.auth import AUTH_RESPONSES, CallerDep, get_caller
-from app.api.dependencies import DispatcherDep, SessionDep, SettingsDep
+from app.api.dependencies import DispatcherDep, SessionDep, SessionFactoryDep, SettingsDep
+from app.api.errors import error_responses
 from app.api.jobs import service
-from app.api.jobs.dependencies import JobDep
+from app.api.jobs.dependencies import IdempotencyKeyDep, JobDep
 from app.api.jobs.schemas import (
     CheckpointList,
     CheckpointRead,
     EpochRead,
     JobPage,
     JobRead,
-    JobStatus,
     MetricsRead,
 )
+from app.core.models import JobStatus
 from app.core.spec import JobSpec
 
 # Every route needs a caller; a route cannot opt out (tests/api/test_tenants.py checks).
@@ -27,13 +29,19 @@ router = APIRouter(
     dependencies=[Depends(get_caller)],
     responses=AUTH_RESPONSES,
 )
+# The routes under one job look it up first (JobDep), so each can answer 404. (Declared per
+# route: a nested router would hide the full path template from the request metrics.)
+JOB_NOT_FOUND = error_responses(404)
 
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=JobRead,
-    responses={413: {"description": "The tenant is at its storage quota (storage_quota_exceeded)"}},
+    responses={
+        200: {"model": JobRead, "description": "A repeated Idempotency-Key: the original job"},
+        **error_responses(409, 413, 429),
+    },
 )
 def submit_job(
     spec: JobSpec,
@@ -42,7 +50,7 @@ def submit_job(
     settings: SettingsDep,
     dispatcher: DispatcherDep,
     caller: CallerDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: IdempotencyKeyDep,
 ) -> JobRead:
     """Submit a training job; a repeated Idempotency-Key returns the original job (200)."""
     job, created = service.submit_job(session, spec, settings, idempotency_key, caller)
@@ -74,7 +82,7 @@ def list_jobs(
     return JobPage(items=[JobRead.from_job(job) for job in jobs], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobRead)
+@router.get("/{job_id}", response_model=JobRead, responses=JOB_NOT_FOUND)
 def get_job(job: JobDep) -> JobRead:
     """A job: its status, progress, attempts, summary and error."""
     return JobRead.from_job(job)
@@ -84,7 +92,7 @@ def get_job(job: JobDep) -> JobRead:
     "/{job_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
-    responses={409: {"description": "The job has not ended (job_not_ended)"}},
+    responses=error_responses(404, 409),
 )
 def delete_job(job: JobDep, session: SessionDep) -> Response:
     """Delete an ended job with its metrics and checkpoints; 409 while queued or running."""
@@ -92,22 +100,29 @@ def delete_job(job: JobDep, session: SessionDep) -> Response:
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobRead)
+@router.post(
+    "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobRead,
+    responses=error_responses(404, 409),
+)
 def cancel_job(job: JobDep, session: SessionDep) -> JobRead:
     """Cancel a job: a queued one at once, a running one within a batch (checkpoints kept)."""
     return JobRead.from_job(service.request_cancel(session, job))
 
 
-@router.get("/{job_id}/metrics", response_model=MetricsRead)
+@router.get("/{job_id}/metrics", response_model=MetricsRead, responses=JOB_NOT_FOUND)
 def get_metrics(
-    job: JobDep, session: SessionDep, since_epoch: Annotated[int | None, Query(ge=0)] = None
+    job: JobDep,
+    session: SessionDep,
+    since_epoch: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
 ) -> MetricsRead:
     """Per-epoch metrics and diagnostics, ascending; only epochs after since_epoch if given."""
     rows = service.list_metrics(session, job, since_epoch)
     return MetricsRead(job_id=job.id, epochs=[EpochRead.from_row(row) for row in rows])
 
 
-@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=JOB_NOT_FOUND)
 def list_checkpoints(job: JobDep, session: SessionDep) -> CheckpointList:
     """The job's checkpoints: the latest epoch's and the best validation epoch's."""
     rows = service.list_checkpoints(session, job)
@@ -116,18 +131,21 @@ def list_checkpoints(job: JobDep, session: SessionDep) -> CheckpointList:
 
 @router.get(
     "/{job_id}/checkpoints/{checkpoint_id}",
-    response_class=Response,
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, **JOB_NOT_FOUND},
 )
-def download_checkpoint(job: JobDep, checkpoint_id: uuid.UUID, session: SessionDep) -> Response:
+def download_checkpoint(
+    job: JobDep, checkpoint_id: uuid.UUID, session: SessionDep, factory: SessionFactoryDep
+) -> StreamingResponse:
     """The checkpoint's model weights, as a safetensors file."""
-    checkpoint = service.checkpoint_weights(session, job, checkpoint_id)
+    checkpoint = service.find_checkpoint(session, job, checkpoint_id)
     filename = f"{job.id}-epoch{checkpoint.epoch}-{checkpoint.kind}.safetensors"
-    return Response(
-        content=checkpoint.weights,
+    return StreamingResponse(
+        service.stream_weights(factory, checkpoint),
         media_type="application/octet-stream",
         headers={
             "Content-Disposition": f'attachment; filename="{filename}"',
+            "Content-Length": str(checkpoint.size_bytes),
             "ETag": f'"{checkpoint.sha256}"',
         },
     )

@@ -6,9 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from app.core.models import Checkpoint, EpochMetric, Job
-
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+from app.core.models import Checkpoint, EpochMetric, Job, JobStatus
 
 
 class Progress(BaseModel):
@@ -55,7 +53,7 @@ class JobRead(BaseModel):
             id=job.id,
             tenant=job.tenant,
             name=job.name,
-            status=job.status,  # the table's CHECK holds it to JobStatus
+            status=JobStatus(job.status),  # the table's CHECK holds it to JobStatus
             spec=job.spec,
             created_at=job.created_at,
             started_at=job.started_at,

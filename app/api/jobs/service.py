@@ -5,13 +5,13 @@ import binascii
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
 from sqlalchemy import Select, case, delete, func, select, tuple_
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload, undefer
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from app.core import events, lifecycle
 from app.core.config import Settings
@@ -26,12 +26,10 @@ from app.core.errors import (
     TooManyActiveJobs,
     TooManyQueuedJobs,
 )
-from app.core.models import Checkpoint, EpochMetric, Job
+from app.core.models import Checkpoint, EpochMetric, Job, JobStatus
+from app.core.models.jobs import ACTIVE_STATUSES, ENDED_STATUSES
 from app.core.spec import JobSpec, SpecError, check_fits_dataset, count_parameters
 from app.core.tenancy import Caller, scoped, storage_bytes
-
-ACTIVE_STATUSES = ("queued", "running")
-ENDED_STATUSES = ("succeeded", "failed", "cancelled")
 
 
 def spec_sha256(spec: JobSpec) -> str:
@@ -49,7 +47,7 @@ def check_limits(session: Session, spec: JobSpec, settings: Settings, caller: Ca
         raise InvalidInput(exc.field, exc.message) from exc
     if spec.epochs > settings.max_epochs:
         raise InvalidInput("epochs", f"at most {settings.max_epochs} epochs (TRAINSVC_MAX_EPOCHS)")
-    widths = spec.model.widths
+    widths = spec.model.hidden_sizes
     if len(widths) > settings.max_layers:
         raise InvalidInput(
             "model.hidden_sizes", f"at most {settings.max_layers} layers (TRAINSVC_MAX_LAYERS)"
@@ -96,7 +94,9 @@ def check_limits(session: Session, spec: JobSpec, settings: Settings, caller: Ca
 
 def check_queue_room(session: Session, settings: Settings, adding: int = 1) -> None:
     """Back-pressure: 429 if `adding` more queued jobs would pass the limit."""
-    queued = session.scalar(select(func.count()).select_from(Job).where(Job.status == "queued"))
+    queued = session.scalar(
+        select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)
+    )
     if (queued or 0) + adding > settings.max_queued_jobs:
         raise TooManyQueuedJobs(
             f"{queued} jobs are queued; the limit is {settings.max_queued_jobs}"
@@ -119,7 +119,7 @@ def new_job(
         spec_sha256=spec_sha256(spec),
         idempotency_key=idempotency_key,
         epochs=spec.epochs,
-        status="queued",
+        status=JobStatus.QUEUED,
         attempts=0,
         progress_epoch=0,
         cancel_requested=False,
@@ -284,13 +284,52 @@ def list_checkpoints(session: Session, job: Job) -> Sequence[Checkpoint]:
     return session.scalars(query.order_by(last_first, Checkpoint.kind)).all()
 
 
-def checkpoint_weights(session: Session, job: Job, checkpoint_id: uuid.UUID) -> Checkpoint:
-    query = (
-        select(Checkpoint)
-        .where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job.id)
-        .options(undefer(Checkpoint.weights))  # the blob, for this one row only
-    )
+# What one query of a download reads: large enough to be few queries, small enough that a
+# download of a 240 MB checkpoint never holds more than this in the API process.
+DOWNLOAD_CHUNK_BYTES = 1 << 20
+
+
+class CheckpointChanged(Exception):
+    """The checkpoint was rewritten while it was being streamed: the download must not go on."""
+
+
+def find_checkpoint(session: Session, job: Job, checkpoint_id: uuid.UUID) -> Checkpoint:
+    """The checkpoint's row without its blobs (they stay deferred)."""
+    query = select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job.id)
     checkpoint = session.scalars(query).first()
     if checkpoint is None:
         raise CheckpointNotFound(f"job {job.id} has no checkpoint {checkpoint_id}")
     return checkpoint
+
+
+def stream_weights(
+    factory: sessionmaker[Session],
+    checkpoint: Checkpoint,
+    chunk_bytes: int = DOWNLOAD_CHUNK_BYTES,
+) -> Iterator[bytes]:
+    """The weights in chunks, each read by its own short query (substr of the blob).
+
+    Each query also names the sha256 the download announced: a checkpoint rewritten meanwhile
+    ends the stream early (the client sees fewer bytes than Content-Length), never a mix.
+    """
+    # Read now, not as the stream goes: the row object may be refreshed or expired meanwhile.
+    return _chunks(factory, checkpoint.id, checkpoint.sha256, checkpoint.size_bytes, chunk_bytes)
+
+
+def _chunks(
+    factory: sessionmaker[Session],
+    checkpoint_id: uuid.UUID,
+    sha256: str,
+    size_bytes: int,
+    chunk_bytes: int,
+) -> Iterator[bytes]:
+    for offset in range(0, size_bytes, chunk_bytes):
+        with factory() as session:
+            chunk = session.scalar(
+                select(func.substr(Checkpoint.weights, offset + 1, chunk_bytes)).where(
+                    Checkpoint.id == checkpoint_id, Checkpoint.sha256 == sha256
+                )
+            )
+        if chunk is None:
+            raise CheckpointChanged(f"checkpoint {checkpoint_id} changed during the download")
+        yield bytes(chunk)

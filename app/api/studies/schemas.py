@@ -6,7 +6,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.api.jobs.schemas import JobStatus
+from app.core.models import JobStatus
 
 
 class StudyCreate(BaseModel):

@@ -36,12 +36,11 @@ from app.core.errors import (
     StudyNotFound,
 )
 from app.core.models import EpochMetric, Job, Study
+from app.core.models.jobs import ACTIVE_STATUSES
 from app.core.studies.grid import check_axes, expand, point_error
 from app.core.studies.presets import resolve_preset
 from app.core.studies.report import Run
 from app.core.tenancy import Caller, scoped
-
-ACTIVE = ("queued", "running")
 
 
 def _request_sha256(name: str | None, preset: str | None, base: Any, grid: Any) -> str:
@@ -195,17 +194,17 @@ def cancel_study(session: Session, study: Study) -> None:
     """Cancel every job of the study that has not ended (queued at once, running within a
     batch), through the job lifecycle's own cancel."""
     active = session.scalars(
-        select(Job).where(Job.study_id == study.id, Job.status.in_(ACTIVE))
+        select(Job).where(Job.study_id == study.id, Job.status.in_(ACTIVE_STATUSES))
     ).all()
     for job in active:
-        if job.status in ACTIVE:  # a worker may have finished it since the select
+        if job.status in ACTIVE_STATUSES:  # a worker may have finished it since the select
             request_cancel(session, job)
 
 
 def delete_study(session: Session, study: Study) -> None:
     """Delete an ended study with its jobs, their metrics and checkpoints."""
     active = session.scalar(
-        select(func.count()).where(Job.study_id == study.id, Job.status.in_(ACTIVE))
+        select(func.count()).where(Job.study_id == study.id, Job.status.in_(ACTIVE_STATUSES))
     )
     if active:
         raise StudyNotEnded(f"study {study.id} has {active} jobs queued or running; cancel first")

@@ -6,6 +6,7 @@ from sqlalchemy import text
 
 from app.api.auth import MetricsCallerDep
 from app.api.dependencies import DispatcherDep
+from app.api.system.schemas import Dependency, Health, Readiness
 from app.core.observability import metrics
 
 router = APIRouter(prefix="/v1", tags=["system"])
@@ -14,23 +15,30 @@ router = APIRouter(prefix="/v1", tags=["system"])
 metrics_router = APIRouter(tags=["system"])
 
 
-@router.get("/health")
-def health() -> dict[str, str]:
+@router.get("/health", response_model=Health)
+def health() -> Health:
     """The process is alive."""
-    return {"status": "ok"}
+    return Health(status="ok")
 
 
-@router.get("/ready")
+@router.get(
+    "/ready",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "The database or the broker is down"}},
+)
 def ready(request: Request, dispatcher: DispatcherDep) -> JSONResponse:
     """200 when the database and the broker answer; 503 naming what is down."""
-    checks = {"database": _database_up(request), "broker": dispatcher.broker_reachable()}
-    down = [name for name, up in checks.items() if not up]
-    body = {
-        "status": "ready" if not down else "unavailable",
-        "checks": {name: "up" if up else "down" for name, up in checks.items()},
-        "down": down,
+    checks: dict[Dependency, bool] = {
+        "database": _database_up(request),
+        "broker": dispatcher.broker_reachable(),
     }
-    return JSONResponse(body, status_code=503 if down else 200)
+    down: list[Dependency] = [name for name, up in checks.items() if not up]
+    body = Readiness(
+        status="ready" if not down else "unavailable",
+        checks={name: "up" if up else "down" for name, up in checks.items()},
+        down=down,
+    )
+    return JSONResponse(body.model_dump(mode="json"), status_code=503 if down else 200)
 
 
 def _database_up(request: Request) -> bool:

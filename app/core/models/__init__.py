@@ -5,11 +5,11 @@ from app.core.models.datasets import Dataset
 from app.core.models.events import JobEvent
 from app.core.models.jobs import (
     CHECKPOINT_KINDS,
-    JOB_STATUSES,
     Checkpoint,
     EpochMetric,
     Job,
     JobAttempt,
+    JobStatus,
 )
 from app.core.models.keys import DEFAULT_TENANT, ApiKey
 from app.core.models.studies import Study
@@ -19,7 +19,6 @@ from app.core.models.workers import WorkerHeartbeat
 __all__ = [
     "CHECKPOINT_KINDS",
     "DEFAULT_TENANT",
-    "JOB_STATUSES",
     "ApiKey",
     "Base",
     "Checkpoint",
@@ -29,6 +28,7 @@ __all__ = [
     "JobAttempt",
     "JobCallback",
     "JobEvent",
+    "JobStatus",
     "Study",
     "WebhookDelivery",
     "WorkerHeartbeat",

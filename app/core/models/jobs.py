@@ -2,6 +2,7 @@
 
 import uuid
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -23,16 +24,29 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from app.core.models.base import Base, BigIntId, UTCDateTime, utcnow
 from app.core.models.keys import DEFAULT_TENANT, TENANT_NAME_LENGTH
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-CHECKPOINT_KINDS = ("last", "best")
+
+class JobStatus(StrEnum):
+    """A job's status: the one definition (the table's CHECK, the API's enum, every query)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+# A job in one of these is waiting for a worker or training.
+ACTIVE_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
 # A job in one of these has ended: nothing more happens to it.
-ENDED_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+ENDED_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+CHECKPOINT_KINDS = ("last", "best")
 
 
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
-        CheckConstraint(f"status IN {JOB_STATUSES}", name="status"),
+        CheckConstraint(f"status IN {tuple(status.value for status in JobStatus)}", name="status"),
         # Listing: newest first, optionally by status, with (created_at, id) as the keyset.
         Index("ix_jobs_created_at_id", "created_at", "id"),
         Index("ix_jobs_status_created_at_id", "status", "created_at", "id"),
@@ -53,7 +67,7 @@ class Job(Base):
         String(TENANT_NAME_LENGTH), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT
     )
     name: Mapped[str | None] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     # sha256 of the canonical normalized spec: an Idempotency-Key reused with another body is a 409.
     spec_sha256: Mapped[str] = mapped_column(String(64))

@@ -5,7 +5,6 @@ heartbeat in the database within the last few sweeps), the GPUs this host sees (
 without importing PyTorch) and whether API keys are required.
 """
 
-import ipaddress
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from app.core.broker import create_celery_app
-from app.core.config import Settings
+from app.core.config import Settings, is_loopback
 from app.core.db import create_db_engine, create_session_factory
 from app.core.migrate import alembic_config
 from app.core.observability import heartbeats
@@ -140,12 +139,9 @@ def check_gpus(run: Callable[..., subprocess.CompletedProcess[str]] = subprocess
 
 
 def check_auth(settings: Settings, host: str | None) -> Check:
-    auth = getattr(settings, "auth", None)  # the API-key setting, where this version has it
-    if auth is None:
-        return Check("auth", "info", "this version has no API keys: anyone who reaches the port")
-    if auth == "on":
+    if settings.auth == "on":
         return Check("auth", "ok", "API keys are required")
-    if host is not None and not _is_loopback(host):
+    if host is not None and not is_loopback(host):
         return Check(
             "auth",
             "fail",
@@ -155,15 +151,6 @@ def check_auth(settings: Settings, host: str | None) -> Check:
             "127.0.0.1",
         )
     return Check("auth", "warn", "API keys are off: safe only on 127.0.0.1", "set TRAINSVC_AUTH=on")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def run_checks(settings: Settings, host: str | None = None) -> list[Check]:

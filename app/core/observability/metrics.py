@@ -33,7 +33,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from app.core.models import Job, JobAttempt
-from app.core.models.jobs import JOB_STATUSES
+from app.core.models.jobs import JobStatus
 
 __all__ = ["CONTENT_TYPE_LATEST", "render"]
 
@@ -128,7 +128,7 @@ class DatabaseCollector(Collector):
             recovered = session.scalar(_recovered_attempts())
 
         jobs = GaugeMetricFamily("trainsvc_jobs", "Jobs by status.", labels=["status"])
-        for status in JOB_STATUSES:
+        for status in JobStatus:
             jobs.add_metric([status], by_status.get(status, 0))
         yield jobs
         yield GaugeMetricFamily(

@@ -1,0 +1,139 @@
+"""Schema-driven fuzzing: every operation in the OpenAPI document, against a real database.
+
+Schemathesis generates requests from the document (valid ones, and invalid ones from the
+coverage phase) and checks each response: never a 5xx, and always a status, content type and
+body the document declares for that operation. Bounded (a few dozen examples per operation,
+derandomized) so the run takes a minute or two on two cores.
+"""
+
+import hashlib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import schemathesis
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from schemathesis.checks import not_a_server_error
+from schemathesis.config import SchemathesisConfig
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from app.api.main import create_app
+from app.core.config import Settings
+from app.core.db import transaction
+from app.core.migrate import upgrade
+from app.core.models import Checkpoint, EpochMetric
+from tests.conftest import create_postgres_database, drop_postgres_database
+from tests.factories import make_job
+
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
+
+# Rows the fuzzer's path parameters name most of the time (else random ids: a 404), so that
+# the operations under a job reach past the lookup to the service and its queries.
+FINISHED_JOB = uuid.UUID(int=1)
+QUEUED_JOB = uuid.UUID(int=2)
+CHECKPOINT = uuid.UUID(int=3)
+
+CONFIG = SchemathesisConfig.from_dict(
+    {
+        "dictionaries": {
+            "jobs": {"values": [str(FINISHED_JOB), str(QUEUED_JOB)]},
+            "checkpoints": {"values": [str(CHECKPOINT)]},
+        },
+        "parameters": {
+            "path.job_id": {"dictionary": "jobs", "probability": 0.8},
+            "path.checkpoint_id": {"dictionary": "checkpoints", "probability": 0.8},
+        },
+        "generation": {"max-examples": 50, "deterministic": True, "mode": "all"},
+        "phases": {
+            "examples": {"enabled": True},
+            "coverage": {"enabled": True},
+            "fuzzing": {"enabled": True},
+            "stateful": {"enabled": False},
+        },
+    }
+)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def fuzz_database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A database of the run's own: fuzzing commits rows, which other tests must not see."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{Path(tmp_path_factory.mktemp('fuzz')) / 'trainsvc.db'}"
+        upgrade(url)
+        yield url
+        return
+    admin: Engine = request.getfixturevalue("postgres_admin")
+    url = create_postgres_database(admin, "fuzz")
+    yield url
+    drop_postgres_database(admin, url)
+
+
+@pytest.fixture(scope="module")
+def fuzz_app(fuzz_database_url: str, redis_url: str) -> Iterator[FastAPI]:
+    app = create_app(Settings(database_url=fuzz_database_url, broker_url=redis_url))
+    with TestClient(app):  # runs the lifespan: the engine, the sessions, the dispatcher
+        with transaction(app.state.session_factory) as session:
+            _store_known_rows(session)
+        yield app
+
+
+def _store_known_rows(session: Session) -> None:
+    finished = make_job(session, status="succeeded")
+    finished.id = FINISHED_JOB
+    finished.progress_epoch = 2
+    finished.summary = {"best_val_accuracy": 0.9, "best_epoch": 2}
+    queued = make_job(session, status="queued")
+    queued.id = QUEUED_JOB
+    session.flush()
+    for epoch in (1, 2):
+        session.add(
+            EpochMetric(
+                job_id=FINISHED_JOB,
+                epoch=epoch,
+                attempt=1,
+                train_loss=1.0 / epoch,
+                train_accuracy=0.5,
+                val_loss=1.1 / epoch,
+                val_accuracy=0.5,
+                lr=0.1,
+                epoch_seconds=0.01,
+                diagnostics={"grad_norm_mean": 1.0, "layers": {"0": {"weight_norm": 2.0}}},
+            )
+        )
+    weights = b"weights" * 1000
+    session.add(
+        Checkpoint(
+            id=CHECKPOINT,
+            job_id=FINISHED_JOB,
+            epoch=2,
+            kind="last",
+            attempt=1,
+            weights=weights,
+            size_bytes=len(weights),
+            sha256=hashlib.sha256(weights).hexdigest(),
+        )
+    )
+
+
+# The document does not depend on the database: read it from an app that is never started.
+schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(Settings()), config=CONFIG)
+
+
+@schema.parametrize()
+def test_every_operation_answers_as_documented(case: schemathesis.Case, fuzz_app: FastAPI) -> None:
+    case.call_and_validate(app=fuzz_app, checks=CHECKS)
