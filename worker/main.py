@@ -85,6 +85,12 @@ class Sweeper(threading.Thread):
         self.context.dispatcher.publish_pending(settings.republish_after_seconds)
 
 
+def pool_size(settings: Settings, requested: int | None = None) -> int:
+    """Training processes: --concurrency, else TRAINSVC_WORKER_CONCURRENCY, else one per GPU
+    (at least one: the CPU)."""
+    return requested or settings.worker_concurrency or max(1, visible_gpus())
+
+
 def _stop_when_node_stops(node_stopping: "multiprocessing.synchronize.Event") -> None:
     node_stopping.wait()
     shutdown_requested.set()
@@ -95,7 +101,7 @@ def run_worker(settings: Settings, concurrency: int | None = None, loglevel: str
     contexts = ProcessContexts(settings, celery)
     register_tasks(celery, contexts.get)
     gpus = visible_gpus()
-    concurrency = concurrency or settings.worker_concurrency or max(1, gpus)
+    concurrency = pool_size(settings, concurrency)
     # A unique node name: two workers on one host must not share lease owners.
     node = f"trainsvc-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
 
