@@ -1,5 +1,6 @@
 # Two images from one file: `api` (FastAPI; no torch) and `worker` (Celery + PyTorch, CUDA-capable).
-# docker-compose.yml builds both; `docker build --target api .` builds one.
+# Both install the same built wheel (not an editable checkout): what runs is what was packaged,
+# migrations included. docker-compose.yml builds both; `docker build --target api .` builds one.
 FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -7,17 +8,25 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /srv/trainsvc
 RUN useradd --create-home --uid 10001 trainsvc
-# Dependencies first, so a code change does not reinstall them.
-COPY pyproject.toml constraints.txt README.md ./
-COPY app/__init__.py app/__init__.py
-COPY worker/__init__.py worker/__init__.py
+# The dependency lists alone, read from pyproject.toml: installed before the code is copied, so
+# a code change does not reinstall them.
+COPY pyproject.toml constraints.txt ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+deps = p['dependencies']; worker = p['optional-dependencies']['worker']; \
+open('requirements-api.txt', 'w').write('\n'.join(deps)); \
+open('requirements-worker.txt', 'w').write('\n'.join(deps + worker))"
 
-FROM base AS api
-RUN pip install -c constraints.txt -e .
-COPY alembic.ini ./
-COPY migrations migrations
+FROM base AS build
+COPY README.md ./
 COPY app app
 COPY worker worker
+COPY migrations migrations
+RUN pip wheel --no-deps --wheel-dir /wheels .
+
+FROM base AS api
+RUN pip install -c constraints.txt -r requirements-api.txt
+COPY --from=build /wheels /wheels
+RUN pip install -c constraints.txt /wheels/trainsvc-*.whl && rm -rf /wheels
 USER trainsvc
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s \
@@ -25,13 +34,11 @@ HEALTHCHECK --interval=10s --timeout=3s \
 CMD ["trainsvc", "serve", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM base AS worker
-# PyPI's torch 2.13.0 for Linux carries its CUDA runtime (the nvidia-* wheels): this image trains
-# on the GPUs the NVIDIA container toolkit exposes, one process per GPU, and on the CPU without.
-RUN pip install -c constraints.txt -e ".[worker]"
-COPY alembic.ini ./
-COPY migrations migrations
-COPY app app
-COPY worker worker
+# PyPI's torch for Linux carries its CUDA runtime (the nvidia-* wheels): this image trains on the
+# GPUs the NVIDIA container toolkit exposes, one process per GPU, and on the CPU without.
+RUN pip install -c constraints.txt -r requirements-worker.txt
+COPY --from=build /wheels /wheels
+RUN pip install -c constraints.txt /wheels/trainsvc-*.whl && rm -rf /wheels
 USER trainsvc
 # SIGTERM makes the worker hand its running jobs back to the queue (docs/reliability.md).
 STOPSIGNAL SIGTERM

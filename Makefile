@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint format bench clean
+.PHONY: install system-deps run test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/trainsvc up --host 127.0.0.1 --port 8000
 
+# Tools some tests need (docker-compose, chromium): installed with apt-get when running as root
+# (CI); elsewhere a note, and those tests skip.
+system-deps:
+	@.ci/setup-system
+
 # The whole suite, against the PostgreSQL and Redis on 127.0.0.1 (CI=true: they must answer).
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
 # ruff, mypy (strict) and the import contracts in pyproject.toml (which layer may import which).

@@ -1,24 +1,30 @@
 """The `trainsvc` command: serve the API, run a worker, migrate, start both, submit a job."""
 
 import argparse
+import contextlib
+import ctypes
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
-from app.core.config import Settings, get_settings
+from app.core.config import Settings, check_exposure, get_settings
 from app.core.observability.logs import configure_logging
 from app.core.observability.multiprocess import share_metrics_between_processes
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 def _api_settings(args: argparse.Namespace) -> Settings:
     """The API's settings; exits if they would expose an unauthenticated API to the network."""
-    from app.core.config import check_exposure
-
     settings = get_settings()
     if getattr(args, "embedded", False):
         # `trainsvc up`: one person's laptop, so no keys; check_exposure keeps it on loopback.
@@ -29,9 +35,9 @@ def _api_settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def _serve(args: argparse.Namespace) -> None:
+def _server(args: argparse.Namespace) -> "uvicorn.Server":
     from app.api.main import create_app
-    from app.api.server import run_server
+    from app.api.server import build_server
 
     settings = _api_settings(args)
     configure_logging(settings)
@@ -39,7 +45,11 @@ def _serve(args: argparse.Namespace) -> None:
         logging.getLogger("trainsvc").warning(
             "auth is off: no API keys needed; listening on %s", args.host
         )
-    run_server(create_app(settings), args.host, args.port, settings)
+    return build_server(create_app(settings), args.host, args.port, settings)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    _server(args).run()
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -56,23 +66,75 @@ def _migrate(_args: argparse.Namespace) -> None:
     print("database is at the latest schema")
 
 
+# How long `up` waits for its worker to hand a running job back (a batch and one write).
+WORKER_STOP_SECONDS = 60
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _up(args: argparse.Namespace) -> None:
-    """The embedded default in one command: migrate, then a worker process and the API."""
+    """The embedded default in one command: migrate, then a worker process and the API.
+
+    Both are supervised here: a stop signal (Ctrl-C, SIGTERM, a closed terminal) or either
+    one ending stops the other, and `up` returns only once the worker, pool included, is gone.
+    """
     from app.core.migrate import upgrade
 
     _api_settings(args)  # refuse before starting anything
     upgrade(get_settings().database_url)
     share_metrics_between_processes()  # before the worker starts: it inherits the directory
-    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
+    server = _server(args)
+
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        server.should_exit = True
+
+    # uvicorn puts its own handlers in place while it serves, and on its way out restores
+    # these and raises the signal it caught again: with Python's default SIGTERM action that
+    # would end `up` right there and orphan the worker. These handlers make it a no-op.
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, stop)
+    # Its own process group: a terminal's Ctrl-C reaches `up` alone, which stops the worker
+    # with one SIGTERM (a second signal, SIGINT, would make Celery's shutdown a cold one).
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker"],
+        process_group=0,
+        preexec_fn=_stop_with_parent,
+    )
+    worker_ended = threading.Event()
+
+    def supervise() -> None:
+        worker.wait()
+        worker_ended.set()
+        server.should_exit = True
+
+    threading.Thread(target=supervise, name="worker-supervisor", daemon=True).start()
     try:
-        _serve(args)  # returns on Ctrl-C or SIGTERM, after uvicorn's own graceful shutdown
+        server.run()
     finally:
-        # SIGTERM asks the worker to hand its running job back and exit (warm shutdown).
+        worker_died = worker_ended.is_set()  # on its own, before `up` was asked to stop
+        _stop_worker(worker)
+    if worker_died:
+        sys.exit(f"the worker exited with status {worker.returncode}; the API stopped with it")
+
+
+def _stop_worker(worker: "subprocess.Popen[bytes]") -> None:
+    """SIGTERM: the worker hands its running job back to the queue and exits (warm shutdown)."""
+    if worker.poll() is None:
         worker.send_signal(signal.SIGTERM)
         try:
-            worker.wait(timeout=60)
+            worker.wait(timeout=WORKER_STOP_SECONDS)
         except subprocess.TimeoutExpired:
-            worker.kill()
+            print("the worker did not stop in time; killing it", file=sys.stderr)
+    # Whatever is left of its process group (a pool process) goes with it.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+
+
+def _stop_with_parent() -> None:
+    """In the worker, before exec: SIGTERM it if `up` dies without stopping it (SIGKILL)."""
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _doctor(args: argparse.Namespace) -> None:

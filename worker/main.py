@@ -1,6 +1,7 @@
 """Starting a worker: the Celery app and its tasks, one process per GPU, the sweeper, shutdown."""
 
 import logging
+import multiprocessing
 import os
 import socket
 import threading
@@ -16,7 +17,7 @@ from app.core.config import Settings
 from app.core.db import create_db_engine, create_session_factory, transaction
 from app.core.observability import heartbeats
 from app.core.outbox import Dispatcher
-from worker.execution import WorkerContext, with_db_retry
+from worker.execution import WorkerContext, shutdown_requested, with_db_retry
 from worker.tasks import register_tasks
 
 logger = logging.getLogger(__name__)
@@ -86,19 +87,40 @@ class Sweeper(threading.Thread):
         self.context.dispatcher.publish_pending(settings.republish_after_seconds)
 
 
+def pool_size(settings: Settings, requested: int | None = None) -> int:
+    """Training processes: --concurrency, else TRAINSVC_WORKER_CONCURRENCY, else one per GPU
+    (at least one: the CPU)."""
+    return requested or settings.worker_concurrency or max(1, visible_gpus())
+
+
+def _stop_when_node_stops(node_stopping: "multiprocessing.synchronize.Event") -> None:
+    node_stopping.wait()
+    shutdown_requested.set()
+
+
 def run_worker(settings: Settings, concurrency: int | None = None, loglevel: str = "INFO") -> None:
     celery = create_celery_app(settings)
     contexts = ProcessContexts(settings, celery)
     register_tasks(celery, contexts.get)
     gpus = visible_gpus()
-    concurrency = concurrency or settings.worker_concurrency or max(1, gpus)
+    concurrency = pool_size(settings, concurrency)
     # A unique node name: two workers on one host must not share lease owners.
     node = f"trainsvc-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+
+    # Set by this main process when it starts shutting down. The pool's processes, forked
+    # after this line, share it: from then on they claim nothing (a job handed back during the
+    # shutdown is published again, and this node's own pool must not take it back) and a job
+    # they are training hands itself back at its next batch.
+    node_stopping = multiprocessing.get_context("fork").Event()
 
     @worker_process_init.connect(weak=False)
     def _place_process(**_: Any) -> None:
         import torch
         from billiard.process import current_process
+
+        threading.Thread(
+            target=_stop_when_node_stops, args=(node_stopping,), name="node-stopping", daemon=True
+        ).start()
 
         if gpus:
             # One training process per GPU: pool child i trains on GPU i.
@@ -123,6 +145,7 @@ def run_worker(settings: Settings, concurrency: int | None = None, loglevel: str
         # Celery's warm shutdown would wait for a multi-hour job; instead ask this node's
         # running jobs to come back now. Each stops at its next batch, hands its job back to
         # the queue (resuming from its last checkpoint elsewhere), and the shutdown completes.
+        node_stopping.set()
         for thread in sweeper:
             thread.stopped.set()
         context = contexts.get(f"{node}#{os.getpid()}")

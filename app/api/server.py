@@ -65,9 +65,10 @@ def protocol_with_head_timeout(seconds: float) -> type[RequestHeadTimeout]:
     return type("RequestHeadTimeout", (RequestHeadTimeout,), {"head_timeout_seconds": seconds})
 
 
-def run_server(app: FastAPI, host: str, port: int, settings: Settings) -> None:
-    """Serve `app` until Ctrl-C or SIGTERM, with the slow-client limits from settings."""
-    uvicorn.run(
+def build_server(app: FastAPI, host: str, port: int, settings: Settings) -> uvicorn.Server:
+    """A server for `app` with the slow-client limits from settings; `.run()` serves it until
+    Ctrl-C or SIGTERM (or until its `should_exit` is set)."""
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -78,3 +79,4 @@ def run_server(app: FastAPI, host: str, port: int, settings: Settings) -> None:
         log_config=None,  # logging is configured once, by configure_logging()
         log_level=settings.log_level.lower(),
     )
+    return uvicorn.Server(config)

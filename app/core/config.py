@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     # Worker.
     worker_concurrency: int | None = Field(None, ge=1)  # default: visible GPUs, else 1
     broker_publish_timeout_seconds: float = Field(2.0, gt=0)
+    # The embedded (SQL) broker is polled: how long an idle worker waits between looks.
+    broker_polling_seconds: float = Field(0.1, gt=0)
     # After a publish fails (broker down), skip publishing this long; the outbox keeps the jobs.
     publish_pause_seconds: float = Field(5.0, ge=0)
 

@@ -1,16 +1,16 @@
 """Schema migrations, run through Alembic from code (`trainsvc migrate`, `trainsvc up`)."""
 
-from pathlib import Path
+from importlib.resources import files
 
 from alembic import command
 from alembic.config import Config
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
-
 
 def alembic_config(database_url: str) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    # The package `migrations` (the repository's migrations/ folder), wherever it is installed:
+    # a checkout, an editable install or a wheel. Installed as files, so this is a real path.
+    config.set_main_option("script_location", str(files("migrations")))
     config.attributes["database_url"] = database_url
     return config
 

@@ -1,7 +1,7 @@
 """studies: a grid of job specs; jobs.study_id and jobs.grid_point
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0005
+Revises: 0004
 """
 
 from collections.abc import Sequence
@@ -11,9 +11,9 @@ from alembic import op
 
 import app.core.models.base
 
-revision: str = "0006"
+revision: str = "0005"
 # Written beside 0003-0005 on other branches; the merge re-chains it after the last of them.
-down_revision: str | None = "0005"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,6 +1,6 @@
 """API keys, and the tenant of every job and dataset; idempotency keys unique per tenant
 
-Revision ID: 0005
+Revision ID: 0004
 Revises: 0003
 """
 
@@ -11,7 +11,7 @@ from alembic import op
 
 from app.core.models.base import UTCDateTime
 
-revision: str = "0005"
+revision: str = "0004"
 down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

@@ -1,0 +1,1 @@
+"""Alembic's migrations, shipped in the wheel as a package so an install finds them too."""

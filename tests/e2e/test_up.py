@@ -1,0 +1,130 @@
+"""Stopping `trainsvc up` (README's `make run`): every process ends, the running job waits queued.
+
+A supervisor or `docker stop` sends SIGTERM to the `up` process alone; a terminal's Ctrl-C
+sends SIGINT to its whole process group. Either way nothing of `up` may outlive it, and the job
+it was training must be `queued` again at once, with no attempt counted as lost, so the next
+`trainsvc up` resumes it.
+"""
+
+import os
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from app.core.db import create_db_engine, create_session_factory, transaction
+from app.core.models import Job, JobAttempt
+from tests.e2e.walkthrough import SPEC
+from tests.support.processes import Processes, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+FAST_CONTROL = {
+    "TRAINSVC_HEARTBEAT_SECONDS": "0.5",
+    "TRAINSVC_CONTROL_POLL_SECONDS": "0.2",
+    "TRAINSVC_SWEEP_SECONDS": "0.5",
+}
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid`, found through /proc (children of children included)."""
+    found: set[int] = set()
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = Path(f"/proc/{parent}/task/{task}/children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                if child not in found:
+                    found.add(child)
+                    pending.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait() is missing
+
+
+def _start_long_job(processes: Processes) -> tuple[subprocess.Popen[bytes], str, set[int]]:
+    """`trainsvc up` training a long job; returns the up process, the job id and every pid."""
+    processes.env.update(FAST_CONTROL)
+    url = processes.api("up")
+    up = processes.started[0][0]
+    with httpx.Client(base_url=url, timeout=10) as client:
+        # Small batches: hundreds of steps an epoch, so the job outlasts the test by far.
+        dataset = {**SPEC["dataset"], "batch_size": 4}
+        long_job = {**SPEC, "name": "long", "epochs": 500, "dataset": dataset}
+        job_id = client.post("/v1/jobs", json=long_job).json()["id"]
+        wait_until(
+            lambda: client.get(f"/v1/jobs/{job_id}").json()["progress"]["epoch"] >= 1,
+            60,
+            "the long job to finish an epoch",
+        )
+    pids = {up.pid, *_descendants(up.pid)}
+    assert len(pids) >= 3, pids  # up, the worker's main process and its pool process
+    return up, job_id, pids
+
+
+def _assert_everything_stopped(up: subprocess.Popen[bytes], pids: set[int]) -> None:
+    up.wait(timeout=30)
+    wait_until(
+        lambda: not [pid for pid in pids if _alive(pid)], 15, f"every process of up to end: {pids}"
+    )
+
+
+def _stored_job(workdir: Path, job_id: str) -> tuple[Job, list[JobAttempt]]:
+    engine = create_db_engine(f"sqlite:///{workdir / 'trainsvc.db'}")
+    try:
+        with transaction(create_session_factory(engine)) as session:
+            job = session.scalars(select(Job).where(Job.id == uuid.UUID(job_id))).one()
+            attempts = list(session.scalars(select(JobAttempt).where(JobAttempt.job_id == job.id)))
+            return job, attempts
+    finally:
+        engine.dispose()
+
+
+def _assert_handed_back(workdir: Path, job_id: str) -> None:
+    job, attempts = _stored_job(workdir, job_id)
+    assert job.status == "queued", (job.status, [(a.attempt, a.outcome) for a in attempts])
+    assert job.lease_owner is None
+    assert [a.outcome for a in attempts] == ["handed_back"]
+
+
+def test_sigterm_to_up_ends_every_process_and_hands_the_job_back(processes: Processes) -> None:
+    up, job_id, pids = _start_long_job(processes)
+    up.send_signal(signal.SIGTERM)  # to `up` alone, as a supervisor or `docker stop` sends it
+    _assert_everything_stopped(up, pids)
+    _assert_handed_back(processes.workdir, job_id)
+
+
+def test_ctrl_c_ends_every_process_and_the_next_up_resumes_the_job(
+    processes: Processes,
+) -> None:
+    up, job_id, pids = _start_long_job(processes)
+    os.killpg(up.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
+    _assert_everything_stopped(up, pids)
+    _assert_handed_back(processes.workdir, job_id)
+
+    # The next `make run` picks it up at once, not after a lease or a republish interval.
+    url = processes.api("up")
+    with httpx.Client(base_url=url, timeout=10) as client:
+        wait_until(
+            lambda: client.get(f"/v1/jobs/{job_id}").json()["status"] == "running",
+            30,
+            "the next up to resume the handed-back job",
+        )
