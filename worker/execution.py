@@ -39,6 +39,7 @@ from app.core.config import Settings
 from app.core.datasets import load_upload_arrays, resolve_dataset
 from app.core.db import transaction
 from app.core.lifecycle import CheckpointBlob, Claim, LeaseLost
+from app.core.models import JobStatus
 from app.core.observability import logs, metrics
 from app.core.outbox import Dispatcher
 from app.core.spec import JobSpec
@@ -341,7 +342,7 @@ def _attempt(ctx: WorkerContext, job_id: uuid.UUID) -> str:
     except ValidationError as exc:
         # Stored by another version of the API, or edited by hand: no attempt can run it.
         logger.error("job %s has a spec this worker cannot run: %s", job_id, exc)
-        _end(ctx, claim, "failed", error_type="invalid_spec", error_message=_describe(exc))
+        _end(ctx, claim, JobStatus.FAILED, error_type="invalid_spec", error_message=_describe(exc))
         return "failed"
     wall_seconds = min(
         spec.max_wall_seconds or ctx.settings.max_wall_seconds, ctx.settings.max_wall_seconds
@@ -376,7 +377,7 @@ def _train(ctx: WorkerContext, claim: Claim, spec: JobSpec, control: AttemptCont
         cadence = CheckpointCadence.resuming(ctx.settings.checkpoint_every_seconds, run)
         for result in run.epochs(should_stop=control.should_stop):
             record(ctx, claim, run, result, cadence)
-        _end(ctx, claim, "succeeded", summary=run.summary())
+        _end(ctx, claim, JobStatus.SUCCEEDED, summary=run.summary())
         return "succeeded"
     except Interrupted:
         if run and cadence and control.stop_reason in ("cancelled", "handed_back", "timeout"):
@@ -384,7 +385,14 @@ def _train(ctx: WorkerContext, claim: Claim, spec: JobSpec, control: AttemptCont
         return _interrupted(ctx, claim, control, run)
     except Diverged as exc:
         summary = run.summary() if run else None
-        _end(ctx, claim, "failed", summary=summary, error_type="diverged", error_message=str(exc))
+        _end(
+            ctx,
+            claim,
+            JobStatus.FAILED,
+            summary=summary,
+            error_type="diverged",
+            error_message=str(exc),
+        )
         return "failed"
     except LeaseLost:
         logger.warning(
@@ -397,13 +405,19 @@ def _train(ctx: WorkerContext, claim: Claim, spec: JobSpec, control: AttemptCont
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give the memory back so the next job on this GPU fits
             logger.warning("job %s ran out of memory: %s", claim.job_id, exc)
-            _end(ctx, claim, "failed", error_type="out_of_memory", error_message=str(exc)[:2000])
+            _end(
+                ctx,
+                claim,
+                JobStatus.FAILED,
+                error_type="out_of_memory",
+                error_message=str(exc)[:2000],
+            )
             return "failed"
         logger.exception("job %s failed", claim.job_id)
         _end(
             ctx,
             claim,
-            "failed",
+            JobStatus.FAILED,
             error_type="error",
             error_message=f"{type(exc).__name__}: {exc}"[:2000],
         )
@@ -428,12 +442,12 @@ def _interrupted(
     reason = control.stop_reason
     summary = run.summary() if run else None
     if reason == "cancelled":
-        _end(ctx, claim, "cancelled", summary=summary)
+        _end(ctx, claim, JobStatus.CANCELLED, summary=summary)
     elif reason == "timeout":
         _end(
             ctx,
             claim,
-            "failed",
+            JobStatus.FAILED,
             summary=summary,
             error_type="timeout",
             error_message="the job ran past its wall-time limit (max_wall_seconds)",
@@ -444,7 +458,7 @@ def _interrupted(
         _end(
             ctx,
             claim,
-            "failed",
+            JobStatus.FAILED,
             summary=summary,
             error_type="heartbeat_failed",
             error_message=f"the worker could not keep the job's lease: {control.failure}",

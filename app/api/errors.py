@@ -239,6 +239,14 @@ def document_errors(app: FastAPI) -> None:
         for path_item in schema.get("paths", {}).values():
             for operation in path_item.values():
                 responses = operation["responses"]
+                for code, response in responses.items():
+                    # An error is JSON whatever the operation streams on success: FastAPI
+                    # would give a `model` response the route's media type (an event stream).
+                    media = response.get("content", {})
+                    if code[0] in "45" and any(
+                        item.get("schema") == error_ref for item in media.values()
+                    ):
+                        response["content"] = {"application/json": {"schema": error_ref}}
                 if "422" in responses or operation.get("parameters"):
                     declare(responses, 422)
                 body = operation.get("requestBody")

@@ -27,9 +27,9 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from app.core import events, webhooks
 from app.core.errors import JobNotCancellable, JobNotFound
-from app.core.models import Checkpoint, EpochMetric, Job, JobAttempt, utcnow
+from app.core.models import Checkpoint, EpochMetric, Job, JobAttempt, JobStatus, utcnow
 from app.core.models.base import UTCDateTime
-from app.core.models.jobs import ENDED_STATUSES
+from app.core.models.jobs import ACTIVE_STATUSES, ENDED_STATUSES
 
 
 class database_now(FunctionElement[datetime]):  # noqa: N801 (an SQL function, named as one)
@@ -112,7 +112,7 @@ def claim(
     now = utcnow()
     own_attempt = session.scalar(
         select(Job.attempts).where(
-            Job.id == job_id, Job.status == "running", Job.claim_token == token
+            Job.id == job_id, Job.status == JobStatus.RUNNING, Job.claim_token == token
         )
     )
     if own_attempt is not None:
@@ -120,9 +120,11 @@ def claim(
     else:
         result = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(False))
+            .where(
+                Job.id == job_id, Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False)
+            )
             .values(
-                status="running",
+                status=JobStatus.RUNNING,
                 attempts=Job.attempts + 1,
                 claim_token=token,
                 lease_owner=worker_id,
@@ -166,7 +168,7 @@ def _fenced_update(session: Session, job_id: uuid.UUID, attempt: int, **values: 
     """Update the job only while `attempt` holds it; this also row-locks it until commit."""
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.attempts == attempt, Job.status == "running")
+        .where(Job.id == job_id, Job.attempts == attempt, Job.status == JobStatus.RUNNING)
         .values(updated_at=utcnow(), **values)
         .execution_options(synchronize_session=False)
     )
@@ -184,7 +186,7 @@ def read_control(session: Session, job_id: uuid.UUID, attempt: int) -> Control:
             Job.id == job_id
         )
     ).one()
-    if row.status != "running" or row.attempts != attempt:
+    if row.status != JobStatus.RUNNING or row.attempts != attempt:
         raise LeaseLost(f"job {job_id}: attempt {attempt} no longer holds the job")
     return Control(cancel_requested=row.cancel_requested, handback_requested=row.handback_requested)
 
@@ -336,7 +338,7 @@ def hand_back(session: Session, job_id: uuid.UUID, attempt: int) -> None:
             session,
             job_id,
             attempt,
-            status=case((Job.cancel_requested, "cancelled"), else_="queued"),
+            status=case((Job.cancel_requested, JobStatus.CANCELLED), else_=JobStatus.QUEUED),
             finished_at=case((Job.cancel_requested, now), else_=None),
             lease_owner=None,
             lease_expires_at=None,
@@ -370,12 +372,12 @@ def request_cancel(session: Session, job_id: uuid.UUID) -> str:
     the flag: a hand-back or the reaper then ends the job cancelled.
     """
     now = utcnow()
-    queued = Job.status == "queued"
+    queued = Job.status == JobStatus.QUEUED
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status.in_(("queued", "running")))
+        .where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES))
         .values(
-            status=case((queued, "cancelled"), else_=Job.status),
+            status=case((queued, JobStatus.CANCELLED), else_=Job.status),
             finished_at=case((queued, now), else_=Job.finished_at),
             cancel_requested=True,
             updated_at=now,
@@ -385,9 +387,9 @@ def request_cancel(session: Session, job_id: uuid.UUID) -> str:
     status = session.scalar(select(Job.status).where(Job.id == job_id))
     if status is None:
         raise JobNotFound(f"no job {job_id}")
-    if status in ("succeeded", "failed"):
+    if status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise JobNotCancellable(f"job {job_id} already ended {status}")
-    if result.rowcount == 1 and status == "cancelled":  # type: ignore[attr-defined]
+    if result.rowcount == 1 and status == JobStatus.CANCELLED:  # type: ignore[attr-defined]
         record_change(session, job_id)  # it was queued: cancelled now, not just flagged
     return status
 
@@ -396,7 +398,10 @@ def request_handback(session: Session, worker_prefix: str) -> int:
     """Ask every job leased by this worker node (all its processes) to come back at once."""
     result = session.execute(
         update(Job)
-        .where(Job.status == "running", Job.lease_owner.startswith(worker_prefix, autoescape=True))
+        .where(
+            Job.status == JobStatus.RUNNING,
+            Job.lease_owner.startswith(worker_prefix, autoescape=True),
+        )
         .values(handback_requested=True, updated_at=utcnow())
         .execution_options(synchronize_session=False)
     )
@@ -411,7 +416,7 @@ def reap_expired_leases(session: Session, max_attempts: int) -> list[uuid.UUID]:
     now = utcnow()
     expired = session.scalars(
         select(Job)
-        .where(Job.status == "running", Job.lease_expires_at < database_now())
+        .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < database_now())
         .with_for_update(skip_locked=True)  # two reapers never handle the same job
         .limit(100)
         .execution_options(populate_existing=True)
@@ -426,20 +431,24 @@ def reap_expired_leases(session: Session, max_attempts: int) -> list[uuid.UUID]:
         )
         common = {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
         if job.cancel_requested:
-            values: dict[str, Any] = {"status": "cancelled", "finished_at": now}
+            values: dict[str, Any] = {"status": JobStatus.CANCELLED, "finished_at": now}
         elif (lost or 0) >= max_attempts:
             values = {
-                "status": "failed",
+                "status": JobStatus.FAILED,
                 "finished_at": now,
                 "error_type": "worker_lost",
                 "error_message": f"its worker was lost {lost} times (max_attempts={max_attempts})",
             }
         else:
-            values = {"status": "queued", "published_at": None, "handback_requested": False}
+            values = {"status": JobStatus.QUEUED, "published_at": None, "handback_requested": False}
             requeued.append(job.id)
         session.execute(
             update(Job)
-            .where(and_(Job.id == job.id, Job.attempts == job.attempts, Job.status == "running"))
+            .where(
+                and_(
+                    Job.id == job.id, Job.attempts == job.attempts, Job.status == JobStatus.RUNNING
+                )
+            )
             .values(**common, **values)
             .execution_options(synchronize_session=False)
         )
@@ -456,7 +465,7 @@ def jobs_to_publish(
         session.scalars(
             select(Job.id)
             .where(
-                Job.status == "queued",
+                Job.status == JobStatus.QUEUED,
                 (Job.published_at.is_(None)) | (Job.published_at < stale),
             )
             .order_by(Job.created_at)
@@ -469,7 +478,7 @@ def mark_published(session: Session, job_ids: list[uuid.UUID]) -> None:
     if job_ids:
         session.execute(
             update(Job)
-            .where(Job.id.in_(job_ids), Job.status == "queued")
+            .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED)
             .values(published_at=database_now())
             .execution_options(synchronize_session=False)
         )

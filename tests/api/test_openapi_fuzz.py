@@ -131,7 +131,11 @@ def _store_known_rows(session: Session) -> None:
 
 
 # The document does not depend on the database: read it from an app that is never started.
-schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(Settings()), config=CONFIG)
+# The stream of every job's events never ends by design, so a call cannot be read to its end:
+# tests/api/test_events.py drives it instead. One job's stream ends with the job and is fuzzed.
+schema = schemathesis.openapi.from_asgi(
+    "/openapi.json", create_app(Settings()), config=CONFIG
+).exclude(path="/v1/events")
 
 
 @schema.parametrize()

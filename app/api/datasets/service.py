@@ -38,6 +38,7 @@ from app.core.errors import (
     QuotaExceeded,
 )
 from app.core.models import Dataset, Job
+from app.core.models.jobs import ACTIVE_STATUSES
 from app.core.tenancy import Caller, scoped, storage_bytes
 
 
@@ -157,7 +158,7 @@ def delete_upload(session: Session, row: Dataset) -> None:
         select(func.count())
         .select_from(Job)
         .where(
-            Job.status.in_(("queued", "running")),
+            Job.status.in_(ACTIVE_STATUSES),
             Job.spec["dataset"]["name"].as_string() == f"{UPLOAD_PREFIX}{row.id}",
         )
     )

@@ -35,7 +35,7 @@ from app.core.errors import (
     StudyNotEnded,
     StudyNotFound,
 )
-from app.core.models import EpochMetric, Job, Study
+from app.core.models import EpochMetric, Job, JobStatus, Study
 from app.core.models.jobs import ACTIVE_STATUSES
 from app.core.studies.grid import check_axes, expand, point_error
 from app.core.studies.presets import resolve_preset
@@ -135,8 +135,7 @@ def get_study(session: Session, study_id: uuid.UUID, caller: Caller) -> Study:
 def job_counts(session: Session, study_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, dict[str, int]]:
     """Jobs by status for each study, in one grouped query."""
     counts: dict[uuid.UUID, dict[str, int]] = {
-        study_id: dict.fromkeys(("queued", "running", "succeeded", "failed", "cancelled"), 0)
-        for study_id in study_ids
+        study_id: dict.fromkeys(JobStatus, 0) for study_id in study_ids
     }
     if not study_ids:
         return counts

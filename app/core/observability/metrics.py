@@ -117,7 +117,7 @@ class DatabaseCollector(Collector):
             backlog = session.scalar(
                 select(func.count())
                 .select_from(Job)
-                .where(Job.status == "queued", Job.published_at.is_(None))
+                .where(Job.status == JobStatus.QUEUED, Job.published_at.is_(None))
             )
             outcomes: dict[str | None, int] = {
                 outcome: count
@@ -134,7 +134,7 @@ class DatabaseCollector(Collector):
         yield GaugeMetricFamily(
             "trainsvc_queue_depth",
             "Jobs queued and waiting for a worker.",
-            by_status.get("queued", 0),
+            by_status.get(JobStatus.QUEUED, 0),
         )
         yield GaugeMetricFamily(
             "trainsvc_outbox_backlog",
