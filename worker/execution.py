@@ -175,7 +175,7 @@ class AttemptControl(threading.Thread):
                             session, self.claim.job_id, self.claim.attempt, settings.lease_seconds
                         )
                     next_renewal = time.monotonic() + settings.heartbeat_seconds
-                with transaction(self.ctx.session_factory) as session:
+                with transaction(self.ctx.session_factory, write=False) as session:
                     control = lifecycle.read_control(session, self.claim.job_id, self.claim.attempt)
             except LeaseLost:
                 self.stop_reason = "lease_lost"

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import undefer
 
 from app.core.catalog import BUILTIN_DATASETS
-from app.core.models import Checkpoint
+from app.core.models import Checkpoint, EpochMetric
 from app.core.spec import JobSpec
 from tests.faults.conftest import LEASE_SECONDS, slow_spec
 from tests.support.processes import Processes, Worker, wait_until
@@ -50,7 +50,9 @@ def _worker_in_the_middle_of_a_job(
 def test_sigkill_mid_epoch_resumes_on_another_worker_with_identical_weights(
     processes: Processes, jobs_on: Any, fresh_postgres_url: str, fresh_redis_url: str
 ) -> None:
-    jobs = jobs_on(fresh_postgres_url, fresh_redis_url)
+    # A checkpoint after every epoch, so the resume starts mid-run (with the default 30 s
+    # cadence a short job would restart from scratch and prove less).
+    jobs = jobs_on(fresh_postgres_url, fresh_redis_url, checkpoint_every_seconds="0")
     first, job_id = _worker_in_the_middle_of_a_job(processes, jobs, epochs_stored=2)
     time.sleep(0.3)  # about half way through epoch 3
     first.kill()
@@ -63,8 +65,15 @@ def test_sigkill_mid_epoch_resumes_on_another_worker_with_identical_weights(
     assert job.status == "succeeded", (job.error_type, job.error_message)
     recovered_seconds = time.monotonic() - killed_at
 
-    # Every epoch stored exactly once (epochs 1-2 by attempt 1, the rest by attempt 2).
+    # Every epoch stored exactly once: epochs 1-2 by attempt 1, the rest by the resumed attempt.
     assert jobs.metric_epochs(job_id) == [1, 2, 3, 4, 5]
+    with jobs.session_factory() as session:
+        stored_by = session.scalars(
+            select(EpochMetric.attempt)
+            .where(EpochMetric.job_id == job_id)
+            .order_by(EpochMetric.epoch)
+        ).all()
+    assert list(stored_by) == [1, 1, 2, 2, 2]
     history = jobs.attempts(job_id)
     assert [a.outcome for a in history] == ["lost", "succeeded"]
     assert history[0].worker_id != history[1].worker_id

@@ -7,6 +7,7 @@ from sqlalchemy import text
 from app.api.auth import MetricsCallerDep
 from app.api.dependencies import DispatcherDep
 from app.api.system.schemas import Dependency, Health, Readiness
+from app.core.db import READ_ONLY
 from app.core.observability import metrics
 
 router = APIRouter(prefix="/v1", tags=["system"])
@@ -43,7 +44,7 @@ def ready(request: Request, dispatcher: DispatcherDep) -> JSONResponse:
 
 def _database_up(request: Request) -> bool:
     try:
-        with request.app.state.session_factory() as session:
+        with request.app.state.session_factory(execution_options=READ_ONLY) as session:
             session.execute(text("SELECT 1"))
         return True
     except Exception:
