@@ -218,8 +218,8 @@ def install_error_handlers(app: FastAPI) -> None:
 def document_errors(app: FastAPI) -> None:
     """Declare in OpenAPI the errors every operation of a kind can give, in their real shape.
 
-    Routers declare what their domain raises (404, 409, 429, 503); what the framework and the
-    middleware add is declared here for every operation it applies to: a 422 in our ErrorBody
+    Routers declare what their domain raises (409, 429, 503); what applies to every operation
+    of a kind is declared here: a 404 wherever the path names an id, a 422 in our ErrorBody
     (not FastAPI's HTTPValidationError) wherever there is input to validate, a 400 and a 413
     wherever there is a body.
     """
@@ -236,9 +236,11 @@ def document_errors(app: FastAPI) -> None:
             response.setdefault("description", _ERROR_RESPONSES[code]["description"])
             response["content"] = {"application/json": {"schema": error_ref}}
 
-        for path_item in schema.get("paths", {}).values():
+        for path, path_item in schema.get("paths", {}).items():
             for operation in path_item.values():
                 responses = operation["responses"]
+                if "{" in path:
+                    declare(responses, 404)  # an id in the path may name nothing (of the caller's)
                 for code, response in responses.items():
                     # An error is JSON whatever the operation streams on success: FastAPI
                     # would give a `model` response the route's media type (an event stream).

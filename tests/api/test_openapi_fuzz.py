@@ -28,8 +28,9 @@ from sqlalchemy.orm import Session
 from app.api.main import create_app
 from app.core.config import Settings
 from app.core.db import transaction
+from app.core.keys import create_key
 from app.core.migrate import upgrade
-from app.core.models import Checkpoint, EpochMetric
+from app.core.models import DEFAULT_TENANT, Checkpoint, EpochMetric
 from tests.conftest import create_postgres_database, drop_postgres_database
 from tests.factories import make_job
 
@@ -56,7 +57,7 @@ CONFIG = SchemathesisConfig.from_dict(
             "path.job_id": {"dictionary": "jobs", "probability": 0.8},
             "path.checkpoint_id": {"dictionary": "checkpoints", "probability": 0.8},
         },
-        "generation": {"max-examples": 50, "deterministic": True, "mode": "all"},
+        "generation": {"max-examples": 30, "deterministic": True, "mode": "all"},
         "phases": {
             "examples": {"enabled": True},
             "coverage": {"enabled": True},
@@ -67,12 +68,26 @@ CONFIG = SchemathesisConfig.from_dict(
 )
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+# (database, auth): without keys, every operation reaches its service; with a key, the same,
+# through the key check (the tenant of the key owns the known rows). Requests without a usable
+# key (401) are what the coverage phase sends anyway, in both modes where keys are on.
+MODES = [("sqlite", "off"), ("sqlite", "key"), ("postgres", "key")]
+
+
+@pytest.fixture(scope="module", params=MODES, ids=[f"{db}-{auth}" for db, auth in MODES])
+def fuzz_mode(request: pytest.FixtureRequest) -> tuple[str, str]:
+    mode: tuple[str, str] = request.param
+    return mode
+
+
+@pytest.fixture(scope="module")
 def fuzz_database_url(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    fuzz_mode: tuple[str, str],
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     """A database of the run's own: fuzzing commits rows, which other tests must not see."""
-    if request.param == "sqlite":
+    if fuzz_mode[0] == "sqlite":
         url = f"sqlite:///{Path(tmp_path_factory.mktemp('fuzz')) / 'trainsvc.db'}"
         upgrade(url)
         yield url
@@ -84,12 +99,28 @@ def fuzz_database_url(
 
 
 @pytest.fixture(scope="module")
-def fuzz_app(fuzz_database_url: str, redis_url: str) -> Iterator[FastAPI]:
-    app = create_app(Settings(database_url=fuzz_database_url, broker_url=redis_url))
+def fuzz_app(
+    fuzz_database_url: str, fuzz_mode: tuple[str, str], redis_url: str
+) -> Iterator[tuple[FastAPI, dict[str, str]]]:
+    """The app under fuzzing, and the headers every request carries (the key, if keys are on)."""
+    auth = "off" if fuzz_mode[1] == "off" else "on"
+    settings = Settings(
+        database_url=fuzz_database_url,
+        broker_url=redis_url,
+        auth=auth,
+        # The fuzzer's own pace is not abuse: the per-key rate limit stays out of its way.
+        key_requests_per_second=10_000,
+        key_request_burst=10_000,
+    )
+    app = create_app(settings)
     with TestClient(app):  # runs the lifespan: the engine, the sessions, the dispatcher
         with transaction(app.state.session_factory) as session:
             _store_known_rows(session)
-        yield app
+            headers = {}
+            if auth == "on":
+                _, key = create_key(session, DEFAULT_TENANT)
+                headers = {"Authorization": f"Bearer {key}"}
+        yield app, headers
 
 
 def _store_known_rows(session: Session) -> None:
@@ -139,5 +170,8 @@ schema = schemathesis.openapi.from_asgi(
 
 
 @schema.parametrize()
-def test_every_operation_answers_as_documented(case: schemathesis.Case, fuzz_app: FastAPI) -> None:
-    case.call_and_validate(app=fuzz_app, checks=CHECKS)
+def test_every_operation_answers_as_documented(
+    case: schemathesis.Case, fuzz_app: tuple[FastAPI, dict[str, str]]
+) -> None:
+    app, headers = fuzz_app
+    case.call_and_validate(app=app, headers=headers, checks=CHECKS)

@@ -8,7 +8,6 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app.api.auth import AUTH_RESPONSES, CallerDep, get_caller
-from app.api.errors import error_responses
 from app.api.events import service
 from app.api.events.dependencies import HubDep, LastEventIdDep, StreamedJobDep
 from app.core.events import EPOCH, STATUS, Event
@@ -20,9 +19,7 @@ router = APIRouter(
 )
 
 
-@router.get(
-    "/jobs/{job_id}/events", response_class=EventSourceResponse, responses=error_responses(404)
-)
+@router.get("/jobs/{job_id}/events", response_class=EventSourceResponse)
 async def job_events(
     job_id: StreamedJobDep, request: Request, hub: HubDep, last_event_id: LastEventIdDep
 ) -> AsyncIterator[ServerSentEvent]:

@@ -29,9 +29,6 @@ router = APIRouter(
     dependencies=[Depends(get_caller)],
     responses=AUTH_RESPONSES,
 )
-# The routes under one job look it up first (JobDep), so each can answer 404. (Declared per
-# route: a nested router would hide the full path template from the request metrics.)
-JOB_NOT_FOUND = error_responses(404)
 
 
 @router.post(
@@ -82,7 +79,7 @@ def list_jobs(
     return JobPage(items=[JobRead.from_job(job) for job in jobs], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobRead, responses=JOB_NOT_FOUND)
+@router.get("/{job_id}", response_model=JobRead)
 def get_job(job: JobDep) -> JobRead:
     """A job: its status, progress, attempts, summary and error."""
     return JobRead.from_job(job)
@@ -92,7 +89,7 @@ def get_job(job: JobDep) -> JobRead:
     "/{job_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
-    responses=error_responses(404, 409),
+    responses=error_responses(409),
 )
 def delete_job(job: JobDep, session: SessionDep) -> Response:
     """Delete an ended job with its metrics and checkpoints; 409 while queued or running."""
@@ -104,14 +101,14 @@ def delete_job(job: JobDep, session: SessionDep) -> Response:
     "/{job_id}/cancel",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobRead,
-    responses=error_responses(404, 409),
+    responses=error_responses(409),
 )
 def cancel_job(job: JobDep, session: SessionDep) -> JobRead:
     """Cancel a job: a queued one at once, a running one within a batch (checkpoints kept)."""
     return JobRead.from_job(service.request_cancel(session, job))
 
 
-@router.get("/{job_id}/metrics", response_model=MetricsRead, responses=JOB_NOT_FOUND)
+@router.get("/{job_id}/metrics", response_model=MetricsRead)
 def get_metrics(
     job: JobDep,
     session: SessionDep,
@@ -122,7 +119,7 @@ def get_metrics(
     return MetricsRead(job_id=job.id, epochs=[EpochRead.from_row(row) for row in rows])
 
 
-@router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=JOB_NOT_FOUND)
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
 def list_checkpoints(job: JobDep, session: SessionDep) -> CheckpointList:
     """The job's checkpoints: the latest epoch's and the best validation epoch's."""
     rows = service.list_checkpoints(session, job)
@@ -132,7 +129,7 @@ def list_checkpoints(job: JobDep, session: SessionDep) -> CheckpointList:
 @router.get(
     "/{job_id}/checkpoints/{checkpoint_id}",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, **JOB_NOT_FOUND},
+    responses={200: {"content": {"application/octet-stream": {}}}},
 )
 def download_checkpoint(
     job: JobDep, checkpoint_id: uuid.UUID, session: SessionDep, factory: SessionFactoryDep
