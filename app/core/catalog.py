@@ -1,6 +1,6 @@
 """What each built-in dataset is, without loading it: the API validates and lists from this.
 
-The worker's loaders (worker/training/datasets.py) produce exactly these shapes; a test holds
+The worker's loaders (worker/training/data.py) produce exactly these shapes; a test holds
 the two together. Nothing here is downloaded: scikit-learn ships the small tabular sets,
 mnist1d is generated offline by its package, and the synthetic sets are generated from a seed.
 """
