@@ -1,4 +1,5 @@
-"""The `trainsvc` command: serve the API, run a worker, migrate, start both, submit a job."""
+"""The `trainsvc` command: serve the API, run a worker, migrate, start both; and, as a client
+of a running API (trainsvc_client), submit, follow and read jobs and studies."""
 
 import argparse
 import contextlib
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -20,7 +22,9 @@ from app.core.observability.logs import configure_logging
 from app.core.observability.multiprocess import share_metrics_between_processes
 
 if TYPE_CHECKING:
+    import httpx
     import uvicorn
+    from trainsvc_client import Client, Job, ServerSentEvent
 
 
 def _api_settings(args: argparse.Namespace) -> Settings:
@@ -213,58 +217,196 @@ def _moment(value: Any) -> str:
     return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _submit(args: argparse.Namespace) -> None:
-    import httpx
-    from tqdm import tqdm
+# -- the client-side commands: each talks to a running API through trainsvc_client ---------
 
-    spec = json.loads(Path(args.spec).read_text())
+# What the client commands send their requests through; tests point it at an app in-process.
+CLIENT_TRANSPORT: "httpx.BaseTransport | None" = None
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _client(args: argparse.Namespace) -> "Client":
+    """A client of the API at --url; the key comes from TRAINSVC_API_KEY, never the command line."""
+    from trainsvc_client import Client
+
     api_key = get_settings().api_key
-    headers = {"Authorization": f"Bearer {api_key.get_secret_value()}"} if api_key else {}
-    with httpx.Client(base_url=args.url, timeout=30, headers=headers) as client:
-        response = client.post("/v1/jobs", json=spec)
-        if response.status_code >= 400:
-            sys.exit(f"submit failed ({response.status_code}): {response.text}")
-        job = response.json()
-        print(f"job {job['id']} {job['status']}")
+    return Client(
+        args.url,
+        api_key=api_key.get_secret_value() if api_key else None,
+        transport=CLIENT_TRANSPORT,
+    )
+
+
+@contextlib.contextmanager
+def _reporting(action: str) -> Iterator[None]:
+    """The API's error code and message, or why it could not be reached, and a non-zero exit."""
+    from trainsvc_client import ApiError, TrainsvcError
+
+    try:
+        yield
+    except ApiError as exc:
+        sys.exit(f"{action} failed ({exc.status_code}) {exc.code}: {exc.message}")
+    except TrainsvcError as exc:
+        sys.exit(f"{action} failed: {exc.message}")
+
+
+def _submit(args: argparse.Namespace) -> None:
+    spec = json.loads(Path(args.spec).read_text())
+    with _reporting("submit"), _client(args) as client:
+        job = client.submit(spec)
+        print(f"job {job.id} {job.status}")
         if not args.wait:
             return
-        job = _wait(client, job, tqdm)
+        job = _follow(client, job.id, table=False)
     print(
         json.dumps(
-            {"status": job["status"], "summary": job["summary"], "error": job["error"]}, indent=2
+            {
+                "status": job.status,
+                "summary": job.summary,
+                "error": job.error.model_dump() if job.error else None,
+            },
+            indent=2,
         )
     )
-    if job["status"] != "succeeded":
+    if job.status != "succeeded":
         sys.exit(1)
 
 
-def _wait(client: Any, job: dict[str, Any], tqdm: Any) -> dict[str, Any]:
-    with tqdm(total=job["progress"]["epochs"], unit="epoch", desc=job["name"] or "training") as bar:
-        while job["status"] in ("queued", "running"):
-            time.sleep(1)
-            job = client.get(f"/v1/jobs/{job['id']}").raise_for_status().json()
-            bar.update(job["progress"]["epoch"] - bar.n)
-            bar.set_postfix(status=job["status"])
+WATCH_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "status")
+
+
+def _follow(client: "Client", job_id: Any, *, table: bool) -> "Job":
+    """Follow a job's events until it ends: a progress bar by epoch (on stderr) and, with
+    `table`, one row per epoch as it is stored (on stdout); returns the ended job."""
+    from tqdm import tqdm
+
+    job = client.get(job_id)
+    status = job.status
+    if table:
+        print("  ".join(f"{column:>10}" for column in WATCH_COLUMNS), flush=True)
+    with tqdm(total=job.progress.epochs, unit="epoch", desc=job.name or "training") as bar:
+
+        def on_event(event: "ServerSentEvent") -> None:
+            nonlocal status
+            data = json.loads(event.data)
+            if event.event == "status":
+                status = data["status"]
+                bar.set_postfix(status=status)
+            elif event.event == "epoch":
+                if table:
+                    cells = (
+                        data["epoch"],
+                        *(_figure(data.get(name)) for name in _EPOCH_FIELDS),
+                        status,
+                    )
+                    bar.clear()
+                    print("  ".join(f"{cell:>10}" for cell in cells), flush=True)
+                bar.update(max(0, data["epoch"] - bar.n))
+                bar.refresh()
+
+        job = client.wait(job_id, on_event=on_event)
+        bar.update(max(0, job.progress.epoch - bar.n))
+        bar.set_postfix(status=job.status)
     return job
 
 
+_EPOCH_FIELDS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+
+def _figure(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "-"
+
+
+def _jobs_list(args: argparse.Namespace) -> None:
+    import itertools
+
+    with _reporting("list"), _client(args) as client:
+        jobs = itertools.islice(client.list(status=args.status, study_id=args.study), args.limit)
+        rows: list[tuple[str, ...]] = [("id", "name", "status", "progress", "created")]
+        rows += [
+            (
+                str(job.id),
+                job.name or "-",
+                job.status,
+                f"{job.progress.epoch}/{job.progress.epochs}",
+                _moment(job.created_at),
+            )
+            for job in jobs
+        ]
+    _print_table(rows)
+
+
+def _jobs_show(args: argparse.Namespace) -> None:
+    with _reporting("show"), _client(args) as client:
+        print(client.get(args.id).model_dump_json(indent=2))
+
+
+def _jobs_watch(args: argparse.Namespace) -> None:
+    with _reporting("watch"), _client(args) as client:
+        job = _follow(client, args.id, table=True)
+    error = f" ({job.error.type}: {job.error.message})" if job.error else ""
+    print(f"job {job.id} {job.status}{error}")
+    if job.status != "succeeded":
+        sys.exit(1)
+
+
+def _jobs_cancel(args: argparse.Namespace) -> None:
+    with _reporting("cancel"), _client(args) as client:
+        job = client.cancel(args.id)
+    state = "cancelled" if job.status == "cancelled" else f"{job.status}, stopping within a batch"
+    print(f"job {job.id} {state}")
+
+
+def _jobs_metrics(args: argparse.Namespace) -> None:
+    import csv
+
+    with _reporting("metrics"), _client(args) as client:
+        epochs = [epoch.model_dump() for epoch in client.metrics(args.id)]
+    if args.csv is None:
+        rows: list[tuple[str, ...]] = [
+            ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+        ]
+        rows += [
+            (str(e["epoch"]), *(_figure(e[name]) for name in (*_EPOCH_FIELDS, "lr")))
+            for e in epochs
+        ]
+        _print_table(rows)
+        return
+    # Scalars only (the per-layer diagnostics are lists): one column each, in a stable order.
+    columns = list(dict.fromkeys(k for e in epochs for k, v in e.items() if _scalar(v)))
+    with contextlib.ExitStack() as stack:
+        out = sys.stdout if args.csv == "-" else stack.enter_context(Path(args.csv).open("w"))
+        writer = csv.DictWriter(out, columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(epochs)
+    if args.csv != "-":
+        print(f"{len(epochs)} epochs written to {args.csv}")
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
 def _study_create(args: argparse.Namespace) -> None:
-    import httpx
     from tqdm import tqdm
 
     body = json.loads(Path(args.grid).read_text())
-    with httpx.Client(base_url=args.url, timeout=60) as client:
-        response = client.post("/v1/studies", json=body)
-        if response.status_code >= 400:
-            sys.exit(f"study failed ({response.status_code}): {response.text}")
-        study = response.json()
+    with _reporting("study"), _client(args) as client:
+        study = client.create_study(body)
         print(f"study {study['id']}: {len(study['jobs'])} jobs")
         if not args.wait:
             return
         with tqdm(total=len(study["jobs"]), unit="job", desc=study["name"] or "study") as bar:
             while not study["ended"]:
                 time.sleep(1)
-                study = client.get(f"/v1/studies/{study['id']}").raise_for_status().json()
+                study = client.get_study(study["id"])
                 counts = study["counts"]
                 bar.update(len(study["jobs"]) - counts["queued"] - counts["running"] - bar.n)
                 bar.set_postfix(running=counts["running"], failed=counts["failed"])
@@ -280,18 +422,10 @@ def _mean_sd(aggregate: dict[str, Any]) -> str:
 
 
 def _study_report(args: argparse.Namespace) -> None:
-    import httpx
-
-    with httpx.Client(base_url=args.url, timeout=60) as client:
-        response = client.get(f"/v1/studies/{args.study_id}/report")
-        if response.status_code >= 400:
-            sys.exit(f"report failed ({response.status_code}): {response.text}")
-        report = response.json()
+    with _reporting("report"), _client(args) as client:
+        report = client.study_report(args.study_id)
         if args.csv:
-            table = client.get(
-                f"/v1/studies/{args.study_id}/report", params={"format": "csv"}
-            ).raise_for_status()
-            Path(args.csv).write_text(table.text)
+            Path(args.csv).write_text(client.study_report(args.study_id, format="csv"))
     axes = [axis for axis in report["axes"] if axis != "seed"]
     columns = [*axes, "n", "best_val_acc", "gap_final", "epochs_to_target", "diverged"]
     rows = [
@@ -354,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="submit a job spec (JSON file)")
     submit.add_argument("spec")
     submit.add_argument("--wait", action="store_true", help="show progress until the job ends")
-    submit.add_argument("--url", default="http://127.0.0.1:8000")
+    submit.add_argument("--url", default=DEFAULT_URL)
     submit.set_defaults(handler=_submit)
 
     study = commands.add_parser("study", help="create a study or print its report")
@@ -362,13 +496,44 @@ def build_parser() -> argparse.ArgumentParser:
     create = study_commands.add_parser("create", help="create a study from a JSON file")
     create.add_argument("grid", help='{"name", "base", "grid"} or {"preset": ...}')
     create.add_argument("--wait", action="store_true", help="show progress until it ends")
-    create.add_argument("--url", default="http://127.0.0.1:8000")
+    create.add_argument("--url", default=DEFAULT_URL)
     create.set_defaults(handler=_study_create)
     report = study_commands.add_parser("report", help="print a study's report")
     report.add_argument("study_id")
     report.add_argument("--csv", help="also save the configuration table to this file")
-    report.add_argument("--url", default="http://127.0.0.1:8000")
+    report.add_argument("--url", default=DEFAULT_URL)
     report.set_defaults(handler=_study_report)
+
+    jobs = commands.add_parser("jobs", help="list, show, watch, cancel jobs; read metrics")
+    job_commands = jobs.add_subparsers(dest="jobs_command", required=True)
+
+    def job_command(name: str, help: str, handler: Any, with_id: bool = True) -> Any:
+        command = job_commands.add_parser(name, help=help)
+        if with_id:
+            command.add_argument("id", help="the job's id")
+        command.add_argument("--url", default=DEFAULT_URL, help="the API (default %(default)s)")
+        command.set_defaults(handler=handler)
+        return command
+
+    job_list = job_command("list", "the newest jobs first", _jobs_list, with_id=False)
+    job_list.add_argument(
+        "--status", choices=("queued", "running", "succeeded", "failed", "cancelled")
+    )
+    job_list.add_argument("--study", help="only this study's jobs")
+    job_list.add_argument("--limit", type=int, default=50, help="at most this many (50)")
+    job_command("show", "a job as JSON: status, progress, spec, summary, error", _jobs_show)
+    job_command(
+        "watch", "a live table of epochs and a progress bar until the job ends", _jobs_watch
+    )
+    job_command("cancel", "cancel a job (a running one stops within a batch)", _jobs_cancel)
+    job_metrics = job_command("metrics", "per-epoch metrics, as a table or CSV", _jobs_metrics)
+    job_metrics.add_argument(
+        "--csv",
+        nargs="?",
+        const="-",
+        metavar="PATH",
+        help="write CSV (every scalar column) to PATH, or to stdout without one",
+    )
 
     keys = commands.add_parser("keys", help="create, list and revoke API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)

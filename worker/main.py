@@ -11,7 +11,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
-from app.core import lifecycle
+from app.core import lifecycle, webhooks
 from app.core.broker import QUEUE, create_celery_app
 from app.core.config import Settings
 from app.core.db import create_db_engine, create_session_factory, transaction
@@ -58,7 +58,8 @@ class ProcessContexts:
 
 
 class Sweeper(threading.Thread):
-    """Reaps expired leases and publishes the outbox, every settings.sweep_seconds.
+    """Reaps expired leases, publishes the outbox and sends due webhooks, every
+    settings.sweep_seconds.
 
     Runs in the worker's main process. Several workers sweeping at once is safe: reaping locks
     rows with SKIP LOCKED, and a job published twice is claimed once.
@@ -68,6 +69,7 @@ class Sweeper(threading.Thread):
         super().__init__(name="sweeper", daemon=True)
         self.context = context
         self.stopped = threading.Event()
+        self.webhook_policy = webhooks.policy_from(context.settings)
 
     def run(self) -> None:
         settings = self.context.settings
@@ -85,6 +87,8 @@ class Sweeper(threading.Thread):
         if requeued:
             logger.warning("re-queued %d job(s) whose worker was lost: %s", len(requeued), requeued)
         self.context.dispatcher.publish_pending(settings.republish_after_seconds)
+        # Last: a slow receiver (up to webhook_timeout_seconds each) must not delay the above.
+        webhooks.send_due(self.context.session_factory, self.webhook_policy)
 
 
 def pool_size(settings: Settings, requested: int | None = None) -> int:

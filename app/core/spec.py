@@ -8,7 +8,7 @@ in, so what a job ran is always exactly what GET /v1/jobs/{id} shows.
 import re
 from typing import Annotated, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from app.core.catalog import (
     BUILTIN_DATASETS,
@@ -221,6 +221,30 @@ class EarlyStoppingSpec(_Strict):
     min_delta: float = Field(0.0, ge=0.0)
 
 
+class CallbackSpec(_Strict):
+    """Where to POST the job when it ends, and the secret that signs the POST.
+
+    The secret is write-only: excluded from every dump (so from the stored spec, its hash and
+    GET), and optional here so that the stored form, which has no secret, still validates in
+    the worker. The API requires it at submit (app/api/jobs/service.py check_callback).
+    """
+
+    url: Text = Field(max_length=2000, description="an http:// or https:// URL")
+    secret: SecretStr | None = Field(
+        None,
+        min_length=16,
+        max_length=256,
+        exclude=True,
+        description="signs each delivery (X-Trainsvc-Signature); required at submit, never shown",
+    )
+
+    @model_validator(mode="after")
+    def _check_scheme(self) -> Self:
+        if not self.url.lower().startswith(("http://", "https://")):
+            raise SpecError("url", "must be an http:// or https:// URL")
+        return self
+
+
 class JobSpec(_Strict):
     name: Text | None = Field(None, max_length=200)
     dataset: DatasetSpec
@@ -236,6 +260,9 @@ class JobSpec(_Strict):
     max_wall_seconds: int | None = Field(None, ge=1, description="fail with timeout past this")
     tags: dict[Annotated[Text, Field(max_length=64)], Annotated[Text, Field(max_length=256)]] = (
         Field(default_factory=dict, max_length=32)
+    )
+    callback: CallbackSpec | None = Field(
+        None, description="POSTed to, signed, when the job ends (see README: Webhooks)"
     )
 
     @model_validator(mode="after")

@@ -137,6 +137,8 @@ def payload(job: Job) -> dict[str, Any]:
 def send_due(factory: sessionmaker[Session], policy: WebhookPolicy, limit: int = 20) -> int:
     """Send the deliveries that are due; returns how many were attempted."""
     due = _lease_due(factory, limit)
+    if not due:
+        return 0  # the common case, every sweep: one indexed query, no HTTP client
     with httpx.Client(timeout=policy.timeout_seconds, follow_redirects=False) as client:
         for delivery_id in due:
             _send_one(factory, client, policy, delivery_id)
@@ -155,13 +157,21 @@ def _lease_due(factory: sessionmaker[Session], limit: int) -> list[uuid.UUID]:
                 .with_for_update(skip_locked=True)
             )
         )
-        if ids:
-            session.execute(
-                update(WebhookDelivery)
-                .where(WebhookDelivery.id.in_(ids))
-                .values(next_attempt_at=now + timedelta(seconds=SENDING_LEASE_SECONDS))
+        if not ids:
+            return []
+        # Conditional, and only what it changed counts: SQLite has no FOR UPDATE, so two
+        # sweepers may select the same rows, but only one moves each row's lease forward.
+        leased = session.scalars(
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.id.in_(ids),
+                WebhookDelivery.status == "pending",
+                WebhookDelivery.next_attempt_at <= now,
             )
-    return ids
+            .values(next_attempt_at=now + timedelta(seconds=SENDING_LEASE_SECONDS))
+            .returning(WebhookDelivery.id)
+        )
+        return list(leased)
 
 
 def _send_one(
@@ -172,13 +182,14 @@ def _send_one(
 ) -> None:
     with factory() as session:
         delivery = session.get(WebhookDelivery, delivery_id)
-        assert delivery is not None
-        job = session.get(Job, delivery.job_id)
-        secret = session.scalar(
-            select(JobCallback.secret).where(JobCallback.job_id == delivery.job_id)
+        job = session.get(Job, delivery.job_id) if delivery is not None else None
+        secret = (
+            session.scalar(select(JobCallback.secret).where(JobCallback.job_id == job.id))
+            if job
+            else None
         )
-        if job is None or secret is None:
-            return
+        if delivery is None or job is None or secret is None:
+            return  # the job was deleted meanwhile, and its callback and deliveries with it
         body = json.dumps(payload(job), separators=(",", ":")).encode()
         url, attempts, created_at = delivery.url, delivery.attempts, delivery.created_at
     status_code: int | None = None

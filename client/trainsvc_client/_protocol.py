@@ -71,6 +71,8 @@ def read(response: httpx.Response) -> Any:
         raise error_from_response(response)
     if response.status_code == 204 or not response.content:
         return None
+    if "json" not in response.headers.get("content-type", "application/json"):
+        return response.text  # e.g. a study report with format=csv
     return response.json()
 
 

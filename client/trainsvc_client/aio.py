@@ -135,9 +135,21 @@ class AsyncClient:
         """As Client.wait: events with reconnects, polling where the stream is unavailable."""
         deadline = None if timeout is None else time.monotonic() + timeout
         last_event_id: str | None = None
+        saw_end = False
         while True:
-            job = await self.get(job_id)
+            try:
+                job = await self.get(job_id)
+            except ConnectionFailed:
+                # The API is away through all of get's retries (a restart, a deploy): keep
+                # trying until the deadline; the stream resumes from the last event.
+                if past(deadline):
+                    raise
+                await asyncio.sleep(bounded(poll_interval, deadline))
+                continue
             if job.ended:
+                if on_event is not None and not saw_end:
+                    # It ended while the stream was away: hand on what was missed, then return.
+                    await self._replay_rest(job_id, last_event_id, on_event)
                 return job
             if past(deadline):
                 raise WaitTimedOut(f"job {job_id} is still {job.status} after {timeout} s")
@@ -146,15 +158,30 @@ class AsyncClient:
                     last_event_id = event.id or last_event_id
                     if on_event is not None:
                         on_event(event)
-                    if ends_job(event) or past(deadline):
+                    if ends_job(event):
+                        saw_end = True
                         break
-                continue
+                    if past(deadline):
+                        break
+                continue  # the stream ended (or the job did): read the job again
             except NotFound:
+                # The job exists (read above), so it is the stream that is missing: an older
+                # server without events. Poll instead.
                 if last_event_id is not None or not await self._job_exists(job_id):
                     raise
             except (httpx.TransportError, ConnectionFailed):
-                pass
+                pass  # a dropped stream: poll once, then reconnect from the last event
             await asyncio.sleep(bounded(poll_interval, deadline))
+
+    async def _replay_rest(
+        self, job_id: JobId, last_event_id: str | None, on_event: EventHandler
+    ) -> None:
+        """An ended job's events after `last_event_id` (its stream ends after them)."""
+        try:
+            async for event in self.events(job_id, last_event_id):
+                on_event(event)
+        except (NotFound, httpx.TransportError, ConnectionFailed):
+            pass  # no stream (an older server) or none now: the job itself is the answer
 
     async def _job_exists(self, job_id: JobId) -> bool:
         try:

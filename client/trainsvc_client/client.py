@@ -141,9 +141,21 @@ class Client:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         last_event_id: str | None = None
+        saw_end = False
         while True:
-            job = self.get(job_id)
+            try:
+                job = self.get(job_id)
+            except ConnectionFailed:
+                # The API is away through all of get's retries (a restart, a deploy): keep
+                # trying until the deadline; the stream resumes from the last event.
+                if past(deadline):
+                    raise
+                time.sleep(bounded(poll_interval, deadline))
+                continue
             if job.ended:
+                if on_event is not None and not saw_end:
+                    # It ended while the stream was away: hand on what was missed, then return.
+                    self._replay_rest(job_id, last_event_id, on_event)
                 return job
             if past(deadline):
                 raise WaitTimedOut(f"job {job_id} is still {job.status} after {timeout} s")
@@ -152,7 +164,10 @@ class Client:
                     last_event_id = event.id or last_event_id
                     if on_event is not None:
                         on_event(event)
-                    if ends_job(event) or past(deadline):
+                    if ends_job(event):
+                        saw_end = True
+                        break
+                    if past(deadline):
                         break
                 continue  # the stream ended (or the job did): read the job again
             except NotFound:
@@ -163,6 +178,16 @@ class Client:
             except (httpx.TransportError, ConnectionFailed):
                 pass  # a dropped stream: poll once, then reconnect from the last event
             time.sleep(bounded(poll_interval, deadline))
+
+    def _replay_rest(
+        self, job_id: JobId, last_event_id: str | None, on_event: EventHandler
+    ) -> None:
+        """An ended job's events after `last_event_id` (its stream ends after them)."""
+        try:
+            for event in self.events(job_id, last_event_id):
+                on_event(event)
+        except (NotFound, httpx.TransportError, ConnectionFailed):
+            pass  # no stream (an older server) or none now: the job itself is the answer
 
     def _job_exists(self, job_id: JobId) -> bool:
         try:

@@ -3,30 +3,24 @@
 import json
 import uuid
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
+from app import cli
 from app.cli import main
+from app.core.config import Settings
 from tests.factories import spec_payload
 from tests.studies.test_report import finish, store_epochs
 
 
 @pytest.fixture
 def cli_talks_to(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> TestClient:
-    """httpx.Client in the CLI reaches the test's app (and its rolled-back transaction)."""
-
-    real_client = httpx.Client
-
-    def in_process(**kwargs: Any) -> httpx.Client:
-        return real_client(
-            base_url="http://testserver", transport=client._transport, headers=client.headers
-        )
-
-    monkeypatch.setattr(httpx, "Client", in_process)
+    """The CLI's client reaches the test's app (and its rolled-back transaction), with its key."""
+    monkeypatch.setattr(cli, "CLIENT_TRANSPORT", client._transport)
+    key = client.headers["Authorization"].removeprefix("Bearer ")
+    monkeypatch.setattr(cli, "get_settings", lambda: Settings(api_key=key))
     return client
 
 

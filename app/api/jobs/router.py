@@ -14,6 +14,8 @@ from app.api.jobs.dependencies import IdempotencyKeyDep, JobDep
 from app.api.jobs.schemas import (
     CheckpointList,
     CheckpointRead,
+    DeliveryList,
+    DeliveryRead,
     EpochRead,
     JobPage,
     JobRead,
@@ -146,3 +148,10 @@ def download_checkpoint(
             "ETag": f'"{checkpoint.sha256}"',
         },
     )
+
+
+@router.get("/{job_id}/deliveries", response_model=DeliveryList, responses=JOB_NOT_FOUND)
+def list_deliveries(job: JobDep, session: SessionDep) -> DeliveryList:
+    """The webhook deliveries of the job's end to its callback, oldest first, with outcomes."""
+    rows = service.list_deliveries(session, job)
+    return DeliveryList(items=[DeliveryRead.from_row(row) for row in rows])

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from app.core.models import Checkpoint, EpochMetric, Job, JobStatus
+from app.core.models import Checkpoint, EpochMetric, Job, JobStatus, WebhookDelivery
 
 
 class Progress(BaseModel):
@@ -127,3 +127,31 @@ class CheckpointRead(BaseModel):
 
 class CheckpointList(BaseModel):
     items: list[CheckpointRead]
+
+
+class DeliveryRead(BaseModel):
+    """One webhook delivery of the job's end to its callback URL, and how it went."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    next_attempt_at: datetime | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: WebhookDelivery) -> "DeliveryRead":
+        read = cls.model_validate(row)
+        # Only a pending delivery has a next attempt worth showing.
+        return (
+            read if row.status == "pending" else read.model_copy(update={"next_attempt_at": None})
+        )
+
+
+class DeliveryList(BaseModel):
+    items: list[DeliveryRead]

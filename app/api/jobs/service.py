@@ -13,7 +13,7 @@ from sqlalchemy import Select, case, delete, func, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from app.core import events, lifecycle
+from app.core import events, lifecycle, webhooks
 from app.core.config import Settings
 from app.core.datasets import resolve_dataset
 from app.core.errors import (
@@ -26,19 +26,39 @@ from app.core.errors import (
     TooManyActiveJobs,
     TooManyQueuedJobs,
 )
-from app.core.models import Checkpoint, EpochMetric, Job, JobStatus
+from app.core.models import Checkpoint, EpochMetric, Job, JobStatus, WebhookDelivery
 from app.core.models.jobs import ACTIVE_STATUSES, ENDED_STATUSES
 from app.core.spec import JobSpec, SpecError, check_fits_dataset, count_parameters
 from app.core.tenancy import Caller, scoped, storage_bytes
 
 
 def spec_sha256(spec: JobSpec) -> str:
+    # The dump leaves out callback.secret (write-only): a retry with the same key and spec but
+    # another secret is the same submit, and keeps the first secret.
     canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def check_callback(spec: JobSpec, settings: Settings) -> None:
+    """A callback needs its secret (the stored spec has none, so the model cannot require
+    it), and a URL to a host the operator allows: webhooks are a way out of the network."""
+    if spec.callback is None:
+        return
+    if spec.callback.secret is None:
+        raise InvalidInput("callback.secret", "a callback needs a secret (16 to 256 characters)")
+    webhooks.check_url(spec.callback.url, tuple(settings.webhook_allowed_hosts))
+
+
+def register_callback(session: Session, job: Job, spec: JobSpec) -> None:
+    """Keep the callback, secret included, beside the job (never in its stored spec)."""
+    if spec.callback is not None and spec.callback.secret is not None:
+        secret = spec.callback.secret.get_secret_value()
+        webhooks.register(session, job.id, spec.callback.url, secret)
+
+
 def check_limits(session: Session, spec: JobSpec, settings: Settings, caller: Caller) -> None:
     """What pydantic cannot judge alone: the dataset's shape and the operator's limits."""
+    check_callback(spec, settings)
     # Only the caller's own uploads: another tenant's is "no uploaded dataset", like a typo.
     info = resolve_dataset(session, spec.dataset.name, tenant=caller.tenant)
     try:
@@ -194,6 +214,7 @@ def submit_job(
                 session.add(job)
         except IntegrityError:
             return _find_by_key(session, caller.tenant, idempotency_key, digest), False
+    register_callback(session, job, spec)
     events.record_submitted(session, [job])
     return job, True
 
@@ -275,6 +296,10 @@ def list_metrics(session: Session, job: Job, since_epoch: int | None) -> Sequenc
     if since_epoch is not None:
         query = query.where(EpochMetric.epoch > since_epoch)
     return session.scalars(query.order_by(EpochMetric.epoch)).all()
+
+
+def list_deliveries(session: Session, job: Job) -> Sequence[WebhookDelivery]:
+    return webhooks.list_deliveries(session, job.id)
 
 
 def list_checkpoints(session: Session, job: Job) -> Sequence[Checkpoint]:

@@ -16,12 +16,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.api.jobs.service import (
+    check_callback,
     check_limits,
     check_queue_room,
     check_tenant_limits,
     decode_cursor,
     encode_cursor,
     new_job,
+    register_callback,
     request_cancel,
 )
 from app.api.studies.schemas import StudyCreate
@@ -47,6 +49,13 @@ def _request_sha256(name: str | None, preset: str | None, base: Any, grid: Any) 
     body = {"name": name, "preset": preset, "base": base, "grid": grid}
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _without_callback_secret(base: dict[str, Any]) -> dict[str, Any]:
+    callback = base.get("callback")
+    if not isinstance(callback, dict) or "secret" not in callback:
+        return base
+    return {**base, "callback": {k: v for k, v in callback.items() if k != "secret"}}
 
 
 def _by_key(tenant: str, key: str) -> Select[Study]:
@@ -79,13 +88,20 @@ def create_study(
     else:
         # The schema's validator guarantees both when there is no preset.
         base, grid = request.base or {}, request.grid or {}
-    digest = _request_sha256(request.name, request.preset, base, grid)
+    if any(axis == "callback" or axis.startswith("callback.") for axis in grid):
+        raise InvalidInput("grid", "the callback is the study's own; set it in base, not the grid")
+    # The study keeps (and GET shows, and the key's hash covers) its base without the
+    # callback's secret, as each job's stored spec does.
+    stored_base = _without_callback_secret(base)
+    digest = _request_sha256(request.name, request.preset, stored_base, grid)
     if idempotency_key is not None:
         existing = session.scalars(_by_key(caller.tenant, idempotency_key)).first()
         if existing is not None:
             return _find_by_key(session, caller.tenant, idempotency_key, digest), [], False
     check_axes(grid, settings.max_study_jobs)
     points = expand(base, grid)
+    if points:
+        check_callback(points[0].spec, settings)  # one for all: the grid cannot change it
     for point in points:
         try:
             check_limits(session, point.spec, settings, caller)
@@ -99,7 +115,7 @@ def create_study(
         tenant=caller.tenant,
         name=request.name,
         preset=request.preset,
-        base=base,
+        base=stored_base,
         grid=grid,
         request_sha256=digest,
         idempotency_key=idempotency_key,
@@ -118,6 +134,8 @@ def create_study(
     ]
     session.add_all(jobs)
     session.flush()
+    for job, point in zip(jobs, points, strict=True):
+        register_callback(session, job, point.spec)
     events.record_submitted(session, jobs)
     return study, [job.id for job in jobs], True
 

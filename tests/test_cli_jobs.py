@@ -1,0 +1,145 @@
+"""`trainsvc jobs list|show|watch|cancel|metrics`, through trainsvc_client, against the API
+in-process (the test's rolled-back transaction)."""
+
+import csv
+import io
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from app import cli
+from app.api.main import create_app
+from app.cli import main
+from app.core import lifecycle
+from app.core.config import Settings
+from app.core.db import create_db_engine, create_session_factory, transaction
+from app.core.migrate import upgrade
+from tests.api.test_events import METRICS
+from tests.factories import spec_payload
+from tests.studies.test_report import store_epochs
+
+
+@pytest.fixture
+def api(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> TestClient:
+    """The CLI's client reaches the test's app, with the test client's key."""
+    monkeypatch.setattr(cli, "CLIENT_TRANSPORT", client._transport)
+    key = client.headers["Authorization"].removeprefix("Bearer ")
+    monkeypatch.setattr(cli, "get_settings", lambda: Settings(api_key=key))
+    return client
+
+
+def submit(api: TestClient, name: str) -> dict[str, Any]:
+    response = api.post("/v1/jobs", json=spec_payload(name=name, epochs=2))
+    assert response.status_code == 201, response.text
+    job: dict[str, Any] = response.json()
+    return job
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    main(list(args))
+    return capsys.readouterr().out
+
+
+def test_list_show_and_cancel(api: TestClient, capsys: pytest.CaptureFixture[str]) -> None:
+    first, second = submit(api, "first"), submit(api, "second")
+
+    out = run(capsys, "jobs", "cancel", first["id"])
+    assert out == f"job {first['id']} cancelled\n"
+
+    listed = run(capsys, "jobs", "list").splitlines()
+    assert listed[0].split() == ["id", "name", "status", "progress", "created"]
+    assert [line.split()[:4] for line in listed[1:]] == [
+        [second["id"], "second", "queued", "0/2"],
+        [first["id"], "first", "cancelled", "0/2"],
+    ]
+    cancelled = run(capsys, "jobs", "list", "--status", "cancelled").splitlines()
+    assert [line.split()[0] for line in cancelled[1:]] == [first["id"]]
+
+    shown = json.loads(run(capsys, "jobs", "show", second["id"]))
+    assert (shown["id"], shown["status"], shown["spec"]["name"]) == (
+        second["id"],
+        "queued",
+        "second",
+    )
+
+    # An error prints the API's status, code and message, and exits non-zero.
+    with pytest.raises(SystemExit, match=r"list failed \(422\) \w+: study_id: "):
+        main(["jobs", "list", "--study", "not-a-study"])
+    missing = uuid.uuid4()
+    with pytest.raises(SystemExit, match=rf"show failed \(404\) job_not_found: no job .*{missing}"):
+        main(["jobs", "show", str(missing)])
+
+
+def test_metrics_as_a_table_and_as_csv(
+    api: TestClient, session: Session, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = submit(api, "curves")
+    store_epochs(session, uuid.UUID(job["id"]), [(0.6, 0.1), (0.8, 0.2)])
+    session.commit()
+
+    table = run(capsys, "jobs", "metrics", job["id"]).splitlines()
+    assert table[0].split() == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
+    assert table[2].split() == ["2", "1.0000", "0.5000", "0.2000", "0.8000", "0.1000"]
+
+    rows = list(csv.DictReader(io.StringIO(run(capsys, "jobs", "metrics", job["id"], "--csv"))))
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert (rows[1]["val_accuracy"], rows[1]["generalization_gap"]) == ("0.8", "0.2")
+    assert "layers" not in rows[0]  # per-layer lists stay in the API's JSON
+
+    path = tmp_path / "metrics.csv"
+    assert run(capsys, "jobs", "metrics", job["id"], "--csv", str(path)) == (
+        f"2 epochs written to {path}\n"
+    )
+    assert list(csv.DictReader(path.open())) == rows
+
+
+def test_watch_prints_each_epoch_and_the_final_status(
+    tmp_path: Path,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Committed rows, as a worker in another process commits them: the event streams read
+    # them through connections of their own.
+    url = f"sqlite:///{tmp_path / 'watch.db'}"
+    upgrade(url)
+    engine = create_db_engine(url)
+    factory = create_session_factory(engine)
+    settings = Settings(database_url=url, broker_url=redis_url, event_poll_seconds=0.05, auth="off")
+    with TestClient(create_app(settings)) as client:
+        monkeypatch.setattr(cli, "CLIENT_TRANSPORT", client._transport)
+        monkeypatch.setattr(cli, "get_settings", lambda: settings)
+        job_id = uuid.UUID(submit(client, "watched")["id"])
+        with transaction(factory) as session:
+            claim = lifecycle.claim(session, job_id, "node@host#1", 30)
+        assert claim is not None
+        for epoch, accuracy in ((1, 0.5), (2, 0.75)):
+            metrics = {**METRICS, "val_accuracy": accuracy}
+            with transaction(factory) as session:
+                lifecycle.record_epoch(session, job_id, claim.attempt, epoch, metrics, {}, [], 30)
+        with transaction(factory) as session:
+            lifecycle.finish(
+                session,
+                job_id,
+                claim.attempt,
+                "failed",
+                error_type="diverged",
+                error_message="loss is NaN",
+            )
+
+        with pytest.raises(SystemExit) as exited:
+            main(["jobs", "watch", str(job_id)])
+    engine.dispose()
+    assert exited.value.code == 1  # the job did not succeed
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "status"]
+    assert [line.split() for line in lines[1:-1]] == [
+        ["1", "1.0000", "0.5000", "1.1000", "0.5000", "running"],
+        ["2", "1.0000", "0.5000", "1.1000", "0.7500", "running"],
+    ]
+    assert lines[-1] == f"job {job_id} failed (diverged: loss is NaN)"

@@ -1,0 +1,234 @@
+"""Webhooks in one process: the callback at submit, signed deliveries, retries, the secret kept."""
+
+import json
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core import webhooks
+from app.core.config import Settings
+from app.core.models import Job, JobCallback
+from tests.factories import spec_payload
+from tests.support.processes import free_port, wait_until
+from tests.webhooks.receiver import receiving
+
+SECRET = "whsec-0123456789-abcdef"
+
+
+@pytest.fixture
+def settings(database_url: str, redis_url: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        broker_url=redis_url,
+        webhook_allowed_hosts=["127.0.0.1", "*.example.org"],
+        webhook_timeout_seconds=5,
+    )
+
+
+def with_callback(url: str, secret: str = SECRET, **overrides: Any) -> dict[str, Any]:
+    return spec_payload(callback={"url": url, "secret": secret}, **overrides)
+
+
+def submit(client: TestClient, spec: dict[str, Any], key: str | None = None) -> dict[str, Any]:
+    headers = {"Idempotency-Key": key} if key else {}
+    response = client.post("/v1/jobs", json=spec, headers=headers)
+    assert response.status_code in (200, 201), response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def deliveries(client: TestClient, job_id: str) -> list[dict[str, Any]]:
+    response = client.get(f"/v1/jobs/{job_id}/deliveries")
+    assert response.status_code == 200, response.text
+    items: list[dict[str, Any]] = response.json()["items"]
+    return items
+
+
+def test_the_secret_is_kept_beside_the_job_never_in_its_spec(
+    client: TestClient, session_factory: sessionmaker[Session]
+) -> None:
+    url = "https://hooks.example.org/trainsvc"
+    submitted = client.post("/v1/jobs", json=with_callback(url), headers={"Idempotency-Key": "k1"})
+    assert submitted.status_code == 201, submitted.text
+    job = submitted.json()
+    assert job["spec"]["callback"] == {"url": url}
+    assert SECRET not in submitted.text
+    shown = client.get(f"/v1/jobs/{job['id']}")
+    assert shown.json()["spec"]["callback"] == {"url": url}
+    assert SECRET not in shown.text
+    assert SECRET not in client.get("/v1/jobs").text
+    with session_factory() as session:
+        stored = session.get(Job, uuid.UUID(job["id"]))
+        assert stored is not None
+        assert SECRET not in json.dumps(stored.spec)
+        callback = session.get(JobCallback, stored.id)
+        assert callback is not None
+        assert (callback.url, callback.secret) == (url, SECRET)
+
+    # The key's hash covers the URL but not the secret: a retry with another secret is the
+    # same submit (and keeps the first secret); another URL is another spec.
+    again = client.post(
+        "/v1/jobs",
+        json=with_callback(url, secret="another-secret-of-20"),
+        headers={"Idempotency-Key": "k1"},
+    )
+    assert (again.status_code, again.json()["id"]) == (200, job["id"])
+    other = client.post(
+        "/v1/jobs",
+        json=with_callback("https://other.example.org/x"),
+        headers={"Idempotency-Key": "k1"},
+    )
+    assert other.status_code == 409
+    with session_factory() as session:
+        assert session.get(JobCallback, uuid.UUID(job["id"])).secret == SECRET  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("callback", "field"),
+    [
+        ({"url": "http://10.0.0.5/hook", "secret": SECRET}, "callback.url"),
+        ({"url": "https://example.org.evil.com/x", "secret": SECRET}, "callback.url"),
+        ({"url": "ftp://127.0.0.1/hook", "secret": SECRET}, "callback.url"),
+        ({"url": "http://127.0.0.1/" + "a" * 2000, "secret": SECRET}, "callback.url"),
+        ({"url": "http://127.0.0.1/hook"}, "callback.secret"),
+        ({"url": "http://127.0.0.1/hook", "secret": "too-short"}, "callback.secret"),
+        ({"url": "http://127.0.0.1/hook", "secret": SECRET, "extra": 1}, "callback.extra"),
+    ],
+)
+def test_a_callback_must_be_http_to_an_allowed_host_with_a_secret(
+    client: TestClient, callback: dict[str, Any], field: str
+) -> None:
+    response = client.post("/v1/jobs", json=spec_payload(callback=callback))
+    assert response.status_code == 422, response.text
+    assert field in [item["field"] for item in response.json()["detail"]]
+    assert SECRET not in response.text
+
+
+def test_an_ended_job_is_delivered_once_signed(
+    client: TestClient, session_factory: sessionmaker[Session], settings: Settings
+) -> None:
+    policy = webhooks.policy_from(settings)
+    with receiving() as receiver:
+        job = submit(client, with_callback(receiver.url))
+        plain = submit(client, spec_payload())  # no callback: never delivered
+        assert deliveries(client, job["id"]) == []  # nothing until the job ends
+        assert webhooks.send_due(session_factory, policy) == 0
+
+        for ended in (job, plain):
+            assert client.post(f"/v1/jobs/{ended['id']}/cancel").status_code == 202
+        [pending] = deliveries(client, job["id"])
+        assert (pending["status"], pending["attempts"]) == ("pending", 0)
+        assert deliveries(client, plain["id"]) == []
+
+        assert webhooks.send_due(session_factory, policy) == 1
+        assert webhooks.send_due(session_factory, policy) == 0  # delivered: never again
+        [request] = receiver.received
+
+    assert request.path == "/hooks/trainsvc"
+    signature = request.headers[webhooks.SIGNATURE_HEADER]
+    assert webhooks.verify(SECRET, signature, request.body)
+    body = json.loads(request.body)
+    assert body["event"] == "job.ended"
+    assert (body["job"]["id"], body["job"]["status"]) == (job["id"], "cancelled")
+    assert request.headers[webhooks.DELIVERY_HEADER] == pending["id"]
+    assert SECRET not in request.body.decode()
+
+    # What a receiver rejects: another secret, a changed body, and a replay (an old timestamp).
+    assert not webhooks.verify("not-the-secret-at-all", signature, request.body)
+    assert not webhooks.verify(SECRET, signature, request.body.replace(b"cancelled", b"succeeded"))
+    stale = webhooks.sign(SECRET, int(time.time()) - 3600, request.body)
+    assert not webhooks.verify(SECRET, stale, request.body)
+
+    [delivered] = deliveries(client, job["id"])
+    assert delivered["status"] == "delivered"
+    assert (delivered["attempts"], delivered["last_status_code"]) == (1, 200)
+    assert delivered["last_error"] is None
+    assert delivered["delivered_at"] is not None
+
+
+def test_a_failed_delivery_is_retried_with_backoff(
+    client: TestClient,
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    policy = webhooks.policy_from(settings)
+    caplog.set_level(logging.DEBUG)
+    with receiving(statuses=(500, 200)) as receiver:
+        job = submit(client, with_callback(receiver.url))
+        client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert webhooks.send_due(session_factory, policy) == 1
+        [failed] = deliveries(client, job["id"])
+        assert (failed["status"], failed["attempts"], failed["last_status_code"]) == (
+            "pending",
+            1,
+            500,
+        )
+        assert "500" in failed["last_error"]
+        retry_in = datetime.fromisoformat(failed["next_attempt_at"]) - datetime.now(UTC)
+        assert 0.5 < retry_in.total_seconds() <= 2.5  # the first backoff: 2 s
+        assert webhooks.send_due(session_factory, policy) == 0  # not due yet: backing off
+
+        wait_until(lambda: webhooks.send_due(session_factory, policy), 10, "the retry")
+        assert len(receiver.received) == 2
+    assert all(
+        webhooks.verify(SECRET, r.headers[webhooks.SIGNATURE_HEADER], r.body)
+        for r in receiver.received
+    )
+    [delivered] = deliveries(client, job["id"])
+    assert (delivered["status"], delivered["attempts"]) == ("delivered", 2)
+    assert "webhook delivery" in caplog.text  # the failure was logged...
+    assert SECRET not in caplog.text  # ...and the secret never is
+
+
+def test_a_delivery_is_given_up_after_the_retry_window(
+    client: TestClient, session_factory: sessionmaker[Session], settings: Settings
+) -> None:
+    policy = webhooks.policy_from(settings.model_copy(update={"webhook_retry_for_seconds": 1.0}))
+    unreachable = f"http://127.0.0.1:{free_port()}/hook"
+    job = submit(client, with_callback(unreachable))
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert webhooks.send_due(session_factory, policy) == 1
+    [failed] = deliveries(client, job["id"])
+    assert (failed["status"], failed["attempts"]) == ("failed", 1)
+    assert failed["last_status_code"] is None
+    assert "ConnectError" in failed["last_error"]
+    assert failed["next_attempt_at"] is None
+    assert webhooks.send_due(session_factory, policy) == 0
+
+
+def test_a_study_gives_each_job_the_callback_and_keeps_no_secret(
+    client: TestClient, session_factory: sessionmaker[Session]
+) -> None:
+    url = "http://127.0.0.1:9/hook"
+    base = with_callback(url, epochs=1)
+    response = client.post("/v1/studies", json={"base": base, "grid": {"seed": [0, 1]}})
+    assert response.status_code == 201, response.text
+    study = response.json()
+    assert SECRET not in response.text
+    shown = client.get(f"/v1/studies/{study['id']}")
+    assert shown.json()["base"]["callback"] == {"url": url}
+    assert SECRET not in shown.text
+    with session_factory() as session:
+        ids = [uuid.UUID(job["id"]) for job in study["jobs"]]
+        secrets = session.scalars(select(JobCallback.secret).where(JobCallback.job_id.in_(ids)))
+        assert list(secrets) == [SECRET, SECRET]
+
+    grid_callback = client.post(
+        "/v1/studies",
+        json={"base": spec_payload(), "grid": {"callback.url": [url, url + "2"]}},
+    )
+    assert grid_callback.status_code == 422
+    refused = client.post(
+        "/v1/studies",
+        json={"base": with_callback("http://10.1.2.3/x"), "grid": {"seed": [0, 1]}},
+    )
+    assert refused.status_code == 422
+    assert "callback.url" in [item["field"] for item in refused.json()["detail"]]
