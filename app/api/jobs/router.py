@@ -150,7 +150,7 @@ def download_checkpoint(
     )
 
 
-@router.get("/{job_id}/deliveries", response_model=DeliveryList, responses=JOB_NOT_FOUND)
+@router.get("/{job_id}/deliveries", response_model=DeliveryList)
 def list_deliveries(job: JobDep, session: SessionDep) -> DeliveryList:
     """The webhook deliveries of the job's end to its callback, oldest first, with outcomes."""
     rows = service.list_deliveries(session, job)
