@@ -1,4 +1,5 @@
-"""End to end: a 2x2x3-seed study from one POST on the embedded default (`trainsvc up`)."""
+"""End to end: a 2x2x3-seed study from one POST, on the embedded default (`trainsvc up`:
+SQLite and its SQL broker) and as in production (PostgreSQL and Redis, `serve` + `worker`)."""
 
 import json
 import subprocess
@@ -28,8 +29,21 @@ STUDY = {
 }
 
 
-def test_study_runs_end_to_end_with_its_report(processes: Processes) -> None:
-    url = processes.api("up")
+@pytest.fixture(params=["embedded", "postgres"])
+def service_url(request: pytest.FixtureRequest, processes: Processes) -> str:
+    if request.param == "embedded":
+        return processes.api("up")
+    processes.env.update(
+        TRAINSVC_DATABASE_URL=request.getfixturevalue("fresh_postgres_url"),
+        TRAINSVC_BROKER_URL=request.getfixturevalue("fresh_redis_url"),
+        TRAINSVC_WORKER_CONCURRENCY="2",
+    )
+    processes.worker()
+    return processes.api("serve")  # auth off: Processes.api sets TRAINSVC_AUTH=off for serve
+
+
+def test_study_runs_end_to_end_with_its_report(processes: Processes, service_url: str) -> None:
+    url = service_url
     grid_file = processes.workdir / "grid.json"
     grid_file.write_text(json.dumps(STUDY))
     created = subprocess.run(
