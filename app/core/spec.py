@@ -236,7 +236,7 @@ EverySteps = Annotated[
 class LandscapeSpec(_Strict):
     """Santurkar et al. 2018, section 3.2: loss and gradient along the gradient direction."""
 
-    every_steps: EverySteps = 25
+    every_steps: EverySteps = 100
     step_multipliers: list[Annotated[float, Field(gt=0.0, le=1000.0)]] = Field(
         [0.5, 1.0, 2.0, 4.0],
         min_length=1,
@@ -249,15 +249,15 @@ class CovariateShiftSpec(_Strict):
     """Santurkar et al. 2018, definition 2.1: a layer's gradient before and after the layers
     before it take their update, on the same batch."""
 
-    every_steps: EverySteps = 25
+    every_steps: EverySteps = 100
 
 
 class GradientNoiseSpec(_Strict):
     """McCandlish et al. 2018: the simple noise scale tr(Sigma) / |G|^2."""
 
-    every_steps: EverySteps = 25
+    every_steps: EverySteps = 100
     micro_batch_size: int = Field(
-        4, ge=1, le=1024, description="samples per gradient estimate (1: per-example gradients)"
+        8, ge=1, le=1024, description="samples per gradient estimate (1: per-example gradients)"
     )
 
 
