@@ -14,6 +14,7 @@ from app.core.spec import JobSpec
 from tests.training.helpers import data_for, make_spec, train
 from worker.training.loop import TrainingRun
 from worker.training.probes import (
+    LandscapeSample,
     measure_covariate_shift,
     measure_gradient_noise,
     measure_landscape,
@@ -318,3 +319,21 @@ def test_an_epoch_shorter_than_every_steps_still_has_a_sample() -> None:
 def test_spec_round_trips_with_diagnostics() -> None:
     spec = make_spec(diagnostics=ALL_PROBES)
     assert JobSpec.model_validate(spec.model_dump()) == spec
+
+
+def test_a_probe_that_overflows_reports_none_not_nan() -> None:
+    """A step of 1000 x lr may overflow where training does not: stored as null, since JSON
+    (and PostgreSQL's json) cannot carry NaN."""
+    spec = make_spec(
+        epochs=1,
+        optimizer={"type": "sgd", "lr": 100.0},
+        diagnostics={"landscape": {"every_steps": 1, "step_multipliers": [1000.0]}},
+        model={"hidden_sizes": [8], "activation": "tanh"},
+    )
+    run = TrainingRun(spec, data_for(spec))
+    run.probes.landscape.append(  # type: ignore[union-attr]
+        LandscapeSample(float("nan"), 1.0, float("inf"), 1.0, 1.0)
+    )
+    report = run.probes.epoch_report(torch.ones(3))  # type: ignore[union-attr]
+    assert report["landscape"]["loss_variation_max"] is None
+    assert report["landscape"]["gradient_predictiveness_max"] == 1.0

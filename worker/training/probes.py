@@ -30,6 +30,7 @@ noise included; its random draws are undone afterwards. Probes compute in float3
 autocast).
 """
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -235,6 +236,18 @@ def measure_gradient_noise(
 # -- sampling within training and the per-epoch report ---------------------------------------
 
 
+def _finite(value: Any) -> Any:
+    """NaN and infinities as None: a probe step 4 x lr long may overflow where training does
+    not, and JSON (and PostgreSQL's json) cannot carry them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _mean_max(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
@@ -310,7 +323,8 @@ class Probes:
         if self.spec.gradient_noise:
             report["gradient_noise"] = self._noise_report(grad_norms)
         self._reset()
-        return report
+        finite: dict[str, Any] = _finite(report)
+        return finite
 
     def _landscape_report(self) -> dict[str, Any]:
         samples = self.landscape
