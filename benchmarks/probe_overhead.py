@@ -2,8 +2,9 @@
 of every epoch): the landscape, the covariate shift, the gradient noise, and all three.
 
 Each configuration trains the same spec in this process with probes off and on, alternating
-which goes first (a busy neighbour slows both alike), and prints the median job time and the
-ratio on/off. docs/benchmarks.md records a run:
+which goes first, and prints the median job time and the ratio on/off. Job time is this
+process's CPU time (time.process_time, with OMP_NUM_THREADS=1): on a shared machine wall time
+swings with the neighbours' load far more than the probes cost. docs/benchmarks.md records a run:
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/probe_overhead.py [--repeats 3]
 """
@@ -58,15 +59,15 @@ def job_seconds(payload: dict[str, Any]) -> float:
     spec = JobSpec.model_validate({**payload, "device": "cpu"})
     info = BUILTIN_DATASETS[spec.dataset.name]
     data = prepare(spec.dataset, info, load_builtin(spec.dataset))
-    started = time.perf_counter()
+    started = time.process_time()
     run = TrainingRun(spec, data)
     for _ in run.epochs():
         pass
-    return time.perf_counter() - started
+    return time.process_time() - started
 
 
 def main(repeats: int) -> None:
-    print("probe overhead at the default sampling: median job seconds, ratio on/off")
+    print("probe overhead at the default sampling: median job CPU seconds, ratio on/off")
     for job_name, job in JOBS.items():
         print(f"\n{job_name}")
         job_seconds(job)  # warm up: imports, the dataset, allocator
