@@ -55,7 +55,7 @@ def wait_for(client: httpx.Client, study_id: str) -> dict[str, Any]:
         counts = study["counts"]
         if not counts.get("queued") and not counts.get("running"):
             return study
-        print(f"  {study['name']}: {counts}", flush=True)
+        print(f"  {study.get('preset') or study['id']}: {counts}", flush=True)
         time.sleep(10)
 
 
@@ -88,7 +88,7 @@ def print_table(name: str, report: dict[str, Any]) -> None:
                 print(f"- {value['reading']}")
 
 
-def main(out: Path, port: int) -> None:
+def main(out: Path, port: int, only: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="trainsvc-why-"))
     env = {
@@ -111,6 +111,8 @@ def main(out: Path, port: int) -> None:
             wait_until_up(client, time.monotonic() + 120)
             ids = {}
             for preset, overrides in STUDIES.items():
+                if only and preset not in only:
+                    continue
                 response = client.post("/v1/studies", json={"preset": preset, **overrides})
                 response.raise_for_status()
                 ids[preset] = response.json()["id"]
@@ -134,5 +136,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("docs/why"))
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--only", nargs="*", default=[], choices=list(STUDIES))
     args = parser.parse_args()
-    main(args.out, args.port)
+    main(args.out, args.port, args.only)

@@ -99,14 +99,17 @@ PRESETS = {
         ),
         Preset(
             "why-batchnorm-helps",
-            "Why batch norm helps (Santurkar et al. 2018): a six-layer MLP (6x32) and a "
-            "six-layer CNN (6x32) on digits, with and without batch_norm, at lr 0.05 (both "
-            "train) and 0.5 (only batch norm does), SGD with momentum; every job measures the "
-            "loss landscape along the gradient, internal covariate shift and the gradient "
-            "noise scale (plots landscape, covariate_shift, gradient_noise).",
+            "Why batch norm helps (Santurkar et al. 2018): a four-layer MLP (4x32) and a "
+            "four-layer CNN (4x32) on digits, with and without batch_norm, at lr 0.05 (both "
+            "train: a plain 4x32 MLP reached 0.95 in 8 epochs, seed 0) and 0.5 (only batch "
+            "norm does: the plain nets fall to chance), SGD with momentum; every job measures "
+            "the loss landscape along the gradient, internal covariate shift and the gradient "
+            "noise scale (plots landscape, covariate_shift, gradient_noise). Deeper plain nets "
+            "do not train at lr 0.05 in this budget (6x32: 0.46 for the MLP, chance for the "
+            "CNN), and a net stuck at chance looks smooth for the wrong reason.",
             {
                 "dataset": {"name": "digits"},
-                "model": {"hidden_sizes": [32] * 6, "activation": "relu"},
+                "model": {"hidden_sizes": [32] * 4, "activation": "relu"},
                 "optimizer": {"type": "sgd", "momentum": 0.9},
                 "epochs": 10,
                 "diagnostics": {
