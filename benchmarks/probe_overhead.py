@@ -32,7 +32,7 @@ JOBS: dict[str, dict[str, Any]] = {
         "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9},
         "epochs": 20,
     },
-    "mlp 6x64 bn+dropout, mnist1d, batch 32 (100 steps/epoch)": {
+    "mlp 6x64 bn+dropout, mnist1d, batch 32 (125 steps/epoch)": {
         "dataset": {"name": "mnist1d", "batch_size": 32},
         "model": {
             "hidden_sizes": [64] * 6,
