@@ -245,6 +245,52 @@ class CallbackSpec(_Strict):
         return self
 
 
+# Probes that measure *why* a configuration trains as it does (worker/training/probes.py).
+# Each is off unless asked for; a job that asks for none trains exactly as one without them.
+EverySteps = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=10_000,
+        description="probe at step 0 of each epoch and every N steps after it within the epoch",
+    ),
+]
+
+
+class LandscapeSpec(_Strict):
+    """Santurkar et al. 2018, section 3.2: loss and gradient along the gradient direction."""
+
+    every_steps: EverySteps = 100
+    step_multipliers: list[Annotated[float, Field(gt=0.0, le=1000.0)]] = Field(
+        [0.5, 1.0, 2.0, 4.0],
+        min_length=1,
+        max_length=8,
+        description="s in theta - s * lr * gradient; each positive and finite",
+    )
+
+
+class CovariateShiftSpec(_Strict):
+    """Santurkar et al. 2018, definition 2.1: a layer's gradient before and after the layers
+    before it take their update, on the same batch."""
+
+    every_steps: EverySteps = 100
+
+
+class GradientNoiseSpec(_Strict):
+    """McCandlish et al. 2018: the simple noise scale tr(Sigma) / |G|^2."""
+
+    every_steps: EverySteps = 100
+    micro_batch_size: int = Field(
+        8, ge=1, le=1024, description="samples per gradient estimate (1: per-example gradients)"
+    )
+
+
+class DiagnosticsSpec(_Strict):
+    landscape: LandscapeSpec | None = None
+    covariate_shift: CovariateShiftSpec | None = None
+    gradient_noise: GradientNoiseSpec | None = None
+
+
 class JobSpec(_Strict):
     name: Text | None = Field(None, max_length=200)
     dataset: DatasetSpec
@@ -264,6 +310,9 @@ class JobSpec(_Strict):
     callback: CallbackSpec | None = Field(
         None, description="POSTed to, signed, when the job ends (see README: Webhooks)"
     )
+    diagnostics: DiagnosticsSpec | None = Field(
+        None, description="opt-in probes of the loss landscape, covariate shift, gradient noise"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -277,6 +326,16 @@ class JobSpec(_Strict):
                 "schedule.warmup_epochs",
                 f"schedule.warmup_epochs ({self.schedule.warmup_epochs}) must be below "
                 f"epochs ({self.epochs})",
+            )
+        noise = self.diagnostics.gradient_noise if self.diagnostics else None
+        if (
+            noise is not None
+            and noise.micro_batch_size == 1
+            and self.model.normalization.type == "batch_norm"
+        ):
+            raise SpecError(
+                "diagnostics.gradient_noise.micro_batch_size",
+                "batch_norm cannot train on one sample: use a micro_batch_size of 2 or more",
             )
         if self.schedule.type == "cosine" and self.schedule.min_lr > self.optimizer.lr:
             raise SpecError(

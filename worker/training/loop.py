@@ -32,6 +32,7 @@ from worker.training.data import PreparedData
 from worker.training.diagnostics import LayerDiagnostics
 from worker.training.models import build_model
 from worker.training.optim import build_optimizer, lr_factor
+from worker.training.probes import Probes
 
 # The fixed training slice evaluated in eval mode every epoch: the training side of the
 # generalization gap, and the probe batch for per-layer statistics. Evaluated in one chunk.
@@ -123,6 +124,12 @@ class TrainingRun:
         self.x_train_probe = self.x_train[:TRAIN_EVAL_SAMPLES]
         self.y_train_probe = self.y_train[:TRAIN_EVAL_SAMPLES]
         self.layer_diagnostics = LayerDiagnostics(self.model)
+        # Built only when asked for: a job without probes draws and runs nothing extra.
+        self.probes = (
+            Probes(spec.diagnostics, self.model, self.x_train, self.y_train, self.batch_size)
+            if spec.diagnostics
+            else None
+        )
         self.optimizer = build_optimizer(spec.optimizer, self.model.parameters())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -180,7 +187,11 @@ class TrainingRun:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norms[step] = self.layer_diagnostics.clip_and_measure(self.spec.grad_clip_norm)
+            if self.probes is not None:
+                self.probes.before_step(step, x, y, self.optimizer.param_groups[0]["lr"])
             self.optimizer.step()
+            if self.probes is not None:
+                self.probes.after_step(x, y)
             if self.scheduled:
                 self.scheduler.step()
             step_losses[step] = loss.detach()
@@ -217,6 +228,8 @@ class TrainingRun:
             "step_loss_std": float(step_losses.std()) if self.steps_per_epoch > 1 else 0.0,
             "layers": self.layer_diagnostics.epoch_report(self.steps_per_epoch),
         }
+        if self.probes is not None:
+            diagnostics.update(self.probes.epoch_report(grad_norms))
         improved = self._update_progress(epoch, metrics, gap)
         self._take_snapshot()
         if improved:

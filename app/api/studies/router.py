@@ -131,7 +131,8 @@ def delete_study(study: StudyDep, session: SessionDep) -> Response:
 
 def _plot_urls(study: Study) -> dict[str, str]:
     return {
-        name: f"/v1/studies/{study.id}/plots/{name}.png" for name in plots.available(study.grid)
+        name: f"/v1/studies/{study.id}/plots/{name}.png"
+        for name in plots.available(study.grid, study.base)
     }
 
 
@@ -172,8 +173,8 @@ def get_report(
     responses={200: {"content": {"image/png": {}}}},
 )
 def get_plot(study: StudyDep, name: str, session: SessionDep, cache: PlotCacheDep) -> Response:
-    """A plot of the study: learning_curves, gap_by_dropout, accuracy_by_lr (see the report)."""
-    names = plots.available(study.grid)
+    """A plot of the study: one of the names the report lists under plots."""
+    names = plots.available(study.grid, study.base)
     if name not in names:
         raise PlotNotFound(f"study {study.id} has no plot {name!r}; it has {', '.join(names)}")
     counts = service.job_counts(session, [study.id])[study.id]

@@ -41,7 +41,7 @@ from app.core.models import EpochMetric, Job, JobStatus, Study
 from app.core.models.jobs import ACTIVE_STATUSES
 from app.core.studies.grid import check_axes, expand, point_error
 from app.core.studies.presets import resolve_preset
-from app.core.studies.report import Run
+from app.core.studies.report import PROBE_METRICS, Run
 from app.core.tenancy import Caller, scoped
 
 
@@ -257,6 +257,7 @@ def load_runs(session: Session, study: Study) -> list[Run]:
             EpochMetric.epoch_seconds,
             EpochMetric.diagnostics["generalization_gap"].as_float(),
             EpochMetric.diagnostics["step_loss_std"].as_float(),
+            *(EpochMetric.diagnostics[path].as_float() for path in PROBE_METRICS.values()),
         )
         .join(Job, Job.id == EpochMetric.job_id)
         .where(Job.study_id == study.id)
@@ -271,4 +272,6 @@ def load_runs(session: Session, study: Study) -> list[Run]:
         run.epochs = columns[0].astype(np.int64)
         run.val_loss, run.val_accuracy, run.epoch_seconds = columns[1], columns[2], columns[3]
         run.gap, run.step_loss_std = columns[4], columns[5]
+        probes = dict(zip(PROBE_METRICS, columns[6:], strict=True))
+        run.probes = {name: values for name, values in probes.items() if np.isfinite(values).any()}
     return list(runs.values())

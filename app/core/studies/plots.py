@@ -13,17 +13,49 @@ from numpy.typing import NDArray
 from app.core.studies.grid import SEED_AXIS, configuration_of, point_key
 from app.core.studies.report import LR_AXIS, Run, configurations_in_order
 
+# The probes' plots (issue 12), each drawn where the study's base spec asks for its probe:
+# plot name -> (the probe in JobSpec.diagnostics, [(PROBE_METRICS name, axis title), ...]).
+PROBE_PLOTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "landscape": (
+        "landscape",
+        [
+            ("loss_variation", "loss variation"),
+            ("gradient_predictiveness", "gradient predictiveness |g - g'|"),
+            ("beta_smoothness", "effective beta-smoothness"),
+            ("loss_variation_relative", "loss variation / loss"),
+            ("gradient_predictiveness_relative", "|g - g'| / |g|"),
+            ("beta_smoothness_relative", "beta-smoothness / |g|"),
+        ],
+    ),
+    "covariate_shift": (
+        "covariate_shift",
+        [
+            ("ics_l2_relative", "ICS |G - G'| / |G| (layers 2..)"),
+            ("ics_cosine", "ICS cos(G, G') (layers 2..)"),
+        ],
+    ),
+    "gradient_noise": (
+        "gradient_noise",
+        [
+            ("gradient_noise_scale", "gradient noise scale B_simple"),
+            ("grad_norm_var", "gradient norm variance over steps"),
+        ],
+    ),
+}
+
 DROPOUT_AXIS = "model.dropout.rate"
 NORMALIZATION_AXIS = "model.normalization.type"
 
 
-def available(grid: dict[str, list[Any]]) -> list[str]:
-    """The plots a study with this grid has."""
+def available(grid: dict[str, list[Any]], base: dict[str, Any] | None = None) -> list[str]:
+    """The plots a study with this grid (and base spec, whose probes add theirs) has."""
     names = ["learning_curves"]
     if len(grid.get(DROPOUT_AXIS, [])) > 1:
         names.append("gap_by_dropout")
     if len(grid.get(LR_AXIS, [])) > 1:
         names.append("accuracy_by_lr")
+    probes = (base or {}).get("diagnostics") or {}
+    names += [name for name, (probe, _) in PROBE_PLOTS.items() if probes.get(probe)]
     return names
 
 
@@ -44,11 +76,15 @@ def _finished(runs: list[Run]) -> list[Run]:
 def curve_over_seeds(
     runs: list[Run], metric: str
 ) -> tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]]:
-    """Epochs, mean and standard deviation over the runs that reached each epoch."""
+    """Epochs, mean and standard deviation over the runs that reached each epoch; `metric` is
+    a Run field or a probe figure (report.PROBE_METRICS)."""
     last = max(int(run.epochs.max()) for run in runs)
     table = np.full((len(runs), last), np.nan)
     for row, run in enumerate(runs):
-        table[row, run.epochs - 1] = getattr(run, metric)
+        if hasattr(run, metric):
+            table[row, run.epochs - 1] = getattr(run, metric)
+        elif metric in run.probes:
+            table[row, run.epochs - 1] = run.probes[metric]
     counts = np.sum(np.isfinite(table), axis=0)
     keep = counts > 0
     means = np.nanmean(table[:, keep], axis=0)
@@ -149,8 +185,37 @@ def _by_axis(
     return _png(figure)
 
 
+def probe_curves(name: str, grid: dict[str, list[Any]], runs: list[Run]) -> bytes:
+    """A probe's figures by epoch, one line per configuration (mean ± sd over seeds), as in
+    Santurkar et al.'s figure 4; raw figures above, relative ones below for the landscape."""
+    panels = PROBE_PLOTS[name][1]
+    columns = min(len(panels), 3)
+    rows = (len(panels) + columns - 1) // columns
+    figure = _figure(4.2 * columns, 3.4 * rows)
+    grid_axes = np.atleast_1d(figure.subplots(rows, columns)).reshape(-1)
+    for (metric, title), axes in zip(panels, grid_axes, strict=True):
+        for configuration, members in _groups(grid, runs, ()):
+            measured = [run for run in members if metric in run.probes]
+            if not measured:
+                continue
+            epochs, mean, spread = curve_over_seeds(measured, metric)
+            (line,) = axes.plot(epochs, mean, label=_label(configuration_of(configuration)))
+            axes.fill_between(
+                epochs, mean - spread, mean + spread, alpha=0.2, color=line.get_color()
+            )
+        positive = [line.get_ydata() for line in axes.lines]
+        if positive and all(np.nanmin(np.asarray(y, dtype=float)) > 0 for y in positive):
+            axes.set_yscale("log")  # these figures span orders of magnitude across configurations
+        axes.set(xlabel="epoch", title=title)
+    if grid_axes[0].lines:
+        grid_axes[0].legend(fontsize="x-small")
+    return _png(figure)
+
+
 def draw(name: str, grid: dict[str, list[Any]], runs: list[Run]) -> bytes:
     """The named plot as PNG bytes; the caller checks the name against available()."""
+    if name in PROBE_PLOTS:
+        return probe_curves(name, grid, runs)
     if name == "gap_by_dropout":
         return _by_axis(
             grid,

@@ -97,6 +97,55 @@ PRESETS = {
                 "seed": SEEDS,
             },
         ),
+        Preset(
+            "why-batchnorm-helps",
+            "Why batch norm helps (Santurkar et al. 2018): a four-layer MLP (4x32) and a "
+            "four-layer CNN (4x32) on digits, with and without batch_norm, at lr 0.05 (both "
+            "train: a plain 4x32 MLP reached 0.95 in 8 epochs, seed 0) and 0.5 (only batch "
+            "norm does: the plain nets fall to chance), SGD with momentum; every job measures "
+            "the loss landscape along the gradient, internal covariate shift and the gradient "
+            "noise scale (plots landscape, covariate_shift, gradient_noise). Deeper plain nets "
+            "do not train at lr 0.05 in this budget (6x32: 0.46 for the MLP, chance for the "
+            "CNN), and a net stuck at chance looks smooth for the wrong reason.",
+            {
+                "dataset": {"name": "digits"},
+                "model": {"hidden_sizes": [32] * 4, "activation": "relu"},
+                "optimizer": {"type": "sgd", "momentum": 0.9},
+                "epochs": 10,
+                "diagnostics": {
+                    "landscape": {"every_steps": 10, "step_multipliers": [0.5, 1.0, 2.0, 4.0]},
+                    "covariate_shift": {"every_steps": 10},
+                    "gradient_noise": {"every_steps": 10},
+                },
+            },
+            {
+                "model.architecture": ["mlp", "cnn"],
+                "model.normalization.type": ["none", "batch_norm"],
+                "optimizer.lr": [0.05, 0.5],
+                "seed": SEEDS,
+            },
+        ),
+        Preset(
+            "why-dropout-helps",
+            "How dropout (and batch norm) change the gradient noise scale (McCandlish et al. "
+            "2018) and the landscape: a wide MLP (2x256) on 300 digits with 20% noisy labels, "
+            "dropout 0, 0.3 and 0.6, with and without batch_norm, Adam 1e-3.",
+            {
+                "dataset": {"name": "digits", "train_subset": 300, "label_noise": 0.2},
+                "model": {"architecture": "mlp", "hidden_sizes": [256, 256]},
+                "optimizer": {"type": "adam", "lr": 0.001},
+                "epochs": 30,
+                "diagnostics": {
+                    "landscape": {"every_steps": 2},
+                    "gradient_noise": {"every_steps": 2},
+                },
+            },
+            {
+                "model.normalization.type": ["none", "batch_norm"],
+                "model.dropout.rate": [0.0, 0.3, 0.6],
+                "seed": SEEDS,
+            },
+        ),
     )
 }
 

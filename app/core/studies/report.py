@@ -23,6 +23,20 @@ CHANCE_MARGIN = 0.1
 # The default target: this fraction of the best configuration's mean best accuracy.
 DEFAULT_TARGET_FRACTION = 0.95
 ENDED = ("succeeded", "failed", "cancelled")
+# The probes' per-epoch figures a report aggregates (issue 12, JobSpec.diagnostics): a name for
+# the report, and the path to the figure in an epoch's stored diagnostics.
+PROBE_METRICS: dict[str, tuple[str, str]] = {
+    "loss_variation": ("landscape", "loss_variation_mean"),
+    "loss_variation_relative": ("landscape", "loss_variation_relative_mean"),
+    "gradient_predictiveness": ("landscape", "gradient_predictiveness_mean"),
+    "gradient_predictiveness_relative": ("landscape", "gradient_predictiveness_relative_mean"),
+    "beta_smoothness": ("landscape", "beta_smoothness_mean"),
+    "beta_smoothness_relative": ("landscape", "beta_smoothness_relative_mean"),
+    "ics_l2_relative": ("covariate_shift", "ics_l2_relative_mean"),
+    "ics_cosine": ("covariate_shift", "ics_cosine_mean"),
+    "gradient_noise_scale": ("gradient_noise", "gradient_noise_scale"),
+    "grad_norm_var": ("gradient_noise", "grad_norm_var"),
+}
 
 
 @dataclass
@@ -40,6 +54,8 @@ class Run:
     gap: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     step_loss_std: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     epoch_seconds: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    # PROBE_METRICS name -> per-epoch values (NaN where an epoch has none); empty without probes
+    probes: dict[str, NDArray[np.float64]] = field(default_factory=dict)
 
     @property
     def diverged(self) -> bool:
@@ -164,6 +180,9 @@ def build_report(
                 "seconds_per_epoch": _aggregate([s.seconds_per_epoch for s in done]),
             }
         )
+        probed = _probe_rows(members, summaries)
+        if probed:
+            rows[-1]["probes"] = probed
     return {
         "complete": not counts["queued"] and not counts["running"],
         "counts": counts,
@@ -174,6 +193,34 @@ def build_report(
         "max_stable_lr": max_stable_lr(grid, runs, summaries),
         "effects": effects(grid, runs, summaries, reached),
     }
+
+
+def probe_values(run: Run, name: str) -> tuple[float | None, float | None]:
+    """A run's mean over its epochs, and its last epoch's value, of one probe figure."""
+    values = run.probes.get(name)
+    if values is None or values.size == 0:
+        return None, None
+    finite = values[np.isfinite(values)]
+    mean = float(finite.mean()) if finite.size else None
+    return mean, float(values[-1]) if np.isfinite(values[-1]) else None
+
+
+def _probe_rows(
+    members: list[Run], summaries: dict[uuid.UUID, statistics.RunSummary | None]
+) -> dict[str, Any]:
+    """Per probe figure: the mean over seeds, with a bootstrap interval, of each seed's mean
+    over epochs and of its final epoch's value. Only figures some run measured."""
+    done = [r for r in members if summaries[r.job_id] is not None]
+    rows: dict[str, Any] = {}
+    for name in PROBE_METRICS:
+        pairs = [probe_values(run, name) for run in done]
+        if not any(mean is not None for mean, _ in pairs):
+            continue
+        rows[name] = {
+            "over_epochs": asdict(statistics.mean_interval([mean for mean, _ in pairs])),
+            "final_epoch": asdict(statistics.mean_interval([final for _, final in pairs])),
+        }
+    return rows
 
 
 def max_stable_lr(
@@ -283,7 +330,7 @@ def _effect(
         if t.gap_final is not None and b.gap_final is not None
     ]
     gap = statistics.paired_difference([t for t, _ in gap_pairs], [b for _, b in gap_pairs])
-    return {
+    found: dict[str, Any] = {
         "axis": axis,
         "value": value,
         "baseline": baseline,
@@ -304,3 +351,30 @@ def _effect(
             "reading": statistics.read_difference(label, "the generalization gap", gap),
         },
     }
+    probes = _probe_effects(label, pairs)
+    if probes:
+        found["probes"] = probes
+    return found
+
+
+def _probe_effects(
+    label: str, pairs: list[tuple[Run, statistics.RunSummary, Run, statistics.RunSummary]]
+) -> dict[str, Any]:
+    """Each probe figure (a run's mean over epochs): this - baseline, paired."""
+    found: dict[str, Any] = {}
+    for name in PROBE_METRICS:
+        values = [
+            (treated, base)
+            for run, _, partner, _ in pairs
+            if (treated := probe_values(run, name)[0]) is not None
+            and (base := probe_values(partner, name)[0]) is not None
+        ]
+        if not values:
+            continue
+        effect = statistics.paired_difference([t for t, _ in values], [b for _, b in values])
+        found[name] = {
+            **asdict(effect),
+            "kind": "difference: this - baseline, mean over epochs",
+            "reading": statistics.read_difference(label, name.replace("_", " "), effect),
+        }
+    return found

@@ -126,6 +126,25 @@ def paired_difference(
     return Estimate(estimate, low, high, n)
 
 
+def mean_interval(
+    values: list[float | None] | list[float],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = CONFIDENCE,
+) -> Estimate:
+    """The mean of the values present, with a percentile bootstrap interval of the mean."""
+    present = _floats([v for v in values if v is not None])
+    present = present[np.isfinite(present)]
+    n = int(present.size)
+    if n == 0:
+        return Estimate(None, None, None, 0)
+    if n < 2:
+        return Estimate(float(present.mean()), None, None, n)
+    means = present[_bootstrap_indices(n, resamples, seed)].mean(axis=1)
+    low, high = _interval(means, confidence)
+    return Estimate(float(present.mean()), low, high, n)
+
+
 def paired_ratio(
     baseline: ArrayLike,
     treated: ArrayLike,
