@@ -133,9 +133,11 @@ export class EventStreamParser {
 
   push(text) {
     this.buffer += text;
-    const lines = this.buffer.split(/\r\n|\r|\n/);
-    // The last piece may be a line still arriving (a lone \r at the end too: wait for \n).
-    this.buffer = lines.pop();
+    // A \r at the very end may be the first half of \r\n: wait for the next chunk.
+    const held = this.buffer.endsWith("\r") ? 1 : 0;
+    const lines = this.buffer.slice(0, this.buffer.length - held).split(/\r\n|\r|\n/);
+    // The last piece is a line still arriving.
+    this.buffer = lines.pop() + (held ? "\r" : "");
     for (const line of lines) this.line(line);
   }
 
