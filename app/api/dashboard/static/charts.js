@@ -31,7 +31,8 @@ export function lineChart({ name, title, help, yLabel, series, data, yRange }) {
     cursor: { drag: { x: false, y: false } },
     scales: { x: { time: false }, y: yRange ? { range: yRange } : {} },
     axes: [
-      { label: "epoch", labelSize: 18, size: 36 },
+      // Whole epochs only: no tick at epoch 2.5.
+      { label: "epoch", labelSize: 18, size: 36, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000] },
       { label: yLabel, labelSize: 18, size: 56 },
     ],
     series: [

@@ -26,6 +26,9 @@ import { selection } from "./selection.js";
 
 // How often, at most, the per-layer statistics (not carried by epoch events) are re-read.
 const LAYER_REFRESH_MS = 1000;
+// How often, at most, a training job's checkpoint list is re-read (the worker rewrites `last`
+// every TRAINSVC_CHECKPOINT_EVERY_SECONDS).
+const CHECKPOINT_REFRESH_MS = 15000;
 
 function fact(label, ...value) {
   return el("div", { class: "fact" }, el("dt", {}, label), el("dd", {}, ...value));
@@ -54,6 +57,7 @@ export function jobView(root, jobId, context) {
   const epochs = new Map(); // epoch -> metrics row
   let stream = null;
   let stopped = false;
+  let checkpointsReadAt = 0;
   const layerCharts = { key: null, activation: null, gradient: null };
 
   const head = el("div", { class: "page-head" });
@@ -316,10 +320,11 @@ export function jobView(root, jobId, context) {
   }
 
   async function drawCheckpoints() {
+    checkpointsReadAt = Date.now();
     try {
       const { items } = await getJSON(`/v1/jobs/${jobId}/checkpoints`);
       if (!items.length) {
-        clear(checkpoints, el("p", { class: "empty" }, "None yet: a checkpoint is saved after each epoch."));
+        clear(checkpoints, el("p", { class: "empty" }, "None yet: the latest is saved every so often while the job trains (TRAINSVC_CHECKPOINT_EVERY_SECONDS) and when it ends."));
         return;
       }
       clear(
@@ -366,6 +371,7 @@ export function jobView(root, jobId, context) {
       merge(data);
       drawSoon();
       refreshLayersSoon();
+      if (Date.now() - checkpointsReadAt > CHECKPOINT_REFRESH_MS) drawCheckpoints();
       return;
     }
     if (type === "status") {

@@ -59,7 +59,8 @@ function stat(value, format) {
 }
 
 const METRICS = {
-  best_val_accuracy: { label: "Best val accuracy", format: (v) => percent(v, 2) },
+  // A difference of accuracies, in percentage points.
+  best_val_accuracy: { label: "Best val accuracy", format: (v) => `${v > 0 ? "+" : ""}${(v * 100).toFixed(2)} pp` },
   generalization_gap: { label: "Generalization gap", format: (v) => number(v, 3) },
   epochs_to_target: { label: "Epochs to target", format: (v) => `${number(v, 2)}×` },
 };
@@ -91,7 +92,7 @@ function effectsSection(effects) {
     const pad = (high - low) * 0.08 || 1;
     low -= pad;
     high += pad;
-    sections.push(el("h3", {}, label), el("p", { class: "help" }, rows[0][metric].kind, "; bars are 95 % bootstrap intervals, the line marks no effect."));
+    sections.push(el("h3", {}, label), el("p", { class: "help" }, rows[0][metric].kind, metric === "best_val_accuracy" ? " (pp: percentage points)" : "", "; bars are 95 % bootstrap intervals, the line marks no effect."));
     sections.push(el("div", { class: "table-wrap" }, el("table", { class: "plain effects" },
       el("thead", {}, el("tr", {}, ["Change", "Estimate [95 % interval]", "", "Reading"].map((h) => el("th", {}, h)))),
       el("tbody", {}, rows.map((effect) => {
@@ -103,7 +104,7 @@ function effectsSection(effects) {
           el("td", {}, value.reading));
       })))));
   }
-  return el("div", {}, sections);
+  return el("div", { class: "effects-block" }, sections);
 }
 
 function configurationTable(report) {
@@ -127,7 +128,7 @@ function configurationTable(report) {
 }
 
 const PLOT_CAPTIONS = {
-  learning_curves: "Validation accuracy by epoch for each configuration: the line is the mean over seeds, the band their spread.",
+  learning_curves: "Validation loss and accuracy by epoch for each configuration: the line is the mean over seeds, the band ± one standard deviation.",
   gap_by_dropout: "The generalization gap at the end, by dropout rate.",
   accuracy_by_lr: "Best validation accuracy by learning rate, with and without normalization.",
 };
