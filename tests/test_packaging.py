@@ -79,6 +79,19 @@ def test_the_wheel_carries_the_migrations(wheel: Path, repo_root: Path) -> None:
     assert {"migrations/env.py", "migrations/script.py.mako"} <= names
 
 
+def test_the_wheel_carries_the_dashboard(wheel: Path, repo_root: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    static = repo_root / "app" / "api" / "dashboard" / "static"
+    files = {
+        f"app/api/dashboard/static/{p.relative_to(static)}"
+        for p in static.rglob("*")
+        if p.is_file()
+    }
+    assert "app/api/dashboard/static/vendor/uplot/LICENSE" in files
+    assert "app/api/dashboard/static/views/job.js" in files
+    assert files <= names, files - names
+
+
 def test_an_installed_wheel_migrates_and_serves(installed: Path, tmp_path: Path) -> None:
     env = {"PATH": f"{installed}:/usr/bin:/bin", "HOME": str(tmp_path)}
     where = subprocess.run(
@@ -120,6 +133,11 @@ def test_an_installed_wheel_migrates_and_serves(installed: Path, tmp_path: Path)
     )
     try:
         wait_until(lambda: _health(port) == 200, 60, "the installed API's health check")
+        # The dashboard's files come from the wheel too.
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+        assert page.status_code == 200
+        assert "trainsvc dashboard" in page.text
+        assert httpx.get(f"http://127.0.0.1:{port}/views/jobs.js", timeout=5).status_code == 200
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -157,7 +157,8 @@ def _framework_error(request: Request, exc: HTTPException) -> JSONResponse:
     if exc.status_code == 404 and exc.detail == "Not Found":
         detail = f"no route {request.url.path}"
     elif exc.status_code == 405 and exc.detail == "Method Not Allowed":
-        headers["Allow"] = _allowed_methods(request)
+        # Routes the router cannot ask (the dashboard's static files) keep Starlette's answer.
+        headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "GET, HEAD")
         detail = (
             f"{request.method} is not allowed on {request.url.path}; allowed: {headers['Allow']}"
         )

@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.api.auth import install_auth
+from app.api.dashboard.router import router as dashboard_router
 from app.api.datasets.router import router as datasets_router
 from app.api.errors import document_errors, error_responses, install_error_handlers
 from app.api.events.hub import EventHub
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(studies_router, responses=error_responses(503))
     app.include_router(system_router)
     app.include_router(metrics_router)
+    app.include_router(dashboard_router)  # static pages at /, after every API route
     install_error_handlers(app)
     document_errors(app)
     app.add_middleware(

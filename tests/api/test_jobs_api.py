@@ -163,6 +163,29 @@ def test_list_filters_by_status(client: TestClient, session: Session) -> None:
     assert client.get("/v1/jobs", params={"status": "sleeping"}).status_code == 422
 
 
+def test_list_filters_by_tags(client: TestClient, session: Session) -> None:
+    vision = make_job(session, tags={"team": "vision", "note": "a:b c.d"})
+    make_job(session, tags={"team": "speech"})
+    make_job(session, tags={"owner": "vision"})
+    make_job(session, tags={})
+    session.commit()
+
+    def ids(*tags: str) -> list[str]:
+        response = client.get("/v1/jobs", params={"tag": list(tags)})
+        assert response.status_code == 200, response.text
+        return [item["id"] for item in response.json()["items"]]
+
+    assert ids("team:vision") == [str(vision.id)]
+    # The value may hold colons and dots; several tags must all hold.
+    assert ids("team:vision", "note:a:b c.d") == [str(vision.id)]
+    assert ids("team:vision", "note:other") == []
+    assert ids("team:nobody") == []
+    for malformed in ("team", ":vision", 'te"am:x', "team:\x00"):
+        response = client.get("/v1/jobs", params={"tag": malformed})
+        assert response.status_code == 422, malformed
+        assert response.json()["error"] == "validation_error"
+
+
 def test_cancel_queued_job_is_immediate(client: TestClient) -> None:
     job_id = client.post("/v1/jobs", json=spec_payload()).json()["id"]
     response = client.post(f"/v1/jobs/{job_id}/cancel")

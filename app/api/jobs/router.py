@@ -5,6 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response, status
 from fastapi.responses import StreamingResponse
+from pydantic import StringConstraints
 
 from app.api.auth import AUTH_RESPONSES, CallerDep, get_caller
 from app.api.dependencies import DispatcherDep, SessionDep, SessionFactoryDep, SettingsDep
@@ -31,6 +32,11 @@ router = APIRouter(
     dependencies=[Depends(get_caller)],
     responses=AUTH_RESPONSES,
 )
+# A tag filter is key:value, as a spec's tags allow them (key up to 64 characters, value up to
+# 256; no NUL, which PostgreSQL text cannot hold); the key holds no colon, the value may. The
+# key also holds no quote or backslash: SQLite reads it inside a JSON path.
+TAG_FILTER_PATTERN = r'^[^:"\\\x00]{1,64}:[^\x00]{0,256}$'
+TagFilter = Annotated[str, StringConstraints(pattern=TAG_FILTER_PATTERN, max_length=64 + 1 + 256)]
 
 
 @router.post(
@@ -73,10 +79,18 @@ def list_jobs(
     tenant: Annotated[
         str | None, Query(max_length=100, description="admin keys: only this tenant's jobs")
     ] = None,
+    tag: Annotated[
+        list[TagFilter] | None,
+        Query(
+            max_length=8,
+            description="key:value: only jobs whose spec has this tag; repeat to require several",
+        ),
+    ] = None,
 ) -> JobPage:
     """List the caller's jobs, newest first; pass next_cursor back as cursor for the next page."""
+    tags = [(key, value) for key, _, value in (item.partition(":") for item in tag or ())]
     jobs, next_cursor = service.list_jobs(
-        session, caller, status, limit, cursor, tenant, study_id=study_id
+        session, caller, status, limit, cursor, tenant, study_id=study_id, tags=tags
     )
     return JobPage(items=[JobRead.from_job(job) for job in jobs], next_cursor=next_cursor)
 

@@ -256,13 +256,19 @@ def list_jobs(
     cursor: str | None,
     tenant: str | None = None,
     study_id: uuid.UUID | None = None,
+    tags: Sequence[tuple[str, str]] = (),
 ) -> tuple[Sequence[Job], str | None]:
-    """Newest first, keyset-paginated on (created_at, id): stable under concurrent inserts."""
+    """Newest first, keyset-paginated on (created_at, id): stable under concurrent inserts.
+
+    `tags` are (key, value) pairs the spec's tags must all hold.
+    """
     query = scoped(select(Job), Job, caller, tenant).options(selectinload(Job.attempt_history))
     if status is not None:
         query = query.where(Job.status == status)
     if study_id is not None:
         query = query.where(Job.study_id == study_id)
+    for key, value in tags:
+        query = query.where(Job.spec["tags"][key].as_string() == value)
     if cursor is not None:
         created_at, job_id = decode_cursor(cursor)
         query = query.where(tuple_(Job.created_at, Job.id) < tuple_(created_at, job_id))

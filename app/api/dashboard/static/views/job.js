@@ -1,0 +1,417 @@
+// One job: its status and attempts, live learning curves and diagnostics, checkpoints, spec,
+// and a cancel button. Metrics come from GET /v1/jobs/{id}/metrics, then live from the job's
+// event stream (which replays its past events too: an epoch seen twice is drawn once).
+
+import { ApiError, followEvents, getJSON, postJSON, request, storedKey } from "../api.js";
+import { columns, lineChart } from "../charts.js";
+import {
+  ENDED,
+  STATUS_HELP,
+  age,
+  bytes,
+  clear,
+  dropoutOf,
+  duration,
+  el,
+  errorBox,
+  jobTitle,
+  moment,
+  normalizationOf,
+  number,
+  percent,
+  progressBar,
+  statusBadge,
+} from "../dom.js";
+import { selection } from "./selection.js";
+
+// How often, at most, the per-layer statistics (not carried by epoch events) are re-read.
+const LAYER_REFRESH_MS = 1000;
+// How often, at most, a training job's checkpoint list is re-read (the worker rewrites `last`
+// every TRAINSVC_CHECKPOINT_EVERY_SECONDS).
+const CHECKPOINT_REFRESH_MS = 15000;
+
+function fact(label, ...value) {
+  return el("div", { class: "fact" }, el("dt", {}, label), el("dd", {}, ...value));
+}
+
+function specFacts(spec) {
+  const model = spec.model || {};
+  const optimizer = spec.optimizer || {};
+  const schedule = spec.schedule || {};
+  const rows = [
+    ["Dataset", `${spec.dataset?.name} (validation ${percent(spec.dataset?.val_fraction, 0)}, batches of ${spec.dataset?.batch_size})`],
+    ["Architecture", `${model.architecture}, hidden sizes ${JSON.stringify(model.hidden_sizes)}, ${model.activation}`],
+    ["Normalization", normalizationOf(spec)],
+    ["Dropout", dropoutOf(spec)],
+    ["Optimizer", `${optimizer.type}, learning rate ${optimizer.lr}${optimizer.momentum ? `, momentum ${optimizer.momentum}` : ""}${optimizer.weight_decay ? `, weight decay ${optimizer.weight_decay}` : ""}`],
+    ["Schedule", schedule.type + (schedule.warmup_epochs ? `, ${schedule.warmup_epochs} warm-up epochs` : "")],
+    ["Epochs, seed", `${spec.epochs} epochs, seed ${spec.seed}`],
+    ["Device", `${spec.device}${spec.mixed_precision !== "none" ? `, ${spec.mixed_precision}` : ""}`],
+    ["Tags", Object.entries(spec.tags || {}).map(([k, v]) => `${k}:${v}`).join(", ") || "none"],
+  ];
+  return el("dl", { class: "spec-facts" }, rows.map(([label, value]) => fact(label, value)));
+}
+
+export function jobView(root, jobId, context) {
+  let job = null;
+  const epochs = new Map(); // epoch -> metrics row
+  let stream = null;
+  let stopped = false;
+  let checkpointsReadAt = 0;
+  const layerCharts = { key: null, activation: null, gradient: null };
+
+  const head = el("div", { class: "page-head" });
+  const facts = el("dl", { class: "facts" });
+  const errorSlot = el("div");
+  const charts = el("div", { class: "charts" });
+  const layers = el("div", { class: "charts" });
+  const attempts = el("div");
+  const checkpoints = el("div");
+  const spec = el("div");
+  root.append(
+    el("p", { class: "crumbs" }, el("a", { href: "#/jobs" }, "← All jobs")),
+    head,
+    errorSlot,
+    facts,
+    el("h2", {}, "Learning curves"),
+    charts,
+    el("h2", {}, "Per layer"),
+    el("p", { class: "help" }, "Measured each epoch on a fixed probe batch: the spread (standard deviation) of each layer's pre-activations, and each layer's gradient norm. Normalization keeps the spread near 1; vanishing or exploding signals show as lines falling to 0 or climbing."),
+    layers,
+    el("h2", {}, "Attempts"),
+    attempts,
+    el("h2", {}, "Checkpoints"),
+    checkpoints,
+    el("h2", {}, "Spec"),
+    spec,
+  );
+
+  const sorted = () => [...epochs.values()].sort((a, b) => a.epoch - b.epoch);
+  const lossChart = lineChart({
+    name: "loss",
+    title: "Loss",
+    help: "Cross-entropy per sample; lower is better.",
+    yLabel: "loss",
+    series: [{ label: "train" }, { label: "validation" }],
+    data: [[], [], []],
+  });
+  const accuracyChart = lineChart({
+    name: "accuracy",
+    title: "Accuracy",
+    help: "Fraction classified correctly.",
+    yLabel: "accuracy",
+    series: [{ label: "train" }, { label: "validation" }],
+    data: [[], [], []],
+  });
+  const gapChart = lineChart({
+    name: "gap",
+    title: "Generalization gap",
+    help: "Validation loss minus loss on the training data (evaluated without dropout). Above 0: overfitting.",
+    yLabel: "loss difference",
+    series: [{ label: "gap" }],
+    data: [[], []],
+  });
+  const gradChart = lineChart({
+    name: "grad_norm",
+    title: "Gradient norm",
+    help: "Global gradient norm over the epoch's steps: mean and largest.",
+    yLabel: "norm",
+    series: [{ label: "mean" }, { label: "max", dash: [4, 4] }],
+    data: [[], [], []],
+  });
+  charts.append(lossChart.card, accuracyChart.card, gapChart.card, gradChart.card);
+
+  function drawLayers(rows) {
+    const withLayers = rows.filter((row) => Array.isArray(row.layers));
+    if (!withLayers.length) {
+      if (!layers.children.length) layers.append(el("p", { class: "empty" }, "No per-layer statistics yet."));
+      return;
+    }
+    const last = withLayers[withLayers.length - 1].layers;
+    const activations = last.filter((layer) => "pre_activation_std" in layer).map((layer) => layer.name);
+    const gradients = last.filter((layer) => "grad_norm" in layer).map((layer) => layer.name);
+    const key = JSON.stringify([activations, gradients]);
+    const pick = (names, field) =>
+      columns(
+        withLayers,
+        names.map((name) => (row) => row.layers.find((layer) => layer.name === name)?.[field]),
+      );
+    if (layerCharts.key !== key) {
+      clear(layers);
+      layerCharts.key = key;
+      layerCharts.activation = lineChart({
+        name: "activation_std",
+        title: "Pre-activation spread",
+        help: "Standard deviation of each layer's input to its activation.",
+        yLabel: "std",
+        series: activations.map((label) => ({ label })),
+        data: pick(activations, "pre_activation_std"),
+      });
+      layerCharts.gradient = lineChart({
+        name: "layer_grad_norm",
+        title: "Gradient norm by layer",
+        help: "Norm of each layer's weight gradient.",
+        yLabel: "norm",
+        series: gradients.map((label) => ({ label })),
+        data: pick(gradients, "grad_norm"),
+      });
+      layers.append(layerCharts.activation.card, layerCharts.gradient.card);
+      return;
+    }
+    layerCharts.activation.update(pick(activations, "pre_activation_std"));
+    layerCharts.gradient.update(pick(gradients, "grad_norm"));
+  }
+
+  let frame = null;
+  function drawSoon() {
+    if (frame !== null) return;
+    frame = requestAnimationFrame(() => {
+      frame = null;
+      const rows = sorted();
+      lossChart.update(columns(rows, [(r) => r.train_loss, (r) => r.val_loss]));
+      accuracyChart.update(columns(rows, [(r) => r.train_accuracy, (r) => r.val_accuracy]));
+      gapChart.update(columns(rows, [(r) => r.generalization_gap]));
+      gradChart.update(columns(rows, [(r) => r.grad_norm_mean, (r) => r.grad_norm_max]));
+      drawLayers(rows);
+      if (job) drawFacts();
+    });
+  }
+
+  function merge(row) {
+    const known = epochs.get(row.epoch);
+    // A resumed attempt may store an epoch again: the newer attempt's numbers win, and the
+    // per-layer statistics (absent from events) stay until re-read.
+    if (known && (row.attempt ?? 0) < (known.attempt ?? 0)) return;
+    epochs.set(row.epoch, { ...known, ...row });
+  }
+
+  let layerTimer = null;
+  function refreshLayersSoon() {
+    if (layerTimer !== null) return;
+    layerTimer = setTimeout(async () => {
+      layerTimer = null;
+      const missing = sorted().filter((row) => !row.layers);
+      if (!missing.length || stopped) return;
+      try {
+        const since = missing[0].epoch - 1;
+        const page = await getJSON(`/v1/jobs/${jobId}/metrics?since_epoch=${since}`);
+        for (const row of page.epochs) merge(row);
+        drawSoon();
+      } catch {
+        // The next epoch tries again.
+      }
+    }, LAYER_REFRESH_MS);
+  }
+
+  // -- header and facts -----------------------------------------------------------------------
+  const cancelArea = el("div", { class: "actions" });
+
+  function drawCancel() {
+    const active = !ENDED.has(job.status);
+    if (!active) {
+      clear(cancelArea);
+    } else if (job.cancel_requested) {
+      clear(cancelArea, el("span", { class: "help" }, "Cancel requested: the job stops within a batch and keeps its checkpoints."));
+    } else if (!cancelArea.querySelector("#cancel-job, #confirm-cancel")) {
+      const cancel = el("button", { type: "button", id: "cancel-job", class: "danger" }, "Cancel job");
+      cancel.addEventListener("click", () => {
+        clear(
+          cancelArea,
+          el("span", {}, "Stop this job? "),
+          el("button", { type: "button", id: "confirm-cancel", class: "danger", onclick: doCancel }, "Yes, cancel it"),
+          el("button", { type: "button", class: "link", onclick: keep }, "No"),
+        );
+      });
+      clear(cancelArea, cancel);
+    }
+  }
+
+  function keep() {
+    clear(cancelArea);
+    drawCancel();
+  }
+
+  async function doCancel() {
+    try {
+      job = await postJSON(`/v1/jobs/${jobId}/cancel`);
+      drawHead();
+      drawFacts();
+    } catch (error) {
+      clear(cancelArea, el("span", { class: "error-text" }, `Could not cancel: ${error.message}`));
+    }
+  }
+
+  function drawHead() {
+    const inSelection = selection.has(job.id);
+    const compare = el(
+      "button",
+      {
+        type: "button",
+        class: "link",
+        onclick() {
+          selection.toggle(job.id, !selection.has(job.id));
+          drawHead();
+        },
+      },
+      inSelection ? "Remove from comparison" : "Add to comparison",
+    );
+    clear(
+      head,
+      el("h1", {}, jobTitle(job), " ", statusBadge(job.status, job.cancel_requested)),
+      el("p", { class: "help" }, `Job ${job.id}`, job.study_id ? [" · part of ", el("a", { href: `#/studies/${job.study_id}` }, "a study")] : null, " · ", compare,
+        selection.ids().length ? [" · ", el("a", { href: `#/compare?jobs=${selection.ids().join(",")}` }, `compare ${selection.ids().length} selected`)] : null),
+      cancelArea,
+    );
+    drawCancel();
+  }
+
+  function drawFacts() {
+    const summary = job.summary || {};
+    const rows = sorted();
+    const bestSoFar = rows.reduce((best, row) => (best && best.val_accuracy >= row.val_accuracy ? best : row), null);
+    const best = summary.best_val_accuracy ?? bestSoFar?.val_accuracy;
+    const bestEpoch = summary.best_epoch ?? bestSoFar?.epoch;
+    const seconds = rows.reduce((sum, row) => sum + (row.epoch_seconds || 0), 0);
+    clear(
+      facts,
+      fact("Status", statusBadge(job.status, job.cancel_requested), el("span", { class: "help" }, ` ${STATUS_HELP[job.status] || ""}`)),
+      fact("Progress", progressBar(job.progress.epoch, job.progress.epochs)),
+      fact("Best val accuracy", percent(best), bestEpoch ? el("span", { class: "help" }, ` at epoch ${bestEpoch}`) : null),
+      fact("Final val loss", number(summary.final_val_loss ?? rows[rows.length - 1]?.val_loss)),
+      fact("Attempts", String(job.attempts)),
+      fact("Training time", duration(seconds), rows.length ? el("span", { class: "help" }, ` (${duration(seconds / rows.length)} per epoch)`) : null),
+      fact("Parameters", summary.parameters ? summary.parameters.toLocaleString() : "–"),
+      fact("Submitted", el("span", { title: moment(job.created_at) }, age(job.created_at))),
+      fact("Finished", job.finished_at ? el("span", { title: moment(job.finished_at) }, age(job.finished_at)) : "–"),
+    );
+    clear(errorSlot, job.error ? el("div", { class: "error-box" }, el("strong", {}, job.error.type), ": ", job.error.message) : null);
+  }
+
+  function drawAttempts() {
+    if (!job.attempt_history.length) {
+      clear(attempts, el("p", { class: "empty" }, "Not started yet: it waits for a free worker."));
+      return;
+    }
+    clear(
+      attempts,
+      el("div", { class: "table-wrap" }, el(
+        "table",
+        { class: "plain" },
+        el("thead", {}, el("tr", {}, ["#", "Worker", "Started", "Ended", "Outcome"].map((h) => el("th", {}, h)))),
+        el("tbody", {}, job.attempt_history.map((a) =>
+          el("tr", {},
+            el("td", {}, String(a.attempt)),
+            el("td", { class: "mono" }, a.worker_id),
+            el("td", {}, moment(a.started_at)),
+            el("td", {}, moment(a.ended_at)),
+            el("td", {}, a.outcome || "running")),
+        )),
+      )),
+    );
+  }
+
+  async function download(event, url, filename) {
+    if (!storedKey()) return; // no key: the browser downloads the link itself, streaming
+    event.preventDefault();
+    const link = el("a", { href: URL.createObjectURL(await (await request(url)).blob()), download: filename });
+    document.body.append(link);
+    link.click();
+    link.remove();
+  }
+
+  async function drawCheckpoints() {
+    checkpointsReadAt = Date.now();
+    try {
+      const { items } = await getJSON(`/v1/jobs/${jobId}/checkpoints`);
+      if (!items.length) {
+        clear(checkpoints, el("p", { class: "empty" }, "None yet: the latest is saved every so often while the job trains (TRAINSVC_CHECKPOINT_EVERY_SECONDS) and when it ends."));
+        return;
+      }
+      clear(
+        checkpoints,
+        el("p", { class: "help" }, "Model weights as safetensors files (load with safetensors.torch.load_file)."),
+        el("div", { class: "table-wrap" }, el(
+          "table",
+          { class: "plain", id: "checkpoints" },
+          el("thead", {}, el("tr", {}, ["Kind", "Epoch", "Size", "Saved", ""].map((h) => el("th", {}, h)))),
+          el("tbody", {}, items.map((c) => {
+            const url = `/v1/jobs/${jobId}/checkpoints/${c.id}`;
+            const filename = `${jobId}-epoch${c.epoch}-${c.kind}.safetensors`;
+            return el("tr", {},
+              el("td", {}, c.kind === "best" ? "best (highest val accuracy)" : "last"),
+              el("td", {}, String(c.epoch)),
+              el("td", {}, bytes(c.size_bytes)),
+              el("td", {}, moment(c.created_at)),
+              el("td", {}, el("a", { href: url, download: filename, onclick: (e) => download(e, url, filename) }, "Download")));
+          })),
+        )),
+      );
+    } catch (error) {
+      clear(checkpoints, errorBox(error));
+    }
+  }
+
+  function drawSpec() {
+    clear(
+      spec,
+      specFacts(job.spec),
+      el("details", {}, el("summary", {}, "The full spec as stored (JSON)"), el("pre", {}, JSON.stringify(job.spec, null, 2))),
+    );
+  }
+
+  async function reloadJob() {
+    job = await getJSON(`/v1/jobs/${jobId}`);
+    drawHead();
+    drawFacts();
+    drawAttempts();
+  }
+
+  function onEvent({ type, data }) {
+    if (type === "epoch") {
+      merge(data);
+      drawSoon();
+      refreshLayersSoon();
+      if (Date.now() - checkpointsReadAt > CHECKPOINT_REFRESH_MS) drawCheckpoints();
+      return;
+    }
+    if (type === "status") {
+      reloadJob().catch(() => {});
+      if (ENDED.has(data.status)) {
+        drawCheckpoints();
+        refreshLayersSoon();
+      } else if (data.status === "running") {
+        drawCheckpoints();
+      }
+    }
+  }
+
+  async function start() {
+    try {
+      await reloadJob();
+    } catch (error) {
+      clear(root, el("p", { class: "crumbs" }, el("a", { href: "#/jobs" }, "← All jobs")),
+        error instanceof ApiError && error.status === 404
+          ? el("div", { class: "empty" }, el("h1", {}, "No such job"), el("p", {}, `There is no job ${jobId}, or it belongs to another tenant.`))
+          : errorBox(error));
+      return;
+    }
+    drawSpec();
+    drawCheckpoints();
+    const page = await getJSON(`/v1/jobs/${jobId}/metrics`);
+    for (const row of page.epochs) merge(row);
+    drawSoon();
+    if (stopped) return;
+    stream = followEvents(`/v1/jobs/${jobId}/events`, {
+      onEvent,
+      onState: context.setLive,
+      done: (event) => event.type === "status" && ENDED.has(event.data.status),
+    });
+  }
+
+  start().catch((error) => root.append(errorBox(error)));
+  return () => {
+    stopped = true;
+    if (stream) stream.close();
+    if (layerTimer) clearTimeout(layerTimer);
+  };
+}

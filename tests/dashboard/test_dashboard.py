@@ -1,0 +1,302 @@
+"""The dashboard in a real browser (headless Chromium) against a live service.
+
+`trainsvc up` (SQLite, a worker, no keys) for what a person watches: a submitted job appears in
+the table and turns succeeded without a reload, its page draws every epoch as it trains, cancel
+works, a study shows its table, compare overlays jobs. `trainsvc serve` with keys on for the key
+prompt. Each test opens its own browser context, so sessionStorage starts empty.
+"""
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.factories import spec_payload
+from tests.support.processes import Processes, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+# Small batches: a few hundred steps an epoch, so a page opened at submit sees epochs arrive.
+SLOW_EPOCHS = 10
+SPEC = spec_payload(
+    name="watched",
+    dataset={"name": "digits", "batch_size": 8},
+    model={
+        "architecture": "mlp",
+        "hidden_sizes": [32, 16],
+        "normalization": {"type": "batch_norm"},
+    },
+    epochs=SLOW_EPOCHS,
+    device="cpu",
+)
+STUDY = {
+    "name": "norm-study",
+    "base": {
+        "dataset": {"name": "digits"},
+        "model": {"architecture": "mlp", "hidden_sizes": [16]},
+        "epochs": 3,
+        "device": "cpu",
+    },
+    "grid": {"model.normalization.type": ["none", "batch_norm"], "seed": [0, 1]},
+}
+TIMEOUT_MS = 120_000
+
+
+@pytest.fixture
+def page(chromium: Any) -> Iterator[Any]:
+    """A fresh page; the test fails on any uncaught error in the page's scripts."""
+    context = chromium.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.set_default_timeout(TIMEOUT_MS)
+    yield page
+    context.close()
+    assert errors == [], errors
+
+
+def _submit(url: str, spec: dict[str, Any], headers: dict[str, str] | None = None) -> str:
+    response = httpx.post(f"{url}/v1/jobs", json=spec, headers=headers or {}, timeout=10)
+    assert response.status_code == 201, response.text
+    job_id: str = response.json()["id"]
+    return job_id
+
+
+def _status(url: str, job_id: str) -> str:
+    status: str = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()["status"]
+    return status
+
+
+def test_the_jobs_table_shows_a_submitted_job_and_follows_it_to_succeeded(
+    processes: Processes, page: Any
+) -> None:
+    url = processes.api("up")
+    page.goto(f"{url}/#/jobs")
+    page.wait_for_selector("#live.state-live")  # the event stream is connected
+    page.wait_for_selector("text=No jobs yet")  # the first page is loaded, and empty
+    assert page.locator("#jobs-table tbody tr").count() == 0
+    assert not page.is_visible("#key-dialog")  # auth off: no prompt
+    page.evaluate("window.__sameDocument = true")  # gone if anything reloads the page
+
+    job_id = _submit(url, SPEC)
+    row = page.locator(f'tr[data-job-id="{job_id}"]')
+    row.wait_for()
+    assert "watched" in row.inner_text()
+    assert "batch norm" in row.locator(".col-normalization").inner_text()
+    page.wait_for_selector(f'tr[data-job-id="{job_id}"][data-status="succeeded"]')
+    # The summary came with the job: the best validation accuracy, as a percentage.
+    page.wait_for_function(
+        f"""() => /\\d+\\.\\d %/.test(document.querySelector(
+            'tr[data-job-id="{job_id}"] .col-best').textContent)"""
+    )
+    assert f"{SLOW_EPOCHS}/{SLOW_EPOCHS}" in row.locator(".col-progress").inner_text()
+    assert page.evaluate("window.__sameDocument") is True
+    assert _status(url, job_id) == "succeeded"
+
+
+def test_the_job_page_draws_every_epoch_as_it_trains(processes: Processes, page: Any) -> None:
+    url = processes.api("up")
+    # Every value the loss chart's data-points takes, from the page's first script on.
+    page.add_init_script(
+        """window.__seenPoints = [];
+        new MutationObserver((changes) => {
+          for (const change of changes) {
+            if (change.target.dataset && change.target.dataset.chart === "loss") {
+              window.__seenPoints.push(Number(change.target.dataset.points));
+            }
+          }
+        }).observe(document,
+                   {subtree: true, attributes: true, attributeFilter: ["data-points"]});"""
+    )
+    job_id = _submit(url, SPEC)
+    page.goto(f"{url}/#/jobs/{job_id}")
+    page.wait_for_selector("h1 .badge.succeeded")
+    page.wait_for_function(
+        f"() => window.__charts.loss && window.__charts.loss.data[0].length === {SLOW_EPOCHS}"
+    )
+    epochs = list(range(1, SLOW_EPOCHS + 1))
+    for name in ("loss", "accuracy", "gap", "grad_norm", "activation_std", "layer_grad_norm"):
+        page.wait_for_function(
+            f"() => window.__charts.{name} && window.__charts.{name}.data[0].length === "
+            f"{SLOW_EPOCHS}"
+        )
+        data = page.evaluate(f"window.__charts.{name}.data")
+        assert data[0] == epochs, name
+        assert all(value is not None for series in data[1:] for value in series), name
+    # train and validation, each a number per epoch
+    assert len(page.evaluate("window.__charts.loss.data")) == 3
+    assert page.get_attribute('[data-chart="accuracy"]', "data-points") == str(SLOW_EPOCHS)
+    # Drawn as epochs arrived, not once at the end.
+    seen = page.evaluate("window.__seenPoints")
+    assert any(0 < points < SLOW_EPOCHS for points in seen), seen
+    # Checkpoints with download links that answer.
+    links = page.locator("#checkpoints a", has_text="Download")
+    assert links.count() == 2
+    href = links.first.get_attribute("href")
+    assert httpx.get(f"{url}{href}", timeout=10).content[:8]  # a safetensors header
+
+
+def test_the_cancel_button_cancels_the_job(processes: Processes, page: Any) -> None:
+    url = processes.api("up")
+    long_job = {
+        **SPEC,
+        "name": "long",
+        "epochs": 500,
+        "dataset": {"name": "digits", "batch_size": 4},
+    }
+    job_id = _submit(url, long_job)
+    page.goto(f"{url}/#/jobs/{job_id}")
+    page.click("#cancel-job")
+    page.click("#confirm-cancel")
+    page.wait_for_selector("h1 .badge.cancelled")
+    assert _status(url, job_id) == "cancelled"
+    assert page.locator("#cancel-job").count() == 0  # nothing left to cancel
+
+
+def test_a_study_page_shows_its_table_and_compare_overlays_picked_jobs(
+    processes: Processes, page: Any
+) -> None:
+    url = processes.api("up")
+    study = httpx.post(f"{url}/v1/studies", json=STUDY, timeout=30).json()
+    study_id = study["id"]
+    wait_until(
+        lambda: httpx.get(f"{url}/v1/studies/{study_id}", timeout=10).json()["ended"],
+        180,
+        "the study to end",
+    )
+    page.goto(f"{url}/#/studies/{study_id}")
+    rows = page.locator("#configurations tbody tr")
+    rows.first.wait_for()
+    assert rows.count() == 2
+    table = page.inner_text("#configurations")
+    assert "batch_norm" in table
+    assert "2 of 2" in table
+    # The server's learning-curve plot (a band over seeds), fetched as a blob and shown.
+    page.wait_for_function(
+        """() => { const img = document.querySelector('img[data-plot="learning_curves"]');
+                   return img && img.complete && img.naturalWidth > 0; }"""
+    )
+
+    # From the study's jobs, tick two and compare them.
+    page.click("text=see its jobs")
+    page.locator("#jobs-table tbody tr").nth(3).wait_for()
+    assert page.locator("#jobs-table tbody tr").count() == 4
+    picked = [
+        page.locator("#jobs-table tbody tr").nth(i).get_attribute("data-job-id") for i in (0, 3)
+    ]
+    for job_id in picked:
+        page.check(f'tr[data-job-id="{job_id}"] input[type=checkbox]')
+    page.click("#compare-selected")
+    page.wait_for_function(
+        "() => window.__charts.compare_val_accuracy "
+        "&& window.__charts.compare_val_accuracy.data.length === 3"
+    )
+    data = page.evaluate("window.__charts.compare_val_accuracy.data")
+    assert data[0] == [1, 2, 3]
+    assert page.locator("#compared tbody tr").count() == 2
+    assert set(re.findall(r"#/compare\?jobs=([\w,-]+)", page.url)[0].split(",")) == set(picked)
+
+
+def test_with_keys_on_the_page_asks_for_a_key_once(processes: Processes, page: Any) -> None:
+    cli = [sys.executable, "-m", "app.cli"]
+    run = {"cwd": processes.workdir, "env": processes.env, "capture_output": True, "text": True}
+    subprocess.run([*cli, "migrate"], check=True, **run)  # type: ignore[call-overload]
+    created = subprocess.run(  # type: ignore[call-overload]
+        [*cli, "keys", "create", "--tenant", "acme"], check=True, **run
+    )
+    key = created.stdout.strip().splitlines()[-1]
+    processes.env["TRAINSVC_AUTH"] = "on"
+    url = processes.api("serve")
+    job_id = _submit(url, SPEC, {"Authorization": f"Bearer {key}"})
+
+    sent: list[str | None] = []
+    page.on(
+        "request",
+        lambda request: (
+            sent.append(request.headers.get("authorization")) if "/v1/" in request.url else None
+        ),
+    )
+    page.goto(f"{url}/#/jobs")
+    page.wait_for_selector("#key-dialog[open]")
+    assert "needs an API key" in page.inner_text("#key-dialog")
+    # A wrong key is refused and asked for again.
+    page.fill("#key-input", "tsk_" + "x" * 43)
+    page.click("#key-form button[type=submit]")
+    page.wait_for_function(
+        "() => document.querySelector('#key-dialog').open "
+        "&& document.querySelector('#key-reason').textContent.includes('refused')"
+    )
+    page.fill("#key-input", key)
+    page.click("#key-form button[type=submit]")
+    page.locator(f'tr[data-job-id="{job_id}"]').wait_for()
+    page.wait_for_selector("#live.state-live")  # the event stream sends the key too
+    assert not page.is_visible("#key-dialog")
+
+    # Kept for the browser session: a reload asks nothing.
+    sent.clear()
+    page.reload()
+    page.locator(f'tr[data-job-id="{job_id}"]').wait_for()
+    page.wait_for_selector("#live.state-live")
+    assert not page.is_visible("#key-dialog")
+    assert sent
+    assert all(header == f"Bearer {key}" for header in sent), sent
+
+
+def test_the_event_stream_reader_parses_split_chunks_and_resumes_after_a_drop(
+    processes: Processes, page: Any
+) -> None:
+    url = processes.api("serve")
+    page.goto(f"{url}/#/compare")  # a page that opens no stream of its own
+    page.wait_for_selector("h1")
+    # A stream that ends after two events (as a dropped connection does), then a third.
+    requests: list[dict[str, str]] = []
+
+    def serve(route: Any) -> None:
+        requests.append(route.request.headers)
+        if len(requests) == 1:
+            body = (
+                ': keep-alive\n\nevent: status\ndata: {"job_id": "a", "status": "running"}\n'
+                'id: 7\n\nevent: epoch\r\ndata: {"job_id": "a",\r\n'
+                'data:  "epoch": 1}\r\nid: 9\r\n\r\n'
+            )
+        else:
+            body = 'event: status\ndata: {"job_id": "a", "status": "succeeded"}\nid: 12\n\n'
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+
+    page.route("**/v1/test-stream", serve)
+    events = page.evaluate(
+        """async () => {
+          const { followEvents, EventStreamParser } = await import('/api.js');
+          // Chunks split anywhere, even inside a line or between \\r and \\n.
+          const parsed = [];
+          const parser = new EventStreamParser((event) => parsed.push(event));
+          const text = 'event: epoch\\r\\ndata: {"epoch": 2}\\r\\nid: 3\\r\\n\\r\\ndata: x\\n\\n';
+          for (const piece of text.match(/[\\s\\S]{1,3}/g)) parser.push(piece);
+          const followed = await new Promise((resolve) => {
+            const seen = [];
+            followEvents('/v1/test-stream', {
+              onEvent: (event) => seen.push(event),
+              done: (event) => event.data.status === 'succeeded',
+              onState: (state) => state === 'ended' && resolve(seen),
+            });
+          });
+          return { parsed, followed };
+        }"""
+    )
+    assert events["parsed"] == [
+        {"type": "epoch", "data": '{"epoch": 2}', "id": "3"},
+        {"type": "message", "data": "x", "id": "3"},
+    ]
+    assert [(e["type"], e["id"]) for e in events["followed"]] == [
+        ("status", "7"),
+        ("epoch", "9"),
+        ("status", "12"),
+    ]
+    assert events["followed"][1]["data"] == {"job_id": "a", "epoch": 1}
+    assert "last-event-id" not in requests[0]
+    assert requests[1]["last-event-id"] == "9"
+    assert len(requests) == 2  # the job ended: no third connection
