@@ -59,12 +59,25 @@ export function jobView(root, jobId, context) {
   let stopped = false;
   let checkpointsReadAt = 0;
   const layerCharts = { key: null, activation: null, gradient: null };
+  const probeCharts = new Map(); // probe chart name -> chart, made when a job has that probe
 
   const head = el("div", { class: "page-head" });
   const facts = el("dl", { class: "facts" });
   const errorSlot = el("div");
   const charts = el("div", { class: "charts" });
   const layers = el("div", { class: "charts" });
+  const probes = el("div", { class: "charts" });
+  const probesSection = el(
+    "section",
+    { hidden: true },
+    el("h2", {}, "Why it trains as it does"),
+    el(
+      "p",
+      { class: "help" },
+      "Probes this job asked for (spec.diagnostics), by epoch. Landscape (Santurkar et al. 2018): how much the loss and its gradient change along the gradient direction; lower is smoother. Covariate shift: how much a layer's gradient changes when the layers before it take their step (cosine 1: not at all). Gradient noise scale (McCandlish et al. 2018): how noisy the gradients are, in samples.",
+    ),
+    probes,
+  );
   const attempts = el("div");
   const checkpoints = el("div");
   const spec = el("div");
@@ -78,6 +91,7 @@ export function jobView(root, jobId, context) {
     el("h2", {}, "Per layer"),
     el("p", { class: "help" }, "Measured each epoch on a fixed probe batch: the spread (standard deviation) of each layer's pre-activations, and each layer's gradient norm. Normalization keeps the spread near 1; vanishing or exploding signals show as lines falling to 0 or climbing."),
     layers,
+    probesSection,
     el("h2", {}, "Attempts"),
     attempts,
     el("h2", {}, "Checkpoints"),
@@ -162,6 +176,77 @@ export function jobView(root, jobId, context) {
     layerCharts.gradient.update(pick(gradients, "grad_norm"));
   }
 
+  // Each probe chart: its name, what it shows, and its series (accessors into a metrics row).
+  const PROBE_CHARTS = [
+    {
+      name: "landscape",
+      probe: "landscape",
+      title: "Loss landscape (raw)",
+      help: "Mean over the epoch's probed steps: range of the loss along the gradient, largest gradient change, effective β-smoothness.",
+      yLabel: "value",
+      series: [
+        ["loss variation", (r) => r.landscape?.loss_variation_mean],
+        ["gradient predictiveness", (r) => r.landscape?.gradient_predictiveness_mean],
+        ["β-smoothness", (r) => r.landscape?.beta_smoothness_mean],
+      ],
+    },
+    {
+      name: "landscape_relative",
+      probe: "landscape",
+      title: "Loss landscape (relative)",
+      help: "The same, relative to the loss and to the gradient norm: a flat, vanishing-signal region looks smooth in raw terms only.",
+      yLabel: "ratio",
+      series: [
+        ["loss variation / loss", (r) => r.landscape?.loss_variation_relative_mean],
+        ["predictiveness / |g|", (r) => r.landscape?.gradient_predictiveness_relative_mean],
+        ["β / |g|", (r) => r.landscape?.beta_smoothness_relative_mean],
+      ],
+    },
+    {
+      name: "covariate_shift",
+      probe: "covariate_shift",
+      title: "Internal covariate shift",
+      help: "Mean over layers after the first: cosine between a layer's gradient before and after the layers before it update, and the relative change.",
+      yLabel: "value",
+      series: [
+        ["cosine", (r) => r.covariate_shift?.ics_cosine_mean],
+        ["relative L2", (r) => r.covariate_shift?.ics_l2_relative_mean],
+      ],
+    },
+    {
+      name: "gradient_noise",
+      probe: "gradient_noise",
+      title: "Gradient noise scale",
+      help: "B_simple = tr(Σ) / |G|²: the batch size past which larger batches stop helping.",
+      yLabel: "samples",
+      series: [["noise scale", (r) => r.gradient_noise?.gradient_noise_scale]],
+    },
+  ];
+
+  function drawProbes(rows) {
+    for (const spec of PROBE_CHARTS) {
+      const measured = rows.filter((row) => row[spec.probe]);
+      if (!measured.length) continue;
+      const data = columns(measured, spec.series.map(([, get]) => get));
+      const chart = probeCharts.get(spec.name);
+      if (chart) {
+        chart.update(data);
+        continue;
+      }
+      const made = lineChart({
+        name: spec.name,
+        title: spec.title,
+        help: spec.help,
+        yLabel: spec.yLabel,
+        series: spec.series.map(([label]) => ({ label })),
+        data,
+      });
+      probeCharts.set(spec.name, made);
+      probes.append(made.card);
+      probesSection.hidden = false;
+    }
+  }
+
   let frame = null;
   function drawSoon() {
     if (frame !== null) return;
@@ -173,6 +258,7 @@ export function jobView(root, jobId, context) {
       gapChart.update(columns(rows, [(r) => r.generalization_gap]));
       gradChart.update(columns(rows, [(r) => r.grad_norm_mean, (r) => r.grad_norm_max]));
       drawLayers(rows);
+      drawProbes(rows);
       if (job) drawFacts();
     });
   }
