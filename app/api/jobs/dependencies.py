@@ -40,7 +40,7 @@ def idempotency_key_from_headers(
 IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key_from_headers)]
 
 
-def if_none_match_from_headers(
+async def if_none_match_from_headers(
     if_none_match: Annotated[
         str | None,
         Header(
@@ -49,6 +49,7 @@ def if_none_match_from_headers(
         ),
     ] = None,
 ) -> str | None:
+    # async: a header needs no worker thread (a plain def would hop to one on every poll).
     return if_none_match
 
 

@@ -187,11 +187,10 @@ def _job_response(
     factory: sessionmaker[Session], job_id: uuid.UUID, caller: Caller, if_none_match: str | None
 ) -> Response:
     with transaction(factory, write=False) as session:
-        job = service.read_job(session, job_id, caller)
-        etag = service.job_etag(job)
-        if etag_matches(if_none_match, etag):
-            return not_modified(etag)
-        attempts = service.read_attempts(session, [job_id])[job_id]
+        job, attempts = service.read_job(session, job_id, caller)
+    etag = service.job_etag(job)
+    if etag_matches(if_none_match, etag):
+        return not_modified(etag)
     body = JobRead.from_columns(job, attempts).model_dump_json()
     return Response(body, media_type="application/json", headers={"ETag": etag})
 

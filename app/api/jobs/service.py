@@ -273,15 +273,36 @@ ATTEMPT_READ_COLUMNS = (
     JobAttempt.ended_at,
     JobAttempt.outcome,
 )
+ATTEMPT_FIELDS = ("attempt", "worker_id", "started_at", "ended_at", "outcome")
+# The attempt's columns beside its job's in one row, named attempt_<field>.
+ATTEMPT_COLUMNS_JOINED = tuple(
+    getattr(JobAttempt, name).label(f"attempt_{name}") for name in ATTEMPT_FIELDS
+)
 
 
-def read_job(session: Session, job_id: uuid.UUID, caller: Caller) -> RowMapping:
-    """The job's JobRead columns, if the caller may see it (else JobNotFound, like get_job)."""
-    query = scoped(select(*JOB_READ_COLUMNS).where(Job.id == job_id), Job, caller)
-    row = session.execute(query).mappings().first()
-    if row is None:
+def read_job(
+    session: Session, job_id: uuid.UUID, caller: Caller
+) -> tuple[RowMapping, list[dict[str, Any]]]:
+    """The job's JobRead columns and its attempts, in one query, if the caller may see it
+    (else JobNotFound, like get_job)."""
+    query = scoped(
+        select(*JOB_READ_COLUMNS, *ATTEMPT_COLUMNS_JOINED)
+        .outerjoin(JobAttempt, JobAttempt.job_id == Job.id)
+        .where(Job.id == job_id)
+        .order_by(JobAttempt.attempt),
+        Job,
+        caller,
+    )
+    # On the session's connection: plain rows need none of the ORM's statement handling.
+    rows = session.connection().execute(query).mappings().all()
+    if not rows:
         raise JobNotFound(f"no job {job_id}")
-    return row
+    attempts = [
+        {name: row[f"attempt_{name}"] for name in ATTEMPT_FIELDS}
+        for row in rows
+        if row["attempt_attempt"] is not None
+    ]
+    return rows[0], attempts
 
 
 def read_attempts(
@@ -295,7 +316,7 @@ def read_attempts(
             .where(JobAttempt.job_id.in_(job_ids))
             .order_by(JobAttempt.job_id, JobAttempt.attempt)
         )
-        for row in session.execute(query).mappings():
+        for row in session.connection().execute(query).mappings():
             attempts[row["job_id"]].append(row)
     return attempts
 
@@ -304,8 +325,8 @@ def job_etag(job: Mapping[Any, Any]) -> str:
     """A strong ETag for the job's JobRead, from its row alone.
 
     Every change to what JobRead shows updates the job's row and its updated_at (each
-    lifecycle UPDATE sets it, attempts change only with their job's row), so the attempts
-    need not be read to know that nothing changed.
+    lifecycle UPDATE sets it, and attempts change only with their job's row), so the tag
+    needs no encoding of the body: a poll that finds it unchanged is a 304 at once.
     """
     return _etag(
         "job",
@@ -346,7 +367,7 @@ def list_jobs(
         created_at, job_id = decode_cursor(cursor)
         query = query.where(tuple_(Job.created_at, Job.id) < tuple_(created_at, job_id))
     query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-    jobs = session.execute(query).mappings().all()
+    jobs = session.connection().execute(query).mappings().all()
     if len(jobs) > limit:
         last = jobs[limit - 1]
         return jobs[:limit], encode_cursor_at(last["created_at"], last["id"])
@@ -398,7 +419,7 @@ def metrics_etag(
         Job,
         caller,
     )
-    row = session.execute(query).first()
+    row = session.connection().execute(query).first()
     if row is None:
         raise JobNotFound(f"no job {job_id}")
     count, last_epoch, last_created_at, attempts = row
@@ -430,7 +451,7 @@ def list_metrics(
     query = select(*EPOCH_READ_COLUMNS).where(EpochMetric.job_id == job_id)
     if since_epoch is not None:
         query = query.where(EpochMetric.epoch > since_epoch)
-    return session.execute(query.order_by(EpochMetric.epoch)).all()
+    return session.connection().execute(query.order_by(EpochMetric.epoch)).all()
 
 
 def list_checkpoints(session: Session, job: Job) -> Sequence[Checkpoint]:
