@@ -90,7 +90,7 @@ def per_job_baseline(
     with session_factory() as session:
         jobs = session.scalars(sa.select(Job).where(Job.study_id == study_id)).all()
         for job in jobs:
-            list_metrics(session, job, None)
+            list_metrics(session, job.id, None)
 
 
 def timed(call: "object", rounds: int) -> float:

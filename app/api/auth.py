@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from app.api.dependencies import SettingsDep
 from app.api.errors import error_responses
@@ -69,7 +70,7 @@ def install_auth(app_state: Any, settings: Settings) -> None:
     )
 
 
-def get_caller(
+async def get_caller(
     request: Request,
     settings: SettingsDep,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
@@ -87,7 +88,12 @@ def get_caller(
             "`trainsvc keys create`"
         )
     verifier: KeyVerifier = request.app.state.key_verifier
-    caller = verifier.verify(request.app.state.session_factory, key)
+    # A key seen within the cache time is a dictionary lookup, done here on the event loop: a
+    # status poll then pays no hop to a worker thread for its key. Only a lookup that queries
+    # the database goes to one.
+    caller = verifier.cached(key)
+    if caller is None:
+        caller = await run_in_threadpool(verifier.verify, request.app.state.session_factory, key)
     if caller.key_id is not None:
         limiter: KeyRateLimiter = request.app.state.rate_limiter
         limiter.take(caller.key_id)
@@ -97,11 +103,11 @@ def get_caller(
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-def get_metrics_caller(request: Request, settings: SettingsDep) -> Caller | None:
+async def get_metrics_caller(request: Request, settings: SettingsDep) -> Caller | None:
     """For /metrics: no key needed unless TRAINSVC_METRICS_REQUIRE_KEY is set."""
     if not settings.metrics_require_key:
         return None
-    return get_caller(request, settings, None)
+    return await get_caller(request, settings, None)
 
 
 MetricsCallerDep = Annotated[Caller | None, Depends(get_metrics_caller)]

@@ -11,7 +11,8 @@ from app.core.db import READ_ONLY
 from app.core.outbox import Dispatcher
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
+    # async: no I/O, so no hop to a worker thread (FastAPI runs a plain def in one).
     settings: Settings = request.app.state.settings
     return settings
 
@@ -36,8 +37,9 @@ def get_session(request: Request) -> Iterator[Session]:
             raise
 
 
-def get_session_factory(request: Request) -> sessionmaker[Session]:
-    """For work that outlives the route (a streamed download): it opens its own sessions."""
+async def get_session_factory(request: Request) -> sessionmaker[Session]:
+    """For work that outlives the route (a streamed download), or that a route hands to a worker
+    thread whole (the status reads): it opens its own sessions. (async: no I/O, no thread.)"""
     factory: sessionmaker[Session] = request.app.state.session_factory
     return factory
 

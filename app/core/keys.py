@@ -116,25 +116,32 @@ class KeyVerifier:
 
     def verify(self, session_factory: sessionmaker[Session], key: str) -> Caller:
         """The caller a well-formed key stands for; UnknownKey or RevokedKey if none."""
+        cached = self.cached(key)
+        if cached is not None:
+            return cached
         digest = hash_key(key)
         now = self.clock()
+        with transaction(session_factory, write=False) as session:
+            answer, stale = _look_up(session, key, digest)
+        if stale is not None:
+            self._touch(session_factory, stale)
+        with self._lock:
+            if len(self._answers) >= self.MAX_ENTRIES:
+                self._answers.clear()
+            self._answers[digest] = (now + self.cache_seconds, answer)
+        return _caller_or_raise(answer)
+
+    def cached(self, key: str) -> Caller | None:
+        """The remembered answer for `key` (raised if it was a refusal); None if none is fresh.
+
+        No I/O: the API answers a cached key on its event loop, without a worker thread.
+        """
+        digest = hash_key(key)
         with self._lock:
             cached = self._answers.get(digest)
-        if cached is not None and cached[0] > now:
-            answer = cached[1]
-        else:
-            with transaction(session_factory, write=False) as session:
-                answer, stale = _look_up(session, key, digest)
-            if stale is not None:
-                self._touch(session_factory, stale)
-            with self._lock:
-                if len(self._answers) >= self.MAX_ENTRIES:
-                    self._answers.clear()
-                self._answers[digest] = (now + self.cache_seconds, answer)
-        if isinstance(answer, Unauthorized):
-            # A fresh exception each time: one raised twice would grow its traceback.
-            raise type(answer)(answer.detail)
-        return answer
+        if cached is None or cached[0] <= self.clock():
+            return None
+        return _caller_or_raise(cached[1])
 
     def _touch(self, session_factory: sessionmaker[Session], key_id: uuid.UUID) -> None:
         def write() -> None:
@@ -159,6 +166,13 @@ class KeyVerifier:
             pending = list(self._writes)
         for future in pending:
             future.result()
+
+
+def _caller_or_raise(answer: Caller | Unauthorized) -> Caller:
+    if isinstance(answer, Unauthorized):
+        # A fresh exception each time: one raised twice would grow its traceback.
+        raise type(answer)(answer.detail)
+    return answer
 
 
 def _look_up(

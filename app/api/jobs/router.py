@@ -6,24 +6,36 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Response, status
 from fastapi.responses import StreamingResponse
 from pydantic import StringConstraints
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import AUTH_RESPONSES, CallerDep, get_caller
 from app.api.dependencies import DispatcherDep, SessionDep, SessionFactoryDep, SettingsDep
 from app.api.errors import error_responses
 from app.api.jobs import service
-from app.api.jobs.dependencies import IdempotencyKeyDep, JobDep
+from app.api.jobs.dependencies import (
+    ETAG_HEADER,
+    NOT_MODIFIED,
+    IdempotencyKeyDep,
+    IfNoneMatchDep,
+    JobDep,
+    etag_matches,
+    not_modified,
+)
 from app.api.jobs.schemas import (
     CheckpointList,
     CheckpointRead,
     DeliveryList,
     DeliveryRead,
-    EpochRead,
     JobPage,
     JobRead,
     MetricsRead,
+    metrics_json,
 )
+from app.core.db import transaction
 from app.core.models import JobStatus
 from app.core.spec import JobSpec
+from app.core.tenancy import Caller
 
 # Every route needs a caller; a route cannot opt out (tests/api/test_tenants.py checks).
 router = APIRouter(
@@ -69,8 +81,8 @@ def submit_job(
 
 
 @router.get("", response_model=JobPage)
-def list_jobs(
-    session: SessionDep,
+async def list_jobs(
+    factory: SessionFactoryDep,
     caller: CallerDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -86,19 +98,24 @@ def list_jobs(
             description="key:value: only jobs whose spec has this tag; repeat to require several",
         ),
     ] = None,
-) -> JobPage:
+) -> Response:
     """List the caller's jobs, newest first; pass next_cursor back as cursor for the next page."""
     tags = [(key, value) for key, _, value in (item.partition(":") for item in tag or ())]
-    jobs, next_cursor = service.list_jobs(
-        session, caller, status, limit, cursor, tenant, study_id=study_id, tags=tags
+    return await run_in_threadpool(
+        _list_jobs_response, factory, caller, status, limit, cursor, tenant, study_id, tags
     )
-    return JobPage(items=[JobRead.from_job(job) for job in jobs], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobRead)
-def get_job(job: JobDep) -> JobRead:
-    """A job: its status, progress, attempts, summary and error."""
-    return JobRead.from_job(job)
+@router.get(
+    "/{job_id}",
+    response_model=JobRead,
+    responses={200: {"headers": ETAG_HEADER}, **NOT_MODIFIED},
+)
+async def get_job(
+    job_id: uuid.UUID, factory: SessionFactoryDep, caller: CallerDep, if_none_match: IfNoneMatchDep
+) -> Response:
+    """A job: its status, progress, attempts, summary and error; 304 if If-None-Match matches."""
+    return await run_in_threadpool(_job_response, factory, job_id, caller, if_none_match)
 
 
 @router.delete(
@@ -124,15 +141,23 @@ def cancel_job(job: JobDep, session: SessionDep) -> JobRead:
     return JobRead.from_job(service.request_cancel(session, job))
 
 
-@router.get("/{job_id}/metrics", response_model=MetricsRead)
-def get_metrics(
-    job: JobDep,
-    session: SessionDep,
+@router.get(
+    "/{job_id}/metrics",
+    response_model=MetricsRead,
+    responses={200: {"headers": ETAG_HEADER}, **NOT_MODIFIED},
+)
+async def get_metrics(
+    job_id: uuid.UUID,
+    factory: SessionFactoryDep,
+    caller: CallerDep,
+    if_none_match: IfNoneMatchDep,
     since_epoch: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
-) -> MetricsRead:
-    """Per-epoch metrics and diagnostics, ascending; only epochs after since_epoch if given."""
-    rows = service.list_metrics(session, job, since_epoch)
-    return MetricsRead(job_id=job.id, epochs=[EpochRead.from_row(row) for row in rows])
+) -> Response:
+    """Per-epoch metrics and diagnostics, ascending; only epochs after since_epoch if given;
+    304 if If-None-Match matches."""
+    return await run_in_threadpool(
+        _metrics_response, factory, job_id, caller, since_epoch, if_none_match
+    )
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)
@@ -169,3 +194,61 @@ def list_deliveries(job: JobDep, session: SessionDep) -> DeliveryList:
     """The webhook deliveries of the job's end to its callback, oldest first, with outcomes."""
     rows = service.list_deliveries(session, job)
     return DeliveryList(items=[DeliveryRead.from_row(row) for row in rows])
+
+
+# The read routes above are what dashboards and services poll. Each is async and does all of
+# its database work and encoding in one call on a worker thread (a plain-def route with
+# session and lookup dependencies took five hops to worker threads), reads plain rows, and
+# returns the JSON it encoded once (FastAPI would validate the returned model again). The
+# response_model still documents the body in OpenAPI.
+
+
+def _job_response(
+    factory: sessionmaker[Session], job_id: uuid.UUID, caller: Caller, if_none_match: str | None
+) -> Response:
+    with transaction(factory, write=False) as session:
+        job, attempts = service.read_job(session, job_id, caller)
+    etag = service.job_etag(job)
+    if etag_matches(if_none_match, etag):
+        return not_modified(etag)
+    body = JobRead.from_columns(job, attempts).model_dump_json()
+    return Response(body, media_type="application/json", headers={"ETag": etag})
+
+
+def _list_jobs_response(
+    factory: sessionmaker[Session],
+    caller: Caller,
+    status: JobStatus | None,
+    limit: int,
+    cursor: str | None,
+    tenant: str | None,
+    study_id: uuid.UUID | None,
+    tags: list[tuple[str, str]],
+) -> Response:
+    with transaction(factory, write=False) as session:
+        jobs, next_cursor = service.list_jobs(
+            session, caller, status, limit, cursor, tenant, study_id=study_id, tags=tags
+        )
+        attempts = service.read_attempts(session, [job["id"] for job in jobs])
+    page = JobPage(
+        items=[JobRead.from_columns(job, attempts[job["id"]]) for job in jobs],
+        next_cursor=next_cursor,
+    )
+    return Response(page.model_dump_json(), media_type="application/json")
+
+
+def _metrics_response(
+    factory: sessionmaker[Session],
+    job_id: uuid.UUID,
+    caller: Caller,
+    since_epoch: int | None,
+    if_none_match: str | None,
+) -> Response:
+    with transaction(factory, write=False) as session:
+        etag = service.metrics_etag(session, job_id, caller, since_epoch)
+        if etag_matches(if_none_match, etag):
+            return not_modified(etag)
+        rows = service.list_metrics(session, job_id, since_epoch)
+    return Response(
+        metrics_json(job_id, rows), media_type="application/json", headers={"ETag": etag}
+    )

@@ -5,11 +5,23 @@ import binascii
 import hashlib
 import json
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import Select, case, delete, func, select, tuple_
+from sqlalchemy import (
+    ColumnElement,
+    RowMapping,
+    Select,
+    Text,
+    and_,
+    case,
+    cast,
+    delete,
+    func,
+    select,
+    tuple_,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -26,7 +38,7 @@ from app.core.errors import (
     TooManyActiveJobs,
     TooManyQueuedJobs,
 )
-from app.core.models import Checkpoint, EpochMetric, Job, JobStatus, WebhookDelivery
+from app.core.models import Checkpoint, EpochMetric, Job, JobAttempt, JobStatus, WebhookDelivery
 from app.core.models.jobs import ACTIVE_STATUSES, ENDED_STATUSES
 from app.core.spec import JobSpec, SpecError, check_fits_dataset, count_parameters
 from app.core.tenancy import Caller, scoped, storage_bytes
@@ -235,7 +247,11 @@ class _Keyset(Protocol):
 
 def encode_cursor(row: _Keyset) -> str:
     """A keyset cursor on (created_at, id); also used for studies."""
-    raw = f"{row.created_at.isoformat()}|{row.id}".encode()
+    return encode_cursor_at(row.created_at, row.id)
+
+
+def encode_cursor_at(created_at: datetime, row_id: uuid.UUID) -> str:
+    raw = f"{created_at.isoformat()}|{row_id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -248,6 +264,108 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise InvalidInput("cursor", "not a cursor this service issued") from exc
 
 
+# What a JobRead shows, read as plain rows (no ORM objects): status reads are what dashboards
+# and services poll, so they are read with as little work per row as the database allows.
+JOB_READ_COLUMNS = (
+    Job.id,
+    Job.tenant,
+    Job.name,
+    Job.status,
+    Job.spec,
+    Job.created_at,
+    Job.updated_at,
+    Job.started_at,
+    Job.finished_at,
+    Job.attempts,
+    Job.cancel_requested,
+    Job.progress_epoch,
+    Job.epochs,
+    Job.summary,
+    Job.error_type,
+    Job.error_message,
+    Job.study_id,
+    Job.grid_point,
+)
+ATTEMPT_READ_COLUMNS = (
+    JobAttempt.job_id,
+    JobAttempt.attempt,
+    JobAttempt.worker_id,
+    JobAttempt.started_at,
+    JobAttempt.ended_at,
+    JobAttempt.outcome,
+)
+ATTEMPT_FIELDS = ("attempt", "worker_id", "started_at", "ended_at", "outcome")
+# The attempt's columns beside its job's in one row, named attempt_<field>.
+ATTEMPT_COLUMNS_JOINED = tuple(
+    getattr(JobAttempt, name).label(f"attempt_{name}") for name in ATTEMPT_FIELDS
+)
+
+
+def read_job(
+    session: Session, job_id: uuid.UUID, caller: Caller
+) -> tuple[RowMapping, list[dict[str, Any]]]:
+    """The job's JobRead columns and its attempts, in one query, if the caller may see it
+    (else JobNotFound, like get_job)."""
+    query = scoped(
+        select(*JOB_READ_COLUMNS, *ATTEMPT_COLUMNS_JOINED)
+        .outerjoin(JobAttempt, JobAttempt.job_id == Job.id)
+        .where(Job.id == job_id)
+        .order_by(JobAttempt.attempt),
+        Job,
+        caller,
+    )
+    # On the session's connection: plain rows need none of the ORM's statement handling.
+    rows = session.connection().execute(query).mappings().all()
+    if not rows:
+        raise JobNotFound(f"no job {job_id}")
+    attempts = [
+        {name: row[f"attempt_{name}"] for name in ATTEMPT_FIELDS}
+        for row in rows
+        if row["attempt_attempt"] is not None
+    ]
+    return rows[0], attempts
+
+
+def read_attempts(
+    session: Session, job_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, list[RowMapping]]:
+    """The attempts of each job, in order: one query for a job or a page of them."""
+    attempts: dict[uuid.UUID, list[RowMapping]] = {job_id: [] for job_id in job_ids}
+    if job_ids:
+        query = (
+            select(*ATTEMPT_READ_COLUMNS)
+            .where(JobAttempt.job_id.in_(job_ids))
+            .order_by(JobAttempt.job_id, JobAttempt.attempt)
+        )
+        for row in session.connection().execute(query).mappings():
+            attempts[row["job_id"]].append(row)
+    return attempts
+
+
+def job_etag(job: Mapping[Any, Any]) -> str:
+    """A strong ETag for the job's JobRead, from its row alone.
+
+    Every change to what JobRead shows updates the job's row and its updated_at (each
+    lifecycle UPDATE sets it, and attempts change only with their job's row), so the tag
+    needs no encoding of the body: a poll that finds it unchanged is a 304 at once.
+    """
+    return _etag(
+        "job",
+        job["id"],
+        job["updated_at"].isoformat(),
+        job["status"],
+        job["attempts"],
+        job["progress_epoch"],
+        job["cancel_requested"],
+        job["finished_at"],
+    )
+
+
+def _etag(*parts: object) -> str:
+    digest = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=16).hexdigest()
+    return f'"{digest}"'
+
+
 def list_jobs(
     session: Session,
     caller: Caller,
@@ -257,12 +375,13 @@ def list_jobs(
     tenant: str | None = None,
     study_id: uuid.UUID | None = None,
     tags: Sequence[tuple[str, str]] = (),
-) -> tuple[Sequence[Job], str | None]:
+) -> tuple[Sequence[RowMapping], str | None]:
     """Newest first, keyset-paginated on (created_at, id): stable under concurrent inserts.
 
-    `tags` are (key, value) pairs the spec's tags must all hold.
+    Rows of JOB_READ_COLUMNS; read_attempts() gives their attempts. `tags` are (key, value)
+    pairs the spec's tags must all hold.
     """
-    query = scoped(select(Job), Job, caller, tenant).options(selectinload(Job.attempt_history))
+    query = scoped(select(*JOB_READ_COLUMNS), Job, caller, tenant)
     if status is not None:
         query = query.where(Job.status == status)
     if study_id is not None:
@@ -273,9 +392,10 @@ def list_jobs(
         created_at, job_id = decode_cursor(cursor)
         query = query.where(tuple_(Job.created_at, Job.id) < tuple_(created_at, job_id))
     query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-    jobs = session.scalars(query).all()
+    jobs = session.connection().execute(query).mappings().all()
     if len(jobs) > limit:
-        return jobs[:limit], encode_cursor(jobs[limit - 1])
+        last = jobs[limit - 1]
+        return jobs[:limit], encode_cursor_at(last["created_at"], last["id"])
     return jobs, None
 
 
@@ -297,11 +417,66 @@ def delete_job(session: Session, job: Job) -> None:
     session.expunge(job)
 
 
-def list_metrics(session: Session, job: Job, since_epoch: int | None) -> Sequence[EpochMetric]:
-    query = select(EpochMetric).where(EpochMetric.job_id == job.id)
+def metrics_etag(
+    session: Session, job_id: uuid.UUID, caller: Caller, since_epoch: int | None
+) -> str:
+    """A strong ETag for the job's metrics (after since_epoch), from one aggregate query.
+
+    JobNotFound if the caller may not see the job. A new epoch changes the count and the
+    last epoch; a rerun epoch's overwrite (a resumed attempt) moves its created_at and raises
+    its attempt, so it changes the latest created_at or the sum of attempts.
+    """
+    stored = [EpochMetric.job_id == Job.id]
+    if since_epoch is not None:
+        stored.append(EpochMetric.epoch > since_epoch)
+    aggregates: tuple[ColumnElement[Any], ...] = (
+        func.count(EpochMetric.id),
+        func.max(EpochMetric.epoch),
+        func.max(EpochMetric.created_at),
+        func.sum(EpochMetric.attempt),
+    )
+    query = scoped(
+        select(*aggregates)
+        .select_from(Job)
+        .outerjoin(EpochMetric, and_(*stored))
+        .where(Job.id == job_id)
+        .group_by(Job.id),
+        Job,
+        caller,
+    )
+    row = session.connection().execute(query).first()
+    if row is None:
+        raise JobNotFound(f"no job {job_id}")
+    count, last_epoch, last_created_at, attempts = row
+    stamp = last_created_at.isoformat() if last_created_at is not None else None
+    return _etag("metrics", job_id, since_epoch, count, last_epoch, stamp, attempts)
+
+
+# An epoch as EpochRead shows it: its scalar columns, then the diagnostics as stored JSON text.
+EPOCH_READ_COLUMNS = (
+    EpochMetric.epoch,
+    EpochMetric.attempt,
+    EpochMetric.train_loss,
+    EpochMetric.train_accuracy,
+    EpochMetric.val_loss,
+    EpochMetric.val_accuracy,
+    EpochMetric.lr,
+    EpochMetric.epoch_seconds,
+    cast(EpochMetric.diagnostics, Text).label("diagnostics"),
+)
+
+
+def list_metrics(
+    session: Session, job_id: uuid.UUID, since_epoch: int | None
+) -> Sequence[Sequence[Any]]:
+    """The job's epochs, ascending, as rows of EPOCH_READ_COLUMNS: the diagnostics come as the
+    stored JSON text, for the response to carry as they are (parsing and encoding them again
+    was most of the cost of a metrics read).
+    """
+    query = select(*EPOCH_READ_COLUMNS).where(EpochMetric.job_id == job_id)
     if since_epoch is not None:
         query = query.where(EpochMetric.epoch > since_epoch)
-    return session.scalars(query.order_by(EpochMetric.epoch)).all()
+    return session.connection().execute(query.order_by(EpochMetric.epoch)).all()
 
 
 def list_deliveries(session: Session, job: Job) -> Sequence[WebhookDelivery]:
