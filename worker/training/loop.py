@@ -81,7 +81,10 @@ def _copied(value: Any) -> Any:
 
 
 @dataclass
-class _Progress:
+class Progress:
+    """A run's bookkeeping across epochs: best so far and early stopping (the packed trainer
+    keeps one per trial)."""
+
     epoch: int = 0
     best_val_accuracy: float = -1.0
     best_epoch: int = 0
@@ -89,6 +92,54 @@ class _Progress:
     stale_epochs: int = 0  # epochs since early stopping last saw an improvement
     stopped_early: bool = False
     last_metrics: dict[str, float] = field(default_factory=dict)
+
+    def advance(self, spec: JobSpec, epoch: int, metrics: dict[str, float], gap: float) -> bool:
+        """Book a completed epoch; whether it is a new best (by validation accuracy)."""
+        self.epoch = epoch
+        self.last_metrics = {**metrics, "generalization_gap": gap}
+        improved = metrics["val_accuracy"] > self.best_val_accuracy
+        if improved:
+            self.best_val_accuracy, self.best_epoch = metrics["val_accuracy"], epoch
+        stopping = spec.early_stopping
+        if stopping is not None:
+            value = metrics[stopping.metric]
+            sign = -1.0 if stopping.metric == "val_loss" else 1.0  # so that higher is better
+            best = self.monitor_best
+            if best is None or sign * value > sign * best + stopping.min_delta:
+                self.monitor_best, self.stale_epochs = value, 0
+            else:
+                self.stale_epochs += 1
+            self.stopped_early = self.stale_epochs >= stopping.patience and epoch < spec.epochs
+        return improved
+
+    def as_state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "best_val_accuracy": self.best_val_accuracy,
+            "monitor_best": self.monitor_best,
+            "best_epoch": self.best_epoch,
+            "stale_epochs": self.stale_epochs,
+            "stopped_early": self.stopped_early,
+            "last_metrics": self.last_metrics,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        last = self.last_metrics
+        return {
+            "best_val_accuracy": self.best_val_accuracy if self.best_epoch else None,
+            "best_epoch": self.best_epoch or None,
+            "final_train_loss": last.get("train_loss"),
+            "final_val_loss": last.get("val_loss"),
+            "final_val_accuracy": last.get("val_accuracy"),
+            "final_generalization_gap": last.get("generalization_gap"),
+            "epochs_completed": self.epoch,
+            "stopped_early": self.stopped_early,
+        }
+
+
+def full_precision(logits: torch.Tensor) -> torch.Tensor:
+    """Logits for the loss: bf16 (autocast) goes up to float32; float32 and float64 stay."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -140,7 +191,7 @@ class TrainingRun:
         # The data order has its own generator, so it does not depend on how many random
         # numbers dropout drew; both are saved in the trainer state.
         self.shuffle = torch.Generator().manual_seed(spec.seed + 1)
-        self.progress = _Progress()
+        self.progress = Progress()
         self._snapshot: _Snapshot | None = None  # none before the first completed epoch
         self._best_weights: dict[str, torch.Tensor] | None = None  # the best epoch's weights
         if resume_weights is not None and resume_state is not None:
@@ -183,7 +234,7 @@ class TrainingRun:
             x, y = self.x_train[index], self.y_train[index]
             with self._precision():
                 logits = self.model(x)
-            loss = F.cross_entropy(logits.float(), y)
+            loss = F.cross_entropy(full_precision(logits), y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norms[step] = self.layer_diagnostics.clip_and_measure(self.spec.grad_clip_norm)
@@ -230,7 +281,7 @@ class TrainingRun:
         }
         if self.probes is not None:
             diagnostics.update(self.probes.epoch_report(grad_norms))
-        improved = self._update_progress(epoch, metrics, gap)
+        improved = self.progress.advance(self.spec, epoch, metrics, gap)
         self._take_snapshot()
         if improved:
             self._best_weights = self._snapshot.weights if self._snapshot else None
@@ -251,29 +302,11 @@ class TrainingRun:
         for start in range(0, len(x), chunk):
             xb, yb = x[start : start + chunk], y[start : start + chunk]
             with self._precision():
-                logits = self.model(xb).float()
+                logits = full_precision(self.model(xb))
             total_loss += F.cross_entropy(logits, yb, reduction="sum")
             correct += (logits.argmax(1) == yb).sum()
         self.model.train()
         return float(total_loss) / len(x), float(correct) / len(x)
-
-    def _update_progress(self, epoch: int, metrics: dict[str, float], gap: float) -> bool:
-        p = self.progress
-        p.epoch = epoch
-        p.last_metrics = {**metrics, "generalization_gap": gap}
-        improved = metrics["val_accuracy"] > p.best_val_accuracy
-        if improved:
-            p.best_val_accuracy, p.best_epoch = metrics["val_accuracy"], epoch
-        stopping = self.spec.early_stopping
-        if stopping is not None:
-            value = metrics[stopping.metric]
-            sign = -1.0 if stopping.metric == "val_loss" else 1.0  # so that higher is better
-            if p.monitor_best is None or sign * value > sign * p.monitor_best + stopping.min_delta:
-                p.monitor_best, p.stale_epochs = value, 0
-            else:
-                p.stale_epochs += 1
-            p.stopped_early = p.stale_epochs >= stopping.patience and epoch < self.spec.epochs
-        return improved
 
     # -- results and state ------------------------------------------------------------------
 
@@ -322,15 +355,7 @@ class TrainingRun:
             "scheduler": self.scheduler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "rng_shuffle": self.shuffle.get_state(),
-            "progress": {
-                "epoch": p.epoch,
-                "best_val_accuracy": p.best_val_accuracy,
-                "monitor_best": p.monitor_best,
-                "best_epoch": p.best_epoch,
-                "stale_epochs": p.stale_epochs,
-                "stopped_early": p.stopped_early,
-                "last_metrics": p.last_metrics,
-            },
+            "progress": p.as_state(),
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
@@ -344,20 +369,11 @@ class TrainingRun:
         self.shuffle.set_state(state["rng_shuffle"])
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-        self.progress = _Progress(**state["progress"])
+        self.progress = Progress(**state["progress"])
 
     def summary(self) -> dict[str, Any]:
-        p = self.progress
-        last = p.last_metrics
         return {
-            "best_val_accuracy": p.best_val_accuracy if p.best_epoch else None,
-            "best_epoch": p.best_epoch or None,
-            "final_train_loss": last.get("train_loss"),
-            "final_val_loss": last.get("val_loss"),
-            "final_val_accuracy": last.get("val_accuracy"),
-            "final_generalization_gap": last.get("generalization_gap"),
-            "epochs_completed": p.epoch,
-            "stopped_early": p.stopped_early,
+            **self.progress.summary(),
             "parameters": self.parameters,
             "device": str(self.device),
             "precision": "bf16" if self.autocast else "fp32",
