@@ -35,7 +35,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.dispatcher = Dispatcher(
             create_celery_app(settings), app.state.session_factory, settings.publish_pause_seconds
         )
-        app.state.event_hub = EventHub(app.state.session_factory, settings.event_poll_seconds)
+        app.state.event_hub = EventHub(
+            app.state.session_factory,
+            settings.event_poll_seconds,
+            settings.event_stream_max_seconds,
+        )
         yield
         await app.state.event_hub.close()
         engine.dispose()

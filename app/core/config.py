@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # How often each API process reads new job events for its open streams (one query per
     # tick per process, however many clients listen; none while nobody does).
     event_poll_seconds: float = Field(0.25, gt=0)
+    # A live stream ends after this long; its client reconnects with Last-Event-ID and misses
+    # nothing (EventSource does so itself), and no connection is held for ever.
+    event_stream_max_seconds: float = Field(300.0, gt=0)
 
     # Webhooks are a way out of the network: when set, callbacks may go to these hosts only
     # (exact names, or "*.example.com" for subdomains). A JSON list in the environment.

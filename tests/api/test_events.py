@@ -154,3 +154,23 @@ def test_one_poll_serves_every_stream_of_a_process(
     assert [results[j][-1]["data"].get("status") for j in jobs] == ["succeeded"] * len(jobs)
     # One shared poll every 0.05 s over the run, give or take: far below 10 streams x ticks.
     assert polls <= elapsed / settings.event_poll_seconds + 5
+
+
+def test_a_stream_ends_after_its_longest_life_and_a_reconnect_misses_nothing(
+    committed: tuple[Settings, sessionmaker[Session]],
+) -> None:
+    settings, factory = committed
+    settings = settings.model_copy(update={"event_stream_max_seconds": 0.5})
+    with TestClient(create_app(settings)) as client:
+        job_id = client.post("/v1/jobs", json=spec_payload(epochs=1)).json()["id"]
+        started = time.monotonic()
+        first = _read(client, job_id)  # the job waits: the stream ends on its own
+        assert time.monotonic() - started < 10
+        assert [e["data"]["status"] for e in first] == ["queued"]
+        _train(factory, uuid.UUID(job_id), 1, 0)
+        rest = _read(client, job_id, last_event_id=first[-1]["id"])
+    assert [(e["event"], e["data"].get("status")) for e in rest] == [
+        ("status", "running"),
+        ("epoch", None),
+        ("status", "succeeded"),
+    ]

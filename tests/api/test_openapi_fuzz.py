@@ -111,6 +111,8 @@ def fuzz_app(
         # The fuzzer's own pace is not abuse: the per-key rate limit stays out of its way.
         key_requests_per_second=10_000,
         key_request_burst=10_000,
+        # A queued job's stream waits for events that never come: end it soon.
+        event_stream_max_seconds=0.5,
     )
     app = create_app(settings)
     with TestClient(app):  # runs the lifespan: the engine, the sessions, the dispatcher

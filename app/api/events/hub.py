@@ -36,9 +36,15 @@ class Subscription:
 
 
 class EventHub:
-    def __init__(self, session_factory: sessionmaker[Session], poll_seconds: float) -> None:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        poll_seconds: float,
+        max_stream_seconds: float = 300.0,
+    ) -> None:
         self.session_factory = session_factory
         self.poll_seconds = poll_seconds
+        self.max_stream_seconds = max_stream_seconds
         self.cursor: int | None = None
         self.gaps: dict[int, float] = {}
         self.subscriptions: set[Subscription] = set()

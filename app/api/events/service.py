@@ -62,7 +62,7 @@ async def job_stream(
                 return
         if ended:
             return
-        async for event in _live(subscription.queue, sent, last_event_id):
+        async for event in _live(subscription.queue, sent, last_event_id, hub.max_stream_seconds):
             yield to_sse(event)
             if ends_job(event):
                 return
@@ -95,17 +95,27 @@ async def all_jobs_stream(
                 if match(event):
                     sent.add(event.id)
                     yield to_sse(event)
-        async for event in _live(subscription.queue, sent, last_event_id or 0):
+        async for event in _live(
+            subscription.queue, sent, last_event_id or 0, hub.max_stream_seconds
+        ):
             yield to_sse(event)
     finally:
         hub.unsubscribe(subscription)
 
 
 async def _live(
-    queue: "asyncio.Queue[Event | None]", sent: set[int], after: int
+    queue: "asyncio.Queue[Event | None]", sent: set[int], after: int, max_seconds: float
 ) -> AsyncIterator[Event]:
+    """The hub's events for one stream, each once, for at most `max_seconds`: a stream is not
+    held for ever (a client reconnects with Last-Event-ID and misses nothing), so connections
+    move between API processes and no stream outlives its usefulness."""
+    deadline = asyncio.get_running_loop().time() + max_seconds
     while True:
-        event = await queue.get()
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            event = await asyncio.wait_for(queue.get(), timeout=max(remaining, 0))
+        except TimeoutError:
+            return
         if event is None:
             return  # the hub dropped a stream that fell behind; the client resumes from its id
         if event.id <= after or event.id in sent:
