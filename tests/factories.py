@@ -26,6 +26,17 @@ BASE_SPEC: dict[str, Any] = {
 }
 
 
+# One epoch's metrics as the trainer reports them, for tests that store epochs by hand.
+METRICS = {
+    "train_loss": 1.0,
+    "train_accuracy": 0.5,
+    "val_loss": 1.1,
+    "val_accuracy": 0.4,
+    "lr": 0.1,
+    "epoch_seconds": 0.1,
+}
+
+
 def spec_payload(**overrides: Any) -> dict[str, Any]:
     """BASE_SPEC with top-level keys replaced; nested dicts are replaced whole."""
     payload = copy.deepcopy(BASE_SPEC)

@@ -7,16 +7,7 @@ from sqlalchemy.orm import Session
 
 from app.core import lifecycle
 from app.core.lifecycle import CheckpointBlob
-from tests.factories import make_job
-
-METRICS = {
-    "train_loss": 1.0,
-    "train_accuracy": 0.5,
-    "val_loss": 1.1,
-    "val_accuracy": 0.4,
-    "lr": 0.1,
-    "epoch_seconds": 0.1,
-}
+from tests.factories import METRICS, make_job
 
 
 def _record(session: Session, job_id: object, epoch: int, kinds: tuple[str, ...]) -> None:

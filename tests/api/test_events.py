@@ -17,16 +17,7 @@ from app.core import lifecycle
 from app.core.config import Settings
 from app.core.db import create_db_engine, create_session_factory, transaction
 from app.core.migrate import upgrade
-from tests.factories import spec_payload
-
-METRICS = {
-    "train_loss": 1.0,
-    "train_accuracy": 0.5,
-    "val_loss": 1.1,
-    "val_accuracy": 0.4,
-    "lr": 0.1,
-    "epoch_seconds": 0.1,
-}
+from tests.factories import METRICS, spec_payload
 
 
 @pytest.fixture

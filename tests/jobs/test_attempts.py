@@ -11,16 +11,7 @@ from app.core import lifecycle
 from app.core.errors import JobNotCancellable
 from app.core.lifecycle import CheckpointBlob, LeaseLost, database_now
 from app.core.models import Checkpoint, EpochMetric, Job, JobAttempt, utcnow
-from tests.factories import make_job
-
-METRICS = {
-    "train_loss": 1.0,
-    "train_accuracy": 0.5,
-    "val_loss": 1.1,
-    "val_accuracy": 0.4,
-    "lr": 0.1,
-    "epoch_seconds": 0.1,
-}
+from tests.factories import METRICS, make_job
 
 
 def _expire_lease(session: Session, job: Job) -> None:

@@ -25,20 +25,12 @@ from app.core.lifecycle import CheckpointBlob
 from app.core.models import Checkpoint, EpochMetric, Job, utcnow
 from app.core.outbox import Dispatcher
 from app.core.spec import JobSpec
-from tests.factories import make_job
+from tests.factories import METRICS, make_job
 from tests.training.helpers import data_for
 from worker import execution
 from worker.execution import WorkerContext, execute_job
 from worker.training.loop import EpochResult, TrainingRun
 
-METRICS = {
-    "train_loss": 1.0,
-    "train_accuracy": 0.5,
-    "val_loss": 1.1,
-    "val_accuracy": 0.4,
-    "lr": 0.1,
-    "epoch_seconds": 0.1,
-}
 SMALL = {
     "dataset": {"name": "digits", "train_subset": 128, "batch_size": 32},
     "model": {
