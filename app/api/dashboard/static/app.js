@@ -17,7 +17,8 @@ const root = document.getElementById("view");
 const live = document.getElementById("live");
 let stop = () => {};
 
-const LIVE_TEXT = { live: "live", reconnecting: "reconnecting…", ended: "offline" };
+// "ended": the view follows nothing (a finished job, a study page): nothing more will change.
+const LIVE_TEXT = { live: "live", reconnecting: "reconnecting…", ended: "up to date" };
 
 const context = {
   // The header's badge: whether the view's event stream is connected.
