@@ -60,6 +60,7 @@ ORDER = [
     "depth-signal",
 ]
 POLL_SECONDS = 5.0
+RETRIES_ON_503 = 30
 
 
 def _mean_sd(aggregate: dict[str, Any], digits: int = 3) -> str:
@@ -197,7 +198,7 @@ def _depth_signal(client: httpx.Client, study: dict[str, Any]) -> dict[str, Any]
     for job in study["jobs"]:
         if job["status"] != "succeeded":
             continue
-        epochs = client.get(f"/v1/jobs/{job['id']}/metrics").raise_for_status().json()["epochs"]
+        epochs = _get(client, f"/v1/jobs/{job['id']}/metrics").json()["epochs"]
 
         def spreads(epoch: dict[str, Any]) -> list[float]:
             return [
@@ -225,32 +226,44 @@ def _depth_signal(client: httpx.Client, study: dict[str, Any]) -> dict[str, Any]
     return {"configurations": rows}
 
 
-def _wait(client: httpx.Client, studies: dict[str, dict[str, Any]]) -> None:
+def _wait_and_save(client: httpx.Client, studies: dict[str, dict[str, Any]], out: Path) -> None:
+    """Poll until every study has ended, saving each one's report as soon as it has."""
     started = time.monotonic()
     pending = dict(studies)
     while pending:
         time.sleep(POLL_SECONDS)
         progress = []
         for name, study in list(pending.items()):
-            current = client.get(f"/v1/studies/{study['id']}").raise_for_status().json()
-            studies[name] = current
+            current = _get(client, f"/v1/studies/{study['id']}").json()
             counts = current["counts"]
             done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
-            progress.append(f"{name} {done}/{len(current['jobs'])}")
+            progress.append(f"{name} {done}/{len(current['jobs'])} {json.dumps(counts)}")
             if current["ended"]:
                 del pending[name]
+                _save(client, name, {**current, "request": study["request"]}, out)
         print(f"[{time.monotonic() - started:6.0f} s] " + ", ".join(progress), flush=True)
+
+
+def _get(client: httpx.Client, url: str, **params: Any) -> httpx.Response:
+    """GET, retried while the service answers 503: the embedded SQLite database is briefly
+    locked while the workers write, and the service says "retry shortly"."""
+    for _ in range(RETRIES_ON_503):
+        response = client.get(url, params=params)
+        if response.status_code != 503:
+            return response.raise_for_status()
+        time.sleep(float(response.headers.get("Retry-After", "1")))
+    return response.raise_for_status()
 
 
 def _save(client: httpx.Client, name: str, study: dict[str, Any], out: Path) -> None:
     base = f"/v1/studies/{study['id']}/report"
-    report = client.get(base).raise_for_status().json()
+    report = _get(client, base).json()
     report["request"] = study.get("request")
     (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    csv = client.get(base, params={"format": "csv"}).raise_for_status().text
+    csv = _get(client, base, format="csv").text
     (out / f"{name}.csv").write_text(csv)
     for plot, url in report["plots"].items():
-        png = client.get(url).raise_for_status().content
+        png = _get(client, url).content
         (out / f"{name}-{plot}.png").write_bytes(png)
     if name == "depth-signal":
         layers = _depth_signal(client, study)
@@ -333,10 +346,7 @@ def main() -> None:
                 sys.exit(f"{name}: {response.status_code} {response.text}")
             studies[name] = {**response.json(), "request": body}
             print(f"{name}: study {studies[name]['id']}, {len(studies[name]['jobs'])} jobs")
-        requests = {name: study["request"] for name, study in studies.items()}
-        _wait(client, studies)
-        for name, study in studies.items():
-            _save(client, name, {**study, "request": requests[name]}, out)
+        _wait_and_save(client, studies, out)
     print(f"\nall presets done in {time.monotonic() - started:.0f} s; saved under {out}/")
     print_reports(out, names)
 
