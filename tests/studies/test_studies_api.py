@@ -229,11 +229,12 @@ def test_every_preset_is_a_valid_study(client: TestClient, preset: str) -> None:
 
 def test_dropout_preset_is_in_an_overfitting_regime() -> None:
     base, grid = resolve_preset("dropout-overfitting")
-    # Capacity to spare for its data: far more parameters than training samples, noisy
-    # labels to memorize, and long enough to memorize them.
+    # Capacity to spare for its data: far more parameters than training samples, and long
+    # enough to overfit them. Clean labels: with noisy ones dropout only delayed memorizing
+    # the noise, and the final gaps came out alike (docs/findings.md).
     assert base["model"]["hidden_sizes"] == [1024, 1024]
-    assert base["dataset"]["train_subset"] <= 300
-    assert base["dataset"]["label_noise"] > 0
+    assert base["dataset"]["train_subset"] <= 100
+    assert base["dataset"].get("label_noise", 0.0) == 0.0
     assert base["epochs"] >= 100
     assert grid["model.dropout.rate"][0] == 0.0
     assert max(grid["model.dropout.rate"]) >= 0.5

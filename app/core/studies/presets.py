@@ -44,12 +44,13 @@ PRESETS = {
         Preset(
             "dropout-overfitting",
             "Dropout narrows the generalization gap, where there is one: a wide MLP (2x1024) "
-            "on 200 training samples of digits with 20% of their labels noisy, for 100 epochs: "
-            "capacity to spare, so the no-dropout baseline memorizes the noise (measured, seed "
-            "0: its gap grows from -0.30 at its best epoch to +0.99 at the end, its accuracy "
-            "falls from 0.90 to 0.79); dropout 0 to 0.7, with and without batch_norm.",
+            "on 50 training samples of digits (clean labels) for 100 epochs: capacity to spare, "
+            "so the no-dropout baseline overfits (measured, seeds 0 and 1: its gap grows from "
+            "0.9 at epoch 10 to 1.6-1.7 at the end, and dropout 0.5 ends 0.35 lower); dropout "
+            "0 to 0.7, with and without batch_norm. With 20% noisy labels on 200 samples "
+            "instead, dropout only delayed the memorization: the final gaps were alike.",
             {
-                "dataset": {"name": "digits", "train_subset": 200, "label_noise": 0.2},
+                "dataset": {"name": "digits", "train_subset": 50},
                 "model": {"architecture": "mlp", "hidden_sizes": [1024, 1024]},
                 "optimizer": {"type": "adam", "lr": 0.001},
                 "epochs": 100,
