@@ -16,9 +16,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import FrameType
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 from pydantic import ValidationError
@@ -48,6 +48,26 @@ from worker.training.loop import Diverged, EpochResult, Interrupted, TrainingRun
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class Recorded(Protocol):
+    """What record() and the checkpoint cadence read of a run: a TrainingRun, or one trial of
+    a PackedRun (worker/packing.py), which answers the same."""
+
+    @property
+    def completed_epoch(self) -> int: ...
+    @property
+    def best_epoch(self) -> int: ...
+    @property
+    def finished(self) -> bool: ...
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def x_train(self) -> torch.Tensor: ...
+    def weights(self, metadata: dict[str, str] | None = None, *, best: bool = False) -> bytes: ...
+    def trainer_state(self) -> bytes: ...
+    def summary(self) -> dict[str, Any]: ...
+
 
 # Set in a pool process when SIGTERM reaches it directly (systemd's default, `kill` of the
 # process group): its running job hands itself back instead of dying with it.
@@ -203,7 +223,13 @@ def load_data(ctx: WorkerContext, spec: JobSpec) -> PreparedData:
             arrays = load_builtin(spec.dataset)
         return prepare(spec.dataset, info, arrays)
 
-    return with_db_retry(ctx, read)
+    data = with_db_retry(ctx, read)
+    dtype = torch.get_default_dtype()
+    if data.x_train.is_floating_point() and data.x_train.dtype != dtype:
+        # The features in the model's dtype: float32 as served; float64 where a test (the
+        # packed-against-alone comparisons) sets it as torch's default.
+        data = replace(data, x_train=data.x_train.to(dtype), x_val=data.x_val.to(dtype))
+    return data
 
 
 @dataclass
@@ -221,14 +247,14 @@ class CheckpointCadence:
     written_at: float = field(default_factory=time.monotonic)
 
     @classmethod
-    def resuming(cls, every_seconds: float, run: TrainingRun) -> "CheckpointCadence":
+    def resuming(cls, every_seconds: float, run: Recorded) -> "CheckpointCadence":
         # A resumed run starts from the stored `last`, whose state names the stored `best`.
         return cls(every_seconds, run.completed_epoch, run.best_epoch)
 
-    def due(self, run: TrainingRun) -> bool:
+    def due(self, run: Recorded) -> bool:
         return run.finished or time.monotonic() - self.written_at >= self.every_seconds
 
-    def blobs(self, claim: Claim, run: TrainingRun) -> list[CheckpointBlob]:
+    def blobs(self, claim: Claim, run: Recorded) -> list[CheckpointBlob]:
         """The checkpoints newer than the stored ones, as of the last completed epoch."""
         if run.completed_epoch <= self.last_epoch:
             return []
@@ -254,7 +280,7 @@ def _blob(kind: str, epoch: int, weights: bytes, state: bytes | None) -> Checkpo
 def record(
     ctx: WorkerContext,
     claim: Claim,
-    run: TrainingRun,
+    run: Recorded,
     result: EpochResult,
     cadence: CheckpointCadence,
 ) -> None:
@@ -284,7 +310,7 @@ def record(
 
 
 def store_on_stop(
-    ctx: WorkerContext, claim: Claim, run: TrainingRun, cadence: CheckpointCadence
+    ctx: WorkerContext, claim: Claim, run: Recorded, cadence: CheckpointCadence
 ) -> None:
     """A stopped attempt stores its last completed epoch, so the next one resumes from there.
 
@@ -344,16 +370,25 @@ def _attempt(ctx: WorkerContext, job_id: uuid.UUID) -> str:
         logger.error("job %s has a spec this worker cannot run: %s", job_id, exc)
         _end(ctx, claim, JobStatus.FAILED, error_type="invalid_spec", error_message=_describe(exc))
         return "failed"
-    wall_seconds = min(
-        spec.max_wall_seconds or ctx.settings.max_wall_seconds, ctx.settings.max_wall_seconds
-    )
-    control = AttemptControl(ctx, claim, wall_seconds)
+    if ctx.settings.max_pack > 1:
+        from worker import packing  # here, not at the top: packing builds on this module
+
+        companions = packing.claim_companions(ctx, claim, spec)
+        if companions:
+            return packing.train_pack(ctx, [(claim, spec), *companions])
+    control = AttemptControl(ctx, claim, wall_seconds_for(ctx, spec))
     control.start()
     try:
         with sigterm_hands_back():
             return _train(ctx, claim, spec, control)
     finally:
         control.finish()
+
+
+def wall_seconds_for(ctx: WorkerContext, spec: JobSpec) -> float:
+    return min(
+        spec.max_wall_seconds or ctx.settings.max_wall_seconds, ctx.settings.max_wall_seconds
+    )
 
 
 def _describe(exc: ValidationError) -> str:
@@ -437,7 +472,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _interrupted(
-    ctx: WorkerContext, claim: Claim, control: AttemptControl, run: TrainingRun | None
+    ctx: WorkerContext, claim: Claim, control: AttemptControl, run: Recorded | None
 ) -> str:
     reason = control.stop_reason
     summary = run.summary() if run else None

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
 
     # Worker.
     worker_concurrency: int | None = Field(None, ge=1)  # default: visible GPUs, else 1
+    # Up to this many queued jobs of one tenant that differ only in numbers train together as
+    # one batched model (worker/packing.py); 1 turns packing off.
+    max_pack: int = Field(8, ge=1)
     broker_publish_timeout_seconds: float = Field(2.0, gt=0)
     # The embedded (SQL) broker is polled: how long an idle worker waits between looks.
     broker_polling_seconds: float = Field(0.1, gt=0)

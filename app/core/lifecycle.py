@@ -15,6 +15,7 @@ first try wrote, and a stored epoch is simply overwritten by its retry.
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -131,6 +132,7 @@ def claim(
                 lease_expires_at=database_now(lease_seconds),
                 started_at=func.coalesce(Job.started_at, database_now()),
                 handback_requested=False,
+                pack=None,  # a packed attempt's caller marks its pack (claim_companions)
                 updated_at=now,
             )
             .execution_options(synchronize_session=False)
@@ -162,6 +164,58 @@ def claim(
         wall_seconds_used=max(0.0, (moment - job.started_at).total_seconds()),
         queued_seconds=max(0.0, (job.started_at - job.created_at).total_seconds()),
     )
+
+
+def claim_companions(
+    session: Session,
+    leader: Claim,
+    worker_id: str,
+    lease_seconds: float,
+    claim_token: uuid.UUID,
+    pack: uuid.UUID,
+    packs_with: Callable[[dict[str, Any]], bool],
+    limit: int,
+) -> list[Claim]:
+    """Claim up to `limit` queued jobs that can train in one pack with the leader's job.
+
+    Candidates are the leader's tenant's queued jobs on the same dataset and architecture,
+    oldest first; `packs_with` (the worker's pack_key comparison) decides on each spec. Each
+    is claimed by claim()'s one conditional UPDATE, so a job another worker took meanwhile is
+    passed over and no job trains twice. When any was claimed, the leader and its companions
+    are marked with `pack`; the companions' claims are returned.
+
+    Pass the same `claim_token` and `pack` to every try: a retry whose first try committed
+    unseen finds its companions running under that token and gets the same claims back.
+    """
+    tenant = session.scalar(select(Job.tenant).where(Job.id == leader.job_id))
+    spec = leader.spec
+    own = (Job.status == JobStatus.RUNNING) & (Job.claim_token == claim_token)
+    queued = (Job.status == JobStatus.QUEUED) & Job.cancel_requested.is_(False)
+    candidates = session.execute(
+        select(Job.id, Job.spec)
+        .where(
+            Job.tenant == tenant,
+            Job.id != leader.job_id,
+            queued | own,
+            Job.spec[("dataset", "name")].as_string() == spec["dataset"]["name"],
+            Job.spec[("model", "architecture")].as_string() == spec["model"]["architecture"],
+        )
+        .order_by(Job.created_at, Job.id)
+        .limit(max(limit * 4, 32))  # a few that do not pack may sit among the oldest
+    ).all()
+    claims: list[Claim] = []
+    for candidate in candidates:
+        if len(claims) >= limit:
+            break
+        if not packs_with(candidate.spec):
+            continue
+        companion = claim(session, candidate.id, worker_id, lease_seconds, claim_token)
+        if companion is not None:
+            claims.append(companion)
+    if claims:
+        for member in (leader, *claims):
+            _fenced_update(session, member.job_id, member.attempt, pack=pack)
+    return claims
 
 
 def _fenced_update(session: Session, job_id: uuid.UUID, attempt: int, **values: Any) -> None:

@@ -49,6 +49,8 @@ class JobRead(BaseModel):
     error: JobError | None
     study_id: uuid.UUID | None = None
     grid_point: dict[str, Any] | None = None
+    # The pack its latest attempt trained in, with other jobs of its tenant; null: alone.
+    pack: uuid.UUID | None = None
 
     @classmethod
     def from_job(cls, job: Job) -> "JobRead":
@@ -77,6 +79,7 @@ class JobRead(BaseModel):
             else None,
             study_id=job["study_id"],
             grid_point=job["grid_point"],
+            pack=job["pack"],
         )
 
 
@@ -99,6 +102,7 @@ JOB_FIELDS = (
     "error_message",
     "study_id",
     "grid_point",
+    "pack",
 )
 
 

@@ -285,6 +285,7 @@ JOB_READ_COLUMNS = (
     Job.error_message,
     Job.study_id,
     Job.grid_point,
+    Job.pack,
 )
 ATTEMPT_READ_COLUMNS = (
     JobAttempt.job_id,

@@ -101,6 +101,9 @@ class Job(Base):
     # Set for a job a study made: the study, and the axis values it was made from.
     study_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
     grid_point: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Set when the job's latest attempt trained packed with others (worker/packing.py): the
+    # pack's id, shared by every job of that pack; NULL when it trained alone.
+    pack: Mapped[uuid.UUID | None] = mapped_column(Uuid)
 
     attempt_history: Mapped[list["JobAttempt"]] = relationship(
         back_populates="job", order_by="JobAttempt.attempt", cascade="all, delete-orphan"

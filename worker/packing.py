@@ -1,0 +1,235 @@
+"""Packed attempts: a claimed job trains together with its tenant's queued jobs that pack with it.
+
+A study's jobs differ only in numbers, and one small model at a time leaves the device idle.
+When a worker claims a job whose spec has a pack_key (worker/training/packed.py), it claims up
+to TRAINSVC_MAX_PACK - 1 more queued jobs of the same tenant with the same key and trains them
+all as one PackedRun. Every job stays a job: its own claim (the attempt number fences its
+writes), its own AttemptControl (lease, cancel, hand-back, wall-time limit), its own metrics,
+checkpoints (with its own metadata) and events, and its own end. A trial that diverges ends
+failed while the others go on; one whose control wants it stopped leaves the pack and ends
+(or is handed back) for its own reason; a lost worker's jobs each lapse and are reaped alone.
+"""
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from app.core import lifecycle
+from app.core.lifecycle import Claim, LeaseLost
+from app.core.models import JobStatus
+from app.core.observability import metrics
+from app.core.spec import JobSpec
+from worker import execution
+from worker.execution import (
+    AttemptControl,
+    CheckpointCadence,
+    WorkerContext,
+    wall_seconds_for,
+    with_db_retry,
+)
+from worker.training.data import PreparedData
+from worker.training.packed import PackedRun, Trial, TrialEpoch, pack_key
+
+logger = logging.getLogger(__name__)
+
+
+def claim_companions(
+    ctx: WorkerContext, leader: Claim, spec: JobSpec
+) -> list[tuple[Claim, JobSpec]]:
+    """The queued jobs claimed to train in one pack with the leader's (none: it trains alone)."""
+    key = pack_key(spec)
+    if key is None:
+        return []
+
+    def packs_with(stored: dict[str, Any]) -> bool:
+        try:
+            return pack_key(JobSpec.model_validate(stored)) == key
+        except ValidationError:
+            return False  # a spec this worker cannot run is left for its own attempt to fail
+
+    # Chosen once, for every try: a retry recognises the claims a lost acknowledgement hid.
+    token, pack = uuid.uuid4(), uuid.uuid4()
+    claims = with_db_retry(
+        ctx,
+        lambda session: lifecycle.claim_companions(
+            session,
+            leader,
+            ctx.worker_id,
+            ctx.settings.lease_seconds,
+            token,
+            pack,
+            packs_with,
+            ctx.settings.max_pack - 1,
+        ),
+    )
+    for claim in claims:
+        metrics.observe_claim(claim.queued_seconds, claim.attempt)
+    if claims:
+        logger.info(
+            "job %s trains in pack %s with %s",
+            leader.job_id,
+            pack,
+            ", ".join(str(claim.job_id) for claim in claims),
+        )
+    return [(claim, JobSpec.model_validate(claim.spec)) for claim in claims]
+
+
+@dataclass
+class _Member:
+    """One job of the pack, as the worker keeps it: its claim, control and how it ended."""
+
+    claim: Claim
+    spec: JobSpec
+    control: AttemptControl
+    cadence: CheckpointCadence | None = None
+    outcome: str | None = None  # set once this job's attempt has ended (or lost its lease)
+
+
+def train_pack(ctx: WorkerContext, members: list[tuple[Claim, JobSpec]]) -> str:
+    """Train the claimed jobs as one pack; returns how the first (the leader's) attempt ended."""
+    jobs = [
+        _Member(claim, spec, execution.AttemptControl(ctx, claim, wall_seconds_for(ctx, spec)))
+        for claim, spec in members
+    ]
+    for job in jobs:
+        job.control.start()
+    try:
+        with execution.sigterm_hands_back():
+            _train(ctx, jobs)
+    finally:
+        for job in jobs:
+            job.control.finish()
+    return jobs[0].outcome or "interrupted"
+
+
+def _train(ctx: WorkerContext, jobs: list[_Member]) -> None:
+    run: PackedRun | None = None
+    try:
+        data, labels = _pack_data(ctx, [job.spec for job in jobs])
+        run = PackedRun(
+            [job.spec for job in jobs],
+            data,
+            labels=labels,
+            resume=[(job.claim.resume_weights, job.claim.resume_state) for job in jobs],
+        )
+        trials = run.trials
+        every = ctx.settings.checkpoint_every_seconds
+        for job, trial in zip(jobs, trials, strict=True):
+            job.cadence = CheckpointCadence.resuming(every, trial)
+
+        def leaving() -> set[int]:
+            # Asked before every step: a job whose control wants it stopped leaves at once,
+            # its state as of its last completed epoch; one that ended or lost its lease too.
+            for job, trial in zip(jobs, trials, strict=True):
+                if job.outcome is None and job.control.should_stop():
+                    _guarded(ctx, job, _leave, ctx, job, trial)
+            return {index for index, job in enumerate(jobs) if job.outcome is not None}
+
+        for outcomes in run.epochs(leaving):
+            for outcome in outcomes:
+                job = jobs[outcome.trial]
+                if job.outcome is None:
+                    _guarded(ctx, job, _epoch, ctx, job, trials[outcome.trial], outcome)
+        for job, trial in zip(jobs, trials, strict=True):
+            if job.outcome is None:
+                # Finished before this attempt trained anything (its final checkpoint was
+                # stored, its end was not), or stopped as the pack emptied.
+                if trial.finished:
+                    _guarded(ctx, job, _succeed, ctx, job, trial)
+                else:
+                    _guarded(ctx, job, _leave, ctx, job, trial)
+    except Exception as exc:
+        out_of_memory = execution.is_out_of_memory(exc)
+        if out_of_memory:
+            run = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            logger.warning("a pack of %d jobs ran out of memory: %s", len(jobs), exc)
+        else:
+            logger.exception("a pack of %d jobs failed", len(jobs))
+        for job in jobs:
+            if job.outcome is None:
+                _guarded(ctx, job, _fail, ctx, job, exc, out_of_memory)
+
+
+def _pack_data(ctx: WorkerContext, specs: list[JobSpec]) -> tuple[PreparedData, list[torch.Tensor]]:
+    """The first job's data, and every job's training labels (label noise may differ).
+
+    Jobs that pack agree on all of the dataset spec but label_noise, so the features, the
+    split and the validation set are the same; a job with other noise has its own labels.
+    """
+    prepared: dict[str, PreparedData] = {}
+    for spec in specs:
+        key = spec.dataset.model_dump_json()
+        if key not in prepared:
+            prepared[key] = execution.load_data(ctx, spec)
+    labels = [prepared[spec.dataset.model_dump_json()].y_train for spec in specs]
+    return prepared[specs[0].dataset.model_dump_json()], labels
+
+
+def _guarded(ctx: WorkerContext, job: _Member, step: Callable[..., None], *args: Any) -> None:
+    """One job's step, whose failure ends that job alone: the others of the pack go on."""
+    try:
+        step(*args)
+    except LeaseLost:
+        logger.warning(
+            "job %s attempt %s lost its lease; another attempt owns it",
+            job.claim.job_id,
+            job.claim.attempt,
+        )
+        job.outcome = "lease_lost"
+    except Exception as exc:
+        logger.exception("job %s failed in its pack", job.claim.job_id)
+        job.outcome = "failed"
+        try:
+            _fail(ctx, job, exc, False)
+        except Exception:
+            logger.exception("job %s: its failure could not be stored", job.claim.job_id)
+
+
+def _epoch(ctx: WorkerContext, job: _Member, trial: Trial, outcome: TrialEpoch) -> None:
+    if outcome.diverged is not None:
+        job.outcome = "failed"
+        execution._end(
+            ctx,
+            job.claim,
+            JobStatus.FAILED,
+            summary=trial.summary(),
+            error_type="diverged",
+            error_message=str(outcome.diverged),
+        )
+        return
+    assert outcome.result is not None
+    assert job.cadence is not None
+    execution.record(ctx, job.claim, trial, outcome.result, job.cadence)
+    if trial.finished:
+        _succeed(ctx, job, trial)
+
+
+def _succeed(ctx: WorkerContext, job: _Member, trial: Trial) -> None:
+    job.outcome = "succeeded"
+    execution._end(ctx, job.claim, JobStatus.SUCCEEDED, summary=trial.summary())
+
+
+def _leave(ctx: WorkerContext, job: _Member, trial: Trial) -> None:
+    """A job stopped by its control: as a stopped single attempt, for its own reason."""
+    if job.control.stop_reason is None:
+        job.control.stop_reason = "handed_back"  # left with the pack, not by itself: resume it
+    job.outcome = job.control.stop_reason
+    if job.cadence and job.control.stop_reason in ("cancelled", "handed_back", "timeout"):
+        execution.store_on_stop(ctx, job.claim, trial, job.cadence)
+    job.outcome = execution._interrupted(ctx, job.claim, job.control, trial)
+
+
+def _fail(ctx: WorkerContext, job: _Member, exc: BaseException, out_of_memory: bool) -> None:
+    job.outcome = "failed"
+    if out_of_memory:
+        fields = {"error_type": "out_of_memory", "error_message": str(exc)[:2000]}
+    else:
+        fields = {"error_type": "error", "error_message": f"{type(exc).__name__}: {exc}"[:2000]}
+    execution._end(ctx, job.claim, JobStatus.FAILED, **fields)
