@@ -13,6 +13,7 @@ recognised: the claim by the token its caller chose, finish and hand_back by the
 first try wrote, and a stored epoch is simply overwritten by its retry.
 """
 
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -270,6 +271,9 @@ def record_epoch(
         progress_epoch=case((Job.progress_epoch > epoch, Job.progress_epoch), else_=epoch),
         lease_expires_at=database_now(lease_seconds),
     )
+    # JSON has no Infinity or NaN (PostgreSQL's jsonb refuses them, SQLite's JSON functions
+    # reject the row): a gradient norm that overflowed is stored as null.
+    diagnostics = _finite_or_null(diagnostics)
     values: dict[str, Any] = {"attempt": attempt, "diagnostics": diagnostics, **metrics}
     rerun = session.execute(
         update(EpochMetric)
@@ -284,6 +288,16 @@ def record_epoch(
         scalars = {k: v for k, v in diagnostics.items() if isinstance(v, int | float)}
         events.record_epoch(session, job_id, epoch, {**metrics, **scalars})
     _write_checkpoints(session, job_id, attempt, checkpoints)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def store_checkpoints(

@@ -346,3 +346,30 @@ def test_the_wall_time_used_is_measured_by_the_database_clock(
     second = lifecycle.claim(session, job.id, "fast-clock#1", 30)
     assert second is not None
     assert 100 <= second.wall_seconds_used < 105
+
+
+def test_non_finite_diagnostics_are_stored_as_null_so_json_queries_still_read_them(
+    session: Session,
+) -> None:
+    job = make_job(session)
+    claim = lifecycle.claim(session, job.id, "w1#1", 30)
+    assert claim is not None
+    overflowed = {
+        "grad_norm_mean": float("inf"),
+        "grad_norm_max": float("nan"),
+        "generalization_gap": 0.25,
+        "layers": [{"name": "hidden.0.linear", "grad_norm": float("-inf")}],
+    }
+    lifecycle.record_epoch(session, job.id, claim.attempt, 1, METRICS, overflowed, [], 30)
+    session.flush()
+    stored = session.scalars(select(EpochMetric).where(EpochMetric.job_id == job.id)).one()
+    assert stored.diagnostics["grad_norm_mean"] is None
+    assert stored.diagnostics["grad_norm_max"] is None
+    assert stored.diagnostics["layers"][0]["grad_norm"] is None
+    # What a study report's SQL reads out of the JSON (SQLite refused the whole row before).
+    gap = session.scalar(
+        select(EpochMetric.diagnostics["generalization_gap"].as_float()).where(
+            EpochMetric.job_id == job.id
+        )
+    )
+    assert gap == 0.25

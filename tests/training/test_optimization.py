@@ -115,3 +115,12 @@ def test_summary_tracks_the_best_epoch() -> None:
         results[-1].metrics["val_loss"] - results[-1].diagnostics["train_eval_loss"],
     )
     assert [r.improved for r in results].count(True) >= 1
+
+
+def test_a_validation_loss_that_overflows_is_a_divergence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights can overflow in evaluation while every step's loss stayed finite: that epoch
+    cannot be stored (no database holds its NaN), and the job is as diverged as a NaN step."""
+    monkeypatch.setattr(TrainingRun, "_evaluate", lambda *_: (float("inf"), 0.1))
+    with pytest.raises(Diverged) as raised:
+        train(make_spec(epochs=2))
+    assert raised.value.epoch == 1

@@ -11,6 +11,7 @@ state holds. weights() and trainer_state() serialize the snapshot, i.e. the run 
 completed epoch, whenever the caller chooses to store it (not necessarily every epoch).
 """
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -252,6 +253,9 @@ class TrainingRun:
         if not bool(finite.all()):
             raise Diverged(epoch, int((~finite).nonzero()[0]) + 1)
         val_loss, val_accuracy = self._evaluate(self.x_val, self.y_val)
+        if not math.isfinite(val_loss):
+            # Weights that overflowed without a NaN step loss: as diverged as a NaN step.
+            raise Diverged(epoch, self.steps_per_epoch)
         # The gap is measured against the training data in eval mode (no dropout, BN running
         # statistics), exactly as validation is: the running training loss is inflated by
         # dropout and would hide the very overfitting dropout is meant to cure.
