@@ -117,6 +117,13 @@ def test_every_line_a_job_causes_carries_its_job_id_and_attempt(
     root = logging.getLogger()
     root.addHandler(handler)
     monkeypatch.setattr(root, "level", logging.INFO)
+    # Whatever an earlier test in this process did to the loggers (a library's dictConfig may
+    # disable existing ones, or set levels), this test reads the worker's own lines.
+    for name in ("worker", "worker.execution", "app", "app.core.lifecycle"):
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "disabled", False)
+        monkeypatch.setattr(logger, "level", logging.NOTSET)
+        monkeypatch.setattr(logger, "propagate", True)
     monkeypatch.setattr(execution, "TrainingRun", _Fails)
     monkeypatch.setattr(execution, "load_data", lambda *_: None)
     with session_factory() as session:
