@@ -130,7 +130,8 @@ def test_every_line_a_job_causes_carries_its_job_id_and_attempt(
         job = make_job(session)
         session.commit()
     context = WorkerContext(
-        settings,
+        # One job alone: queued jobs other tests left in this database must not join its pack.
+        settings.model_copy(update={"max_pack": 1}),
         session_factory,
         Dispatcher(create_celery_app(settings), session_factory),
         "node@host#1",
@@ -143,6 +144,7 @@ def test_every_line_a_job_causes_carries_its_job_id_and_attempt(
         root.removeHandler(handler)
 
     lines = json_lines(buffer.getvalue())
+    assert len(lines) >= 3, buffer.getvalue()[-4000:]
     failed, skipped, after = lines[-3], lines[-2], lines[-1]
     assert "failed" in failed["message"]
     assert "RuntimeError: mat1 and mat2" in failed["exception"]
