@@ -116,14 +116,10 @@ def test_every_line_a_job_causes_carries_its_job_id_and_attempt(
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.addHandler(handler)
-    monkeypatch.setattr(root, "level", logging.INFO)
-    # Whatever an earlier test in this process did to the loggers (a library's dictConfig may
-    # disable existing ones, or set levels), this test reads the worker's own lines.
-    for name in ("worker", "worker.execution", "app", "app.core.lifecycle"):
-        logger = logging.getLogger(name)
-        monkeypatch.setattr(logger, "disabled", False)
-        monkeypatch.setattr(logger, "level", logging.NOTSET)
-        monkeypatch.setattr(logger, "propagate", True)
+    # setLevel, not an attribute patch: loggers cache whether a level is enabled, and only
+    # setLevel clears that cache (a cached "INFO is off" from an earlier test hid the lines).
+    previous_level = root.level
+    root.setLevel(logging.INFO)
     monkeypatch.setattr(execution, "TrainingRun", _Fails)
     monkeypatch.setattr(execution, "load_data", lambda *_: None)
     with session_factory() as session:
@@ -142,6 +138,7 @@ def test_every_line_a_job_causes_carries_its_job_id_and_attempt(
         logging.getLogger("after").info("not about any job")
     finally:
         root.removeHandler(handler)
+        root.setLevel(previous_level)
 
     lines = json_lines(buffer.getvalue())
     assert len(lines) >= 3, buffer.getvalue()[-4000:]

@@ -86,14 +86,19 @@ def sigterm_hands_back() -> Iterator[None]:
         yield
         return
     previous = signal.getsignal(signal.SIGTERM)
+    # Counted here, not read from shutdown_requested: the node's shutdown may have set that
+    # flag a moment before the same stop's SIGTERM reaches this process (a process group's
+    # SIGTERM), and that first signal must still hand the job back, not kill the process.
+    received = threading.Event()
 
     def handle(signum: int, frame: FrameType | None) -> None:
-        if shutdown_requested.is_set():
+        if received.is_set():
             if callable(previous):
                 previous(signum, frame)
             else:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 os.kill(os.getpid(), signal.SIGTERM)
+        received.set()
         shutdown_requested.set()
 
     signal.signal(signal.SIGTERM, handle)
