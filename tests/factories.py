@@ -1,12 +1,13 @@
 """Test data: job specs and rows, with overrides for what a test cares about."""
 
 import copy
+import uuid
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from app.api.jobs.service import spec_sha256
-from app.core.models import Job
+from app.core.models import EpochMetric, Job
 from app.core.spec import JobSpec
 
 BASE_SPEC: dict[str, Any] = {
@@ -60,3 +61,9 @@ def make_job(session: Session, status: str = "queued", **spec_overrides: Any) ->
     session.add(job)
     session.flush()
     return job
+
+
+def make_epoch(job_id: uuid.UUID, epoch: int = 1, **overrides: Any) -> EpochMetric:
+    """A stored epoch of METRICS (attempt 1, no diagnostics) with the given fields replaced."""
+    values: dict[str, Any] = {"attempt": 1, "diagnostics": {}, **METRICS, **overrides}
+    return EpochMetric(job_id=job_id, epoch=epoch, **values)

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from app.api.auth import get_caller
 from app.core.config import Settings
 from app.core.models import Checkpoint, EpochMetric, Job
-from tests.factories import make_job, spec_payload
+from tests.factories import make_epoch, make_job, spec_payload
 
 KeyHeaders = Callable[..., dict[str, str]]
 # /metrics needs no key by default (TRAINSVC_METRICS_REQUIRE_KEY; tests/test_metrics.py).
@@ -48,20 +48,7 @@ def upload(client: TestClient, headers: dict[str, str], seed: int = 0) -> Respon
 def ended_job(session: Session, tenant: str) -> tuple[Job, Checkpoint]:
     job = make_job(session, status="succeeded")
     job.tenant = tenant
-    session.add(
-        EpochMetric(
-            job_id=job.id,
-            epoch=1,
-            attempt=1,
-            train_loss=1.0,
-            train_accuracy=0.5,
-            val_loss=1.0,
-            val_accuracy=0.5,
-            lr=0.1,
-            epoch_seconds=0.1,
-            diagnostics={},
-        )
-    )
+    session.add(make_epoch(job.id, val_loss=1.0, val_accuracy=0.5))
     checkpoint = Checkpoint(
         job_id=job.id,
         epoch=1,

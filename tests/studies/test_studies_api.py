@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.core.models import EpochMetric, Job, Study
 from app.core.studies.presets import PRESETS, resolve_preset
-from tests.factories import spec_payload
+from tests.factories import make_epoch, spec_payload
 
 GRID = {
     "model.normalization.type": ["none", "batch_norm"],
@@ -178,20 +178,7 @@ def test_delete_only_an_ended_study(client: TestClient, session: Session) -> Non
     assert response.json()["error"] == "study_not_ended"
     first = study["jobs"][0]["id"]
     _set_status(session, first, "succeeded")
-    session.add(
-        EpochMetric(
-            job_id=uuid.UUID(first),
-            epoch=1,
-            attempt=1,
-            train_loss=1.0,
-            train_accuracy=0.5,
-            val_loss=1.0,
-            val_accuracy=0.5,
-            lr=0.1,
-            epoch_seconds=0.1,
-            diagnostics={},
-        )
-    )
+    session.add(make_epoch(uuid.UUID(first), val_loss=1.0, val_accuracy=0.5))
     session.commit()
     client.post(f"/v1/studies/{study['id']}/cancel")
     assert client.delete(f"/v1/studies/{study['id']}").status_code == 204
