@@ -14,6 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.main import create_app
 from app.core.config import Settings
-from app.core.db import create_db_engine
+from app.core.db import Reader, create_db_engine
 from app.core.keys import create_key
 from app.core.migrate import upgrade
 from app.core.models import DEFAULT_TENANT
@@ -189,6 +190,9 @@ def key_headers(session_factory: sessionmaker[Session]) -> Callable[..., dict[st
 def use_test_sessions(app: FastAPI, session_factory: sessionmaker[Session]) -> None:
     """Point a started app at the test's rolled-back transaction."""
     app.state.session_factory = session_factory
+    app.state.reader.close()
+    test_connection = session_factory.kw["bind"]
+    app.state.reader = Reader(lambda: nullcontext(test_connection))
     app.state.dispatcher.session_factory = session_factory
     # The test's one connection cannot be shared with the key cache's writer thread.
     app.state.key_verifier.background_writes = False

@@ -7,7 +7,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
-from app.core.db import READ_ONLY
+from app.core.db import READ_ONLY, Reader
 from app.core.outbox import Dispatcher
 
 
@@ -44,6 +44,13 @@ async def get_session_factory(request: Request) -> sessionmaker[Session]:
     return factory
 
 
+async def get_reader(request: Request) -> Reader:
+    """What the polled status reads run on, whole, in one worker-thread call (see Reader).
+    (async: no I/O, no thread.)"""
+    reader: Reader = request.app.state.reader
+    return reader
+
+
 def get_dispatcher(request: Request) -> Dispatcher:
     dispatcher: Dispatcher = request.app.state.dispatcher
     return dispatcher
@@ -52,4 +59,5 @@ def get_dispatcher(request: Request) -> Dispatcher:
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
+ReaderDep = Annotated[Reader, Depends(get_reader)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]

@@ -19,7 +19,7 @@ from app.api.system.router import metrics_router
 from app.api.system.router import router as system_router
 from app.core.broker import create_celery_app
 from app.core.config import Settings, get_settings
-from app.core.db import create_db_engine, create_session_factory
+from app.core.db import create_db_engine, create_reader, create_session_factory
 from app.core.outbox import Dispatcher
 
 
@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         install_auth(app.state, settings)
         app.state.session_factory = create_session_factory(engine)
+        app.state.reader = create_reader(engine)
         app.state.dispatcher = Dispatcher(
             create_celery_app(settings), app.state.session_factory, settings.publish_pause_seconds
         )
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         yield
         await app.state.event_hub.close()
+        app.state.reader.close()
         engine.dispose()
 
     app = FastAPI(

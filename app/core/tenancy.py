@@ -6,9 +6,9 @@ passes its query through `scoped`, so the rule lives in one place.
 
 import uuid
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from app.core.models import DEFAULT_TENANT, Checkpoint, Dataset, Job, Study
@@ -46,6 +46,31 @@ def scoped(
     if tenant is not None:
         query = query.where(model.tenant == tenant)
     return query
+
+
+@dataclass(frozen=True)
+class ScopedRead(Generic[_Row]):
+    """A polled read, built once with the caller's tenant as a bound parameter.
+
+    `scoped(select(...))` builds a new statement on every call, and SQLAlchemy then computes
+    its cache key and adapts the cached result columns to the new objects: together about two
+    thirds of a job GET's database time (profiled: 720 us against 185 us with the same
+    statement object reused). Routes that dashboards poll run a ScopedRead instead; the rule
+    stays the one `scoped` applies.
+    """
+
+    everyone: Select[_Row]  # for an admin
+    own: Select[_Row]  # for anyone else: only the caller's tenant
+
+    @classmethod
+    def of(cls, query: Select[_Row], model: type[Job] | type[Study]) -> "ScopedRead[_Row]":
+        return cls(query, query.where(model.tenant == bindparam("caller_tenant")))
+
+    def for_caller(self, caller: Caller, **parameters: Any) -> tuple[Select[_Row], dict[str, Any]]:
+        """The statement and parameters that give `caller` what they may see."""
+        if caller.admin:
+            return self.everyone, parameters
+        return self.own, {**parameters, "caller_tenant": caller.tenant}
 
 
 def storage_bytes(session: Session, tenant: str) -> int:

@@ -6,11 +6,17 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Response, status
 from fastapi.responses import StreamingResponse
 from pydantic import StringConstraints
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Connection
 from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import AUTH_RESPONSES, CallerDep, get_caller
-from app.api.dependencies import DispatcherDep, SessionDep, SessionFactoryDep, SettingsDep
+from app.api.dependencies import (
+    DispatcherDep,
+    ReaderDep,
+    SessionDep,
+    SessionFactoryDep,
+    SettingsDep,
+)
 from app.api.errors import error_responses
 from app.api.jobs import service
 from app.api.jobs.dependencies import (
@@ -32,7 +38,7 @@ from app.api.jobs.schemas import (
     MetricsRead,
     metrics_json,
 )
-from app.core.db import transaction
+from app.core.db import Reader
 from app.core.models import JobStatus
 from app.core.spec import JobSpec
 from app.core.tenancy import Caller
@@ -82,7 +88,7 @@ def submit_job(
 
 @router.get("", response_model=JobPage)
 async def list_jobs(
-    factory: SessionFactoryDep,
+    reader: ReaderDep,
     caller: CallerDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -102,7 +108,7 @@ async def list_jobs(
     """List the caller's jobs, newest first; pass next_cursor back as cursor for the next page."""
     tags = [(key, value) for key, _, value in (item.partition(":") for item in tag or ())]
     return await run_in_threadpool(
-        _list_jobs_response, factory, caller, status, limit, cursor, tenant, study_id, tags
+        _list_jobs_response, reader, caller, status, limit, cursor, tenant, study_id, tags
     )
 
 
@@ -112,10 +118,10 @@ async def list_jobs(
     responses={200: {"headers": ETAG_HEADER}, **NOT_MODIFIED},
 )
 async def get_job(
-    job_id: uuid.UUID, factory: SessionFactoryDep, caller: CallerDep, if_none_match: IfNoneMatchDep
+    job_id: uuid.UUID, reader: ReaderDep, caller: CallerDep, if_none_match: IfNoneMatchDep
 ) -> Response:
     """A job: its status, progress, attempts, summary and error; 304 if If-None-Match matches."""
-    return await run_in_threadpool(_job_response, factory, job_id, caller, if_none_match)
+    return await run_in_threadpool(_job_response, reader, job_id, caller, if_none_match)
 
 
 @router.delete(
@@ -148,7 +154,7 @@ def cancel_job(job: JobDep, session: SessionDep) -> JobRead:
 )
 async def get_metrics(
     job_id: uuid.UUID,
-    factory: SessionFactoryDep,
+    reader: ReaderDep,
     caller: CallerDep,
     if_none_match: IfNoneMatchDep,
     since_epoch: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
@@ -156,7 +162,7 @@ async def get_metrics(
     """Per-epoch metrics and diagnostics, ascending; only epochs after since_epoch if given;
     304 if If-None-Match matches."""
     return await run_in_threadpool(
-        _metrics_response, factory, job_id, caller, since_epoch, if_none_match
+        _metrics_response, reader, job_id, caller, since_epoch, if_none_match
     )
 
 
@@ -198,16 +204,16 @@ def list_deliveries(job: JobDep, session: SessionDep) -> DeliveryList:
 
 # The read routes above are what dashboards and services poll. Each is async and does all of
 # its database work and encoding in one call on a worker thread (a plain-def route with
-# session and lookup dependencies took five hops to worker threads), reads plain rows, and
-# returns the JSON it encoded once (FastAPI would validate the returned model again). The
-# response_model still documents the body in OpenAPI.
+# session and lookup dependencies took five hops to worker threads), reads plain rows through
+# the Reader (no session, no transaction: see app.core.db.Reader) with statements built once
+# (ScopedRead), and returns the JSON it encoded once (FastAPI would validate the returned model
+# again). The response_model still documents the body in OpenAPI.
 
 
 def _job_response(
-    factory: sessionmaker[Session], job_id: uuid.UUID, caller: Caller, if_none_match: str | None
+    reader: Reader, job_id: uuid.UUID, caller: Caller, if_none_match: str | None
 ) -> Response:
-    with transaction(factory, write=False) as session:
-        job, attempts = service.read_job(session, job_id, caller)
+    job, attempts = reader.run(lambda connection: service.read_job(connection, job_id, caller))
     etag = service.job_etag(job)
     if etag_matches(if_none_match, etag):
         return not_modified(etag)
@@ -216,7 +222,7 @@ def _job_response(
 
 
 def _list_jobs_response(
-    factory: sessionmaker[Session],
+    reader: Reader,
     caller: Caller,
     status: JobStatus | None,
     limit: int,
@@ -225,30 +231,36 @@ def _list_jobs_response(
     study_id: uuid.UUID | None,
     tags: list[tuple[str, str]],
 ) -> Response:
-    with transaction(factory, write=False) as session:
+    def read(connection: Connection) -> JobPage:
         jobs, next_cursor = service.list_jobs(
-            session, caller, status, limit, cursor, tenant, study_id=study_id, tags=tags
+            connection, caller, status, limit, cursor, tenant, study_id=study_id, tags=tags
         )
-        attempts = service.read_attempts(session, [job["id"] for job in jobs])
-    page = JobPage(
-        items=[JobRead.from_columns(job, attempts[job["id"]]) for job in jobs],
-        next_cursor=next_cursor,
-    )
-    return Response(page.model_dump_json(), media_type="application/json")
+        attempts = service.read_attempts(connection, [job["id"] for job in jobs])
+        return JobPage(
+            items=[JobRead.from_columns(job, attempts[job["id"]]) for job in jobs],
+            next_cursor=next_cursor,
+        )
+
+    return Response(reader.run(read).model_dump_json(), media_type="application/json")
 
 
 def _metrics_response(
-    factory: sessionmaker[Session],
+    reader: Reader,
     job_id: uuid.UUID,
     caller: Caller,
     since_epoch: int | None,
     if_none_match: str | None,
 ) -> Response:
-    with transaction(factory, write=False) as session:
-        etag = service.metrics_etag(session, job_id, caller, since_epoch)
+    def read(connection: Connection) -> Response:
+        etag = service.metrics_etag(connection, job_id, caller, since_epoch)
         if etag_matches(if_none_match, etag):
             return not_modified(etag)
-        rows = service.list_metrics(session, job_id, since_epoch)
-    return Response(
-        metrics_json(job_id, rows), media_type="application/json", headers={"ETag": etag}
-    )
+        # After the tag, in a statement of its own: an epoch stored in between makes the body
+        # newer than its tag (the next poll fetches it again), never a stale body under a
+        # current tag.
+        rows = service.list_metrics(connection, job_id, since_epoch)
+        return Response(
+            metrics_json(job_id, rows), media_type="application/json", headers={"ETag": etag}
+        )
+
+    return reader.run(read)

@@ -11,10 +11,12 @@ from typing import Any, Protocol
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     RowMapping,
     Select,
     Text,
     and_,
+    bindparam,
     case,
     cast,
     delete,
@@ -41,7 +43,7 @@ from app.core.errors import (
 from app.core.models import Checkpoint, EpochMetric, Job, JobAttempt, JobStatus, WebhookDelivery
 from app.core.models.jobs import ACTIVE_STATUSES, ENDED_STATUSES
 from app.core.spec import JobSpec, SpecError, check_fits_dataset, count_parameters
-from app.core.tenancy import Caller, scoped, storage_bytes
+from app.core.tenancy import Caller, ScopedRead, scoped, storage_bytes
 
 
 def spec_sha256(spec: JobSpec) -> str:
@@ -302,21 +304,28 @@ ATTEMPT_COLUMNS_JOINED = tuple(
 )
 
 
+# Built once: see ScopedRead (a new statement per poll cost more than the query).
+_READ_JOB = ScopedRead.of(
+    select(*JOB_READ_COLUMNS, *ATTEMPT_COLUMNS_JOINED)
+    .outerjoin(JobAttempt, JobAttempt.job_id == Job.id)
+    .where(Job.id == bindparam("job_id"))
+    .order_by(JobAttempt.attempt),
+    Job,
+)
+_READ_ATTEMPTS = (
+    select(*ATTEMPT_READ_COLUMNS)
+    .where(JobAttempt.job_id.in_(bindparam("job_ids", expanding=True)))
+    .order_by(JobAttempt.job_id, JobAttempt.attempt)
+)
+
+
 def read_job(
-    session: Session, job_id: uuid.UUID, caller: Caller
+    connection: Connection, job_id: uuid.UUID, caller: Caller
 ) -> tuple[RowMapping, list[dict[str, Any]]]:
     """The job's JobRead columns and its attempts, in one query, if the caller may see it
     (else JobNotFound, like get_job)."""
-    query = scoped(
-        select(*JOB_READ_COLUMNS, *ATTEMPT_COLUMNS_JOINED)
-        .outerjoin(JobAttempt, JobAttempt.job_id == Job.id)
-        .where(Job.id == job_id)
-        .order_by(JobAttempt.attempt),
-        Job,
-        caller,
-    )
-    # On the session's connection: plain rows need none of the ORM's statement handling.
-    rows = session.connection().execute(query).mappings().all()
+    query, parameters = _READ_JOB.for_caller(caller, job_id=job_id)
+    rows = connection.execute(query, parameters).mappings().all()
     if not rows:
         raise JobNotFound(f"no job {job_id}")
     attempts = [
@@ -328,17 +337,12 @@ def read_job(
 
 
 def read_attempts(
-    session: Session, job_ids: Sequence[uuid.UUID]
+    connection: Connection, job_ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, list[RowMapping]]:
     """The attempts of each job, in order: one query for a job or a page of them."""
     attempts: dict[uuid.UUID, list[RowMapping]] = {job_id: [] for job_id in job_ids}
     if job_ids:
-        query = (
-            select(*ATTEMPT_READ_COLUMNS)
-            .where(JobAttempt.job_id.in_(job_ids))
-            .order_by(JobAttempt.job_id, JobAttempt.attempt)
-        )
-        for row in session.connection().execute(query).mappings():
+        for row in connection.execute(_READ_ATTEMPTS, {"job_ids": list(job_ids)}).mappings():
             attempts[row["job_id"]].append(row)
     return attempts
 
@@ -368,7 +372,7 @@ def _etag(*parts: object) -> str:
 
 
 def list_jobs(
-    session: Session,
+    connection: Connection,
     caller: Caller,
     status: str | None,
     limit: int,
@@ -393,7 +397,7 @@ def list_jobs(
         created_at, job_id = decode_cursor(cursor)
         query = query.where(tuple_(Job.created_at, Job.id) < tuple_(created_at, job_id))
     query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-    jobs = session.connection().execute(query).mappings().all()
+    jobs = connection.execute(query).mappings().all()
     if len(jobs) > limit:
         last = jobs[limit - 1]
         return jobs[:limit], encode_cursor_at(last["created_at"], last["id"])
@@ -418,8 +422,32 @@ def delete_job(session: Session, job: Job) -> None:
     session.expunge(job)
 
 
+def _metrics_etag_query(since: bool) -> ScopedRead[Any]:
+    stored = [EpochMetric.job_id == Job.id]
+    if since:
+        stored.append(EpochMetric.epoch > bindparam("since_epoch"))
+    aggregates: tuple[ColumnElement[Any], ...] = (
+        func.count(EpochMetric.id),
+        func.max(EpochMetric.epoch),
+        func.max(EpochMetric.created_at),
+        func.sum(EpochMetric.attempt),
+    )
+    return ScopedRead.of(
+        select(*aggregates)
+        .select_from(Job)
+        .outerjoin(EpochMetric, and_(*stored))
+        .where(Job.id == bindparam("job_id"))
+        .group_by(Job.id),
+        Job,
+    )
+
+
+# Built once, with and without since_epoch: see ScopedRead.
+_METRICS_ETAG = {since: _metrics_etag_query(since) for since in (False, True)}
+
+
 def metrics_etag(
-    session: Session, job_id: uuid.UUID, caller: Caller, since_epoch: int | None
+    connection: Connection, job_id: uuid.UUID, caller: Caller, since_epoch: int | None
 ) -> str:
     """A strong ETag for the job's metrics (after since_epoch), from one aggregate query.
 
@@ -427,25 +455,12 @@ def metrics_etag(
     last epoch; a rerun epoch's overwrite (a resumed attempt) moves its created_at and raises
     its attempt, so it changes the latest created_at or the sum of attempts.
     """
-    stored = [EpochMetric.job_id == Job.id]
-    if since_epoch is not None:
-        stored.append(EpochMetric.epoch > since_epoch)
-    aggregates: tuple[ColumnElement[Any], ...] = (
-        func.count(EpochMetric.id),
-        func.max(EpochMetric.epoch),
-        func.max(EpochMetric.created_at),
-        func.sum(EpochMetric.attempt),
-    )
-    query = scoped(
-        select(*aggregates)
-        .select_from(Job)
-        .outerjoin(EpochMetric, and_(*stored))
-        .where(Job.id == job_id)
-        .group_by(Job.id),
-        Job,
-        caller,
-    )
-    row = session.connection().execute(query).first()
+    since = since_epoch is not None
+    parameters: dict[str, Any] = {"job_id": job_id}
+    if since:
+        parameters["since_epoch"] = since_epoch
+    query, parameters = _METRICS_ETAG[since].for_caller(caller, **parameters)
+    row = connection.execute(query, parameters).first()
     if row is None:
         raise JobNotFound(f"no job {job_id}")
     count, last_epoch, last_created_at, attempts = row
@@ -465,19 +480,22 @@ EPOCH_READ_COLUMNS = (
     EpochMetric.epoch_seconds,
     cast(EpochMetric.diagnostics, Text).label("diagnostics"),
 )
+_LIST_METRICS = (
+    select(*EPOCH_READ_COLUMNS)
+    .where(EpochMetric.job_id == bindparam("job_id"), EpochMetric.epoch > bindparam("after"))
+    .order_by(EpochMetric.epoch)
+)
 
 
 def list_metrics(
-    session: Session, job_id: uuid.UUID, since_epoch: int | None
+    connection: Connection, job_id: uuid.UUID, since_epoch: int | None
 ) -> Sequence[Sequence[Any]]:
     """The job's epochs, ascending, as rows of EPOCH_READ_COLUMNS: the diagnostics come as the
     stored JSON text, for the response to carry as they are (parsing and encoding them again
     was most of the cost of a metrics read).
     """
-    query = select(*EPOCH_READ_COLUMNS).where(EpochMetric.job_id == job_id)
-    if since_epoch is not None:
-        query = query.where(EpochMetric.epoch > since_epoch)
-    return session.connection().execute(query.order_by(EpochMetric.epoch)).all()
+    after = since_epoch if since_epoch is not None else -1  # every epoch: none is negative
+    return connection.execute(_LIST_METRICS, {"job_id": job_id, "after": after}).all()
 
 
 def list_deliveries(session: Session, job: Job) -> Sequence[WebhookDelivery]:
