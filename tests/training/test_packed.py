@@ -454,9 +454,13 @@ def test_float32_metrics_agree_closely() -> None:
 
 
 @pytest.mark.gpu
-def test_packed_runs_on_cuda_with_per_trial_streams() -> None:
+@pytest.mark.parametrize("cnn", [False, True], ids=["mlp", "cnn"])
+def test_packed_runs_on_cuda_with_per_trial_streams(cnn: bool) -> None:
     torch.set_default_dtype(torch.float32)
-    specs = [job(i, "batch_norm", "adam", device="cuda") for i in range(3)]
+    dropout = "spatial" if cnn else "standard"
+    specs = [
+        job(i, "batch_norm", "adam", cnn=cnn, dropout=dropout, device="cuda") for i in range(3)
+    ]
     _, first = train_packed(specs)
     _, again = train_packed([specs[2], specs[0], specs[1]])
     # On CUDA a trial's dropout stream is its own (seeded per trial), so its results do not

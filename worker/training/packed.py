@@ -383,8 +383,8 @@ class PackedRun:
     # Activations are held per trial, [T, B, C, *spatial]: for each trial the single model's
     # [B, C, *spatial] (C: an MLP's features or a CNN's channels). Layers that act per channel
     # (convolutions, pools, batch norm) see them as one batch with the trials folded into
-    # channels, [B, T*C, *spatial], in which layout a convolution's output already lies: the
-    # per-trial form is a view of it, so neither side copies.
+    # channels, [B, T*C, *spatial]. A convolution's output lies in that layout and the
+    # per-trial form is a view of it, so a CNN goes between the two without copies.
 
     def _forward(
         self, x: torch.Tensor, training: bool, captured: dict[str, torch.Tensor] | None = None
