@@ -5,7 +5,7 @@ and compares every number (metrics, diagnostics, weights, trainer state).
 """
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -17,9 +17,15 @@ from tests.training.helpers import data_for, make_spec
 from worker.training.checkpoint import unpack_state
 from worker.training.data import PreparedData
 from worker.training.loop import Diverged, EpochResult, TrainingRun
+from worker.training.models import build_model
 from worker.training.packed import PackedRun, TrialEpoch, pack_key
 
 TOLERANCE = 1e-10
+# For bias - running_mean of a layer feeding batch norm under Adam or RMSprop (see
+# weight_difference): measured up to 2e-10 (a CNN with RMSprop), 5e-11 for MLPs.
+NOISY_BIAS_TOLERANCE = 1e-9
+FLOAT32_STATISTICS = ("pre_activation_mean", "pre_activation_std")
+FLOAT32_RESOLUTION = 1e-6  # relative: a few float32 steps (2**-23 = 1.2e-7 each)
 NORMS = ["none", "batch_norm", "layer_norm", "rms_norm", "group_norm"]
 OPTIMIZERS = ["sgd", "adam", "adamw", "rmsprop"]
 
@@ -40,9 +46,20 @@ def data64(spec: JobSpec) -> PreparedData:
 
 
 def job(
-    i: int, norm: str = "batch_norm", optimizer: str = "sgd", lr: float | None = None, **fields: Any
+    i: int,
+    norm: str = "batch_norm",
+    optimizer: str = "sgd",
+    lr: float | None = None,
+    *,
+    cnn: bool = False,
+    data: str = "digits",
+    dropout: str = "standard",
+    position: str = "before_activation",
+    **fields: Any,
 ) -> JobSpec:
-    """Trial i of a study: the same computation, different numbers (lr, seed, rates, ...)."""
+    """Trial i of a study: the same computation, different numbers (lr, seed, rates, ...).
+
+    An MLP, or with cnn a small CNN: 1-D on mnist1d's sequences, 2-D on digits' images."""
     options: dict[str, Any] = {"type": optimizer, "lr": (0.05, 0.02, 0.1, 0.03)[i]}
     if optimizer != "sgd":
         options["lr"] /= 10
@@ -55,16 +72,24 @@ def job(
     if optimizer in ("adam", "adamw"):
         options["betas"] = [0.9 - 0.05 * i, 0.99 - 0.01 * i]
     options["weight_decay"] = 0.01 * i
+    architecture: dict[str, Any] = {"architecture": "cnn", "hidden_sizes": [4, 8]} if cnn else {}
     payload: dict[str, Any] = {
+        "dataset": {"name": data, "train_subset": 96, "batch_size": 32},
         "model": {
             "hidden_sizes": [8, 8],
+            **architecture,
             "normalization": {
                 "type": norm,
+                "position": position,
                 "num_groups": 2,
                 "momentum": 0.1 + 0.05 * i,
                 "eps": 1e-5 * (i + 1),
             },
-            "dropout": {"rate": (0.3, 0.1, 0.2, 0.4)[i], "input_rate": 0.05 * (i + 1)},
+            "dropout": {
+                "type": dropout,
+                "rate": (0.3, 0.1, 0.2, 0.4)[i],
+                "input_rate": 0.05 * (i + 1),
+            },
         },
         "optimizer": options,
         "seed": 3 + 7 * i,
@@ -111,44 +136,112 @@ def difference(a: Any, b: Any, path: str = "") -> float:
     return abs(float(a) - float(b))
 
 
-def record(result: EpochResult) -> dict[str, Any]:
+def record(result: EpochResult | None) -> dict[str, Any]:
+    """An epoch's numbers but its timing and its activation statistics (float32, below)."""
+    assert result is not None
     metrics = {k: v for k, v in result.metrics.items() if k != "epoch_seconds"}
-    return {"epoch": result.epoch, "improved": result.improved, **metrics, **result.diagnostics}
+    layers = [
+        {k: v for k, v in layer.items() if k not in FLOAT32_STATISTICS}
+        for layer in result.diagnostics["layers"]
+    ]
+    diagnostics = {**result.diagnostics, "layers": layers}
+    return {"epoch": result.epoch, "improved": result.improved, **metrics, **diagnostics}
+
+
+def activation_statistics(result: EpochResult | None) -> list[float]:
+    assert result is not None
+    layers = result.diagnostics["layers"]
+    return [layer[k] for layer in layers for k in FLOAT32_STATISTICS if k in layer]
+
+
+def assert_same_epochs(
+    a: Sequence[EpochResult | None], b: Sequence[EpochResult | None], tolerance: float = TOLERANCE
+) -> None:
+    """Every number of two runs' epochs agrees to the tolerance, but the activation
+    statistics: the single model's hook computes them in float32 (and the pack likewise, from
+    the same values), so a float64 difference far below the tolerance can still round them a
+    float32 step apart. They agree to float32's resolution."""
+    assert difference([record(r) for r in a], [record(r) for r in b]) < tolerance
+    pairs = zip(
+        [x for r in a for x in activation_statistics(r)],
+        [x for r in b for x in activation_statistics(r)],
+        strict=True,
+    )
+    for x, y in pairs:
+        assert abs(x - y) <= max(tolerance, FLOAT32_RESOLUTION * max(1.0, abs(x))), (x, y)
 
 
 def weight_difference(single: bytes, packed: bytes, spec: JobSpec) -> float:
     a, b = load_tensors(single), load_tensors(packed)
     assert set(a) == set(b)
-    if spec.model.normalization.type == "batch_norm" and spec.optimizer.type != "sgd":
-        # The bias of a linear layer that feeds batch norm has a gradient of exactly zero
-        # (the norm subtracts the batch mean), so both runs train it on rounding noise, and
-        # Adam and RMSprop scale that noise up to steps of about lr * noise / eps. It has no
-        # effect on any output: compare bias - running_mean (what the eval pass sees) to the
-        # tolerance, and the two apart to 1e-8.
+    norm = spec.model.normalization
+    if (
+        norm.type in ("batch_norm", "instance_norm")
+        and norm.position == "before_activation"
+        and spec.optimizer.type != "sgd"
+    ):
+        # The bias of a linear or conv layer that feeds batch or instance norm has a gradient
+        # of exactly zero (the norm subtracts a per-channel mean: over the batch, or per
+        # sample), so both runs train it on rounding noise, and Adam and RMSprop scale that
+        # noise up to steps of about lr * noise / eps: once any weight differs by a rounding,
+        # the two runs' noise differs. Training passes never see the bias; batch norm's eval
+        # pass sees bias - running_mean, and as the running mean follows the bias with a lag,
+        # some of the noise is left there (NOISY_BIAS_TOLERANCE). Compare the bias and the
+        # running mean apart to 1e-8.
+        block, layer = (
+            ("hidden", "linear") if spec.model.architecture == "mlp" else ("blocks", "conv")
+        )
         for i in range(len(spec.model.hidden_sizes)):
-            bias, mean = f"hidden.{i}.linear.bias", f"hidden.{i}.norm.running_mean"
+            bias, mean = f"{block}.{i}.{layer}.bias", f"{block}.{i}.norm.running_mean"
             assert difference(a[bias], b[bias]) < 1e-8
-            assert difference(a[mean], b[mean]) < 1e-8
-            assert difference(a[bias] - a[mean], b[bias] - b[mean]) < TOLERANCE
-            for name in (bias, mean):
-                del a[name], b[name]
+            if norm.type == "batch_norm":
+                assert difference(a[mean], b[mean]) < 1e-8
+                assert difference(a[bias] - a[mean], b[bias] - b[mean]) < NOISY_BIAS_TOLERANCE
+                del a[mean], b[mean]
+            del a[bias], b[bias]
     return difference(a, b)
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
-@pytest.mark.parametrize("norm", NORMS)
-def test_a_trial_trains_as_its_job_alone(norm: str, optimizer: str) -> None:
-    specs = [job(i, norm, optimizer) for i in range(3)]
+def assert_trials_train_as_alone(specs: list[JobSpec]) -> None:
+    """Every number of every trial of the pack is its job's alone, to the tolerance."""
     pack, results = train_packed(specs)
     for i, spec in enumerate(specs):
         run, alone = train_alone(spec)
         packed = [outcome.result for outcome in results[i]]
         assert len(packed) == len(alone) == spec.epochs
-        assert difference([record(r) for r in alone], [record(r) for r in packed]) < TOLERANCE
+        assert_same_epochs(alone, packed)
         trial = pack.trials[i]
         assert weight_difference(run.weights(), trial.weights(), spec) < TOLERANCE
         assert weight_difference(run.weights(best=True), trial.weights(best=True), spec) < 1e-10
         assert trial.summary() == pytest.approx(run.summary(), abs=TOLERANCE)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("norm", NORMS)
+def test_a_trial_trains_as_its_job_alone(norm: str, optimizer: str) -> None:
+    assert_trials_train_as_alone([job(i, norm, optimizer) for i in range(3)])
+
+
+@pytest.mark.parametrize("data", ["mnist1d", "digits"])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("norm", [*NORMS, "instance_norm"])
+def test_a_cnn_trial_trains_as_its_job_alone(norm: str, optimizer: str, data: str) -> None:
+    """Grouped convolutions, per-trial norms over channels and positions, spatial dropout."""
+    specs = [job(i, norm, optimizer, cnn=True, data=data, dropout="spatial") for i in range(3)]
+    assert_trials_train_as_alone(specs)
+
+
+@pytest.mark.parametrize("data", ["mnist1d", "digits"])
+@pytest.mark.parametrize(
+    ("dropout", "position"),
+    [("standard", "after_activation"), ("alpha", "before_activation")],
+)
+def test_cnn_dropout_and_norm_position_pack_exactly(dropout: str, position: str, data: str) -> None:
+    specs = [
+        job(i, "batch_norm", "adam", cnn=True, data=data, dropout=dropout, position=position)
+        for i in range(3)
+    ]
+    assert_trials_train_as_alone(specs)
 
 
 def test_alpha_dropout_with_selu_packs_exactly() -> None:
@@ -169,17 +262,17 @@ def test_alpha_dropout_with_selu_packs_exactly() -> None:
     for i, spec in enumerate(specs):
         _, alone = train_alone(spec)
         packed = [outcome.result for outcome in results[i]]
-        assert difference([record(r) for r in alone], [record(r) for r in packed]) < TOLERANCE
+        assert_same_epochs(alone, packed)
 
 
-def test_position_and_company_do_not_change_a_trial() -> None:
+@pytest.mark.parametrize("cnn", [False, True], ids=["mlp", "cnn"])
+def test_position_and_company_do_not_change_a_trial(cnn: bool) -> None:
     """The same job first in one pack, last in another with other jobs: the same numbers."""
-    target = job(0)
-    _, first = train_packed([target, job(1), job(2)])
-    _, last = train_packed([job(3), job(1), target])
-    a = [record(o.result) for o in first[0]]
-    b = [record(o.result) for o in last[2]]
-    assert difference(a, b) < TOLERANCE
+    target = job(0, cnn=cnn, dropout="spatial" if cnn else "standard")
+    others = [job(i, cnn=cnn, dropout="spatial" if cnn else "standard") for i in (1, 2, 3)]
+    _, first = train_packed([target, others[0], others[1]])
+    _, last = train_packed([others[2], others[0], target])
+    assert_same_epochs([o.result for o in first[0]], [o.result for o in last[2]])
 
 
 def test_a_diverging_trial_ends_diverged_and_the_others_go_on() -> None:
@@ -196,7 +289,7 @@ def test_a_diverging_trial_ends_diverged_and_the_others_go_on() -> None:
     for i in (0, 2):
         _, alone = train_alone(specs[i])
         packed = [o.result for o in results[i]]
-        assert difference([record(r) for r in alone], [record(r) for r in packed]) < TOLERANCE
+        assert_same_epochs(alone, packed)
 
 
 def test_a_trial_that_leaves_mid_epoch_keeps_its_last_epoch_and_the_others_go_on() -> None:
@@ -218,20 +311,21 @@ def test_a_trial_that_leaves_mid_epoch_keeps_its_last_epoch_and_the_others_go_on
     assert pack.trials[1].completed_epoch == 1
     for i in (0, 2):
         _run, alone = train_alone(specs[i])
-        assert difference([record(r) for r in alone], [record(r) for r in results[i]]) < TOLERANCE
+        assert_same_epochs(alone, results[i])
     # The one that left resumes alone from its stored epoch as if it had never been packed.
     trial = pack.trials[1]
     resumed, rest = train_alone(
         specs[1], resume_weights=trial.weights(), resume_state=trial.trainer_state()
     )
     full, alone = train_alone(specs[1])
-    assert difference([record(r) for r in alone[1:]], [record(r) for r in rest]) < TOLERANCE
+    assert_same_epochs(alone[1:], rest)
     assert weight_difference(full.weights(), resumed.weights(), specs[1]) < TOLERANCE
 
 
+@pytest.mark.parametrize("cnn", [False, True], ids=["mlp", "cnn"])
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_trainer_states_cross_between_packed_and_alone(optimizer: str) -> None:
-    specs = [job(i, "batch_norm", optimizer) for i in range(3)]
+def test_trainer_states_cross_between_packed_and_alone(optimizer: str, cnn: bool) -> None:
+    specs = [job(i, "batch_norm", optimizer, cnn=cnn) for i in range(3)]
     # Alone for two epochs, then packed for the rest; and packed first, then alone.
     halves = []
     for spec in specs:
@@ -245,7 +339,7 @@ def test_trainer_states_cross_between_packed_and_alone(optimizer: str) -> None:
         full, alone = train_alone(spec)
         packed = [o.result for o in results[i]]
         assert [r.epoch for r in packed] == [3, 4]
-        assert difference([record(r) for r in alone[2:]], [record(r) for r in packed]) < TOLERANCE
+        assert_same_epochs(alone[2:], packed)
         assert weight_difference(full.weights(), pack.trials[i].weights(), spec) < TOLERANCE
         # The packed state has TrainingRun's layout, value for value.
         single_state = unpack_state(full.trainer_state())
@@ -254,6 +348,32 @@ def test_trainer_states_cross_between_packed_and_alone(optimizer: str) -> None:
         assert difference(single_state["optimizer"], packed_state["optimizer"]) < 1e-8
         assert torch.equal(single_state["rng_cpu"], packed_state["rng_cpu"])
         assert torch.equal(single_state["rng_shuffle"], packed_state["rng_shuffle"])
+    pack = PackedRun(specs, data64(specs[0]))
+    epochs = pack.epochs()
+    for _ in range(2):
+        next(epochs)
+    for trial, spec in zip(pack.trials, specs, strict=True):
+        resumed, rest = train_alone(
+            spec, resume_weights=trial.weights(), resume_state=trial.trainer_state()
+        )
+        full, alone = train_alone(spec)
+        assert_same_epochs(alone[2:], rest)
+        assert weight_difference(full.weights(), resumed.weights(), spec) < TOLERANCE
+
+
+@pytest.mark.parametrize("data", ["mnist1d", "digits"])
+def test_a_packed_cnn_checkpoint_loads_into_the_single_model(data: str) -> None:
+    specs = [job(i, "group_norm", "adam", cnn=True, data=data) for i in range(2)]
+    pack, _ = train_packed(specs)
+    run, _ = train_alone(specs[1])
+    prepared = data64(specs[1])
+    model = build_model(specs[1].model, prepared.info)
+    model.load_state_dict(load_tensors(pack.trials[1].weights()))  # strict: names and shapes
+    model.eval()
+    run.model.eval()
+    with torch.no_grad():
+        logits, expected = model(prepared.x_val), run.model(prepared.x_val)
+    assert float((logits - expected).abs().max()) < TOLERANCE
 
 
 def test_early_stopping_takes_a_trial_out() -> None:
@@ -264,9 +384,7 @@ def test_early_stopping_takes_a_trial_out() -> None:
     assert pack.trials[0].summary()["stopped_early"]
     assert len(results[1]) == 5
     _, alone = train_alone(specs[0])
-    assert (
-        difference([record(r) for r in alone], [record(o.result) for o in results[0]]) < TOLERANCE
-    )
+    assert_same_epochs(alone, [o.result for o in results[0]])
 
 
 def test_pack_key_holds_the_computation_not_the_numbers() -> None:
@@ -293,7 +411,13 @@ def test_pack_key_holds_the_computation_not_the_numbers() -> None:
     assert pack_key(job(0, model=no_dropout)) != pack_key(
         job(0, model={**no_dropout, "dropout": {"rate": [0.1, 0.3]}})
     )
-    assert pack_key(job(0, model={"architecture": "cnn", "hidden_sizes": [4]})) is None
+    cnn = job(0, cnn=True)
+    assert pack_key(cnn) == pack_key(job(1, cnn=True)) != pack_key(base)
+    wider_kernel = cnn.model.model_copy(update={"kernel_size": 5})
+    assert pack_key(cnn) != pack_key(cnn.model_copy(update={"model": wider_kernel}))
+    assert pack_key(job(0, cnn=True, dropout="spatial")) != pack_key(cnn)
+    resnet = cnn.model.model_copy(update={"architecture": "resnet"})
+    assert pack_key(cnn.model_copy(update={"model": resnet})) is None  # trains alone
     with pytest.raises(ValueError, match="pack_key"):
         PackedRun([base, job(0, "layer_norm")], data64(base))
 
@@ -311,7 +435,7 @@ def test_label_noise_differs_per_trial() -> None:
             assert o.result is not None
             results[o.trial].append(o.result)
     _, alone = train_alone(noisy)
-    assert difference([record(r) for r in alone], [record(r) for r in results[1]]) < TOLERANCE
+    assert_same_epochs(alone, results[1])
 
 
 def test_float32_metrics_agree_closely() -> None:
@@ -330,13 +454,15 @@ def test_float32_metrics_agree_closely() -> None:
 
 
 @pytest.mark.gpu
-def test_packed_runs_on_cuda_with_per_trial_streams() -> None:
+@pytest.mark.parametrize("cnn", [False, True], ids=["mlp", "cnn"])
+def test_packed_runs_on_cuda_with_per_trial_streams(cnn: bool) -> None:
     torch.set_default_dtype(torch.float32)
-    specs = [job(i, "batch_norm", "adam", device="cuda") for i in range(3)]
+    dropout = "spatial" if cnn else "standard"
+    specs = [
+        job(i, "batch_norm", "adam", cnn=cnn, dropout=dropout, device="cuda") for i in range(3)
+    ]
     _, first = train_packed(specs)
     _, again = train_packed([specs[2], specs[0], specs[1]])
     # On CUDA a trial's dropout stream is its own (seeded per trial), so its results do not
     # depend on the pack; they are not the masks a single CUDA run's fused dropout draws.
-    a = [record(o.result) for o in first[0]]
-    b = [record(o.result) for o in again[1]]
-    assert difference(a, b) < 1e-4
+    assert_same_epochs([o.result for o in first[0]], [o.result for o in again[1]], 1e-4)

@@ -1,23 +1,27 @@
 """Packed trials: jobs that differ only in numbers, trained together as one batched model.
 
 A study's jobs share a dataset and an architecture and differ in learning rates, seeds,
-dropout rates, ... Trained one at a time, a small MLP runs at kernel-launch speed. Here the
+dropout rates, ... Trained one at a time, a small model runs at kernel-launch speed. Here the
 weights of T such jobs ("trials") are stacked on a leading trial dimension and every step
-trains all of them at once: linear layers as one batched matmul, batch norm folded into
-channels (one fused call), each trial's own optimizer hyper-parameters as tensors over the
-trial dimension.
+trains all of them at once: linear layers as one batched matmul, convolutions as one grouped
+convolution with the trials folded into channels (trial t's channels are group t), batch norm
+folded into channels (one fused call), each trial's own optimizer hyper-parameters as tensors
+over the trial dimension.
 
 Every trial stays its own job, exactly (in float64 on CPU, to rounding) as TrainingRun trains
 it alone:
 - its initial weights are the single model's: each trial's model is built by build_model
   under torch.manual_seed(trial seed), as TrainingRun builds it, and the parameters stacked;
+- its forward pass is the single model's, layer by layer: the pack walks the layers of the
+  model build_model builds and applies each one's packed form;
 - its data order comes from its own generator seeded seed + 1, as TrainingRun's;
 - its dropout masks come from its own generator, which starts where TrainingRun's global CPU
-  generator stands after the model init, and draws the masks with the same kernel in the same
-  order (input dropout, then each hidden layer, per step). So a trial's masks depend on its
-  seed only, never on the other trials or its position in the pack. On CUDA the trial's
-  generator is a CUDA generator seeded with the trial's seed: still independent of the pack,
-  but not the masks a single CUDA run draws (its fused dropout kernel draws differently);
+  generator stands after the model init, and draws the masks with the same kernel, shape and
+  order (input dropout, then each hidden layer, per step; spatial dropout one value per sample
+  and channel, as ATen's feature dropout). So a trial's masks depend on its seed only, never
+  on the other trials or its position in the pack. On CUDA the trial's generator is a CUDA
+  generator seeded with the trial's seed: still independent of the pack, but not the masks a
+  single CUDA run draws (its fused dropout kernel draws differently);
 - its optimizer update follows torch.optim's single-tensor formulas (SGD with momentum and
   Nesterov, Adam with bias correction and eps outside the square root, AdamW's decoupled
   decay, RMSprop with alpha 0.99 and centered=False), its schedule is lr_factor at its own
@@ -29,7 +33,8 @@ trainer state TrainingRun resumes from (and this class resumes from TrainingRun'
 that diverges, stops early, finishes or is asked to leave (cancelled) leaves the pack; the
 others go on.
 
-Only MLPs pack (pack_key returns None for cnn and resnet: those train alone).
+MLPs and CNNs pack. ResNets train alone (pack_key returns None): a residual block is not a
+chain of layers, which is what the packed forward walks.
 """
 
 import time
@@ -51,6 +56,7 @@ from worker.training.checkpoint import (
     unpack_weights,
 )
 from worker.training.data import PreparedData
+from worker.training.diagnostics import ACTIVATION_TYPES, WEIGHTED
 from worker.training.loop import (
     TRAIN_EVAL_SAMPLES,
     Diverged,
@@ -59,12 +65,15 @@ from worker.training.loop import (
     full_precision,
     resolve_device,
 )
-from worker.training.models import ACTIVATIONS, build_model
+from worker.training.models import AddChannel, ChannelRMSNorm, build_model
 from worker.training.optim import build_optimizer, lr_factor
 
 RMSPROP_ALPHA = 0.99  # torch.optim.RMSprop's defaults, which build_optimizer keeps
 OPTIMIZER_EPS = 1e-8  # Adam's, AdamW's and RMSprop's default eps
 ALPHA_DROPOUT_ALPHA = 1.7580993408473766  # SELU's alpha * lambda, as ATen's alpha dropout
+DROPOUTS = (nn.Dropout, nn.AlphaDropout, nn.Dropout1d, nn.Dropout2d)
+FEATURE_DROPOUTS = (nn.Dropout1d, nn.Dropout2d)  # one mask value per sample and channel
+CHANNEL_WISE = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 
 
 def pack_key(spec: JobSpec) -> Hashable | None:
@@ -72,22 +81,25 @@ def pack_key(spec: JobSpec) -> Hashable | None:
 
     The key holds everything that shapes the computation: the dataset and its split (all of
     the dataset spec but label_noise, which changes labels only), the architecture, widths,
-    activation, normalization type, position, affinity and groups, the dropout type and which
-    layers have dropout at all, the batch size and epochs, the optimizer type (and whether it
-    has momentum or Nesterov), the schedule type, whether gradients are clipped, the device
-    and the precision. What is left may differ per trial: learning rate, momentum, weight
-    decay, betas, dropout rates, normalization momentum and eps, the clipping norm, warm-up
-    and schedule parameters, label noise, early stopping and the seed.
+    a CNN's kernel size, activation, normalization type, position, affinity and groups, the
+    dropout type and which layers have dropout at all, the batch size and epochs, the
+    optimizer type (and whether it has momentum or Nesterov), the schedule type, whether
+    gradients are clipped, the device and the precision. What is left may differ per trial:
+    learning rate, momentum, weight decay, betas, dropout rates, normalization momentum and
+    eps, the clipping norm, warm-up and schedule parameters, label noise, early stopping and
+    the seed.
     """
     model = spec.model
-    if model.architecture != "mlp":
-        return None  # convolutions are not packed (yet): they train alone
+    if model.architecture == "resnet":
+        return None  # a residual block is no chain of layers: the packed forward walks chains
     if spec.diagnostics is not None:
         return None  # probes measure one model's own steps: a probed job trains alone
     norm, dropout, optimizer = model.normalization, model.dropout, spec.optimizer
     return (
         spec.dataset.model_dump_json(exclude={"label_noise"}),
+        model.architecture,
         tuple(model.hidden_sizes),
+        model.kernel_size if model.architecture == "cnn" else 0,  # an MLP has no kernel
         model.activation,
         (
             norm.type,
@@ -145,6 +157,7 @@ class Trial:
         self.progress = Progress()
         self.shuffle = torch.Generator().manual_seed(spec.seed + 1)
         self.dropout_rng = torch.Generator(pack.device)  # set in PackedRun.__init__
+        self.dropout_rates: dict[str, float] = {}  # per dropout layer's name; set there too
         self.scheduled = spec.schedule.type != "constant" or spec.schedule.warmup_epochs > 0
         self.schedule_steps = 0  # the LambdaLR's last_epoch: advances only when scheduled
         self.optimizer_steps = 0  # Adam's and RMSprop's `step`
@@ -215,6 +228,33 @@ def _per_trial(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.view(-1, *([1] * (like.dim() - 1)))
 
 
+def _per_channel(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[T, C] -> [T, 1, C, 1, ...] broadcasting over activations [T, B, C, *spatial]."""
+    return values.view(len(values), 1, -1, *([1] * (like.dim() - 3)))
+
+
+def _trials_in_channels(x: torch.Tensor) -> torch.Tensor:
+    """[T, B, C, *spatial] -> [B, T*C, *spatial]: channel group t is trial t."""
+    return x.transpose(0, 1).flatten(1, 2)
+
+
+def _per_trial_channels(x: torch.Tensor, trials: int) -> torch.Tensor:
+    """[B, T*C, *spatial] -> [T, B, C, *spatial], a view."""
+    unflattened: torch.Tensor = x.unflatten(1, (trials, -1))
+    return unflattened.transpose(0, 1)
+
+
+def _group_count(norm: nn.Module, channels: int) -> int:
+    """The groups of a normalization that is group norm over a sample's [C, *spatial]."""
+    if isinstance(norm, nn.LayerNorm):
+        return 1
+    if isinstance(norm, nn.GroupNorm):
+        return norm.num_groups
+    if isinstance(norm, nn.InstanceNorm1d | nn.InstanceNorm2d):
+        return channels
+    raise ValueError(f"{type(norm).__name__} does not pack")
+
+
 class PackedRun:
     """Trains a list of jobs with equal pack_key as one model; yields each epoch per trial."""
 
@@ -254,6 +294,11 @@ class PackedRun:
                 trial.dropout_rng.set_state(torch.get_rng_state())
             else:
                 trial.dropout_rng.manual_seed(trial.spec.seed)
+            trial.dropout_rates = {
+                name: module.p
+                for name, module in model.named_modules()
+                if isinstance(module, DROPOUTS)
+            }
             models.append(model.to(self.device))
         template = models[0]
         self.state_names = list(template.state_dict())
@@ -262,13 +307,18 @@ class PackedRun:
         self.layer_names = [
             (name, type(module).__name__)
             for name, module in template.named_modules()
-            if isinstance(module, nn.Linear)
+            if isinstance(module, WEIGHTED)
         ]
         self.layer_positions = [
             self.param_names.index(f"{name}.weight") for name, _ in self.layer_names
         ]
-        self.hidden_layers = len(first.model.hidden_sizes)
-        self.activation = ACTIVATIONS[first.model.activation]()
+        # The single model's layers in the order its forward applies them (a chain of leaves:
+        # what build_mlp and build_cnn build); the packed forward applies each one's packed form.
+        self.layers = [
+            (name, module)
+            for name, module in template.named_modules()
+            if not any(module.children())
+        ]
         if resume:
             for model, (weights, _) in zip(models, resume, strict=True):
                 if weights is not None:
@@ -314,7 +364,6 @@ class PackedRun:
             return torch.tensor(values, dtype=dtype, device=self.device)
 
         specs = [trial.spec for trial in self.active]
-        rates = [s.model.dropout.rates(self.hidden_layers) for s in specs]
         norms = [s.model.normalization for s in specs]
         return {
             "momentum": tensor([s.optimizer.momentum for s in specs]),
@@ -324,26 +373,89 @@ class PackedRun:
             "clip": tensor([s.grad_clip_norm or float("inf") for s in specs]),
             "norm_eps": tensor([n.eps for n in norms]),
             "norm_momentum": tensor([n.momentum for n in norms]),
-            **{f"dropout.{i}": tensor([r[i] for r in rates]) for i in range(self.hidden_layers)},
-            "dropout.input": tensor([s.model.dropout.input_rate for s in specs]),
         }
 
     def _labels_active(self) -> torch.Tensor:
         return torch.stack([self._labels[trial.index] for trial in self.active])
 
     # -- the forward pass -------------------------------------------------------------------
+    #
+    # Activations are held per trial, [T, B, C, *spatial]: for each trial the single model's
+    # [B, C, *spatial] (C: an MLP's features or a CNN's channels). Layers that act per channel
+    # (convolutions, pools, batch norm) see them as one batch with the trials folded into
+    # channels, [B, T*C, *spatial]. A convolution's output lies in that layout and the
+    # per-trial form is a view of it, so a CNN goes between the two without copies.
+
+    def _forward(
+        self, x: torch.Tensor, training: bool, captured: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """x: [T, B, *shape], each trial its own samples (training), or [B, *shape] shared by
+        every trial (evaluation); -> logits [T, B, K]."""
+        if x.dim() == self.x_train.dim():
+            x = x.expand(len(self.active), *x.shape)
+        for name, module in self.layers:
+            x = self._layer(name, module, x, training, captured)
+        return x
+
+    def _layer(
+        self,
+        name: str,
+        module: nn.Module,
+        x: torch.Tensor,
+        training: bool,
+        captured: dict[str, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """The packed form of one layer of the single model: x and the result per trial."""
+        if isinstance(module, nn.Flatten):  # an MLP's input, a CNN's pooled head
+            return x.flatten(2)
+        if isinstance(module, AddChannel):
+            return x.unsqueeze(2)
+        if isinstance(module, nn.Linear):
+            return self._linear(name, x)
+        if isinstance(module, nn.Conv1d | nn.Conv2d):
+            return self._conv(name, module, x)
+        if isinstance(module, CHANNEL_WISE):
+            return _per_trial_channels(module(_trials_in_channels(x)), len(x))
+        if isinstance(module, ACTIVATION_TYPES):
+            if captured is not None:
+                captured[name] = x.detach()
+            return module(x)  # type: ignore[no-any-return]
+        if isinstance(module, DROPOUTS):
+            return self._dropout(name, module, x) if training else x
+        return self._norm(name, module, x, training)
 
     def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.tensors[f"{name}.weight"], self.tensors[f"{name}.bias"]
-        if x.dim() == 2:  # the same input for every trial (evaluation)
-            return torch.matmul(x, weight.transpose(1, 2)) + bias.unsqueeze(1)
         return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
-    def _dropout(self, x: torch.Tensor, rates: list[float], alpha: bool) -> torch.Tensor:
-        """Each trial's mask from its own generator, drawn as ATen's CPU dropout draws it."""
+    def _conv(self, name: str, module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """One grouped convolution: trial t's channels are group t, seen by its kernels only."""
+        weight, bias = self.tensors[f"{name}.weight"], self.tensors[f"{name}.bias"]
+        convolve = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
+        out = convolve(
+            _trials_in_channels(x),
+            weight.flatten(0, 1),  # [T, C_out, C_in, *k] -> [T*C_out, C_in, *k]
+            bias.flatten(),
+            module.stride,
+            module.padding,
+            module.dilation,
+            groups=len(x),
+        )
+        return _per_trial_channels(out, len(x))
+
+    def _dropout(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Each trial's mask from its own generator, drawn as ATen's CPU dropout draws it
+        (_dropout_impl in aten/src/ATen/native/Dropout.cpp): a noise tensor shaped as the
+        input, or for feature dropout (Dropout1d/2d) as make_feature_noise shapes it, [B, C,
+        1, ...], filled by bernoulli_(1 - p), then scaled (and shifted, for alpha dropout)."""
+        alpha = isinstance(module, nn.AlphaDropout)
+        shape = list(x.shape[1:])
+        if isinstance(module, FEATURE_DROPOUTS):
+            shape[2:] = [1] * (len(shape) - 2)
         noises, shifts = [], []
-        for trial, p in zip(self.active, rates, strict=True):
-            noise = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
+        for trial in self.active:
+            p = trial.dropout_rates[name]
+            noise = torch.empty(shape, dtype=x.dtype, device=x.device)
             noise.bernoulli_(1 - p, generator=trial.dropout_rng)
             if alpha:
                 a = 1.0 / ((ALPHA_DROPOUT_ALPHA**2 * p + 1) * (1 - p)) ** 0.5
@@ -357,38 +469,38 @@ class PackedRun:
         out = x * torch.stack(noises)
         return out + torch.stack(shifts) if alpha else out
 
-    def _norm(self, name: str, x: torch.Tensor, training: bool) -> torch.Tensor:
-        spec = self.active[0].spec.model.normalization
+    def _norm(self, name: str, module: nn.Module, x: torch.Tensor, training: bool) -> torch.Tensor:
+        """Per-trial normalization of x [T, B, C, *spatial], each trial with its own eps."""
+        if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+            return self._batch_norm(name, x, training)
         eps = self._hyper["norm_eps"]
+        if isinstance(module, nn.RMSNorm | ChannelRMSNorm):
+            # Over the features (an MLP's) or over channels and positions (a CNN's): all of
+            # a sample's values either way.
+            dims = tuple(range(2, x.dim()))
+            out = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + _per_trial(eps, x))
+        else:
+            # Layer norm (an MLP's LayerNorm, a CNN's GroupNorm(1, C)), group norm and instance
+            # norm (one group per channel, without running statistics) are all group norm.
+            grouped = x.unflatten(2, (_group_count(module, x.shape[2]), -1))
+            dims = tuple(range(3, grouped.dim()))
+            mean = grouped.mean(dims, keepdim=True)
+            var = grouped.var(dims, unbiased=False, keepdim=True)
+            out = ((grouped - mean) * torch.rsqrt(var + _per_trial(eps, grouped))).flatten(2, 3)
         weight = self.tensors.get(f"{name}.weight")
         bias = self.tensors.get(f"{name}.bias")
-        trials, batch, channels = x.shape
-        if spec.type == "batch_norm":
-            return self._batch_norm(name, x, training)
-        if spec.type == "layer_norm":
-            mean = x.mean(-1, keepdim=True)
-            var = x.var(-1, unbiased=False, keepdim=True)
-            out = (x - mean) * torch.rsqrt(var + eps.view(-1, 1, 1))
-        elif spec.type == "rms_norm":
-            out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps.view(-1, 1, 1))
-        elif spec.type == "group_norm":
-            grouped = x.view(trials, batch, spec.num_groups, channels // spec.num_groups)
-            mean = grouped.mean(-1, keepdim=True)
-            var = grouped.var(-1, unbiased=False, keepdim=True)
-            out = ((grouped - mean) * torch.rsqrt(var + eps.view(-1, 1, 1, 1))).view_as(x)
-        else:
-            raise ValueError(f"normalization {spec.type!r} does not pack")
         if weight is not None:
-            out = out * weight.unsqueeze(1)
+            out = out * _per_channel(weight, x)
         if bias is not None:
-            out = out + bias.unsqueeze(1)
+            out = out + _per_channel(bias, x)
         return out
 
     def _batch_norm(self, name: str, x: torch.Tensor, training: bool) -> torch.Tensor:
         """Per-trial batch norm: trials folded into channels, one fused call per distinct eps
         (one call in all when the trials share it), running statistics updated by the kernel
         when they share the momentum too, else here, per trial, as the kernel does."""
-        trials, batch, channels = x.shape
+        trials, batch, channels = x.shape[:3]
+        spatial = x.shape[3:]
         mean_buf = self.tensors[f"{name}.running_mean"]
         var_buf = self.tensors[f"{name}.running_var"]
         weight = self.tensors.get(f"{name}.weight")
@@ -412,7 +524,7 @@ class PackedRun:
             assert xs is not None
             buffers = fused_update or not training
             out = F.batch_norm(
-                xs.transpose(0, 1).reshape(batch, count * channels),
+                _trials_in_channels(xs),
                 part(mean_buf).reshape(-1) if buffers else None,  # type: ignore[union-attr]
                 part(var_buf).reshape(-1) if buffers else None,  # type: ignore[union-attr]
                 w.reshape(-1) if (w := part(weight)) is not None else None,
@@ -421,7 +533,7 @@ class PackedRun:
                 norms[0].momentum,
                 eps,
             )
-            return out.view(batch, count, channels).transpose(0, 1)
+            return out.view(batch, count, channels, *spatial).transpose(0, 1)
 
         if len(by_eps) == 1:
             out = fused(norms[0].eps, None)
@@ -439,38 +551,13 @@ class PackedRun:
     def _update_running_stats(
         x: torch.Tensor, mean_buf: torch.Tensor, var_buf: torch.Tensor, momentum: torch.Tensor
     ) -> None:
-        # As PyTorch: running = (1 - m) * running + m * batch, with the unbiased variance.
+        # As PyTorch: running = (1 - m) * running + m * batch, with the unbiased variance over
+        # the batch and the positions.
         with torch.no_grad():
             m = momentum.view(-1, 1)
-            mean_buf.mul_(1 - m).add_(m * x.mean(1))
-            var_buf.mul_(1 - m).add_(m * x.var(1, unbiased=True))
-
-    def _forward(
-        self, x: torch.Tensor, training: bool, captured: dict[str, torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        """x: [T, B, *shape] (training) or [B, *shape] shared by every trial; -> [T, B, K]."""
-        model = self.active[0].spec.model
-        shared = x.dim() == 1 + len(self.x_train.shape[1:])
-        h = x.flatten(1) if shared else x.flatten(2)
-        alpha = model.dropout.type == "alpha"
-        if model.dropout.input_rate and training:
-            h = self._dropout(h, self._hyper["dropout.input"].tolist(), alpha)
-        norm_before = model.normalization.position == "before_activation"
-        has_norm = model.normalization.type != "none"
-        for i in range(self.hidden_layers):
-            prefix = f"hidden.{i}"
-            h = self._linear(f"{prefix}.linear", h)
-            if has_norm and norm_before:
-                h = self._norm(f"{prefix}.norm", h, training)
-            if captured is not None:
-                captured[f"{prefix}.activation"] = h.detach()
-            h = self.activation(h)
-            if has_norm and not norm_before:
-                h = self._norm(f"{prefix}.norm", h, training)
-            rates = self._hyper[f"dropout.{i}"]
-            if training and bool((rates > 0).any()):
-                h = self._dropout(h, rates.tolist(), alpha)
-        return self._linear("output", h)
+            dims = (1, *range(3, x.dim()))
+            mean_buf.mul_(1 - m).add_(m * x.mean(dims))
+            var_buf.mul_(1 - m).add_(m * x.var(dims, unbiased=True))
 
     def _precision(self) -> AbstractContextManager[object]:
         if self.autocast:
