@@ -129,6 +129,8 @@ def run_worker(settings: Settings, concurrency: int | None = None, loglevel: str
         if gpus:
             # One training process per GPU: pool child i trains on GPU i.
             torch.cuda.set_device(current_process().index % gpus)
+        # Models are built, and features cast (execution.load_data), in torch's default dtype.
+        torch.set_default_dtype(getattr(torch, settings.training_dtype))
         # The pool's processes share the host's cores: each taking all of them makes OpenMP
         # threads spin against each other (80x slower epochs were measured with 2 on 2 cores).
         # An operator's OMP_NUM_THREADS wins. The thread count changes the order of float

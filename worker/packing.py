@@ -20,6 +20,7 @@ import torch
 from pydantic import ValidationError
 
 from app.core import lifecycle
+from app.core.datasets import resolve_dataset
 from app.core.lifecycle import Claim, LeaseLost
 from app.core.models import JobStatus
 from app.core.observability import metrics
@@ -33,7 +34,15 @@ from worker.execution import (
     with_db_retry,
 )
 from worker.training.data import PreparedData
-from worker.training.packed import PackedRun, Trial, TrialEpoch, pack_key
+from worker.training.loop import resolve_device
+from worker.training.packed import (
+    PackedRun,
+    Trial,
+    TrialEpoch,
+    free_memory_bytes,
+    pack_key,
+    trial_memory_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +61,9 @@ def claim_companions(
         except ValidationError:
             return False  # a spec this worker cannot run is left for its own attempt to fail
 
+    capacity = pack_capacity(ctx, spec)
+    if capacity < 2:
+        return []
     # Chosen once, for every try: a retry recognises the claims a lost acknowledgement hid.
     token, pack = uuid.uuid4(), uuid.uuid4()
     claims = with_db_retry(
@@ -64,7 +76,7 @@ def claim_companions(
             token,
             pack,
             packs_with,
-            ctx.settings.max_pack - 1,
+            capacity - 1,
         ),
     )
     for claim in claims:
@@ -77,6 +89,26 @@ def claim_companions(
             ", ".join(str(claim.job_id) for claim in claims),
         )
     return [(claim, JobSpec.model_validate(claim.spec)) for claim in claims]
+
+
+def pack_capacity(ctx: WorkerContext, spec: JobSpec) -> int:
+    """How many jobs like this one may train in its pack: TRAINSVC_MAX_PACK, and no more than
+    fit in TRAINSVC_PACK_MEMORY_BYTES (default: half the device's free memory now)."""
+    limit = ctx.settings.max_pack
+    if limit < 2:
+        return limit
+    budget = ctx.settings.pack_memory_bytes
+    if budget is None:
+        try:
+            device = resolve_device(spec.device)
+        except RuntimeError:
+            return 1  # no such device here: the job fails alone, with that reason
+        free = free_memory_bytes(device)
+        if free is None:
+            return limit
+        budget = free // 2
+    info = with_db_retry(ctx, lambda session: resolve_dataset(session, spec.dataset.name))
+    return max(1, min(limit, budget // trial_memory_bytes(spec, info)))
 
 
 @dataclass

@@ -82,6 +82,15 @@ class Settings(BaseSettings):
     # Up to this many queued jobs of one tenant that differ only in numbers train together as
     # one batched model (worker/packing.py); 1 turns packing off.
     max_pack: int = Field(8, ge=1)
+    # And no more than fit in this many bytes of the device's memory (estimated per trial by
+    # worker/training/packed.py trial_memory_bytes); default: half its free memory when the
+    # pack forms.
+    pack_memory_bytes: int | None = Field(None, gt=0)
+    # The dtype a worker trains in. float64 is for checking exactness through the whole
+    # service (a study trained packed against the same study trained job by job gives the
+    # same report to rounding, tests/e2e/test_packed_study.py); it is several times slower.
+    # bf16 is a job's own choice (its spec's mixed_precision), not the worker's.
+    training_dtype: Literal["float32", "float64"] = "float32"
     broker_publish_timeout_seconds: float = Field(2.0, gt=0)
     # The embedded (SQL) broker is polled: how long an idle worker waits between looks.
     broker_polling_seconds: float = Field(0.1, gt=0)

@@ -21,14 +21,17 @@ from sqlalchemy.orm import Session, sessionmaker, undefer
 
 from app.core import lifecycle
 from app.core.broker import create_celery_app
+from app.core.catalog import BUILTIN_DATASETS
 from app.core.config import Settings
 from app.core.db import create_db_engine, create_session_factory, transaction
 from app.core.migrate import upgrade
 from app.core.models import Checkpoint, EpochMetric, Job
 from app.core.outbox import Dispatcher
+from app.core.spec import JobSpec
 from tests.factories import make_job
 from worker import execution
 from worker.execution import WorkerContext, execute_job
+from worker.training.packed import trial_memory_bytes
 
 FLOAT64_TOLERANCE = 1e-10
 FLOAT32_TOLERANCE = 1e-5  # metrics and weights after 3 epochs; measured: at most 2.4e-7
@@ -207,6 +210,20 @@ def test_the_pack_holds_at_most_max_pack_jobs_oldest_first(
     assert execute_job(quiet(max_pack=3), ids[0]) == "succeeded"
     statuses = [_job(session_factory, job_id).status for job_id in ids]
     assert statuses == ["succeeded", "succeeded", "succeeded", "queued"]
+
+
+def test_the_pack_holds_no_more_jobs_than_fit_in_its_memory_budget(
+    quiet: Callable[..., WorkerContext], session_factory: sessionmaker[Session]
+) -> None:
+    specs = [_spec(i, epochs=1) for i in range(4)]
+    ids = _jobs(session_factory, specs)
+    per_trial = trial_memory_bytes(JobSpec.model_validate(specs[0]), BUILTIN_DATASETS["digits"])
+    context = quiet(max_pack=8, pack_memory_bytes=int(2.5 * per_trial))
+    assert execute_job(context, ids[0]) == "succeeded"
+    jobs = [_job(session_factory, job_id) for job_id in ids]
+    assert [job.status for job in jobs] == ["succeeded", "succeeded", "queued", "queued"]
+    assert jobs[0].pack is not None
+    assert jobs[0].pack == jobs[1].pack
 
 
 def test_a_diverging_trial_fails_alone_and_the_others_go_on(

@@ -12,13 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load as load_tensors
 
+from app.core.catalog import BUILTIN_DATASETS
 from app.core.spec import JobSpec
 from tests.training.helpers import data_for, make_spec
 from worker.training.checkpoint import unpack_state
 from worker.training.data import PreparedData
 from worker.training.loop import Diverged, EpochResult, TrainingRun
 from worker.training.models import build_model
-from worker.training.packed import PackedRun, TrialEpoch, pack_key
+from worker.training.packed import PackedRun, TrialEpoch, pack_key, trial_memory_bytes
 
 TOLERANCE = 1e-10
 # For bias - running_mean of a layer feeding batch norm under Adam or RMSprop (see
@@ -451,6 +452,22 @@ def test_float32_metrics_agree_closely() -> None:
                 assert packed.metrics[name] == pytest.approx(single.metrics[name], abs=1e-3)
             for name in ("train_accuracy", "val_accuracy"):  # a sample or two may flip
                 assert packed.metrics[name] == pytest.approx(single.metrics[name], abs=0.01)
+
+
+@pytest.mark.parametrize("cnn", [False, True], ids=["mlp", "cnn"])
+def test_a_trials_memory_estimate_covers_what_the_pack_holds_for_it(cnn: bool) -> None:
+    specs = [job(i, "batch_norm", "adam", cnn=cnn, epochs=2) for i in range(2)]
+    pack, _ = train_packed(specs)
+    held = [*pack.tensors.values(), *(t for s in pack.optimizer_state.values() for t in s.values())]
+    per_trial = sum(tensor.nbytes for tensor in held) // len(specs)
+    info = BUILTIN_DATASETS[specs[0].dataset.name]
+    estimate = trial_memory_bytes(specs[0], info)
+    # The weights, buffers and Adam's slots held now, and their copy in the epoch's snapshot.
+    assert estimate >= 2 * per_trial
+    torch.set_default_dtype(torch.float32)
+    assert trial_memory_bytes(specs[0], info) * 2 == estimate  # float64 takes twice float32's
+    wider = specs[0].model.model_copy(update={"hidden_sizes": [16, 16]})
+    assert trial_memory_bytes(specs[0].model_copy(update={"model": wider}), info) > estimate / 2
 
 
 @pytest.mark.gpu
