@@ -5,6 +5,7 @@ and compares every number (metrics, diagnostics, weights, trainer state).
 """
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -291,6 +292,33 @@ def test_a_diverging_trial_ends_diverged_and_the_others_go_on() -> None:
         _, alone = train_alone(specs[i])
         packed = [o.result for o in results[i]]
         assert_same_epochs(alone, packed)
+
+
+def test_a_trial_whose_validation_loss_overflows_ends_diverged_and_the_others_go_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Weights can overflow in evaluation while every step's loss stayed finite: the trial is
+    as diverged as its job alone would be (TrainingRun's own test has the same case)."""
+    evaluate = PackedRun._evaluate
+
+    def overflowing(
+        pack: PackedRun, x: torch.Tensor, y: torch.Tensor, captured: Any = None
+    ) -> tuple[list[float], list[float]]:
+        losses, accuracies = evaluate(pack, x, y, captured)
+        if x is pack.x_val and pack.trials[1] in pack.active:
+            losses[pack.active.index(pack.trials[1])] = math.inf
+        return losses, accuracies
+
+    monkeypatch.setattr(PackedRun, "_evaluate", overflowing)
+    specs = [job(i, "batch_norm") for i in range(3)]
+    pack, results = train_packed(specs)
+    assert [o.result for o in results[1]] == [None]
+    failed = results[1][0].diverged
+    assert failed is not None
+    assert (failed.epoch, failed.step) == (1, pack.steps_per_epoch)
+    for i in (0, 2):
+        _, alone = train_alone(specs[i])
+        assert_same_epochs(alone, [o.result for o in results[i]])
 
 
 def test_a_trial_that_leaves_mid_epoch_keeps_its_last_epoch_and_the_others_go_on() -> None:

@@ -37,6 +37,7 @@ MLPs and CNNs pack. ResNets train alone (pack_key returns None): a residual bloc
 chain of layers, which is what the packed forward walks.
 """
 
+import math
 import time
 from collections.abc import Callable, Collection, Hashable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -823,18 +824,28 @@ class PackedRun:
         # One host sync per epoch: a NaN is found here, not by a .item() on every step.
         finite = torch.isfinite(epoch["step_losses"])
         first_bad = (~finite).int().argmax(1).tolist()
-        for position, ok in enumerate(finite.all(1).tolist()):
-            if not ok:
-                trial = self.active[position]
-                trial.diverged = True
-                failed = Diverged(trial.progress.epoch + 1, first_bad[position] + 1)
-                outcomes.append(TrialEpoch(trial.index, None, failed))
-        keep = torch.tensor([i for i, t in enumerate(self.active) if not t.diverged])
-        self._drop([t for t in self.active if t.diverged])
+        nan_steps = {
+            position: first_bad[position] + 1
+            for position, ok in enumerate(finite.all(1).tolist())
+            if not ok
+        }
+        epoch = self._end_diverged(nan_steps, outcomes, epoch)
         if not self.active:
             return outcomes
-        epoch = {k: v.index_select(0, keep.to(v.device)) for k, v in epoch.items()}
         val_loss, val_accuracy = self._evaluate(self.x_val, self.y_val)
+        # Weights that overflowed without a NaN step loss: as diverged as a NaN step, as
+        # TrainingRun has it (no database stores the epoch's infinite loss).
+        overflowed = {
+            position: self.steps_per_epoch
+            for position, loss in enumerate(val_loss)
+            if not math.isfinite(loss)
+        }
+        if overflowed:
+            epoch = self._end_diverged(overflowed, outcomes, epoch)
+            val_loss = [v for p, v in enumerate(val_loss) if p not in overflowed]
+            val_accuracy = [v for p, v in enumerate(val_accuracy) if p not in overflowed]
+            if not self.active:
+                return outcomes
         captured: dict[str, torch.Tensor] = {}
         probe_labels = self._labels_active()[:, :TRAIN_EVAL_SAMPLES]
         train_eval_loss, train_eval_accuracy = self._evaluate(
@@ -883,6 +894,22 @@ class PackedRun:
                 trial.best = trial.snapshot
         outcomes.sort(key=lambda o: o.trial)
         return outcomes
+
+    def _end_diverged(
+        self, steps: dict[int, int], outcomes: list[TrialEpoch], epoch: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The trials at these positions diverged (at these steps of this epoch): each ends
+        with its Diverged and leaves the pack; returns the epoch's tensors of the others."""
+        if not steps:
+            return epoch
+        for position, step in steps.items():
+            trial = self.active[position]
+            trial.diverged = True
+            failed = Diverged(trial.progress.epoch + 1, step)
+            outcomes.append(TrialEpoch(trial.index, None, failed))
+        keep = torch.tensor([i for i in range(len(self.active)) if i not in steps])
+        self._drop([self.active[position] for position in steps])
+        return {k: v.index_select(0, keep.to(v.device)) for k, v in epoch.items()}
 
     @torch.inference_mode()
     def _evaluate(
