@@ -26,11 +26,17 @@ def info_from_row(row: Dataset) -> DatasetInfo:
     )
 
 
-def resolve_dataset(session: Session, name: str, tenant: str | None = None) -> DatasetInfo:
+def resolve_dataset(
+    session: Session, name: str, tenant: str | None = None, *, hold: bool = False
+) -> DatasetInfo:
     """The shape of the dataset a spec names; an unknown upload is a 422 on dataset.name.
 
     With `tenant` (the API), only that tenant's uploads count; without (the worker, running a
-    job whose spec was checked at submit), any upload.
+    job whose spec was checked at submit), any upload. With `hold` (a job being submitted), an
+    upload's row stays share-locked until the session's transaction ends: delete_upload locks
+    it for update before it counts the jobs that need it, so a submit and a delete of the same
+    upload take turns, and no job is stored on an upload deleted under it (on PostgreSQL; on
+    SQLite every writing transaction takes turns anyway).
     """
     if name in BUILTIN_DATASETS:
         return BUILTIN_DATASETS[name]
@@ -39,7 +45,7 @@ def resolve_dataset(session: Session, name: str, tenant: str | None = None) -> D
     except ValueError:
         # The spec's pattern admits only UUIDs; a name from elsewhere must not be a 500 either.
         raise InvalidInput("dataset.name", f"no uploaded dataset {name!r}") from None
-    row = session.get(Dataset, dataset_id)
+    row = session.get(Dataset, dataset_id, with_for_update={"read": True} if hold else None)
     if row is None or (tenant is not None and row.tenant != tenant):
         raise InvalidInput("dataset.name", f"no uploaded dataset {name!r}")
     return info_from_row(row)

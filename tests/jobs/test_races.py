@@ -17,12 +17,16 @@ from sqlalchemy import Engine, event
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.api.datasets.service import delete_upload
 from app.core import lifecycle
 from app.core.broker import create_celery_app
+from app.core.catalog import UPLOAD_PREFIX
 from app.core.config import Settings
+from app.core.datasets import resolve_dataset
 from app.core.db import create_db_engine, create_session_factory, transaction
+from app.core.errors import DatasetInUse, InvalidInput
 from app.core.migrate import upgrade
-from app.core.models import Job
+from app.core.models import DEFAULT_TENANT, Dataset, Job
 from app.core.outbox import Dispatcher
 from tests.factories import make_job
 from worker.execution import WorkerContext, execute_job
@@ -245,3 +249,86 @@ def test_an_invalid_stored_spec_fails_the_job_at_once(
     assert "model.architecture" in (stored.error_message or "")
     assert stored.lease_expires_at is None
     assert [attempt.outcome for attempt in stored.attempt_history] == ["failed"]
+
+
+def _upload(factory: sessionmaker[Session]) -> uuid.UUID:
+    with transaction(factory) as session:
+        row = Dataset(
+            name="rows.npz",
+            source_format="npz",
+            kind="tabular",
+            n_samples=40,
+            input_shape=[4],
+            num_classes=2,
+            data=b"stored arrays",
+            size_bytes=13,
+            sha256="0" * 64,
+        )
+        session.add(row)
+        session.flush()
+        return row.id
+
+
+def _delete_in_thread(factory: sessionmaker[Session], dataset_id: uuid.UUID) -> threading.Thread:
+    """Deletes the upload as DELETE /v1/datasets/{id} does; records how that ended."""
+
+    def delete() -> None:
+        try:
+            with transaction(factory) as session:
+                row = session.get(Dataset, dataset_id)
+                assert row is not None
+                delete_upload(session, row)
+            outcomes.append("deleted")
+        except DatasetInUse:
+            outcomes.append("in use")
+
+    outcomes: list[str] = []
+    thread = threading.Thread(target=delete)
+    thread.outcomes = outcomes  # type: ignore[attr-defined]
+    thread.start()
+    return thread
+
+
+def test_an_upload_is_not_deleted_under_a_job_being_submitted(
+    engines: Callable[[], Engine],
+) -> None:
+    submits, deletes = create_session_factory(engines()), create_session_factory(engines())
+    dataset_id = _upload(submits)
+    name = f"{UPLOAD_PREFIX}{dataset_id}"
+    with submits() as submit, submit.begin():
+        # The submit has checked the upload (and holds it) and stored its job, not yet committed.
+        resolve_dataset(submit, name, tenant=DEFAULT_TENANT, hold=True)
+        make_job(submit, dataset={"name": name})
+        deleting = _delete_in_thread(deletes, dataset_id)
+        deleting.join(0.5)
+        assert deleting.is_alive()  # the delete waits for the submit to end
+    deleting.join(30)
+    assert deleting.outcomes == ["in use"]  # type: ignore[attr-defined]
+
+
+def test_a_job_is_not_submitted_on_an_upload_being_deleted(
+    engines: Callable[[], Engine],
+) -> None:
+    submits, deletes = create_session_factory(engines()), create_session_factory(engines())
+    dataset_id = _upload(submits)
+    name = f"{UPLOAD_PREFIX}{dataset_id}"
+    checked: list[str] = []
+    with deletes() as deleting, deleting.begin():
+        row = deleting.get(Dataset, dataset_id)
+        assert row is not None
+        delete_upload(deleting, row)  # deleted, not yet committed
+
+        def submit() -> None:
+            try:
+                with transaction(submits) as session:
+                    resolve_dataset(session, name, tenant=DEFAULT_TENANT, hold=True)
+                checked.append("accepted")
+            except InvalidInput as exc:
+                checked.append(exc.message)
+
+        submitting = threading.Thread(target=submit)
+        submitting.start()
+        submitting.join(0.5)
+        assert submitting.is_alive()  # the submit waits for the delete to end
+    submitting.join(30)
+    assert checked == [f"no uploaded dataset {name!r}"]

@@ -154,6 +154,9 @@ def get_upload(session: Session, dataset_id: uuid.UUID, caller: Caller) -> Datas
 
 def delete_upload(session: Session, row: Dataset) -> None:
     """Delete an upload no queued or running job needs; jobs that ended keep their results."""
+    # Locked first, then counted: a submit that holds the row (resolve_dataset) is counted
+    # once it commits, and one that comes after finds the upload gone.
+    session.execute(select(Dataset.id).where(Dataset.id == row.id).with_for_update())
     in_use = session.scalar(
         select(func.count())
         .select_from(Job)

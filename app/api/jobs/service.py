@@ -74,7 +74,7 @@ def check_limits(session: Session, spec: JobSpec, settings: Settings, caller: Ca
     """What pydantic cannot judge alone: the dataset's shape and the operator's limits."""
     check_callback(spec, settings)
     # Only the caller's own uploads: another tenant's is "no uploaded dataset", like a typo.
-    info = resolve_dataset(session, spec.dataset.name, tenant=caller.tenant)
+    info = resolve_dataset(session, spec.dataset.name, tenant=caller.tenant, hold=True)
     try:
         check_fits_dataset(spec, info)
     except SpecError as exc:
