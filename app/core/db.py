@@ -139,10 +139,11 @@ def create_reader(engine: Engine) -> Reader:
         engine.url,
         isolation_level="AUTOCOMMIT",
         json_deserializer=_json_loads,
-        # Kept open for as many reads as run at once (the API's worker threads, 40): a pool
-        # that closed its overflow on return reconnected on most reads under load.
-        pool_size=40,
-        max_overflow=0,
+        # Ten kept open: the shared pool's five closed their overflow on return and made
+        # most reads under load reconnect. Up to the API's worker threads (40) in all, the
+        # rest closed on return (docs/operations.md counts an API process's connections).
+        pool_size=10,
+        max_overflow=30,
         connect_args=_POSTGRES_POOL["connect_args"],
     )
     return Reader(read_engine.connect, owned_engine=read_engine)
