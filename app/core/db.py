@@ -51,8 +51,8 @@ def _json_loads(text: str | bytes) -> Any:
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
-        # NaN and Infinity, which json.dumps writes (rows stored by older versions on SQLite;
-        # PostgreSQL refuses them) and orjson does not read.
+        # NaN and Infinity: json.dumps writes them and SQLite keeps them (PostgreSQL refuses
+        # them); the service stores non-finite numbers as null, but older rows may hold them.
         return json.loads(text)
 
 
