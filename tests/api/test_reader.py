@@ -2,6 +2,7 @@
 each read, and one retry of a read that met a connection the server had dropped."""
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -11,6 +12,7 @@ from sqlalchemy import Connection, Engine
 from app.api.main import create_app
 from app.core.config import Settings
 from app.core.db import create_db_engine, create_reader, create_session_factory, transaction
+from app.core.migrate import upgrade
 from tests.factories import make_job
 
 
@@ -105,3 +107,25 @@ def test_sqlite_reads_run_outside_any_transaction(sqlite_url: str) -> None:
     finally:
         reader.close()
         engine.dispose()
+
+
+def test_a_stored_nan_reads_as_null_not_as_an_error(tmp_path: Path, redis_url: str) -> None:
+    """SQLite keeps the NaN that json.dumps writes (PostgreSQL refuses it); orjson, which
+    decodes the JSON columns, does not read it, and the decoder falls back to json."""
+    url = f"sqlite:///{tmp_path / 'nan.db'}"
+    upgrade(url)
+    engine = create_db_engine(url)
+    with transaction(create_session_factory(engine)) as session:
+        job = make_job(session, status="failed")
+        job_id = str(job.id)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("UPDATE jobs SET summary = :summary"),
+            {"summary": '{"final_val_loss": NaN, "best_epoch": 3}'},
+        )
+    engine.dispose()
+    settings = Settings(database_url=url, broker_url=redis_url, auth="off")
+    with TestClient(create_app(settings)) as client:
+        response = client.get(f"/v1/jobs/{job_id}")
+    assert response.status_code == 200, response.text
+    assert response.json()["summary"] == {"final_val_loss": None, "best_epoch": 3}
