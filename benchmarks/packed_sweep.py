@@ -138,7 +138,8 @@ class WorkerProcesses:
     """
 
     def __init__(self, count: int, models: list[str], epochs: int, device: str) -> None:
-        # CUDA cannot be used in a forked child; spawn is what a worker's fresh process is.
+        # Spawn, not fork: a forked child cannot use CUDA once its parent has (this one has,
+        # with --device cuda), and each process loads and warms up its own, as a pool's does.
         context = multiprocessing.get_context("spawn")
         self.threads = max(1, torch.get_num_threads() // count)  # N x threads = the cores
         self.done: multiprocessing.Queue[str | None] = context.Queue()
