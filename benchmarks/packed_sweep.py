@@ -192,6 +192,15 @@ def time_service(payload: dict[str, Any], max_pack: int) -> float:
         "TRAINSVC_DATABASE_URL": f"sqlite:///{folder / 'trainsvc.db'}",
         "TRAINSVC_BROKER_URL": f"sqla+sqlite:///{folder / 'broker.db'}",
         "TRAINSVC_MAX_PACK": str(max_pack),
+        # The server runs in the temporary folder, where a relative PYTHONPATH (`.`) names
+        # nothing and the venv's editable install would serve its own checkout's code: the
+        # code measured must be this checkout's, the one the in-process arms measure.
+        "PYTHONPATH": os.pathsep.join(
+            [
+                str(Path(__file__).resolve().parents[1]),
+                *os.environ.get("PYTHONPATH", "").split(os.pathsep),
+            ]
+        ),
     }
     server = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "up", "--port", str(port)],
