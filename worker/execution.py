@@ -337,7 +337,8 @@ def store_on_stop(
     cadence.stored(blobs)
 
 
-def _end(ctx: WorkerContext, claim: Claim, status: str, **fields: object) -> None:
+def end_attempt(ctx: WorkerContext, claim: Claim, status: str, **fields: object) -> None:
+    """End the job with this attempt (fenced by its number), and count the end."""
     with_db_retry(
         ctx,
         lambda session: lifecycle.finish(session, claim.job_id, claim.attempt, status, **fields),  # type: ignore[arg-type]
@@ -373,7 +374,9 @@ def _attempt(ctx: WorkerContext, job_id: uuid.UUID) -> str:
     except ValidationError as exc:
         # Stored by another version of the API, or edited by hand: no attempt can run it.
         logger.error("job %s has a spec this worker cannot run: %s", job_id, exc)
-        _end(ctx, claim, JobStatus.FAILED, error_type="invalid_spec", error_message=_describe(exc))
+        end_attempt(
+            ctx, claim, JobStatus.FAILED, error_type="invalid_spec", error_message=_describe(exc)
+        )
         return "failed"
     if ctx.settings.max_pack > 1:
         from worker import packing  # here, not at the top: packing builds on this module
@@ -417,15 +420,15 @@ def _train(ctx: WorkerContext, claim: Claim, spec: JobSpec, control: AttemptCont
         cadence = CheckpointCadence.resuming(ctx.settings.checkpoint_every_seconds, run)
         for result in run.epochs(should_stop=control.should_stop):
             record(ctx, claim, run, result, cadence)
-        _end(ctx, claim, JobStatus.SUCCEEDED, summary=run.summary())
+        end_attempt(ctx, claim, JobStatus.SUCCEEDED, summary=run.summary())
         return "succeeded"
     except Interrupted:
         if run and cadence and control.stop_reason in ("cancelled", "handed_back", "timeout"):
             store_on_stop(ctx, claim, run, cadence)
-        return _interrupted(ctx, claim, control, run)
+        return end_interrupted(ctx, claim, control, run)
     except Diverged as exc:
         summary = run.summary() if run else None
-        _end(
+        end_attempt(
             ctx,
             claim,
             JobStatus.FAILED,
@@ -445,7 +448,7 @@ def _train(ctx: WorkerContext, claim: Claim, spec: JobSpec, control: AttemptCont
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give the memory back so the next job on this GPU fits
             logger.warning("job %s ran out of memory: %s", claim.job_id, exc)
-            _end(
+            end_attempt(
                 ctx,
                 claim,
                 JobStatus.FAILED,
@@ -454,7 +457,7 @@ def _train(ctx: WorkerContext, claim: Claim, spec: JobSpec, control: AttemptCont
             )
             return "failed"
         logger.exception("job %s failed", claim.job_id)
-        _end(
+        end_attempt(
             ctx,
             claim,
             JobStatus.FAILED,
@@ -476,15 +479,16 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
-def _interrupted(
+def end_interrupted(
     ctx: WorkerContext, claim: Claim, control: AttemptControl, run: Recorded | None
 ) -> str:
+    """End an attempt its control stopped, for the control's reason; returns how it ended."""
     reason = control.stop_reason
     summary = run.summary() if run else None
     if reason == "cancelled":
-        _end(ctx, claim, JobStatus.CANCELLED, summary=summary)
+        end_attempt(ctx, claim, JobStatus.CANCELLED, summary=summary)
     elif reason == "timeout":
-        _end(
+        end_attempt(
             ctx,
             claim,
             JobStatus.FAILED,
@@ -495,7 +499,7 @@ def _interrupted(
     elif reason == "heartbeat_failed":
         # Failed rather than handed back: a hand-back costs no attempt, so a fault that
         # recurs would send the job round the workers for ever.
-        _end(
+        end_attempt(
             ctx,
             claim,
             JobStatus.FAILED,

@@ -227,7 +227,7 @@ def _guarded(ctx: WorkerContext, job: _Member, step: Callable[..., None], *args:
 def _epoch(ctx: WorkerContext, job: _Member, trial: Trial, outcome: TrialEpoch) -> None:
     if outcome.diverged is not None:
         job.outcome = "failed"
-        execution._end(
+        execution.end_attempt(
             ctx,
             job.claim,
             JobStatus.FAILED,
@@ -245,7 +245,7 @@ def _epoch(ctx: WorkerContext, job: _Member, trial: Trial, outcome: TrialEpoch) 
 
 def _succeed(ctx: WorkerContext, job: _Member, trial: Trial) -> None:
     job.outcome = "succeeded"
-    execution._end(ctx, job.claim, JobStatus.SUCCEEDED, summary=trial.summary())
+    execution.end_attempt(ctx, job.claim, JobStatus.SUCCEEDED, summary=trial.summary())
 
 
 def _leave(ctx: WorkerContext, job: _Member, trial: Trial) -> None:
@@ -255,7 +255,7 @@ def _leave(ctx: WorkerContext, job: _Member, trial: Trial) -> None:
     job.outcome = job.control.stop_reason
     if job.cadence and job.control.stop_reason in ("cancelled", "handed_back", "timeout"):
         execution.store_on_stop(ctx, job.claim, trial, job.cadence)
-    job.outcome = execution._interrupted(ctx, job.claim, job.control, trial)
+    job.outcome = execution.end_interrupted(ctx, job.claim, job.control, trial)
 
 
 def _fail(ctx: WorkerContext, job: _Member, exc: BaseException, out_of_memory: bool) -> None:
@@ -264,4 +264,4 @@ def _fail(ctx: WorkerContext, job: _Member, exc: BaseException, out_of_memory: b
         fields = {"error_type": "out_of_memory", "error_message": str(exc)[:2000]}
     else:
         fields = {"error_type": "error", "error_message": f"{type(exc).__name__}: {exc}"[:2000]}
-    execution._end(ctx, job.claim, JobStatus.FAILED, **fields)
+    execution.end_attempt(ctx, job.claim, JobStatus.FAILED, **fields)
