@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.main import create_app
 from app.core.config import Settings
-from app.core.db import Reader, create_db_engine
+from app.core.db import InlineReader, create_db_engine
 from app.core.keys import create_key
 from app.core.migrate import upgrade
 from app.core.models import DEFAULT_TENANT
@@ -190,9 +190,9 @@ def key_headers(session_factory: sessionmaker[Session]) -> Callable[..., dict[st
 def use_test_sessions(app: FastAPI, session_factory: sessionmaker[Session]) -> None:
     """Point a started app at the test's rolled-back transaction."""
     app.state.session_factory = session_factory
-    app.state.reader.close()
+    # (The reader the app made has not connected yet: it holds nothing to give back.)
     test_connection = session_factory.kw["bind"]
-    app.state.reader = Reader(lambda: nullcontext(test_connection))
+    app.state.reader = InlineReader(lambda: nullcontext(test_connection))
     app.state.dispatcher.session_factory = session_factory
     # The test's one connection cannot be shared with the key cache's writer thread.
     app.state.key_verifier.background_writes = False

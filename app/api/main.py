@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         yield
         await app.state.event_hub.close()
-        app.state.reader.close()
+        await app.state.reader.close()
         engine.dispose()
 
     app = FastAPI(

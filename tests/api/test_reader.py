@@ -1,7 +1,13 @@
 """The polled reads' Reader (app.core.db.Reader): no transaction of their own, no ping before
-each read, and one retry of a read that met a connection the server had dropped."""
+each read, and one retry of a read that met a connection the server had dropped.
 
-from collections.abc import Iterator
+A reader runs on the event loop it was made on: each test makes and uses it in one
+asyncio.run."""
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +17,13 @@ from sqlalchemy import Connection, Engine
 
 from app.api.main import create_app
 from app.core.config import Settings
-from app.core.db import create_db_engine, create_reader, create_session_factory, transaction
+from app.core.db import (
+    READER_BUSY_TIMEOUT_MS,
+    create_db_engine,
+    create_reader,
+    create_session_factory,
+    transaction,
+)
 from app.core.migrate import upgrade
 from tests.factories import make_job
 
@@ -40,40 +52,46 @@ def _drop_connections(admin: Engine, url: str) -> int:
 def test_a_read_runs_again_on_a_fresh_connection_after_the_server_dropped_the_pool(
     pg_engine: Engine, postgres_admin: Engine, fresh_postgres_url: str
 ) -> None:
-    reader = create_reader(pg_engine)
     calls = []
 
     def read(connection: Connection) -> int:
         calls.append(connection)
         return int(connection.execute(sa.text("SELECT 41 + 1")).scalar_one())
 
-    try:
-        assert reader.run(read) == 42  # a connection now waits in the reader's pool
-        assert _drop_connections(postgres_admin, fresh_postgres_url) >= 1
-        calls.clear()
-        assert reader.run(read) == 42
-        assert len(calls) == 2  # the first met the dropped connection, the second a new one
-        calls.clear()
-        assert reader.run(read) == 42
-        assert len(calls) == 1  # and the pool holds only good connections again
-    finally:
-        reader.close()
+    async def scenario() -> None:
+        reader = create_reader(pg_engine)
+        try:
+            assert await reader.run(read) == 42  # a connection now waits in the pool
+            assert _drop_connections(postgres_admin, fresh_postgres_url) >= 1
+            calls.clear()
+            assert await reader.run(read) == 42
+            assert len(calls) == 2  # the first met the dropped connection, the second a new one
+            calls.clear()
+            assert await reader.run(read) == 42
+            assert len(calls) == 1  # and the pool holds only good connections again
+        finally:
+            await reader.close()
+
+    asyncio.run(scenario())
 
 
 def test_a_read_that_fails_for_another_reason_is_not_run_again(pg_engine: Engine) -> None:
-    reader = create_reader(pg_engine)
     calls = []
 
     def read(connection: Connection) -> None:
         calls.append(connection)
         connection.execute(sa.text("SELECT * FROM no_such_table"))
 
-    try:
-        with pytest.raises(sa.exc.ProgrammingError):
-            reader.run(read)
-        assert len(calls) == 1
-    finally:
-        reader.close()
+    async def scenario() -> None:
+        reader = create_reader(pg_engine)
+        try:
+            with pytest.raises(sa.exc.ProgrammingError):
+                await reader.run(read)
+            assert len(calls) == 1
+        finally:
+            await reader.close()
+
+    asyncio.run(scenario())
 
 
 def test_a_job_get_answers_200_right_after_a_database_restart(
@@ -92,21 +110,24 @@ def test_a_job_get_answers_200_right_after_a_database_restart(
 
 def test_sqlite_reads_run_outside_any_transaction(sqlite_url: str) -> None:
     engine = create_db_engine(sqlite_url)
-    reader = create_reader(engine)
-    try:
 
-        def read(connection: Connection) -> bool:
-            connection.execute(sa.text("SELECT count(*) FROM jobs"))
-            dbapi_connection = connection.connection.dbapi_connection
-            assert dbapi_connection is not None
-            return bool(dbapi_connection.in_transaction)
+    def read(connection: Connection) -> bool:
+        connection.execute(sa.text("SELECT count(*) FROM jobs"))
+        dbapi_connection = connection.connection.dbapi_connection
+        assert dbapi_connection is not None
+        return bool(dbapi_connection.in_transaction)
 
-        # A lone SELECT and no BEGIN: the driver's connection never enters a transaction (one
-        # begun by a read-only session would be, until its end).
-        assert reader.run(read) is False
-    finally:
-        reader.close()
-        engine.dispose()
+    async def scenario() -> bool:
+        reader = create_reader(engine)
+        try:
+            return await reader.run(read)
+        finally:
+            await reader.close()
+
+    # A lone SELECT and no BEGIN: the driver's connection never enters a transaction (one
+    # begun by a read-only session would be, until its end).
+    assert asyncio.run(scenario()) is False
+    engine.dispose()
 
 
 def test_a_stored_nan_reads_as_null_not_as_an_error(tmp_path: Path, redis_url: str) -> None:
@@ -129,3 +150,36 @@ def test_a_stored_nan_reads_as_null_not_as_an_error(tmp_path: Path, redis_url: s
         response = client.get(f"/v1/jobs/{job_id}")
     assert response.status_code == 200, response.text
     assert response.json()["summary"] == {"final_val_loss": None, "best_epoch": 3}
+
+
+def test_a_sqlite_read_only_reads_and_gives_up_on_a_held_lock_at_once(tmp_path: Path) -> None:
+    """SQLite's reads run on the event loop: they may not write, and a lock they cannot take
+    (here another process's exclusive hold; in life a WAL recovery) fails them within
+    READER_BUSY_TIMEOUT_MS instead of blocking the loop for the writers' 30 s."""
+    path = tmp_path / "locked.db"
+    upgrade(f"sqlite:///{path}")
+    engine = create_db_engine(f"sqlite:///{path}")
+
+    async def run(read: Callable[[Connection], object]) -> object:
+        reader = create_reader(engine)
+        try:
+            return await reader.run(read)
+        finally:
+            await reader.close()
+
+    with pytest.raises(sa.exc.OperationalError, match="readonly"):
+        asyncio.run(run(lambda connection: connection.execute(sa.text("DELETE FROM jobs"))))
+
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("DELETE FROM jobs")  # takes and, in this mode, keeps the exclusive lock
+    try:
+        started = time.monotonic()
+        with pytest.raises(sa.exc.OperationalError, match="locked"):
+            asyncio.run(run(lambda connection: connection.execute(sa.text("SELECT 1 FROM jobs"))))
+        assert time.monotonic() - started < 5 * READER_BUSY_TIMEOUT_MS / 1000 + 1
+    finally:
+        holder.rollback()
+        holder.close()
+        engine.dispose()

@@ -7,7 +7,6 @@ from fastapi import APIRouter, Depends, Query, Response, status
 from fastapi.responses import StreamingResponse
 from pydantic import StringConstraints
 from sqlalchemy import Connection
-from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import AUTH_RESPONSES, CallerDep, get_caller
 from app.api.dependencies import (
@@ -107,9 +106,7 @@ async def list_jobs(
 ) -> Response:
     """List the caller's jobs, newest first; pass next_cursor back as cursor for the next page."""
     tags = [(key, value) for key, _, value in (item.partition(":") for item in tag or ())]
-    return await run_in_threadpool(
-        _list_jobs_response, reader, caller, status, limit, cursor, tenant, study_id, tags
-    )
+    return await _list_jobs_response(reader, caller, status, limit, cursor, tenant, study_id, tags)
 
 
 @router.get(
@@ -121,7 +118,7 @@ async def get_job(
     job_id: uuid.UUID, reader: ReaderDep, caller: CallerDep, if_none_match: IfNoneMatchDep
 ) -> Response:
     """A job: its status, progress, attempts, summary and error; 304 if If-None-Match matches."""
-    return await run_in_threadpool(_job_response, reader, job_id, caller, if_none_match)
+    return await _job_response(reader, job_id, caller, if_none_match)
 
 
 @router.delete(
@@ -161,9 +158,7 @@ async def get_metrics(
 ) -> Response:
     """Per-epoch metrics and diagnostics, ascending; only epochs after since_epoch if given;
     304 if If-None-Match matches."""
-    return await run_in_threadpool(
-        _metrics_response, reader, job_id, caller, since_epoch, if_none_match
-    )
+    return await _metrics_response(reader, job_id, caller, since_epoch, if_none_match)
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)
@@ -202,26 +197,30 @@ def list_deliveries(job: JobDep, session: SessionDep) -> DeliveryList:
     return DeliveryList(items=[DeliveryRead.from_row(row) for row in rows])
 
 
-# The read routes above are what dashboards and services poll. Each is async and does all of
-# its database work and encoding in one call on a worker thread (a plain-def route with
-# session and lookup dependencies took five hops to worker threads), reads plain rows through
-# the Reader (no session, no transaction: see app.core.db.Reader) with statements built once
-# (ScopedRead), and returns the JSON it encoded once (FastAPI would validate the returned model
-# again). The response_model still documents the body in OpenAPI.
+# The read routes above are what dashboards and services poll. Each does all of its database
+# work and encoding in one call of the Reader (app.core.db: on a worker thread for SQLite, on
+# the event loop with awaited I/O for PostgreSQL; a plain-def route with session and lookup
+# dependencies took five hops to worker threads), reads plain rows with no session and no
+# transaction, with statements built once (ScopedRead), and returns the JSON it encoded once
+# (FastAPI would validate the returned model again). The response_model still documents the
+# body in OpenAPI.
 
 
-def _job_response(
+async def _job_response(
     reader: Reader, job_id: uuid.UUID, caller: Caller, if_none_match: str | None
 ) -> Response:
-    job, attempts = reader.run(lambda connection: service.read_job(connection, job_id, caller))
-    etag = service.job_etag(job)
-    if etag_matches(if_none_match, etag):
-        return not_modified(etag)
-    body = JobRead.from_columns(job, attempts).model_dump_json()
-    return Response(body, media_type="application/json", headers={"ETag": etag})
+    def read(connection: Connection) -> Response:
+        job, attempts = service.read_job(connection, job_id, caller)
+        etag = service.job_etag(job)
+        if etag_matches(if_none_match, etag):
+            return not_modified(etag)
+        body = JobRead.from_columns(job, attempts).model_dump_json()
+        return Response(body, media_type="application/json", headers={"ETag": etag})
+
+    return await reader.run(read)
 
 
-def _list_jobs_response(
+async def _list_jobs_response(
     reader: Reader,
     caller: Caller,
     status: JobStatus | None,
@@ -231,20 +230,21 @@ def _list_jobs_response(
     study_id: uuid.UUID | None,
     tags: list[tuple[str, str]],
 ) -> Response:
-    def read(connection: Connection) -> JobPage:
+    def read(connection: Connection) -> Response:
         jobs, next_cursor = service.list_jobs(
             connection, caller, status, limit, cursor, tenant, study_id=study_id, tags=tags
         )
         attempts = service.read_attempts(connection, [job["id"] for job in jobs])
-        return JobPage(
+        page = JobPage(
             items=[JobRead.from_columns(job, attempts[job["id"]]) for job in jobs],
             next_cursor=next_cursor,
         )
+        return Response(page.model_dump_json(), media_type="application/json")
 
-    return Response(reader.run(read).model_dump_json(), media_type="application/json")
+    return await reader.run(read)
 
 
-def _metrics_response(
+async def _metrics_response(
     reader: Reader,
     job_id: uuid.UUID,
     caller: Caller,
@@ -263,4 +263,4 @@ def _metrics_response(
             metrics_json(job_id, rows), media_type="application/json", headers={"ETag": etag}
         )
 
-    return reader.run(read)
+    return await reader.run(read)
