@@ -45,7 +45,7 @@ async def get_session_factory(request: Request) -> sessionmaker[Session]:
 
 
 async def get_reader(request: Request) -> Reader:
-    """What the polled status reads run on, whole, in one worker-thread call (see Reader).
+    """What the polled status reads run on, whole, in one call (see app.core.db.Reader).
     (async: no I/O, no thread.)"""
     reader: Reader = request.app.state.reader
     return reader

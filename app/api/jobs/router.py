@@ -198,8 +198,8 @@ def list_deliveries(job: JobDep, session: SessionDep) -> DeliveryList:
 
 
 # The read routes above are what dashboards and services poll. Each does all of its database
-# work and encoding in one call of the Reader (app.core.db: on a worker thread for SQLite, on
-# the event loop with awaited I/O for PostgreSQL; a plain-def route with session and lookup
+# work and encoding in one call of the Reader (app.core.db: on the event loop, with no hop to a
+# worker thread, which cost as much as the read; a plain-def route with session and lookup
 # dependencies took five hops to worker threads), reads plain rows with no session and no
 # transaction, with statements built once (ScopedRead), and returns the JSON it encoded once
 # (FastAPI would validate the returned model again). The response_model still documents the
