@@ -121,7 +121,7 @@ class InlineReader:
 
     An embedded SQLite read is a few page reads from the OS cache, and in WAL mode it never
     waits for a writer: a hop to a worker thread and back cost twice the read itself
-    (measured: a job GET went from 0.5 to 0.85-0.9 of /v1/health without it). Its
+    (measured: a job GET went from about half of /v1/health to above it without it). Its
     connections only read (query_only) and wait at most READER_BUSY_TIMEOUT_MS for a lock (a
     WAL recovery, at start-up), then fail as the database being away (503), so a read never
     stalls the loop for long.
