@@ -7,6 +7,7 @@ test_packed.py); in float32 the pack's kernels round differently and the stored 
 to FLOAT32_TOLERANCE (measured: see docs/benchmarks.md, "Packed trials through the service").
 """
 
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,7 +32,8 @@ from app.core.spec import JobSpec
 from tests.factories import make_job
 from worker import execution
 from worker.execution import WorkerContext, execute_job
-from worker.training.packed import trial_memory_bytes
+from worker.packing import pack_capacity
+from worker.training.packed import free_memory_bytes, trial_memory_bytes
 
 FLOAT64_TOLERANCE = 1e-10
 FLOAT32_TOLERANCE = 1e-5  # metrics and weights after 3 epochs; measured: at most 2.4e-7
@@ -224,6 +226,19 @@ def test_the_pack_holds_no_more_jobs_than_fit_in_its_memory_budget(
     assert [job.status for job in jobs] == ["succeeded", "succeeded", "queued", "queued"]
     assert jobs[0].pack is not None
     assert jobs[0].pack == jobs[1].pack
+
+
+def test_by_default_the_budget_is_half_the_free_memory_of_the_device(
+    quiet: Callable[..., WorkerContext],
+) -> None:
+    spec = JobSpec.model_validate(_spec(0))
+    free = free_memory_bytes(torch.device("cpu"))
+    assert free is not None
+    assert 0 < free <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    per_trial = trial_memory_bytes(spec, BUILTIN_DATASETS["digits"])
+    expected = min(1000, free // 2 // per_trial)
+    assert pack_capacity(quiet(max_pack=1000), spec) == expected
+    assert pack_capacity(quiet(max_pack=3), spec) == 3  # small trials: the setting decides
 
 
 def test_a_diverging_trial_fails_alone_and_the_others_go_on(
