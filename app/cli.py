@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -101,7 +102,7 @@ def _up(args: argparse.Namespace) -> None:
     worker = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "worker"],
         process_group=0,
-        preexec_fn=_stop_with_parent,
+        preexec_fn=partial(_stop_with_parent, os.getpid()),
     )
     worker_ended = threading.Event()
 
@@ -134,11 +135,13 @@ def _stop_worker(worker: "subprocess.Popen[bytes]") -> None:
     worker.wait()
 
 
-def _stop_with_parent() -> None:
+def _stop_with_parent(parent: int) -> None:
     """In the worker, before exec: SIGTERM it if `up` dies without stopping it (SIGKILL)."""
     if sys.platform == "linux":
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)  # `up` died between the fork and the line above: nothing would stop us
 
 
 def _doctor(args: argparse.Namespace) -> None:

@@ -96,9 +96,13 @@ class Processes:
         )
 
     def stop_all(self) -> None:
+        """SIGKILL everything each started process began, in its session: `up`'s worker has a
+        process group of its own, and may outlive an `up` that has already exited; a test
+        must not leave it running, whatever the process under test did."""
         for process, _ in self.started:
-            if process.poll() is None:
-                _signal_group(process.pid, signal.SIGKILL)
+            for pid in _session(process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         for process, _ in self.started:
             process.wait(timeout=30)
 
@@ -125,6 +129,20 @@ class Worker:
     def terminate(self) -> None:
         """SIGTERM to the main process only, as `docker stop` and Kubernetes send it."""
         self.process.send_signal(signal.SIGTERM)
+
+
+def _session(session_id: int) -> list[int]:
+    """The processes of a session (its leader's pid: each started process leads its own)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # pid (comm) state ppid pgrp session ...: comm may hold spaces, so split after it.
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[3]) == session_id:
+            members.append(int(stat.parent.name))
+    return members
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
