@@ -347,13 +347,43 @@ class JobSpec(_Strict):
 
 
 def check_fits_dataset(spec: JobSpec, info: DatasetInfo) -> None:
-    """Raise SpecError if the model cannot take this dataset's samples."""
-    if spec.model.architecture in ("cnn", "resnet") and info.kind == "tabular":
+    """Raise SpecError if the model cannot take this dataset's samples, or could not learn
+    from them."""
+    model = spec.model
+    if model.architecture in ("cnn", "resnet") and info.kind == "tabular":
         raise SpecError(
             "model.architecture",
-            f"{spec.model.architecture} needs image or sequence data; "
+            f"{model.architecture} needs image or sequence data; "
             f"{info.name!r} is tabular (use mlp)",
         )
+    norm = model.normalization
+    if (
+        norm.type == "instance_norm"
+        and norm.position == "after_activation"
+        and not _last_block_pools(model, info)
+    ):
+        # Instance norm gives each sample's channel a mean of exactly its bias, and the head
+        # averages each channel over positions: the logits would see those biases only, and
+        # every other gradient would be zero. (A max pool between the two breaks the mean.)
+        raise SpecError(
+            "model.normalization.position",
+            f"instance_norm after the activation of this {model.architecture}'s last "
+            "block feeds the head's average pooling, which reduces each channel to the "
+            "norm's bias: the output would not depend on the input (use before_activation, "
+            "or another normalization)",
+        )
+
+
+def _last_block_pools(model: ModelSpec, info: DatasetInfo) -> bool:
+    """Whether a max pool follows the last block's normalization (as build_cnn halves the
+    resolution while it is at least 4; a ResNet pools between stages, never after the last)."""
+    if model.architecture != "cnn":
+        return False
+    size = min(info.input_shape)
+    for _ in model.hidden_sizes[:-1]:
+        if size >= 4:
+            size //= 2
+    return size >= 4
 
 
 def count_parameters(spec: JobSpec, info: DatasetInfo) -> int:

@@ -75,6 +75,19 @@ def test_impossible_combination_is_422_with_reason(client: TestClient) -> None:
     assert "divisible" in error["message"]
 
 
+def test_a_model_that_could_not_learn_is_422_and_stores_nothing(client: TestClient) -> None:
+    norm = {"type": "instance_norm", "position": "after_activation"}
+    payload = spec_payload(
+        model={"architecture": "resnet", "hidden_sizes": [4], "normalization": norm}
+    )
+    response = client.post("/v1/jobs", json=payload)
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["field"] == "model.normalization.position"
+    assert "not depend on the input" in error["message"]
+    assert client.get("/v1/jobs").json()["items"] == []
+
+
 def test_limits_are_422_that_say_the_limit(client: TestClient) -> None:
     response = client.post("/v1/jobs", json=spec_payload(epochs=100_000))
     assert response.status_code == 422

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from app.core.catalog import BUILTIN_DATASETS
-from app.core.spec import SpecError, count_parameters
+from app.core.spec import SpecError, check_fits_dataset, count_parameters
 from tests.training.helpers import make_spec, train
 
 NORMS = ["none", "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]
@@ -20,6 +20,7 @@ MATRIX = [
     for dropout in DROPOUTS
     # What the spec refuses is tested below, not trained.
     if not (architecture == "mlp" and (norm == "instance_norm" or dropout == "spatial"))
+    and (architecture, norm, position) != ("resnet", "instance_norm", "after_activation")
 ]
 
 
@@ -84,3 +85,40 @@ def test_impossible_combinations_say_why(model: dict[str, object], field: str, r
     cause = raised.value.errors()[0]["ctx"]["error"]  # type: ignore[attr-defined]
     assert isinstance(cause, SpecError)
     assert cause.field == field
+
+
+@pytest.mark.parametrize(
+    ("architecture", "dataset", "widths", "refused"),
+    [
+        ("resnet", "digits", [8, 8], True),  # the head averages the last block's output
+        ("resnet", "mnist1d", [8], True),
+        ("cnn", "digits", [8, 8], False),  # 8x8 -> 4x4 -> 2x2: a max pool after each block
+        ("cnn", "digits", [8, 8, 8], True),  # at 2x2 the last block does not pool
+        ("cnn", "mnist1d", [8, 8, 8], False),  # 40 -> 20 -> 10 -> 5
+    ],
+)
+def test_instance_norm_that_the_head_would_average_away_is_refused(
+    architecture: str, dataset: str, widths: list[int], refused: bool
+) -> None:
+    """Instance norm after the last activation leaves each channel a mean of exactly its bias;
+    averaged over positions by the head, the logits could not depend on the input."""
+    spec = make_spec(
+        dataset={"name": dataset, "train_subset": 64, "batch_size": 32},
+        model={
+            "architecture": architecture,
+            "hidden_sizes": widths,
+            "normalization": {"type": "instance_norm", "position": "after_activation"},
+        },
+    )
+    info = BUILTIN_DATASETS[dataset]
+    if not refused:
+        check_fits_dataset(spec, info)
+        return
+    with pytest.raises(SpecError, match="not depend on the input") as raised:
+        check_fits_dataset(spec, info)
+    assert raised.value.field == "model.normalization.position"
+    before = spec.model.normalization.model_copy(update={"position": "before_activation"})
+    check_fits_dataset(  # the same model with the norm before the activation learns
+        spec.model_copy(update={"model": spec.model.model_copy(update={"normalization": before})}),
+        info,
+    )
