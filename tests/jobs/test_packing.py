@@ -140,12 +140,17 @@ def _difference(factory: sessionmaker[Session], packed: Any, alone: Any) -> floa
     return worst
 
 
+@pytest.mark.parametrize("architecture", ["mlp", "resnet"])
 def test_compatible_jobs_train_as_one_pack_and_equal_the_jobs_trained_alone(
     quiet: Callable[..., WorkerContext],
     session_factory: sessionmaker[Session],
     dtype: torch.dtype,
+    architecture: str,
 ) -> None:
     specs = [_spec(i) for i in range(3)]
+    if architecture == "resnet":  # the digits as 8x8 images, residual blocks with a projection
+        for spec in specs:
+            spec["model"] = {**spec["model"], "architecture": "resnet", "hidden_sizes": [4, 8]}
     packed = _jobs(session_factory, specs)
     assert execute_job(quiet(), packed[0]) == "succeeded"
     for job_id in packed[1:]:  # their own messages find them ended: nothing to do

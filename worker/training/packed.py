@@ -33,8 +33,9 @@ trainer state TrainingRun resumes from (and this class resumes from TrainingRun'
 that diverges, stops early, finishes or is asked to leave (cancelled) leaves the pack; the
 others go on.
 
-MLPs and CNNs pack. ResNets train alone (pack_key returns None): a residual block is not a
-chain of layers, which is what the packed forward walks.
+MLPs, CNNs and ResNets pack: the packed forward walks the single model's modules in the order
+its forward applies them (a Sequential's children in turn, a ResidualBlock's branch, shortcut
+and sum as its forward has them) and applies each leaf's packed form.
 """
 
 import math
@@ -67,7 +68,7 @@ from worker.training.loop import (
     full_precision,
     resolve_device,
 )
-from worker.training.models import AddChannel, ChannelRMSNorm, build_model
+from worker.training.models import AddChannel, ChannelRMSNorm, ResidualBlock, build_model
 from worker.training.optim import build_optimizer, lr_factor
 
 RMSPROP_ALPHA = 0.99  # torch.optim.RMSprop's defaults, which build_optimizer keeps
@@ -92,8 +93,6 @@ def pack_key(spec: JobSpec) -> Hashable | None:
     the seed.
     """
     model = spec.model
-    if model.architecture == "resnet":
-        return None  # a residual block is no chain of layers: the packed forward walks chains
     if spec.diagnostics is not None:
         return None  # probes measure one model's own steps: a probed job trains alone
     norm, dropout, optimizer = model.normalization, model.dropout, spec.optimizer
@@ -101,7 +100,8 @@ def pack_key(spec: JobSpec) -> Hashable | None:
         spec.dataset.model_dump_json(exclude={"label_noise"}),
         model.architecture,
         tuple(model.hidden_sizes),
-        model.kernel_size if model.architecture == "cnn" else 0,  # an MLP has no kernel
+        model.kernel_size if model.architecture != "mlp" else 0,  # an MLP has no kernel
+        model.blocks_per_stage if model.architecture == "resnet" else 0,
         model.activation,
         (
             norm.type,
@@ -371,8 +371,9 @@ class PackedRun:
         self.layer_positions = [
             self.param_names.index(f"{name}.weight") for name, _ in self.layer_names
         ]
-        # The single model's layers in the order its forward applies them (a chain of leaves:
-        # what build_mlp and build_cnn build); the packed forward applies each one's packed form.
+        # The single model's structure, which the packed forward walks (its own weights are
+        # not used), and its leaves in the order its forward applies them.
+        self.template = template
         self.layers = [
             (name, module)
             for name, module in template.named_modules()
@@ -474,9 +475,45 @@ class PackedRun:
         every trial (evaluation); -> logits [T, B, K]."""
         if x.dim() == self.x_train.dim():
             x = x.expand(len(self.active), *x.shape)
-        for name, module in self.layers:
-            x = self._layer(name, module, x, training, captured)
-        return x
+        return self._module("", self.template, x, training, captured)
+
+    def _module(
+        self,
+        name: str,
+        module: nn.Module,
+        x: torch.Tensor,
+        training: bool,
+        captured: dict[str, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """The packed form of a module of the single model, applied as its forward applies it:
+        a Sequential's children in turn, a ResidualBlock's parts as ResidualBlock.forward."""
+        if isinstance(module, nn.Sequential):
+            for child, layer in module.named_children():
+                x = self._module(f"{name}.{child}" if name else child, layer, x, training, captured)
+            return x
+        if isinstance(module, ResidualBlock):
+            return self._residual(name, module, x, training, captured)
+        return self._layer(name, module, x, training, captured)
+
+    def _residual(
+        self,
+        name: str,
+        block: ResidualBlock,
+        x: torch.Tensor,
+        training: bool,
+        captured: dict[str, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """ResidualBlock.forward, packed: activation(second(first(x)) + shortcut(x)), then the
+        output norm where the normalization comes after the activation."""
+
+        def part(child: str, module: nn.Module, value: torch.Tensor) -> torch.Tensor:
+            return self._module(f"{name}.{child}", module, value, training, captured)
+
+        branch = part("second", block.second, part("first", block.first, x))
+        out = part("activation", block.activation, branch + part("shortcut", block.shortcut, x))
+        if block.output_norm is None:
+            return out
+        return part("output_norm", block.output_norm, out)
 
     def _layer(
         self,
@@ -487,6 +524,8 @@ class PackedRun:
         captured: dict[str, torch.Tensor] | None,
     ) -> torch.Tensor:
         """The packed form of one layer of the single model: x and the result per trial."""
+        if isinstance(module, nn.Identity):  # a ResidualBlock's shortcut between equal widths
+            return x
         if isinstance(module, nn.Flatten):  # an MLP's input, a CNN's pooled head
             return x.flatten(2)
         if isinstance(module, AddChannel):
