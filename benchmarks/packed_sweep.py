@@ -2,7 +2,8 @@
 
 The sweeps (--model, both by default): N trials of an MLP 64-256-128-10 with batch norm and
 dropout on digits, and of a small CNN on mnist1d (channels [32, 64], kernel 5, batch norm,
-dropout), each trial with its own learning rate, dropout rate and seed, a few epochs. Three
+dropout); with --model resnet, a small ResNet on mnist1d (stages [16, 32], one block each, batch
+norm, dropout), each trial with its own learning rate, dropout rate and seed, a few epochs. Three
 arms: one job at a time (TrainingRun per job, what a worker with one process does without
 packing); --processes worker processes (what a worker with `--concurrency N` does: spawned
 processes, each training its share one job at a time, torch's threads split so that N times
@@ -15,7 +16,7 @@ is done. The arms alternate, round by round, so that drift on a shared machine h
 printed are the medians of the rounds' trials per second for each arm and of the rounds' own
 ratios (each round's arms measured side by side), over pack size.
 
-    python benchmarks/packed_sweep.py [--model mlp cnn] [--device cpu|cuda]
+    python benchmarks/packed_sweep.py [--model mlp cnn resnet] [--device cpu|cuda]
         [--trials 8 16 32 64] [--epochs 2] [--rounds 3] [--alone 2] [--processes 2]
 
 With --service, the end-to-end figure instead: the same sweep as a study of --service-jobs
@@ -24,7 +25,7 @@ temporary folder, timed from the POST until every job has ended, once with packi
 (TRAINSVC_MAX_PACK=--max-pack) and once off (TRAINSVC_MAX_PACK=1), alternating per round;
 printed are the medians of the rounds' seconds and of the rounds' own speed-ups:
 
-    OMP_NUM_THREADS=2 python benchmarks/packed_sweep.py --service [--model mlp cnn]
+    OMP_NUM_THREADS=2 python benchmarks/packed_sweep.py --service [--model mlp cnn resnet]
         [--service-jobs 32] [--max-pack 8] [--epochs 2] [--rounds 1]
 """
 
@@ -50,7 +51,7 @@ from worker.training.data import PreparedData, load_builtin, prepare
 from worker.training.loop import TrainingRun
 from worker.training.packed import PackedRun
 
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "resnet")
 
 
 def trial(model: str, index: int, epochs: int, device: str) -> JobSpec:
@@ -58,9 +59,12 @@ def trial(model: str, index: int, epochs: int, device: str) -> JobSpec:
     if model == "mlp":
         dataset = "digits"
         layers: dict[str, Any] = {"hidden_sizes": [256, 128]}
-    else:
+    elif model == "cnn":
         dataset = "mnist1d"
         layers = {"architecture": "cnn", "hidden_sizes": [32, 64], "kernel_size": 5}
+    else:
+        dataset = "mnist1d"
+        layers = {"architecture": "resnet", "hidden_sizes": [16, 32], "kernel_size": 3}
     payload: dict[str, Any] = {
         "dataset": {"name": dataset, "batch_size": 64},
         "model": {
@@ -304,7 +308,7 @@ def main_sweep(args: argparse.Namespace, model: str, processes: WorkerProcesses)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--model", nargs="+", default=["mlp", "cnn"], choices=MODELS)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--trials", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--epochs", type=int, default=2)

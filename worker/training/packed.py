@@ -571,12 +571,17 @@ class PackedRun:
         shape = list(x.shape[1:])
         if isinstance(module, FEATURE_DROPOUTS):
             shape[2:] = [1] * (len(shape) - 2)
-        # One noise tensor for the pack, each trial's slice drawn from its own generator (a
-        # contiguous slice draws as a tensor of its own would), then scaled all at once:
-        # stacking separate masks copied each of them, and scaling them one by one cost a call
-        # per trial (together 5% of a CNN pack's epoch on CPU; the draws themselves, which a
-        # job alone makes too, are a quarter of it).
-        noise = torch.empty([len(self.active), *shape], dtype=x.dtype, device=x.device)
+        # One noise tensor for the pack, each trial's slice drawn from its own generator, then
+        # scaled all at once: stacking separate masks copied each of them, and scaling them one
+        # by one cost a call per trial (together 5% of a CNN pack's epoch on CPU; the draws
+        # themselves, which a job alone makes too, are a quarter of it). A full-shape mask is
+        # laid out as x is (a CNN's activations lie trials-in-channels, [B, T*C, ...]), so that
+        # x * noise and the next layer's folding stay copy-free; a trial's slice of it is then
+        # strided, which bernoulli_ fills in its logical order, as a tensor of its own.
+        if shape == list(x.shape[1:]):
+            noise = torch.empty_like(x)
+        else:
+            noise = torch.empty([len(self.active), *shape], dtype=x.dtype, device=x.device)
         for position, trial in enumerate(self.active):
             noise[position].bernoulli_(1 - trial.dropout_rates[name], generator=trial.dropout_rng)
 
