@@ -98,6 +98,21 @@ def test_point_over_an_operator_limit_is_named(client: TestClient) -> None:
     assert "TRAINSVC_MAX_EPOCHS" in response.json()["detail"][0]["message"]
 
 
+def test_a_point_whose_model_could_not_learn_is_named(client: TestClient) -> None:
+    """A normalization sweep over a ResNet with the norm after the activation: instance norm's
+    point would be averaged away by the head, and the study says which point and why."""
+    norm = {"type": "batch_norm", "position": "after_activation"}
+    base = spec_payload(
+        model={"architecture": "resnet", "hidden_sizes": [4], "normalization": norm}
+    )
+    grid = {"model.normalization.type": ["batch_norm", "instance_norm"]}
+    response = client.post("/v1/studies", json=study_body(base=base, grid=grid))
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["field"] == "grid[1].model.normalization.position"
+    assert "not depend on the input" in error["message"]
+
+
 def test_grid_over_the_study_limit_is_422_naming_it(client: TestClient) -> None:
     grid = {"seed": list(range(40)), "optimizer.lr": [0.001 * (i + 1) for i in range(30)]}
     response = client.post("/v1/studies", json=study_body(grid=grid))
