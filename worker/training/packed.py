@@ -372,13 +372,8 @@ class PackedRun:
             self.param_names.index(f"{name}.weight") for name, _ in self.layer_names
         ]
         # The single model's structure, which the packed forward walks (its own weights are
-        # not used), and its leaves in the order its forward applies them.
+        # not used).
         self.template = template
-        self.layers = [
-            (name, module)
-            for name, module in template.named_modules()
-            if not any(module.children())
-        ]
         if resume:
             for model, (weights, _) in zip(models, resume, strict=True):
                 if weights is not None:
@@ -443,7 +438,7 @@ class PackedRun:
         double precision, then in the activations' dtype): keep = 1 - p, and for alpha
         dropout a = 1 / sqrt((alpha^2 p + 1)(1 - p)), alpha a and alpha a p."""
         numbers: dict[str, torch.Tensor] = {}
-        for name, module in self.layers:
+        for name, module in self.template.named_modules():
             if not isinstance(module, DROPOUTS):
                 continue
             rates = [trial.dropout_rates[name] for trial in self.active]
@@ -487,33 +482,21 @@ class PackedRun:
     ) -> torch.Tensor:
         """The packed form of a module of the single model, applied as its forward applies it:
         a Sequential's children in turn, a ResidualBlock's parts as ResidualBlock.forward."""
+
+        def child(part: str, value: torch.Tensor) -> torch.Tensor:
+            path = f"{name}.{part}" if name else part
+            return self._module(path, getattr(module, part), value, training, captured)
+
         if isinstance(module, nn.Sequential):
-            for child, layer in module.named_children():
-                x = self._module(f"{name}.{child}" if name else child, layer, x, training, captured)
+            for part, _ in module.named_children():
+                x = child(part, x)
             return x
         if isinstance(module, ResidualBlock):
-            return self._residual(name, module, x, training, captured)
+            # activation(second(first(x)) + shortcut(x)), then the output norm where the
+            # normalization comes after the activation.
+            out = child("activation", child("second", child("first", x)) + child("shortcut", x))
+            return out if module.output_norm is None else child("output_norm", out)
         return self._layer(name, module, x, training, captured)
-
-    def _residual(
-        self,
-        name: str,
-        block: ResidualBlock,
-        x: torch.Tensor,
-        training: bool,
-        captured: dict[str, torch.Tensor] | None,
-    ) -> torch.Tensor:
-        """ResidualBlock.forward, packed: activation(second(first(x)) + shortcut(x)), then the
-        output norm where the normalization comes after the activation."""
-
-        def part(child: str, module: nn.Module, value: torch.Tensor) -> torch.Tensor:
-            return self._module(f"{name}.{child}", module, value, training, captured)
-
-        branch = part("second", block.second, part("first", block.first, x))
-        out = part("activation", block.activation, branch + part("shortcut", block.shortcut, x))
-        if block.output_norm is None:
-            return out
-        return part("output_norm", block.output_norm, out)
 
     def _layer(
         self,
