@@ -250,7 +250,6 @@ def _state(run: TrainingRun) -> dict[str, torch.Tensor]:
     for index, per_param in run.optimizer.state_dict()["state"].items():
         for key, value in per_param.items():
             state[f"optimizer.{index}.{key}"] = torch.as_tensor(value)
-    state["rng_cpu"] = torch.get_rng_state()
     state["rng_shuffle"] = run.shuffle.get_state()
     return state
 

@@ -131,4 +131,4 @@ def test_trainer_state_is_a_safetensors_file_the_library_reads_whole() -> None:
     tensors = load_safetensors(run.trainer_state())
     skeleton = json.loads(tensors["trainsvc.trainer_state"].numpy().tobytes())
     assert skeleton["progress"]["epoch"] == 1
-    assert {"s.rng_cpu", "s.rng_shuffle"} <= set(tensors)
+    assert "s.rng_shuffle" in tensors

@@ -1,9 +1,10 @@
 """The training loop: one TrainingRun per job attempt, yielding an EpochResult per epoch.
 
 In-memory datasets live on the device as tensors and are batched by index (no DataLoader
-processes). Everything the next epoch depends on (weights, optimizer, schedule position,
-every RNG, the best-so-far bookkeeping) is in trainer_state(), so a run resumed from it
-continues bit for bit as if it had never stopped.
+processes). Everything the next epoch depends on (weights, optimizer, schedule position, the
+data order's generator, the best-so-far bookkeeping) is in trainer_state(), so a run resumed
+from it continues bit for bit as if it had never stopped (dropout's masks need no state: they
+are a function of the seed, epoch and step, worker/training/dropout.py).
 
 A run stopped in the middle of an epoch has half-trained weights that no resume could
 continue from, so every epoch ends with a snapshot: a copy, on the device, of everything the
@@ -31,6 +32,7 @@ from worker.training.checkpoint import (
 )
 from worker.training.data import PreparedData
 from worker.training.diagnostics import LayerDiagnostics
+from worker.training.dropout import set_position
 from worker.training.models import build_model
 from worker.training.optim import build_optimizer, lr_factor
 from worker.training.probes import Probes
@@ -189,8 +191,8 @@ class TrainingRun:
         )
         # A constant schedule never changes the rate: no need to step it every batch.
         self.scheduled = spec.schedule.type != "constant" or spec.schedule.warmup_epochs > 0
-        # The data order has its own generator, so it does not depend on how many random
-        # numbers dropout drew; both are saved in the trainer state.
+        # The data order has its own generator, saved in the trainer state; dropout's masks
+        # need none (worker/training/dropout.py: they are a function of seed, epoch and step).
         self.shuffle = torch.Generator().manual_seed(spec.seed + 1)
         self.progress = Progress()
         self._snapshot: _Snapshot | None = None  # none before the first completed epoch
@@ -233,6 +235,7 @@ class TrainingRun:
                 raise Interrupted
             index = order[start:stop]
             x, y = self.x_train[index], self.y_train[index]
+            set_position(self.model, (self.spec.seed, epoch, step))
             with self._precision():
                 logits = self.model(x)
             loss = F.cross_entropy(full_precision(logits), y)
@@ -357,22 +360,16 @@ class TrainingRun:
             "format": 1,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
             "rng_shuffle": self.shuffle.get_state(),
             "progress": p.as_state(),
         }
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         # Copies on the device: cheap next to an epoch, and the training goes on meanwhile.
         self._snapshot = _Snapshot(p.epoch, _copied(self.model.state_dict()), _copied(state))
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(optimizer_state_from_json(state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
         self.shuffle.set_state(state["rng_shuffle"])
-        if "rng_cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
         self.progress = Progress(**state["progress"])
 
     def summary(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from torch import nn
 
 from app.core.catalog import DatasetInfo
 from app.core.spec import ModelSpec, NormalizationSpec
+from worker.training.dropout import Dropout, name_dropouts
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -79,13 +80,9 @@ def channel_norm(spec: NormalizationSpec, channels: int, dims: int) -> nn.Module
     raise ValueError(f"unknown normalization {spec.type!r}")
 
 
-def dropout_layer(kind: str, rate: float, dims: int = 0) -> nn.Module:
+def dropout_layer(kind: str, rate: float, dims: int = 0) -> Dropout:
     """dims=0 for feature vectors; 1 or 2 for feature maps (where spatial dropout applies)."""
-    if kind == "alpha":
-        return nn.AlphaDropout(rate)
-    if kind == "spatial" and dims:
-        return nn.Dropout1d(rate) if dims == 1 else nn.Dropout2d(rate)
-    return nn.Dropout(rate)
+    return Dropout(rate, alpha=kind == "alpha", feature=kind == "spatial" and dims > 0)
 
 
 def _norm_and_activation(spec: ModelSpec, norm: nn.Module | None) -> list[tuple[str, nn.Module]]:
@@ -279,9 +276,12 @@ def build_resnet(spec: ModelSpec, info: DatasetInfo) -> nn.Sequential:
 
 def build_model(spec: ModelSpec, info: DatasetInfo) -> nn.Module:
     if spec.architecture == "mlp":
-        return build_mlp(spec, info)
-    if info.kind == "tabular":
+        model = build_mlp(spec, info)
+    elif info.kind == "tabular":
         raise ValueError(
             f"{spec.architecture} needs image or sequence data; {info.name!r} is tabular"
         )
-    return build_cnn(spec, info) if spec.architecture == "cnn" else build_resnet(spec, info)
+    else:
+        model = build_cnn(spec, info) if spec.architecture == "cnn" else build_resnet(spec, info)
+    name_dropouts(model)
+    return model

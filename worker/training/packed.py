@@ -15,13 +15,10 @@ it alone:
 - its forward pass is the single model's, layer by layer: the pack walks the layers of the
   model build_model builds and applies each one's packed form;
 - its data order comes from its own generator seeded seed + 1, as TrainingRun's;
-- its dropout masks come from its own generator, which starts where TrainingRun's global CPU
-  generator stands after the model init, and draws the masks with the same kernel, shape and
-  order (input dropout, then each hidden layer, per step; spatial dropout one value per sample
-  and channel, as ATen's feature dropout). So a trial's masks depend on its seed only, never
-  on the other trials or its position in the pack. On CUDA the trial's generator is a CUDA
-  generator seeded with the trial's seed: still independent of the pack, but not the masks a
-  single CUDA run draws (its fused dropout kernel draws differently);
+- its dropout masks are the single model's: counter-based (worker/training/dropout.py), a
+  function of its seed, epoch, step, layer and element, computed for every trial of the pack
+  in one call. So a trial's masks never depend on the other trials or its position in the
+  pack, and are the same on CPU and CUDA;
 - its optimizer update follows torch.optim's single-tensor formulas (SGD with momentum and
   Nesterov, Adam with bias correction and eps outside the square root, AdamW's decoupled
   decay, RMSprop with alpha 0.99 and centered=False), its schedule is lr_factor at its own
@@ -60,6 +57,14 @@ from worker.training.checkpoint import (
 )
 from worker.training.data import PreparedData
 from worker.training.diagnostics import ACTIVATION_TYPES, WEIGHTED
+from worker.training.dropout import (
+    Dropout,
+    apply_noise,
+    dropouts,
+    keep_mask,
+    mask_shape,
+    stream_key,
+)
 from worker.training.loop import (
     TRAIN_EVAL_SAMPLES,
     Diverged,
@@ -73,9 +78,6 @@ from worker.training.optim import build_optimizer, lr_factor
 
 RMSPROP_ALPHA = 0.99  # torch.optim.RMSprop's defaults, which build_optimizer keeps
 OPTIMIZER_EPS = 1e-8  # Adam's, AdamW's and RMSprop's default eps
-ALPHA_DROPOUT_ALPHA = 1.7580993408473766  # SELU's alpha * lambda, as ATen's alpha dropout
-DROPOUTS = (nn.Dropout, nn.AlphaDropout, nn.Dropout1d, nn.Dropout2d)
-FEATURE_DROPOUTS = (nn.Dropout1d, nn.Dropout2d)  # one mask value per sample and channel
 CHANNEL_WISE = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 
 
@@ -215,8 +217,7 @@ class Trial:
         self.spec = spec
         self.progress = Progress()
         self.shuffle = torch.Generator().manual_seed(spec.seed + 1)
-        self.dropout_rng = torch.Generator(pack.device)  # set in PackedRun.__init__
-        self.dropout_rates: dict[str, float] = {}  # per dropout layer's name; set there too
+        self.dropout_rates: dict[str, float] = {}  # per dropout layer's name; set by the pack
         self.scheduled = spec.schedule.type != "constant" or spec.schedule.warmup_epochs > 0
         self.schedule_steps = 0  # the LambdaLR's last_epoch: advances only when scheduled
         self.optimizer_steps = 0  # Adam's and RMSprop's `step`
@@ -348,16 +349,7 @@ class PackedRun:
         for trial in self.trials:
             torch.manual_seed(trial.spec.seed)  # as TrainingRun: the init draws from here
             model = _template(trial.spec, data)
-            # TrainingRun's dropout draws continue the global CPU stream after the init.
-            if self.device.type == "cpu":
-                trial.dropout_rng.set_state(torch.get_rng_state())
-            else:
-                trial.dropout_rng.manual_seed(trial.spec.seed)
-            trial.dropout_rates = {
-                name: module.p
-                for name, module in model.named_modules()
-                if isinstance(module, DROPOUTS)
-            }
+            trial.dropout_rates = {name: module.p for name, module in dropouts(model)}
             models.append(model.to(self.device))
         template = models[0]
         self.state_names = list(template.state_dict())
@@ -388,6 +380,7 @@ class PackedRun:
             name: self._fresh_optimizer_state(self.tensors[name]) for name in self.param_names
         }
         self.active = list(self.trials)
+        self._dropout_positions: list[tuple[int, int, int]] = []  # set before each step
         if resume:
             for trial, (weights, state) in zip(self.trials, resume, strict=True):
                 if weights is not None and state is not None:
@@ -428,29 +421,19 @@ class PackedRun:
             "clip": tensor([s.grad_clip_norm or float("inf") for s in specs]),
             "norm_eps": tensor([n.eps for n in norms]),
             "norm_momentum": tensor([n.momentum for n in norms]),
-            **self._dropout_numbers(tensor),
+            **self._dropout_rates(),
         }
 
-    def _dropout_numbers(
-        self, tensor: Callable[[list[float]], torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """Each dropout layer's per-trial numbers, computed as ATen computes them from p (in
-        double precision, then in the activations' dtype): keep = 1 - p, and for alpha
-        dropout a = 1 / sqrt((alpha^2 p + 1)(1 - p)), alpha a and alpha a p."""
-        numbers: dict[str, torch.Tensor] = {}
-        for name, module in self.template.named_modules():
-            if not isinstance(module, DROPOUTS):
-                continue
-            rates = [trial.dropout_rates[name] for trial in self.active]
-            numbers[f"{name}.keep"] = tensor([1 - p for p in rates])
-            if isinstance(module, nn.AlphaDropout):
-                scales = [1.0 / ((ALPHA_DROPOUT_ALPHA**2 * p + 1) * (1 - p)) ** 0.5 for p in rates]
-                numbers[f"{name}.scale"] = tensor(scales)
-                numbers[f"{name}.noise_scale"] = tensor([ALPHA_DROPOUT_ALPHA * a for a in scales])
-                numbers[f"{name}.shift"] = tensor(
-                    [ALPHA_DROPOUT_ALPHA * a * p for a, p in zip(scales, rates, strict=True)]
-                )
-        return numbers
+    def _dropout_rates(self) -> dict[str, torch.Tensor]:
+        """Each dropout layer's rates over the active trials, [T] in float64."""
+        return {
+            f"{name}.rate": torch.tensor(
+                [t.dropout_rates[name] for t in self.active],
+                dtype=torch.float64,
+                device=self.device,
+            )
+            for name, _ in dropouts(self.template)
+        }
 
     def _labels_active(self) -> torch.Tensor:
         return torch.stack([self._labels[trial.index] for trial in self.active])
@@ -523,7 +506,7 @@ class PackedRun:
             if captured is not None:
                 captured[name] = x.detach()
             return module(x)  # type: ignore[no-any-return]
-        if isinstance(module, DROPOUTS):
+        if isinstance(module, Dropout):
             return self._dropout(name, module, x) if training else x
         return self._norm(name, module, x, training)
 
@@ -546,35 +529,13 @@ class PackedRun:
         )
         return _per_trial_channels(out, len(x))
 
-    def _dropout(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Each trial's mask from its own generator, drawn as ATen's CPU dropout draws it
-        (_dropout_impl in aten/src/ATen/native/Dropout.cpp): a noise tensor shaped as the
-        input, or for feature dropout (Dropout1d/2d) as make_feature_noise shapes it, [B, C,
-        1, ...], filled by bernoulli_(1 - p), then scaled (and shifted, for alpha dropout)."""
-        shape = list(x.shape[1:])
-        if isinstance(module, FEATURE_DROPOUTS):
-            shape[2:] = [1] * (len(shape) - 2)
-        # One noise tensor for the pack, each trial's slice drawn from its own generator, then
-        # scaled all at once: stacking separate masks copied each of them, and scaling them one
-        # by one cost a call per trial (together 5% of a CNN pack's epoch on CPU; the draws
-        # themselves, which a job alone makes too, are a quarter of it). A full-shape mask is
-        # laid out as x is (a CNN's activations lie trials-in-channels, [B, T*C, ...]), so that
-        # x * noise and the next layer's folding stay copy-free; a trial's slice of it is then
-        # strided, which bernoulli_ fills in its logical order, as a tensor of its own.
-        if shape == list(x.shape[1:]):
-            noise = torch.empty_like(x)
-        else:
-            noise = torch.empty([len(self.active), *shape], dtype=x.dtype, device=x.device)
-        for position, trial in enumerate(self.active):
-            noise[position].bernoulli_(1 - trial.dropout_rates[name], generator=trial.dropout_rng)
-
-        def number(key: str) -> torch.Tensor:  # [T, 1, ...] against the noise
-            return _per_trial(self._hyper[f"{name}.{key}"], noise)
-
-        if not isinstance(module, nn.AlphaDropout):
-            return x * noise.div_(number("keep"))
-        offset = noise.add(-1).mul_(number("noise_scale")).add_(number("shift"))
-        return x * noise.mul_(number("scale")) + offset
+    def _dropout(self, name: str, module: Dropout, x: torch.Tensor) -> torch.Tensor:
+        """Every trial's mask in one call, each from its own stream: the single model's masks
+        (Dropout.forward is this computation for a pack of one)."""
+        keys = [stream_key(position, name) for position in self._dropout_positions]
+        rates = self._hyper[f"{name}.rate"]
+        keep = keep_mask(keys, rates, mask_shape(x.shape[1:], module.feature), x)
+        return apply_noise(x, keep, _per_trial(rates, keep), module.alpha)
 
     def _norm(self, name: str, module: nn.Module, x: torch.Tensor, training: bool) -> torch.Tensor:
         """Per-trial normalization of x [T, B, C, *spatial], each trial with its own eps."""
@@ -753,6 +714,10 @@ class PackedRun:
             index = epoch["orders"][:, start:stop]
             x = self.x_train[index]
             y = epoch["labels"].gather(1, index)
+            # Each trial's (seed, epoch, step), as TrainingRun's set_position has it.
+            self._dropout_positions = [
+                (t.spec.seed, t.progress.epoch + 1, step) for t in self.active
+            ]
             with self._precision():
                 logits = self._forward(x, training=True)
             batch = y.shape[1]
@@ -1037,7 +1002,6 @@ class PackedRun:
         for position in positions:
             trial = self.active[position]
             state: dict[str, Any] = {
-                "rng_dropout": trial.dropout_rng.get_state(),
                 "rng_shuffle": trial.shuffle.get_state(),
                 "schedule_steps": trial.schedule_steps,
                 "optimizer_steps": trial.optimizer_steps,
@@ -1076,14 +1040,9 @@ class PackedRun:
             "format": 1,
             "optimizer": optimizer_dict,
             "scheduler": scheduler.state_dict(),
-            "rng_cpu": snapshot.state["rng_dropout"]
-            if self.device.type == "cpu"
-            else torch.get_rng_state(),
             "rng_shuffle": snapshot.state["rng_shuffle"],
             "progress": snapshot.state["progress"].as_state(),
         }
-        if self.device.type == "cuda":
-            state["rng_cuda"] = snapshot.state["rng_dropout"]
         return state
 
     def _load_state(self, trial: Trial, state: dict[str, Any]) -> None:
@@ -1101,10 +1060,6 @@ class PackedRun:
         trial.optimizer_steps = steps
         trial.schedule_steps = int(state["scheduler"]["last_epoch"])
         trial.shuffle.set_state(state["rng_shuffle"])
-        if self.device.type == "cpu":
-            trial.dropout_rng.set_state(state["rng_cpu"])
-        elif "rng_cuda" in state:
-            trial.dropout_rng.set_state(state["rng_cuda"])
         trial.progress = Progress(**state["progress"])
 
 

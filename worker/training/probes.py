@@ -19,15 +19,17 @@ Three measurements from the literature, each opt-in (JobSpec.diagnostics):
   the paper's unbiased estimators of both from two batch sizes (a micro-batch and the whole).
 
 A probe never changes the training trajectory: parameters, buffers (batch-norm running
-statistics), every random stream and the modules' train/eval flags are put back bit for bit,
+statistics), the dropout layers' stream position and the modules' train/eval flags are put
+back bit for bit (nothing here draws from torch's generators),
 the optimizer is never touched, and gradients come from torch.autograd.grad, so the step's own
 .grad is left as it was. Probes run in train mode, as the optimizer sees the loss: batch norm
 normalizes with the probe batch's statistics. Dropout is switched off for the landscape and the
 covariate shift (a fresh mask per evaluation would make theta and theta', G and G', differ by
 the masks rather than by the step, swamping what is measured), and left on for the gradient
 noise, whose question is exactly how noisy the gradients the optimizer follows are, dropout's
-noise included; its random draws are undone afterwards. Probes compute in float32 (no
-autocast).
+noise included: each micro-batch draws masks of its own, from the step's stream position
+tagged with the micro-batch (worker/training/dropout.py), never the training step's masks.
+Probes compute in float32 (no autocast).
 """
 
 import math
@@ -42,15 +44,8 @@ from torch import nn
 
 from app.core.spec import DiagnosticsSpec
 from worker.training.diagnostics import WEIGHTED
+from worker.training.dropout import dropouts, position_of, set_position
 
-DROPOUT_TYPES = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
 # Cap on the probe batch: the landscape's batch is the training batch size, up to this.
 MAX_PROBE_SAMPLES = 512
 
@@ -58,17 +53,14 @@ MAX_PROBE_SAMPLES = 512
 @contextmanager
 def preserved(model: nn.Module, *, dropout: bool) -> Iterator[None]:
     """While open the model may be moved, run and trained on; on exit it is exactly as before:
-    parameters, buffers, the CPU and CUDA random states and every module's train flag."""
+    parameters, buffers, the dropout layers' stream position and every module's train flag."""
     parameters = [p.detach().clone() for p in model.parameters()]
     buffers = [b.detach().clone() for b in model.buffers()]
     modes = [module.training for module in model.modules()]
-    cpu_rng = torch.get_rng_state()
-    device = next(model.parameters()).device
-    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    position = position_of(model)
     if not dropout:
-        for module in model.modules():
-            if isinstance(module, DROPOUT_TYPES):
-                module.eval()
+        for _, layer in dropouts(model):
+            layer.eval()
     try:
         yield
     finally:
@@ -79,9 +71,7 @@ def preserved(model: nn.Module, *, dropout: bool) -> Iterator[None]:
                 buffer.copy_(saved)
         for module, mode in zip(model.modules(), modes, strict=True):
             module.training = mode
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state(cuda_rng, device)
+        set_position(model, position)
 
 
 def _loss_and_grads(
@@ -212,10 +202,12 @@ def measure_gradient_noise(
     if count < 2:
         return None
     parameters = _trainable(model)
+    step = position_of(model) or ()
     with preserved(model, dropout=True):
         total: torch.Tensor | None = None
         square_sum = torch.zeros((), device=x.device, dtype=x.dtype)
         for i in range(count):
+            set_position(model, (*step, "gradient-noise", i))
             _, grads = _loss_and_grads(
                 model, x[i * b : (i + 1) * b], y[i * b : (i + 1) * b], parameters
             )
