@@ -37,7 +37,8 @@ def splitmix64(state: int, count: int) -> list[int]:
 
 def mask(keys: list[int], rates: list[float], shape: list[int]) -> torch.Tensor:
     like = torch.empty(len(keys), *shape)
-    return keep_mask(keys, torch.tensor(rates, dtype=torch.float64), shape, like)
+    states = torch.tensor(keys, dtype=torch.int64)
+    return keep_mask(states, torch.tensor(rates, dtype=torch.float64), shape, like)
 
 
 def test_a_mask_is_splitmix64_against_the_keep_threshold() -> None:
@@ -86,7 +87,7 @@ def test_a_mask_takes_the_activations_layout_and_keeps_the_logical_order() -> No
     trials, batch, channels, length = 3, 4, 5, 6
     like = torch.empty(batch, trials * channels, length).unflatten(1, (trials, channels))
     like = like.transpose(0, 1)
-    keys = [stream_key((s, 1, 0), "d") for s in range(trials)]
+    keys = torch.tensor([stream_key((s, 1, 0), "d") for s in range(trials)])
     rates = torch.full((trials,), 0.5, dtype=torch.float64)
     strided = keep_mask(keys, rates, [batch, channels, length], like)
     contiguous = keep_mask(keys, rates, [batch, channels, length], like.contiguous())
@@ -122,7 +123,7 @@ def test_alpha_dropout_keeps_a_standard_normal_standard() -> None:
     """SELU's fixed point: alpha dropout leaves mean 0 and variance 1 (Klambauer et al.)."""
     x = torch.randn(400_000, dtype=torch.float64)
     rates = torch.tensor([0.2], dtype=torch.float64)
-    keep = keep_mask([stream_key((1, 1, 0), "d")], rates, [len(x)], x.unsqueeze(0))[0]
+    keep = keep_mask(stream_key((1, 1, 0), "d"), rates, [len(x)], x.unsqueeze(0))[0]
     out = apply_noise(x, keep, rates, alpha=True)
     a = 1 / math.sqrt((ALPHA**2 * 0.2 + 1) * 0.8)
     dropped = out[~keep].unique()

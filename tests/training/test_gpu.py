@@ -85,10 +85,10 @@ def test_resume_on_cuda_lands_where_the_uninterrupted_run_does() -> None:
 def test_dropout_masks_on_cuda_are_the_cpus() -> None:
     """Counter-based masks: integer arithmetic, bit for bit the same on either device, so a
     job's masks are the same alone, packed, on CPU and on CUDA."""
-    keys = [stream_key((seed, 2, 7), "blocks.0.dropout") for seed in range(4)]
+    keys = torch.tensor([stream_key((seed, 2, 7), "blocks.0.dropout") for seed in range(4)])
     rates = torch.tensor([0.1, 0.3, 0.5, 0.7], dtype=torch.float64)
     shape = [64, 32, 40]
     cpu = keep_mask(keys, rates, shape, torch.empty(4, *shape))
-    cuda = keep_mask(keys, rates.cuda(), shape, torch.empty(4, *shape, device="cuda"))
+    cuda = keep_mask(keys.cuda(), rates.cuda(), shape, torch.empty(4, *shape, device="cuda"))
     assert cuda.device.type == "cuda"
     assert torch.equal(cpu, cuda.cpu())

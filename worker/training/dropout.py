@@ -63,25 +63,25 @@ def mask_shape(x_shape: Sequence[int], feature: bool) -> list[int]:
 
 
 def keep_mask(
-    keys: Sequence[int], rates: torch.Tensor, shape: Sequence[int], like: torch.Tensor
+    keys: torch.Tensor | int, rates: torch.Tensor, shape: Sequence[int], like: torch.Tensor
 ) -> torch.Tensor:
-    """[T, *shape] booleans: mask t from the stream keys[t], keeping a fraction 1 - rates[t]
-    (rates: [T], float64). `like` is the activations, [T, B, C, *spatial]; an element-wise
-    mask is laid out as they are (a pack's may lie trials-in-channels), so that applying it
-    keeps their layout, an element's index in its stream being its logical index all the
-    same."""
-    count = len(keys)
-    size = math.prod(shape)
-    view = [count, *([1] * len(shape))]
-    states = torch.tensor(keys, dtype=torch.int64, device=like.device).view(view)
+    """[T, *shape] booleans: mask t from the stream keys[t], keeping a fraction 1 - rates[t].
+    keys: [T] int64 (or one int, T = 1) and rates: [T] float64, on the activations' device,
+    so that no mask waits on a copy from the host. `like` is the activations, [T, B, C,
+    *spatial]; an element-wise mask is laid out as they are (a pack's may lie
+    trials-in-channels), so that applying it keeps their layout, an element's index in its
+    stream being its logical index all the same."""
+    view = [len(rates), *([1] * len(shape))]
+    states = keys if isinstance(keys, int) else keys.view(view)
     out = torch.empty_like(like, dtype=torch.int64) if like.shape[1:] == tuple(shape) else None
-    z = torch.add(_counters(size, like.device).view(list(shape)), states, out=out)
+    counters = _counters(math.prod(shape), like.device).view([1, *shape])
+    z = torch.add(counters, states, out=out) if out is not None else counters + states
     z.bitwise_xor_(_logical_shift(z, 30)).mul_(_MIX1)
     z.bitwise_xor_(_logical_shift(z, 27)).mul_(_MIX2)
     z.bitwise_xor_(_logical_shift(z, 31))
     # The output's high 32 bits, uniform on [0, 2^32), against (1 - p) 2^32.
     thresholds = torch.round((1 - rates) * 2**32).to(torch.int64)
-    return _logical_shift(z, 32) < thresholds.to(like.device).view(view)
+    return _logical_shift(z, 32) < thresholds.view(view)
 
 
 def apply_noise(
@@ -109,9 +109,14 @@ class Dropout(nn.Module):
     before each training forward. Eval mode, or a rate of 0, passes x through.
     """
 
+    rate: torch.Tensor
+
     def __init__(self, p: float, *, alpha: bool = False, feature: bool = False) -> None:
         super().__init__()
         self.p = p
+        # The rate as the pack holds it, on the model's device (so moved with it, and kept
+        # out of the state dict): no copy from the host on each step.
+        self.register_buffer("rate", torch.tensor([p], dtype=torch.float64), persistent=False)
         self.alpha = alpha
         self.feature = feature
         self.layer = ""  # its name in the model, set by name_dropouts
@@ -127,10 +132,9 @@ class Dropout(nn.Module):
         if self.position is None:
             raise RuntimeError("dropout trains at a stream position: call set_position first")
         # A pack's computation for a pack of one: the same numbers, by construction.
-        rate = torch.tensor([self.p], dtype=torch.float64, device=x.device)
         key = stream_key(self.position, self.layer)
-        keep = keep_mask([key], rate, mask_shape(x.shape, self.feature), x.unsqueeze(0))[0]
-        return apply_noise(x, keep, rate.view([1] * x.dim()), self.alpha)
+        keep = keep_mask(key, self.rate, mask_shape(x.shape, self.feature), x.unsqueeze(0))[0]
+        return apply_noise(x, keep, self.rate.view([1] * x.dim()), self.alpha)
 
 
 def dropouts(model: nn.Module) -> list[tuple[str, Dropout]]:

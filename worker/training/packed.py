@@ -380,7 +380,8 @@ class PackedRun:
             name: self._fresh_optimizer_state(self.tensors[name]) for name in self.param_names
         }
         self.active = list(self.trials)
-        self._dropout_positions: list[tuple[int, int, int]] = []  # set before each step
+        self._dropout_layers = {name: i for i, (name, _) in enumerate(dropouts(self.template))}
+        self._dropout_keys = torch.empty(0)  # [T, layers]: the step's stream keys
         if resume:
             for trial, (weights, state) in zip(self.trials, resume, strict=True):
                 if weights is not None and state is not None:
@@ -532,7 +533,7 @@ class PackedRun:
     def _dropout(self, name: str, module: Dropout, x: torch.Tensor) -> torch.Tensor:
         """Every trial's mask in one call, each from its own stream: the single model's masks
         (Dropout.forward is this computation for a pack of one)."""
-        keys = [stream_key(position, name) for position in self._dropout_positions]
+        keys = self._dropout_keys[:, self._dropout_layers[name]]
         rates = self._hyper[f"{name}.rate"]
         keep = keep_mask(keys, rates, mask_shape(x.shape[1:], module.feature), x)
         return apply_noise(x, keep, _per_trial(rates, keep), module.alpha)
@@ -695,6 +696,7 @@ class PackedRun:
             "layer_grad_sums": zeros(len(self.layer_names)),
             "correct": torch.zeros(count, device=self.device, dtype=torch.long),
             "lrs": torch.tensor([t.lr for t in trials], dtype=torch.float64),
+            "dropout_keys": self._dropout_key_table(trials),
             **{k: v.T for k, v in self._schedule_table(trials).items()},
         }
         # Every per-epoch tensor above has the trial on dimension 0 (hence the transposes), so
@@ -714,10 +716,7 @@ class PackedRun:
             index = epoch["orders"][:, start:stop]
             x = self.x_train[index]
             y = epoch["labels"].gather(1, index)
-            # Each trial's (seed, epoch, step), as TrainingRun's set_position has it.
-            self._dropout_positions = [
-                (t.spec.seed, t.progress.epoch + 1, step) for t in self.active
-            ]
+            self._dropout_keys = epoch["dropout_keys"][:, step]
             with self._precision():
                 logits = self._forward(x, training=True)
             batch = y.shape[1]
@@ -739,6 +738,20 @@ class PackedRun:
             epoch["step_losses"][:, step] = losses.detach()
             epoch["correct"] += (logits.detach().argmax(-1) == y).sum(1)
         return self._finish_epoch(started, epoch)
+
+    def _dropout_key_table(self, trials: list[Trial]) -> torch.Tensor:
+        """[T, steps, layers]: each trial's stream key for each dropout layer at each step of
+        its next epoch, (seed, epoch, step) as TrainingRun's set_position has them; moved to
+        the device once an epoch, so that no step waits on a copy from the host."""
+        names = list(self._dropout_layers)
+        table = [
+            [
+                [stream_key((t.spec.seed, t.progress.epoch + 1, step), name) for name in names]
+                for step in range(self.steps_per_epoch)
+            ]
+            for t in trials
+        ]
+        return torch.tensor(table, dtype=torch.int64).to(self.device)
 
     def _clip(self, grads: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each parameter's gradient norm per trial [P, T], and each trial's total norm [T]
