@@ -6,8 +6,9 @@ machine hits both alike. The trainer does everything it does in service (per-epo
 validation, an eval-mode pass over training data, per-layer diagnostics, divergence check);
 the baseline is written as PyTorch's quickstart tutorial writes it: a DataLoader over a
 TensorDataset, model.train(), optimizer.step(), and the held-out loss and accuracy after each
-epoch (its test() loop), and nothing else. Prints samples/second for each and their ratio
-(the median of the rounds).
+epoch (its test() loop), and nothing else; its dropout layers are torch's own, drawing from
+torch's generator, where the trainer's draw counter-based masks (worker/training/dropout.py).
+Prints samples/second for each and their ratio (the median of the rounds).
 
     python benchmarks/train_throughput.py [--device cpu|cuda] [--rounds 5]
 """
@@ -20,11 +21,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from app.core.catalog import BUILTIN_DATASETS
 from app.core.spec import JobSpec
 from worker.training.data import PreparedData, load_builtin, prepare
+from worker.training.dropout import Dropout, dropouts
 from worker.training.loop import TrainingRun
 from worker.training.models import build_model
 from worker.training.optim import build_optimizer
@@ -64,10 +67,34 @@ def trainer_run(spec: JobSpec, data: PreparedData) -> float:
     return time.perf_counter() - started
 
 
+class TorchDropout(nn.Module):
+    """The tutorial's dropout: torch's functional dropout, from torch's global generator."""
+
+    def __init__(self, layer: Dropout) -> None:
+        super().__init__()
+        self.p, self.alpha, self.feature = layer.p, layer.alpha, layer.feature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.alpha:
+            return F.alpha_dropout(x, self.p, self.training)
+        if self.feature:
+            return torch.feature_dropout(x, self.p, self.training)
+        return F.dropout(x, self.p, self.training)
+
+
+def tutorial_model(spec: JobSpec, data: PreparedData) -> nn.Module:
+    """The spec's model as a tutorial holds it: with torch's dropout in place of ours."""
+    model = build_model(spec.model, data.info)
+    for name, layer in dropouts(model):
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, TorchDropout(layer))
+    return model
+
+
 def tutorial_run(spec: JobSpec, data: PreparedData) -> float:
     device = torch.device("cuda" if spec.device == "cuda" else "cpu")
     torch.manual_seed(spec.seed)
-    model = build_model(spec.model, data.info).to(device)
+    model = tutorial_model(spec, data).to(device)
     optimizer = build_optimizer(spec.optimizer, model.parameters())
     batch_size = spec.dataset.batch_size
     loader = DataLoader(

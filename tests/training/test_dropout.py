@@ -12,6 +12,7 @@ from worker.training.dropout import (
     Dropout,
     apply_noise,
     keep_mask,
+    keep_thresholds,
     mask_shape,
     set_position,
     stream_key,
@@ -35,22 +36,49 @@ def splitmix64(state: int, count: int) -> list[int]:
     return outputs
 
 
-def mask(keys: list[int], rates: list[float], shape: list[int]) -> torch.Tensor:
+def thresholds(rates: list[float]) -> torch.Tensor:
+    return keep_thresholds(torch.tensor(rates, dtype=torch.float64))
+
+
+def mask(
+    keys: list[int], rates: list[float], shape: list[int], *, numpy_on_cpu: bool = True
+) -> torch.Tensor:
     like = torch.empty(len(keys), *shape)
     states = torch.tensor(keys, dtype=torch.int64)
-    return keep_mask(states, torch.tensor(rates, dtype=torch.float64), shape, like)
+    return keep_mask(states, thresholds(rates), shape, like, numpy_on_cpu=numpy_on_cpu)
 
 
-def test_a_mask_is_splitmix64_against_the_keep_threshold() -> None:
+@pytest.mark.parametrize("numpy_on_cpu", [True, False], ids=["numpy", "torch-int64"])
+def test_a_mask_is_splitmix64_against_the_keep_threshold(numpy_on_cpu: bool) -> None:
     key = stream_key((7, 2, 5), "hidden.0.dropout")
     rate = 0.3
     threshold = round((1 - rate) * 2**32)
     expected = [u < threshold for u in splitmix64(key & MASK64, 500)]
-    assert mask([key], [rate], [500])[0].tolist() == expected
+    assert mask([key], [rate], [500], numpy_on_cpu=numpy_on_cpu)[0].tolist() == expected
     # Keys with the sign bit set (half of them) take the same path through int64.
     negative = next(k for k in (stream_key((s, 1, 0), "x") for s in range(50)) if k < 0)
     expected = [u < threshold for u in splitmix64(negative & MASK64, 200)]
-    assert mask([negative], [rate], [200])[0].tolist() == expected
+    assert mask([negative], [rate], [200], numpy_on_cpu=numpy_on_cpu)[0].tolist() == expected
+
+
+def test_the_cpu_and_cuda_arithmetic_draw_the_same_masks() -> None:
+    """numpy's uint64 (the CPU path, a cache-sized chunk at a time) and torch's int64 (the
+    CUDA path, run here on CPU) agree bit for bit: over several chunks, for several trials,
+    with rates from 0 to near 1 (thresholds 2^32 and small) and in a pack's layout."""
+    keys = [stream_key((seed, 3, 1), "blocks.1.dropout") for seed in range(5)]
+    rates = [0.0, 0.1, 0.5, 0.9, 1 - 2**-30]
+    shape = [64, 16, 100]  # 102,400 an element a trial: four chunks and a part
+    assert torch.equal(mask(keys, rates, shape), mask(keys, rates, shape, numpy_on_cpu=False))
+    assert mask(keys, rates, shape)[0].all()
+    trials, batch, channels, length = 5, 8, 16, 30
+    like = torch.empty(batch, trials * channels, length).unflatten(1, (trials, channels))
+    like = like.transpose(0, 1)
+    states = torch.tensor(keys)
+    both = [
+        keep_mask(states, thresholds(rates), [batch, channels, length], like, numpy_on_cpu=flag)
+        for flag in (True, False)
+    ]
+    assert torch.equal(both[0], both[1])
 
 
 def test_each_stream_is_its_own_seed_epoch_step_and_layer() -> None:
@@ -88,9 +116,9 @@ def test_a_mask_takes_the_activations_layout_and_keeps_the_logical_order() -> No
     like = torch.empty(batch, trials * channels, length).unflatten(1, (trials, channels))
     like = like.transpose(0, 1)
     keys = torch.tensor([stream_key((s, 1, 0), "d") for s in range(trials)])
-    rates = torch.full((trials,), 0.5, dtype=torch.float64)
-    strided = keep_mask(keys, rates, [batch, channels, length], like)
-    contiguous = keep_mask(keys, rates, [batch, channels, length], like.contiguous())
+    cut = thresholds([0.5] * trials)
+    strided = keep_mask(keys, cut, [batch, channels, length], like)
+    contiguous = keep_mask(keys, cut, [batch, channels, length], like.contiguous())
     assert strided.stride() == like.stride()
     assert torch.equal(strided, contiguous)
 
@@ -123,7 +151,7 @@ def test_alpha_dropout_keeps_a_standard_normal_standard() -> None:
     """SELU's fixed point: alpha dropout leaves mean 0 and variance 1 (Klambauer et al.)."""
     x = torch.randn(400_000, dtype=torch.float64)
     rates = torch.tensor([0.2], dtype=torch.float64)
-    keep = keep_mask(stream_key((1, 1, 0), "d"), rates, [len(x)], x.unsqueeze(0))[0]
+    keep = keep_mask(stream_key((1, 1, 0), "d"), keep_thresholds(rates), [len(x)], x[None])[0]
     out = apply_noise(x, keep, rates, alpha=True)
     a = 1 / math.sqrt((ALPHA**2 * 0.2 + 1) * 0.8)
     dropped = out[~keep].unique()

@@ -11,7 +11,7 @@ import torch
 
 from app.core.spec import JobSpec
 from tests.training.helpers import data_for, make_spec, train
-from worker.training.dropout import keep_mask, stream_key
+from worker.training.dropout import keep_mask, keep_thresholds, stream_key
 from worker.training.loop import TrainingRun
 
 pytestmark = pytest.mark.gpu
@@ -88,7 +88,8 @@ def test_dropout_masks_on_cuda_are_the_cpus() -> None:
     keys = torch.tensor([stream_key((seed, 2, 7), "blocks.0.dropout") for seed in range(4)])
     rates = torch.tensor([0.1, 0.3, 0.5, 0.7], dtype=torch.float64)
     shape = [64, 32, 40]
-    cpu = keep_mask(keys, rates, shape, torch.empty(4, *shape))
-    cuda = keep_mask(keys.cuda(), rates.cuda(), shape, torch.empty(4, *shape, device="cuda"))
+    cut = keep_thresholds(rates)
+    cpu = keep_mask(keys, cut, shape, torch.empty(4, *shape))
+    cuda = keep_mask(keys.cuda(), cut.cuda(), shape, torch.empty(4, *shape, device="cuda"))
     assert cuda.device.type == "cuda"
     assert torch.equal(cpu, cuda.cpu())

@@ -3,13 +3,13 @@
 torch's dropout draws its masks from a stateful generator: a job's masks then depend on
 everything that drew before (so a resume must carry the generator's state), a pack of jobs
 must keep one generator per trial and call it once per trial, serially (MT19937 fills one
-element at a time: 9 ns an element on the 2-core CPU, a quarter of a small CNN pack's epoch),
+element at a time: 9 ns an element on the 2-core CPU, 40% of a small CNN pack's epoch),
 and a CUDA run draws other masks than a CPU run. Here a mask is counter-based instead: layer
 L of a job with seed s, at step k of epoch e, keeps element i (its flat index in the mask)
 where output i of a SplitMix64 stream started at the state blake2b(s, e, k, L) falls below
 (1 - p) * 2^32. So
 - a job draws the same masks alone, in any pack and at any position in it, on CPU and CUDA;
-- a pack draws every trial's mask of a layer in one vectorized call (2.8 ns an element);
+- a pack draws every trial's mask of a layer in one vectorized call;
 - a resumed job goes on with the masks it would have drawn, with no generator state.
 SplitMix64 (Steele, Lea and Flood, OOPSLA 2014) passes BigCrush; a stream's state is 64 bits
 drawn by a cryptographic hash, so two masks overlap with probability ~ n / 2^64.
@@ -23,6 +23,7 @@ import math
 from collections.abc import Sequence
 from functools import lru_cache
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -53,6 +54,55 @@ def _logical_shift(z: torch.Tensor, bits: int) -> torch.Tensor:
     return z.bitwise_right_shift(bits).bitwise_and_((1 << (64 - bits)) - 1)
 
 
+def _keep_torch(z: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output from the states z (int64, mixed in place), its high 32 bits against
+    the thresholds: the CUDA path, in torch's int64 arithmetic."""
+    z.bitwise_xor_(_logical_shift(z, 30)).mul_(_MIX1)
+    z.bitwise_xor_(_logical_shift(z, 27)).mul_(_MIX2)
+    z.bitwise_xor_(_logical_shift(z, 31))
+    return _logical_shift(z, 32) < thresholds
+
+
+_CHUNK = 1 << 15  # uint64s a pass of the CPU path: 256 KiB, so that its passes run in cache
+
+
+@lru_cache(maxsize=32)
+def _counters_numpy(count: int) -> np.ndarray:
+    """_counters in numpy's uint64."""
+    return np.arange(1, count + 1, dtype=np.uint64) * np.uint64(_GAMMA % 2**64)
+
+
+def _keep_numpy(
+    keys: torch.Tensor | int, thresholds: torch.Tensor, shape: Sequence[int], out: np.ndarray
+) -> None:
+    """keep_mask into `out` in numpy's uint64 arithmetic: the CPU path. torch has no
+    unsigned 64-bit shifts, so each of its logical shifts is two passes, and each of its
+    calls costs more than numpy's; numpy's uint64 needs neither, and taken a cache-sized
+    chunk at a time the passes stay in cache. A mask takes half the time or less
+    (benchmarks/dropout_masks.py): for a job alone, whose masks are small and cost mostly
+    calls, and for a pack, whose masks are large."""
+    view = (len(thresholds), *([1] * len(shape)))
+    if isinstance(keys, int):
+        states: np.ndarray | np.uint64 = np.uint64(keys % 2**64)
+    else:
+        states = keys.numpy().view(np.uint64).reshape(view)
+    z = np.empty_like(out, dtype=np.uint64)  # laid out as the mask
+    np.add(_counters_numpy(math.prod(shape)).reshape(1, *shape), states, out=z)
+    flat = z.ravel(order="K")  # a view: z is dense, in some order
+    scratch = np.empty(min(_CHUNK, flat.size), dtype=np.uint64)
+    for start in range(0, flat.size, _CHUNK):
+        u = flat[start : start + _CHUNK]
+        part = scratch[: u.size]
+        for shift, multiplier in ((30, _MIX1), (27, _MIX2)):
+            np.right_shift(u, np.uint64(shift), out=part)
+            u ^= part
+            u *= np.uint64(multiplier % 2**64)
+        np.right_shift(u, np.uint64(31), out=part)
+        u ^= part
+        u >>= np.uint64(32)
+    np.less(z, thresholds.numpy().view(np.uint64).reshape(view), out=out)
+
+
 def mask_shape(x_shape: Sequence[int], feature: bool) -> list[int]:
     """A batch's mask: as the input [B, C, *spatial], or for feature (spatial) dropout one
     value per sample and channel, [B, C, 1, ...], as ATen's make_feature_noise."""
@@ -62,26 +112,41 @@ def mask_shape(x_shape: Sequence[int], feature: bool) -> list[int]:
     return shape
 
 
+def keep_thresholds(rates: torch.Tensor) -> torch.Tensor:
+    """(1 - p) 2^32 for each rate p (float64): an output's high 32 bits below it keep the
+    element. In [0, 2^32], held as int64 (and read as uint64 by the CPU path)."""
+    return torch.round((1 - rates) * 2**32).to(torch.int64)
+
+
 def keep_mask(
-    keys: torch.Tensor | int, rates: torch.Tensor, shape: Sequence[int], like: torch.Tensor
+    keys: torch.Tensor | int,
+    thresholds: torch.Tensor,
+    shape: Sequence[int],
+    like: torch.Tensor,
+    *,
+    numpy_on_cpu: bool = True,
 ) -> torch.Tensor:
-    """[T, *shape] booleans: mask t from the stream keys[t], keeping a fraction 1 - rates[t].
-    keys: [T] int64 (or one int, T = 1) and rates: [T] float64, on the activations' device,
-    so that no mask waits on a copy from the host. `like` is the activations, [T, B, C,
-    *spatial]; an element-wise mask is laid out as they are (a pack's may lie
-    trials-in-channels), so that applying it keeps their layout, an element's index in its
-    stream being its logical index all the same."""
-    view = [len(rates), *([1] * len(shape))]
+    """[T, *shape] booleans: mask t from the stream keys[t], keeping an element where its
+    output falls below thresholds[t] (keep_thresholds). keys: [T] int64 (or one int, T = 1)
+    and thresholds: [T] int64, on the activations' device, so that no mask waits on a copy
+    from the host. `like` is the activations, [T, B, C, *spatial]; an element-wise mask is
+    laid out as they are (a pack's may lie trials-in-channels), so that applying it keeps
+    their layout, an element's index in its stream being its logical index all the same. On
+    CPU the arithmetic is numpy's unless numpy_on_cpu is False, which runs the CUDA path's
+    (tests compare the two, the benchmark times them)."""
+    full = [len(thresholds), *shape]
+    if like.shape[1:] == tuple(shape):
+        out = torch.empty_like(like, dtype=torch.bool)
+    else:
+        out = torch.empty(full, dtype=torch.bool, device=like.device)
+    if out.device.type == "cpu" and numpy_on_cpu:
+        _keep_numpy(keys, thresholds, shape, out.numpy())
+        return out
+    view = [len(thresholds), *([1] * len(shape))]
     states = keys if isinstance(keys, int) else keys.view(view)
-    out = torch.empty_like(like, dtype=torch.int64) if like.shape[1:] == tuple(shape) else None
     counters = _counters(math.prod(shape), like.device).view([1, *shape])
-    z = torch.add(counters, states, out=out) if out is not None else counters + states
-    z.bitwise_xor_(_logical_shift(z, 30)).mul_(_MIX1)
-    z.bitwise_xor_(_logical_shift(z, 27)).mul_(_MIX2)
-    z.bitwise_xor_(_logical_shift(z, 31))
-    # The output's high 32 bits, uniform on [0, 2^32), against (1 - p) 2^32.
-    thresholds = torch.round((1 - rates) * 2**32).to(torch.int64)
-    return _logical_shift(z, 32) < thresholds.view(view)
+    z = torch.add(counters, states, out=torch.empty_like(out, dtype=torch.int64))
+    return _keep_torch(z, thresholds.view(view))
 
 
 def apply_noise(
@@ -110,13 +175,16 @@ class Dropout(nn.Module):
     """
 
     rate: torch.Tensor
+    threshold: torch.Tensor
 
     def __init__(self, p: float, *, alpha: bool = False, feature: bool = False) -> None:
         super().__init__()
         self.p = p
-        # The rate as the pack holds it, on the model's device (so moved with it, and kept
-        # out of the state dict): no copy from the host on each step.
-        self.register_buffer("rate", torch.tensor([p], dtype=torch.float64), persistent=False)
+        # The rate and its keep threshold as the pack holds them, on the model's device (so
+        # moved with it, and kept out of the state dict): no copy from the host on each step.
+        rate = torch.tensor([p], dtype=torch.float64)
+        self.register_buffer("rate", rate, persistent=False)
+        self.register_buffer("threshold", keep_thresholds(rate), persistent=False)
         self.alpha = alpha
         self.feature = feature
         self.layer = ""  # its name in the model, set by name_dropouts
@@ -133,7 +201,8 @@ class Dropout(nn.Module):
             raise RuntimeError("dropout trains at a stream position: call set_position first")
         # A pack's computation for a pack of one: the same numbers, by construction.
         key = stream_key(self.position, self.layer)
-        keep = keep_mask(key, self.rate, mask_shape(x.shape, self.feature), x.unsqueeze(0))[0]
+        shape = mask_shape(x.shape, self.feature)
+        keep = keep_mask(key, self.threshold, shape, x.unsqueeze(0))[0]
         return apply_noise(x, keep, self.rate.view([1] * x.dim()), self.alpha)
 
 

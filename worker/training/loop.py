@@ -32,7 +32,7 @@ from worker.training.checkpoint import (
 )
 from worker.training.data import PreparedData
 from worker.training.diagnostics import LayerDiagnostics
-from worker.training.dropout import set_position
+from worker.training.dropout import dropouts
 from worker.training.models import build_model
 from worker.training.optim import build_optimizer, lr_factor
 from worker.training.probes import Probes
@@ -167,6 +167,8 @@ class TrainingRun:
         self.autocast = spec.mixed_precision == "bf16" and self.device.type == "cuda"
         torch.manual_seed(spec.seed)
         self.model = build_model(spec.model, data.info).to(self.device)
+        # Told each step where their masks come from (set_position, without its walk).
+        self._dropouts = [layer for _, layer in dropouts(self.model)]
         self.x_train = data.x_train.to(self.device)
         self.y_train = data.y_train.to(self.device)
         self.x_val = data.x_val.to(self.device)
@@ -235,7 +237,8 @@ class TrainingRun:
                 raise Interrupted
             index = order[start:stop]
             x, y = self.x_train[index], self.y_train[index]
-            set_position(self.model, (self.spec.seed, epoch, step))
+            for layer in self._dropouts:
+                layer.position = (self.spec.seed, epoch, step)
             with self._precision():
                 logits = self.model(x)
             loss = F.cross_entropy(full_precision(logits), y)

@@ -62,6 +62,7 @@ from worker.training.dropout import (
     apply_noise,
     dropouts,
     keep_mask,
+    keep_thresholds,
     mask_shape,
     stream_key,
 )
@@ -426,15 +427,14 @@ class PackedRun:
         }
 
     def _dropout_rates(self) -> dict[str, torch.Tensor]:
-        """Each dropout layer's rates over the active trials, [T] in float64."""
-        return {
-            f"{name}.rate": torch.tensor(
-                [t.dropout_rates[name] for t in self.active],
-                dtype=torch.float64,
-                device=self.device,
-            )
-            for name, _ in dropouts(self.template)
-        }
+        """Each dropout layer's rates over the active trials, [T] in float64, and their keep
+        thresholds, [T] in int64."""
+        hyper = {}
+        for name, _ in dropouts(self.template):
+            rates = [t.dropout_rates[name] for t in self.active]
+            hyper[f"{name}.rate"] = torch.tensor(rates, dtype=torch.float64, device=self.device)
+            hyper[f"{name}.threshold"] = keep_thresholds(hyper[f"{name}.rate"])
+        return hyper
 
     def _labels_active(self) -> torch.Tensor:
         return torch.stack([self._labels[trial.index] for trial in self.active])
@@ -534,9 +534,9 @@ class PackedRun:
         """Every trial's mask in one call, each from its own stream: the single model's masks
         (Dropout.forward is this computation for a pack of one)."""
         keys = self._dropout_keys[:, self._dropout_layers[name]]
-        rates = self._hyper[f"{name}.rate"]
-        keep = keep_mask(keys, rates, mask_shape(x.shape[1:], module.feature), x)
-        return apply_noise(x, keep, _per_trial(rates, keep), module.alpha)
+        thresholds = self._hyper[f"{name}.threshold"]
+        keep = keep_mask(keys, thresholds, mask_shape(x.shape[1:], module.feature), x)
+        return apply_noise(x, keep, _per_trial(self._hyper[f"{name}.rate"], keep), module.alpha)
 
     def _norm(self, name: str, module: nn.Module, x: torch.Tensor, training: bool) -> torch.Tensor:
         """Per-trial normalization of x [T, B, C, *spatial], each trial with its own eps."""
