@@ -188,3 +188,27 @@ def test_a_runs_masks_do_not_depend_on_the_global_generator() -> None:
     for _ in run.epochs():
         torch.rand(1000)
     assert run.weights() == plain.weights()
+
+
+@pytest.mark.parametrize("feature", [False, True], ids=["element-wise", "feature"])
+def test_masks_drawn_a_block_of_steps_ahead_are_the_masks_drawn_step_by_step(
+    monkeypatch: pytest.MonkeyPatch, feature: bool
+) -> None:
+    """A layer told the steps in an epoch draws blocks of steps' masks at once; the masks are
+    those drawn one step at a time: across blocks (a block here holds 3 steps), for a short
+    last batch, for a probe's tagged position between steps, and into the next epoch."""
+    mask_elements = 8 * 5 * (1 if feature else 4)  # a full batch's, [8, 5, 4] activations
+    monkeypatch.setattr("worker.training.dropout._BLOCK_ELEMENTS", 3 * mask_elements)
+    ahead, stepwise = Dropout(0.4, feature=feature), Dropout(0.4, feature=feature)
+    ahead.layer = stepwise.layer = "blocks.0.dropout"
+    ahead.steps_per_epoch = 8  # blocks of steps 0-2, 3-5 and 6-7
+    positions: list[tuple[object, ...]] = [(3, 1, step) for step in range(8)]
+    positions[4:4] = [(3, 1, 3, "gradient-noise", 0)]
+    positions += [(3, 2, 0), (3, 2, 1)]
+    for position in positions:
+        rows = 2 if position[2] == 7 else 8  # the epoch's last batch is short
+        x = torch.randn(rows, 5, 4)
+        ahead.position = stepwise.position = position
+        assert torch.equal(ahead(x), stepwise(x)), position
+    assert ahead._block is not None
+    assert len(ahead._block[2]) == 3  # epoch 2's first block

@@ -159,12 +159,15 @@ def apply_noise(
     def cast(values: torch.Tensor) -> torch.Tensor:
         return values.to(x.dtype)
 
+    if not alpha:  # keep / (1 - p) in x's dtype, as noise.div_(1 - p): one op, not two
+        return x * torch.div(keep, cast(1 - rates))
     noise = keep.to(x.dtype)
-    if not alpha:
-        return x * noise.div_(cast(1 - rates))
     a = 1.0 / torch.sqrt((ALPHA**2 * rates + 1) * (1 - rates))
     offset = noise.add(-1).mul_(cast(ALPHA * a)).add_(cast(ALPHA * a * rates))
     return x * noise.mul_(cast(a)) + offset
+
+
+_BLOCK_ELEMENTS = 1 << 20  # mask elements a layer draws ahead in one call: 1 MiB of booleans
 
 
 class Dropout(nn.Module):
@@ -172,6 +175,13 @@ class Dropout(nn.Module):
 
     Training needs a stream position: set_position names the job's (seed, epoch, step)
     before each training forward. Eval mode, or a rate of 0, passes x through.
+
+    Told the steps in an epoch (`steps_per_epoch`, as the trainer does), a layer draws the
+    masks of a block of that epoch's steps in one call and serves the next steps from it: a
+    small model's mask is a few thousand elements, whose cost is the dozen calls that make
+    it, not its arithmetic (on CUDA, a dozen kernel launches). The masks are the same
+    either way: mask k of a block is keep_mask at step k, and a short last batch takes the
+    first rows of a full one, which are the first elements of the same stream.
     """
 
     rate: torch.Tensor
@@ -189,6 +199,9 @@ class Dropout(nn.Module):
         self.feature = feature
         self.layer = ""  # its name in the model, set by name_dropouts
         self.position: tuple[object, ...] | None = None
+        self.steps_per_epoch: int | None = None
+        # ((seed, epoch), first step, masks [steps, *shape]) drawn ahead, or None.
+        self._block: tuple[tuple[object, ...], int, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         kind = "alpha" if self.alpha else "feature" if self.feature else "element-wise"
@@ -199,11 +212,39 @@ class Dropout(nn.Module):
             return x
         if self.position is None:
             raise RuntimeError("dropout trains at a stream position: call set_position first")
-        # A pack's computation for a pack of one: the same numbers, by construction.
-        key = stream_key(self.position, self.layer)
         shape = mask_shape(x.shape, self.feature)
-        keep = keep_mask(key, self.threshold, shape, x.unsqueeze(0))[0]
+        keep = self._drawn_ahead(shape, x)
+        if keep is None:  # a pack's computation for a pack of one: the same numbers
+            key = stream_key(self.position, self.layer)
+            keep = keep_mask(key, self.threshold, shape, x.unsqueeze(0))[0]
         return apply_noise(x, keep, self.rate.view([1] * x.dim()), self.alpha)
+
+    def _drawn_ahead(self, shape: list[int], x: torch.Tensor) -> torch.Tensor | None:
+        """The mask at a training step (seed, epoch, step) from the block that holds it,
+        drawing a new block from this step on where none does; None for other positions
+        (a probe's tagged ones) or where the steps in an epoch are not known."""
+        if self.steps_per_epoch is None or len(self.position or ()) != 3:
+            return None
+        seed, epoch, step = self.position or ()
+        if not isinstance(step, int):
+            return None
+        if self._block is not None:
+            epoch_of, first, masks = self._block
+            at = step - first
+            holds = epoch_of == (seed, epoch) and 0 <= at < len(masks)
+            fits = list(masks.shape[2:]) == shape[1:] and masks.shape[1] >= shape[0]
+            if holds and fits and masks.device == x.device:
+                return masks[at, : shape[0]]
+        count = min(self.steps_per_epoch - step, max(1, _BLOCK_ELEMENTS // math.prod(shape)))
+        if count < 2:
+            return None
+        keys = [stream_key((seed, epoch, k), self.layer) for k in range(step, step + count)]
+        like = x.unsqueeze(0).expand(count, *x.shape)
+        masks = keep_mask(
+            torch.tensor(keys, device=x.device), self.threshold.expand(count), shape, like
+        )
+        self._block = ((seed, epoch), step, masks)
+        return masks[0]
 
 
 def dropouts(model: nn.Module) -> list[tuple[str, Dropout]]:

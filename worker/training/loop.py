@@ -175,6 +175,8 @@ class TrainingRun:
         self.y_val = data.y_val.to(self.device)
         self.batch_size = min(spec.dataset.batch_size, len(self.x_train))
         self.steps_per_epoch = len(self._batches())
+        for layer in self._dropouts:  # each then draws its masks a block of steps at a time
+            layer.steps_per_epoch = self.steps_per_epoch
         # A fixed slice of the training set, for the eval-mode training loss (bounded cost on
         # large sets) and the probe batch for per-layer statistics, in one forward pass.
         self.x_train_probe = self.x_train[:TRAIN_EVAL_SAMPLES]
