@@ -86,9 +86,11 @@ def _keep_numpy(
         states: np.ndarray | np.uint64 = np.uint64(keys % 2**64)
     else:
         states = keys.numpy().view(np.uint64).reshape(view)
-    z = np.empty_like(out, dtype=np.uint64)  # laid out as the mask
+    # The states in logical order (a pack's mask may lie otherwise: the comparison at the
+    # end writes it so; mixing in its order took half as long again).
+    z = np.empty(out.shape, dtype=np.uint64)
     np.add(_counters_numpy(math.prod(shape)).reshape(1, *shape), states, out=z)
-    flat = z.ravel(order="K")  # a view: z is dense, in some order
+    flat = z.reshape(-1)  # a view
     scratch = np.empty(min(_CHUNK, flat.size), dtype=np.uint64)
     for start in range(0, flat.size, _CHUNK):
         u = flat[start : start + _CHUNK]
