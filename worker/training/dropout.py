@@ -78,9 +78,9 @@ def _keep_numpy(
     """keep_mask into `out` in numpy's uint64 arithmetic: the CPU path. torch has no
     unsigned 64-bit shifts, so each of its logical shifts is two passes, and each of its
     calls costs more than numpy's; numpy's uint64 needs neither, and taken a cache-sized
-    chunk at a time the passes stay in cache. A mask takes half the time or less
-    (benchmarks/dropout_masks.py): for a job alone, whose masks are small and cost mostly
-    calls, and for a pack, whose masks are large."""
+    chunk at a time the passes stay in cache. A mask takes a half to four fifths of torch's
+    time (benchmarks/dropout_masks.py: less for a pack's large masks, more for a job's
+    small ones, whose cost is mostly calls)."""
     view = (len(thresholds), *([1] * len(shape)))
     if isinstance(keys, int):
         states: np.ndarray | np.uint64 = np.uint64(keys % 2**64)
