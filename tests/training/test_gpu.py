@@ -11,7 +11,7 @@ import torch
 
 from app.core.spec import JobSpec
 from tests.training.helpers import data_for, make_spec, train
-from worker.training.dropout import keep_mask, keep_thresholds, stream_key
+from worker.training.dropout import Dropout, keep_mask, keep_thresholds, stream_key
 from worker.training.loop import TrainingRun
 
 pytestmark = pytest.mark.gpu
@@ -93,3 +93,16 @@ def test_dropout_masks_on_cuda_are_the_cpus() -> None:
     cuda = keep_mask(keys.cuda(), cut.cuda(), shape, torch.empty(4, *shape, device="cuda"))
     assert cuda.device.type == "cuda"
     assert torch.equal(cpu, cuda.cpu())
+
+
+def test_a_cuda_job_drawing_blocks_of_steps_drops_what_a_cpu_job_drops() -> None:
+    """A job alone on CUDA draws its masks a block of steps ahead (Dropout.steps_per_epoch);
+    the elements it drops are those the CPU drops step by step."""
+    ahead, stepwise = Dropout(0.3), Dropout(0.3)
+    ahead.layer = stepwise.layer = "hidden.1.dropout"
+    ahead.steps_per_epoch = 5
+    ahead.cuda()
+    for step in range(5):
+        x = torch.randn(64, 128) + 3.0  # no zeros of its own
+        ahead.position = stepwise.position = (11, 1, step)
+        assert torch.equal(ahead(x.cuda()).cpu() == 0, stepwise(x) == 0)
