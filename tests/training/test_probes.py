@@ -12,12 +12,14 @@ from torch import nn
 
 from app.core.spec import JobSpec
 from tests.training.helpers import data_for, make_spec, train
+from worker.training.dropout import position_of, set_position
 from worker.training.loop import TrainingRun
 from worker.training.probes import (
     LandscapeSample,
     measure_covariate_shift,
     measure_gradient_noise,
     measure_landscape,
+    preserved,
 )
 
 # -- a tiny model whose quantities are computed here with plain autograd ---------------------
@@ -336,3 +338,20 @@ def test_a_probe_that_overflows_reports_none_not_nan() -> None:
     report = run.probes.epoch_report(torch.ones(3))  # type: ignore[union-attr]
     assert report["landscape"]["loss_variation_max"] is None
     assert report["landscape"]["gradient_predictiveness_max"] == 1.0
+
+
+def test_a_probe_puts_back_the_dropout_layers_stream_position_and_modes() -> None:
+    """A probe may draw masks at positions of its own (tagged) and switch dropout off; on
+    exit the model draws from the training step's position again, in its own modes."""
+    spec = make_spec(model={"hidden_sizes": [8], "dropout": {"rate": 0.5, "input_rate": 0.2}})
+    run = TrainingRun(spec, data_for(spec))
+    model, x = run.model, run.x_train[:16]
+    set_position(model, (spec.seed, 1, 4))
+    before = model(x)
+    for dropout in (True, False):
+        with preserved(model, dropout=dropout):
+            set_position(model, (spec.seed, 1, 4, "gradient-noise", 0))
+            model(x)
+        assert position_of(model) == (spec.seed, 1, 4)
+        assert all(module.training for module in model.modules())
+        assert torch.equal(model(x), before)

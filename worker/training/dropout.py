@@ -215,19 +215,21 @@ class Dropout(nn.Module):
         if self.position is None:
             raise RuntimeError("dropout trains at a stream position: call set_position first")
         shape = mask_shape(x.shape, self.feature)
-        keep = self._drawn_ahead(shape, x)
+        keep = self._drawn_ahead(self.position, shape, x)
         if keep is None:  # a pack's computation for a pack of one: the same numbers
             key = stream_key(self.position, self.layer)
             keep = keep_mask(key, self.threshold, shape, x.unsqueeze(0))[0]
         return apply_noise(x, keep, self.rate.view([1] * x.dim()), self.alpha)
 
-    def _drawn_ahead(self, shape: list[int], x: torch.Tensor) -> torch.Tensor | None:
+    def _drawn_ahead(
+        self, position: tuple[object, ...], shape: list[int], x: torch.Tensor
+    ) -> torch.Tensor | None:
         """The mask at a training step (seed, epoch, step) from the block that holds it,
         drawing a new block from this step on where none does; None for other positions
         (a probe's tagged ones) or where the steps in an epoch are not known."""
-        if self.steps_per_epoch is None or len(self.position or ()) != 3:
+        if self.steps_per_epoch is None or len(position) != 3:
             return None
-        seed, epoch, step = self.position or ()
+        seed, epoch, step = position
         if not isinstance(step, int):
             return None
         if self._block is not None:
