@@ -71,7 +71,10 @@ class Processes:
 
     def worker(self, env: dict[str, str] | None = None) -> "Worker":
         process = self.start("worker", "--concurrency", "1", env=env)
-        worker = Worker(process)
+        worker = Worker(process, self.started[-1][1])
+        # Celery logs "ready" once its pool has started; before that, the main process's
+        # children may include the short-lived `uname -p` its banner runs (platform.platform()).
+        wait_until(lambda: " ready." in worker.log.read_text(errors="replace"), 60, "the worker")
         wait_until(worker.pool_child, 60, "the worker's pool process")
         return worker
 
@@ -110,16 +113,28 @@ class Processes:
 class Worker:
     """A `trainsvc worker --concurrency 1`: its main process and its one pool process."""
 
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], log: Path) -> None:
         self.process = process
+        self.log = log
 
     def pool_child(self) -> int | None:
+        """The pool process: a live child forked from the main process (so with its command
+        line), not some other child such as a subprocess the main process runs."""
         pid = self.process.pid
         try:
             children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return None
-        return int(children[0]) if children else None
+        for child in children:
+            try:
+                alive = "VmSize:" in Path(f"/proc/{child}/status").read_text()
+                forked = Path(f"/proc/{child}/cmdline").read_bytes() == command
+            except OSError:
+                continue  # ended meanwhile
+            if alive and forked:
+                return int(child)
+        return None
 
     def kill(self) -> None:
         """SIGKILL the whole worker, pool process included: a crash, an OOM-killer, a lost VM."""
