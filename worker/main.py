@@ -29,6 +29,19 @@ def visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
+def preload() -> None:
+    """Import, once and before the pool forks, what a pool process's first job would import
+    itself: measured 2.4 s on the 2-core machine, a quarter of a packed 32-job MLP study's
+    training. Nothing imported here starts a thread, so forking afterwards is safe."""
+    import torch
+
+    from worker.training.data import import_loaders
+
+    import_loaders()
+    # Optimizer.__init__ imports torch._dynamo on its first call (about a second).
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)])
+
+
 class ProcessContexts:
     """One WorkerContext per process, built after the pool forks (engines must not cross a fork)."""
 
@@ -108,6 +121,7 @@ def run_worker(settings: Settings, concurrency: int | None = None, loglevel: str
     register_tasks(celery, contexts.get)
     gpus = visible_gpus()
     concurrency = pool_size(settings, concurrency)
+    preload()
     # A unique node name: two workers on one host must not share lease owners.
     node = f"trainsvc-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
 

@@ -82,6 +82,13 @@ def _mnist1d() -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([data["x"], data["x_test"]]), np.concatenate([data["y"], data["y_test"]])
 
 
+def import_loaders() -> None:
+    """Import the built-in datasets' generators (about 1.4 s), which each loader otherwise
+    imports on its first call: a worker calls this before its pool forks."""
+    import mnist1d.data  # noqa: F401
+    import sklearn.datasets  # noqa: F401
+
+
 def _sklearn(name: str) -> tuple[np.ndarray, np.ndarray]:
     from sklearn import datasets
 
