@@ -597,3 +597,46 @@ def test_packed_runs_on_cuda_with_per_trial_streams(architecture: str) -> None:
     # A trial's masks are a function of its seed, epoch and step (the same on CPU and CUDA, see
     # test_dropout_masks_on_cuda_are_the_cpus), so its results do not depend on the pack.
     assert_same_epochs([o.result for o in first[0]], [o.result for o in again[1]], 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_a_packed_training_step_never_waits_for_the_gpu(
+    monkeypatch: pytest.MonkeyPatch, architecture: str
+) -> None:
+    """Small models are launch-bound on a GPU: a step that reads a device value on the host
+    (a .item(), a bool() of a tensor) stalls the launches until the GPU has caught up. The
+    forward pass, the clipping and the optimizer step run with torch's sync debug mode set to
+    raise; the epoch's end (one deliberate sync) does not."""
+    torch.set_default_dtype(torch.float32)
+
+    def one_eps(spec: JobSpec) -> JobSpec:
+        # Batch norm over trials with different eps takes one call per eps, indexing the
+        # trials of each from the host: a copy each, which this test is not about.
+        norm = spec.model.normalization.model_copy(update={"eps": 1e-5})
+        return spec.model_copy(
+            update={"model": spec.model.model_copy(update={"normalization": norm})}
+        )
+
+    def without_syncs(method: Any) -> Any:
+        def run(self: PackedRun, *args: Any, **kwargs: Any) -> Any:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        return run
+
+    for name in ("_forward", "_clip", "_step"):
+        monkeypatch.setattr(PackedRun, name, without_syncs(getattr(PackedRun, name)))
+    dropout = "standard" if architecture == "mlp" else "spatial"
+    for optimizer in ("sgd", "adam", "adamw", "rmsprop"):
+        # Weight decay, momentum, clipping and dropout rates differ between the trials.
+        specs = [
+            one_eps(job(i, "batch_norm", optimizer, architecture=architecture, dropout=dropout))
+            for i in range(3)
+        ]
+        specs = [s.model_copy(update={"device": "cuda", "epochs": 2}) for s in specs]
+        _, results = train_packed(specs)
+        assert [len(epochs) for epochs in results.values()] == [2, 2, 2], optimizer

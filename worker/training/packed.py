@@ -810,7 +810,9 @@ class PackedRun:
         spec = self.active[0].spec.optimizer
         hyper = self._hyper
         lr = schedule["lr"]
-        decaying = bool((hyper["weight_decay"] != 0).any())
+        # From the specs, not from hyper["weight_decay"]: reading a device tensor on the host
+        # would make every step wait for the GPU to finish the step before it.
+        decaying = any(t.spec.optimizer.weight_decay != 0 for t in self.active)
         for name, param, grad in zip(self.param_names, params, grads, strict=True):
             state = self.optimizer_state[name]
 
