@@ -37,7 +37,7 @@ and sum as its forward has them) and applies each leaf's packed form.
 
 import math
 import time
-from collections.abc import Callable, Collection, Hashable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -187,6 +187,35 @@ class TrialEpoch:
     trial: int  # the trial's position in the list the pack was built from
     result: EpochResult | None
     diverged: Diverged | None = None
+
+
+@dataclass(frozen=True)
+class _EpsGroups:
+    """The active trials grouped by batch norm eps (the fused kernel takes one), their
+    positions as index tensors on the device: built when the trials change, since indexing by
+    a host list in every forward copies the list to the device, on CUDA waiting for it, once a
+    layer a step."""
+
+    eps: list[float]
+    positions: list[torch.Tensor]
+    inverse: torch.Tensor  # from the groups' concatenation back to the trials' order
+    same_momentum: bool  # then the kernel can update the running statistics itself
+
+    @classmethod
+    def of(cls, trials: Sequence["Trial"], device: torch.device) -> "_EpsGroups":
+        norms = [t.spec.model.normalization for t in trials]
+        by_eps: dict[float, list[int]] = {}
+        for position, norm in enumerate(norms):
+            by_eps.setdefault(norm.eps, []).append(position)
+        order = [p for positions in by_eps.values() for p in positions]
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[order] = torch.arange(len(order))
+        return cls(
+            eps=list(by_eps),
+            positions=[torch.tensor(p, device=device) for p in by_eps.values()],
+            inverse=inverse.to(device),
+            same_momentum=len({n.momentum for n in norms}) == 1,
+        )
 
 
 @dataclass(frozen=True)
@@ -387,7 +416,7 @@ class PackedRun:
             for trial, (weights, state) in zip(self.trials, resume, strict=True):
                 if weights is not None and state is not None:
                     self._load_state(trial, unpack_state(state))
-        self._hyper = self._hyper_parameters()
+        self._index_active()
         if resume:
             resumed = [i for i, (w, s) in enumerate(resume) if w is not None and s is not None]
             self._take_snapshots(resumed)
@@ -405,6 +434,11 @@ class PackedRun:
         if kind.momentum > 0:
             state["momentum_buffer"] = zeros()
         return state
+
+    def _index_active(self) -> None:
+        """What the steps read of the active trials, rebuilt whenever those change."""
+        self._hyper = self._hyper_parameters()
+        self._eps_groups = _EpsGroups.of(self.active, self.device)
 
     def _hyper_parameters(self) -> dict[str, torch.Tensor]:
         """Per-trial numbers as tensors over the trial dimension, for the active trials."""
@@ -574,22 +608,20 @@ class PackedRun:
         var_buf = self.tensors[f"{name}.running_var"]
         weight = self.tensors.get(f"{name}.weight")
         bias = self.tensors.get(f"{name}.bias")
-        norms = [t.spec.model.normalization for t in self.active]
-        by_eps: dict[float, list[int]] = {}
-        for position, norm in enumerate(norms):
-            by_eps.setdefault(norm.eps, []).append(position)
+        groups = self._eps_groups
         # The kernel takes one eps and one momentum, as Python floats: the spec's own.
-        fused_update = training and len(by_eps) == 1 and len({n.momentum for n in norms}) == 1
+        momentum = self.active[0].spec.model.normalization.momentum
+        fused_update = training and len(groups.eps) == 1 and groups.same_momentum
         if training:
             self.tensors[f"{name}.num_batches_tracked"] += 1
 
-        def fused(eps: float, positions: list[int] | None) -> torch.Tensor:
+        def fused(eps: float, positions: torch.Tensor | None) -> torch.Tensor:
             def part(t: torch.Tensor | None) -> torch.Tensor | None:
                 if t is None or positions is None:
                     return t
-                return t[positions]
+                return t.index_select(0, positions)
 
-            xs, count = part(x), len(positions) if positions else trials
+            xs, count = part(x), len(positions) if positions is not None else trials
             assert xs is not None
             buffers = fused_update or not training
             out = F.batch_norm(
@@ -599,19 +631,16 @@ class PackedRun:
                 w.reshape(-1) if (w := part(weight)) is not None else None,
                 b.reshape(-1) if (b := part(bias)) is not None else None,
                 training,
-                norms[0].momentum,
+                momentum,
                 eps,
             )
             return out.view(batch, count, channels, *spatial).transpose(0, 1)
 
-        if len(by_eps) == 1:
-            out = fused(norms[0].eps, None)
+        if len(groups.eps) == 1:
+            out = fused(groups.eps[0], None)
         else:
-            parts = [fused(eps, positions) for eps, positions in by_eps.items()]
-            order = [p for positions in by_eps.values() for p in positions]
-            inverse = torch.empty(trials, dtype=torch.long, device=x.device)
-            inverse[order] = torch.arange(trials, device=x.device)
-            out = torch.cat(parts).index_select(0, inverse)
+            parts = [fused(e, p) for e, p in zip(groups.eps, groups.positions, strict=True)]
+            out = torch.cat(parts).index_select(0, groups.inverse)
         if training and not fused_update:
             self._update_running_stats(x, mean_buf, var_buf, self._hyper["norm_momentum"])
         return out
@@ -673,7 +702,7 @@ class PackedRun:
             for state in self.optimizer_state.values():
                 for key, tensor in state.items():
                     state[key] = tensor.index_select(0, index)
-        self._hyper = self._hyper_parameters()
+        self._index_active()
 
     def _train_epoch(self, leaving: Callable[[], Collection[int]]) -> list[TrialEpoch] | None:
         started = time.perf_counter()
