@@ -741,32 +741,52 @@ class PackedRun:
                 if not self.active:
                     return None
                 epoch = {k: v.index_select(0, keep.to(v.device)) for k, v in epoch.items()}
-            count = len(self.active)
             index = epoch["orders"][:, start:stop]
-            x = self.x_train[index]
-            y = epoch["labels"].gather(1, index)
-            self._dropout_keys = epoch["dropout_keys"][:, step]
-            with self._precision():
-                logits = self._forward(x, training=True)
-            batch = y.shape[1]
-            losses = (
-                F.cross_entropy(
-                    full_precision(logits).reshape(count * batch, -1),
-                    y.reshape(-1),
-                    reduction="none",
-                )
-                .view(count, batch)
-                .mean(1)
+            losses, total, layer_norms, correct = self._train_step(
+                index,
+                epoch["labels"],
+                epoch["dropout_keys"][:, step],
+                {k: epoch[k][:, step] for k in _SCHEDULE_KEYS},
             )
-            params = [self.tensors[name] for name in self.param_names]
-            grads = torch.autograd.grad(losses.sum(), params)
-            norms, total = self._clip(grads)
             epoch["grad_norms"][:, step] = total
-            epoch["layer_grad_sums"] += norms[self.layer_positions].T
-            self._step(params, grads, {k: epoch[k][:, step] for k in _SCHEDULE_KEYS})
-            epoch["step_losses"][:, step] = losses.detach()
-            epoch["correct"] += (logits.detach().argmax(-1) == y).sum(1)
+            epoch["layer_grad_sums"] += layer_norms
+            epoch["step_losses"][:, step] = losses
+            epoch["correct"] += correct
         return self._finish_epoch(started, epoch)
+
+    def _train_step(
+        self,
+        index: torch.Tensor,
+        labels: torch.Tensor,
+        dropout_keys: torch.Tensor,
+        schedule: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step of every active trial on its batch (index: [T, B] into the training
+        data), updating the weights and optimizer state in place; returns each trial's loss
+        [T], gradient norm before clipping [T], per-layer gradient norms [T, layers] and
+        correct predictions [T]. Device tensors in, device tensors out, nothing read on the
+        host: benchmarks/packed_sweep.py --cuda-graph captures exactly this."""
+        x = self.x_train[index]
+        y = labels.gather(1, index)
+        self._dropout_keys = dropout_keys
+        with self._precision():
+            logits = self._forward(x, training=True)
+        count, batch = y.shape
+        losses = (
+            F.cross_entropy(
+                full_precision(logits).reshape(count * batch, -1),
+                y.reshape(-1),
+                reduction="none",
+            )
+            .view(count, batch)
+            .mean(1)
+        )
+        params = [self.tensors[name] for name in self.param_names]
+        grads = torch.autograd.grad(losses.sum(), params)
+        norms, total = self._clip(grads)
+        self._step(params, grads, schedule)
+        correct = (logits.detach().argmax(-1) == y).sum(1)
+        return losses.detach(), total, norms[self.layer_positions].T, correct
 
     def _dropout_key_table(self, trials: list[Trial]) -> torch.Tensor:
         """[T, steps, layers]: each trial's stream key for each dropout layer at each step of
