@@ -31,8 +31,8 @@ def visible_gpus() -> int:
 
 def preload() -> None:
     """Import, once and before the pool forks, what a pool process's first job would import
-    itself: measured 2.4 s on the 2-core machine, a quarter of a packed 32-job MLP study's
-    training. Nothing imported here starts a thread, so forking afterwards is safe."""
+    itself: 2.4 s on the 2-core machine, 31% of the worker's samples over a packed 32-job MLP
+    study (py-spy). Nothing imported here starts a thread, so forking afterwards is safe."""
     import torch
 
     from worker.training.data import import_loaders
