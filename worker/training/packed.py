@@ -439,6 +439,9 @@ class PackedRun:
         """What the steps read of the active trials, rebuilt whenever those change."""
         self._hyper = self._hyper_parameters()
         self._eps_groups = _EpsGroups.of(self.active, self.device)
+        # From the specs, not from _hyper["weight_decay"]: reading a device tensor on the host
+        # would make every step wait for the GPU to finish the step before it.
+        self._decaying = any(t.spec.optimizer.weight_decay != 0 for t in self.active)
 
     def _hyper_parameters(self) -> dict[str, torch.Tensor]:
         """Per-trial numbers as tensors over the trial dimension, for the active trials."""
@@ -859,16 +862,13 @@ class PackedRun:
         spec = self.active[0].spec.optimizer
         hyper = self._hyper
         lr = schedule["lr"]
-        # From the specs, not from hyper["weight_decay"]: reading a device tensor on the host
-        # would make every step wait for the GPU to finish the step before it.
-        decaying = any(t.spec.optimizer.weight_decay != 0 for t in self.active)
         for name, param, grad in zip(self.param_names, params, grads, strict=True):
             state = self.optimizer_state[name]
 
             def trial(values: torch.Tensor, like: torch.Tensor = param) -> torch.Tensor:
                 return _per_trial(values, like)
 
-            if decaying and spec.type != "adamw":
+            if self._decaying and spec.type != "adamw":
                 grad = grad + trial(hyper["weight_decay"]) * param
             if spec.type == "sgd":
                 if spec.momentum > 0:
@@ -877,7 +877,7 @@ class PackedRun:
                     grad = grad + trial(hyper["momentum"]) * buf if spec.nesterov else buf
                 param.sub_(trial(lr) * grad)
             elif spec.type in ("adam", "adamw"):
-                if spec.type == "adamw" and decaying:
+                if spec.type == "adamw" and self._decaying:
                     param.mul_(trial(schedule["decay"]))
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 exp_avg.lerp_(grad, trial(1 - hyper["beta1"]))
