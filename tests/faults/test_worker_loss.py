@@ -1,9 +1,14 @@
-"""A worker killed (SIGKILL) or told to stop (SIGTERM) mid-job: the job finishes elsewhere, once."""
+"""A worker killed (SIGKILL) or told to stop (SIGTERM) mid-job: the job finishes elsewhere, once.
+
+The same holds for every job of a pack (worker/packing.py): each is its own job, with its own
+lease, reaped and resumed on its own.
+"""
 
 import os
 import signal
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -15,6 +20,7 @@ from sqlalchemy.orm import undefer
 from app.core.catalog import BUILTIN_DATASETS
 from app.core.models import Checkpoint, EpochMetric
 from app.core.spec import JobSpec
+from tests.factories import spec_payload
 from tests.faults.conftest import LEASE_SECONDS, slow_spec
 from tests.support.processes import Processes, Worker, wait_until
 from worker.training.data import load_builtin, prepare
@@ -23,14 +29,35 @@ from worker.training.loop import TrainingRun
 pytestmark = [pytest.mark.faults, pytest.mark.xdist_group("faults"), pytest.mark.timeout(180)]
 
 
-def _reference_weights(spec: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The same spec trained in this process without interruption."""
+def _reference_weights(
+    spec: dict[str, Any], dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """The same spec trained alone in this process without interruption."""
     parsed = JobSpec.model_validate(spec)
     info = BUILTIN_DATASETS[parsed.dataset.name]
-    run = TrainingRun(parsed, prepare(parsed.dataset, info, load_builtin(parsed.dataset)))
-    for _ in run.epochs():
-        pass
+    data = prepare(parsed.dataset, info, load_builtin(parsed.dataset))
+    # As the worker's load_data: the features in the training dtype.
+    data = replace(data, x_train=data.x_train.to(dtype), x_val=data.x_val.to(dtype))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        run = TrainingRun(parsed, data)
+        for _ in run.epochs():
+            pass
+    finally:
+        torch.set_default_dtype(previous)
     return load(run.weights())
+
+
+def _last_checkpoint(jobs: Any, job_id: uuid.UUID) -> Checkpoint:
+    with jobs.session_factory() as session:
+        last: Checkpoint = session.scalars(
+            select(Checkpoint)
+            .where(Checkpoint.job_id == job_id, Checkpoint.kind == "last")
+            .options(undefer(Checkpoint.weights))
+        ).one()
+        session.expunge(last)
+        return last
 
 
 def _worker_in_the_middle_of_a_job(
@@ -82,14 +109,9 @@ def test_sigkill_mid_epoch_resumes_on_another_worker_with_identical_weights(
     assert history[0].worker_id != history[1].worker_id
     assert job.attempts == 2
 
-    with jobs.session_factory() as session:
-        last = session.scalars(
-            select(Checkpoint)
-            .where(Checkpoint.job_id == job_id, Checkpoint.kind == "last")
-            .options(undefer(Checkpoint.weights))
-        ).one()
-        assert (last.epoch, last.attempt) == (5, 2)
-        resumed = load(last.weights)
+    last = _last_checkpoint(jobs, job_id)
+    assert (last.epoch, last.attempt) == (5, 2)
+    resumed = load(last.weights)
     reference = _reference_weights(slow_spec(epochs=5))
     assert resumed.keys() == reference.keys()
     for name, tensor in reference.items():
@@ -97,6 +119,86 @@ def test_sigkill_mid_epoch_resumes_on_another_worker_with_identical_weights(
     print(
         f"\nSIGKILL: job succeeded {recovered_seconds:.1f}s after the kill (lease {LEASE_SECONDS}s)"
     )
+
+
+EPOCHS = 8
+
+
+def _pack_spec(i: int) -> dict[str, Any]:
+    """Trial i of a sweep that packs: one computation (batch norm, dropout, SGD with
+    momentum), its own learning rate, dropout rate and seed; about 0.4 s an epoch packed.
+
+    Not much smaller batches: batch norm over a handful of samples amplifies rounding step by
+    step (batches of 4: 1e-16 after a step, 5e-7 after an epoch of 360, even for a pack of
+    one), so a packed trial would drift from its job alone for a reason other than the pack."""
+    return spec_payload(
+        dataset={"name": "digits", "batch_size": 16},
+        model={
+            "architecture": "mlp",
+            "hidden_sizes": [128, 128],
+            "normalization": {"type": "batch_norm"},
+            "dropout": {"rate": (0.1, 0.2, 0.3)[i]},
+        },
+        optimizer={"type": "sgd", "lr": (0.01, 0.02, 0.05)[i], "momentum": 0.9},
+        epochs=EPOCHS,
+        seed=30 + i,
+    )
+
+
+def test_sigkill_mid_pack_every_job_resumes_as_if_trained_alone(
+    processes: Processes, jobs_on: Any, fresh_postgres_url: str, fresh_redis_url: str
+) -> None:
+    """Issue 11: worker loss puts every job of a pack back, and each resumes exactly.
+
+    In float64 (TRAINSVC_TRAINING_DTYPE) a packed trial is its job alone to rounding, so each
+    job, packed, killed and resumed (packed again or alone), must end with the weights of the
+    same spec trained alone without a stop."""
+    jobs = jobs_on(
+        fresh_postgres_url,
+        fresh_redis_url,
+        checkpoint_every_seconds="0",
+        training_dtype="float64",
+        max_pack="8",
+    )
+    specs = [_pack_spec(i) for i in range(3)]
+    # Only the first is published: its worker claims the other two as its pack's companions.
+    ids = [jobs.submit(spec, publish=index == 0) for index, spec in enumerate(specs)]
+    first = processes.worker()
+    wait_until(
+        lambda: all(jobs.get(job_id).progress_epoch >= 2 for job_id in ids),
+        60,
+        "epoch 2 of every job to be stored",
+    )
+    first.kill()
+    killed = [jobs.get(job_id) for job_id in ids]
+    assert [job.status for job in killed] == ["running"] * 3  # only the leases can tell
+    assert killed[0].pack is not None
+    assert {job.pack for job in killed} == {killed[0].pack}, "one pack of three"
+    stored_when_killed = [len(jobs.metric_epochs(job_id)) for job_id in ids]
+    assert all(2 <= stored < EPOCHS for stored in stored_when_killed), stored_when_killed
+
+    processes.worker()
+    wait_until(lambda: jobs.all_ended(ids), 120, "every job of the pack to end")
+    for job_id, spec, stored in zip(ids, specs, stored_when_killed, strict=True):
+        job = jobs.get(job_id)
+        assert job.status == "succeeded", (job.error_type, job.error_message)
+        assert [a.outcome for a in jobs.attempts(job_id)] == ["lost", "succeeded"]
+        assert jobs.metric_epochs(job_id) == list(range(1, EPOCHS + 1))  # each stored once
+        with jobs.session_factory() as session:
+            stored_by = session.scalars(
+                select(EpochMetric.attempt)
+                .where(EpochMetric.job_id == job_id)
+                .order_by(EpochMetric.epoch)
+            ).all()
+        assert list(stored_by) == [1] * stored + [2] * (EPOCHS - stored)
+        last = _last_checkpoint(jobs, job_id)
+        assert (last.epoch, last.attempt) == (EPOCHS, 2)
+        resumed = load(last.weights)
+        reference = _reference_weights(spec, torch.float64)
+        assert resumed.keys() == reference.keys()
+        for name, tensor in reference.items():
+            difference = float((resumed[name] - tensor).abs().max())
+            assert difference < 1e-10, f"job {job_id}: {name} differs by {difference}"
 
 
 def test_sigterm_hands_the_job_back_at_once_and_it_finishes_on_another_worker(
