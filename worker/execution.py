@@ -1,9 +1,10 @@
 """Runs one attempt at a job: claim it, train it, record every epoch, end or hand it back.
 
 The trainer knows nothing of the database; this module is the bridge. Beside the training
-thread, an AttemptControl thread renews the lease, watches for cancel and hand-back requests
-and the wall-time limit, and tells the trainer to stop at the next batch. If that thread
-fails, the attempt stops too: training never goes on without a lease.
+thread, a LeaseKeeper thread renews the lease, watches for cancel and hand-back requests and
+the wall-time limit, and tells the trainer (through the attempt's AttemptControl) to stop at
+the next batch. If that thread fails, the attempt stops too: training never goes on without a
+lease.
 """
 
 import hashlib
@@ -14,7 +15,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from types import FrameType
@@ -151,24 +152,51 @@ def _log_db_retry(state: RetryCallState) -> None:
     )
 
 
-class AttemptControl(threading.Thread):
-    """Keeps the lease and decides when the training thread must stop, and why."""
+class AttemptControl:
+    """Decides when one attempt's training must stop, and why; its LeaseKeeper tells it what
+    the database asks."""
 
-    def __init__(self, ctx: WorkerContext, claim: Claim, wall_seconds: float) -> None:
-        super().__init__(name=f"attempt-control-{claim.job_id}", daemon=True)
-        self.ctx = ctx
+    def __init__(self, claim: Claim, wall_seconds: float) -> None:
         self.claim = claim
         # On this host's monotonic clock: the time already used was measured by the database's.
         self.deadline = time.monotonic() + wall_seconds - claim.wall_seconds_used
         # cancelled | handed_back | timeout | lease_lost | heartbeat_failed
         self.stop_reason: str | None = None
-        self.failure: str | None = None  # why, when this thread itself failed
-        self._done = threading.Event()
+        self.failure: str | None = None  # why, when its lease keeper failed
 
     def should_stop(self) -> bool:
         if self.stop_reason is None and shutdown_requested.is_set():
             self.stop_reason = "handed_back"  # no database round trip needed to stop
         return self.stop_reason is not None
+
+    def observe(self, control: lifecycle.Control | None) -> None:
+        """The job's row as just read (None: this attempt no longer holds the job)."""
+        if control is None:
+            self.stop_reason = "lease_lost"
+        elif control.cancel_requested:
+            self.stop_reason = "cancelled"
+        elif control.handback_requested or shutdown_requested.is_set():
+            self.stop_reason = "handed_back"
+        elif time.monotonic() > self.deadline:
+            self.stop_reason = "timeout"
+
+
+class LeaseKeeper(threading.Thread):
+    """Keeps the leases of the attempts one training thread runs (a job, or every job of a
+    pack) and stops each when its job asks (cancel, hand-back) or its time is up.
+
+    One thread and one read a poll for all of them: a pack of 128 jobs on a GPU would
+    otherwise poll the database 256 times a second from 128 threads. Each lease is renewed in
+    a transaction of its own, as one job's is: one transaction would lock the pack's rows
+    together, in an order a study-wide cancel need not share. If this thread fails, every
+    attempt it keeps stops: training never goes on without a lease.
+    """
+
+    def __init__(self, ctx: WorkerContext, controls: Sequence[AttemptControl]) -> None:
+        super().__init__(name=f"lease-keeper-{controls[0].claim.job_id}", daemon=True)
+        self.ctx = ctx
+        self.controls = list(controls)
+        self._done = threading.Event()
 
     def finish(self) -> None:
         self._done.set()
@@ -176,45 +204,52 @@ class AttemptControl(threading.Thread):
 
     def run(self) -> None:
         try:
-            with logs.job_context(self.claim.job_id, self.claim.attempt):  # threads start bare
-                self._keep_lease()
+            # Threads start bare: the lines this one logs name the (first) job it keeps.
+            claim = self.controls[0].claim
+            with logs.job_context(claim.job_id, claim.attempt):
+                self._keep_leases()
         except Exception as exc:
             # Anything unforeseen: a thread that died here would leave training running while
-            # its lease lapses, and the reaper would take a healthy job. Stop the attempt.
-            logger.exception(
-                "job %s attempt %s: keeping the lease failed; stopping the attempt",
-                self.claim.job_id,
-                self.claim.attempt,
-            )
-            self.failure = f"{type(exc).__name__}: {exc}"[:1000]
-            self.stop_reason = "heartbeat_failed"
+            # its leases lapse, and the reaper would take healthy jobs. Stop the attempts.
+            logger.exception("keeping the leases failed; stopping the attempts")
+            for control in self.controls:
+                if control.stop_reason is None:
+                    control.failure = f"{type(exc).__name__}: {exc}"[:1000]
+                    control.stop_reason = "heartbeat_failed"
 
-    def _keep_lease(self) -> None:
+    def _keep_leases(self) -> None:
         settings = self.ctx.settings
         next_renewal = time.monotonic() + settings.heartbeat_seconds
-        while not self._done.wait(settings.control_poll_seconds) and self.stop_reason is None:
+        while not self._done.wait(settings.control_poll_seconds):
+            # Those already told to stop are the training thread's to end.
+            kept = [control for control in self.controls if control.stop_reason is None]
+            if not kept:
+                return
             try:
                 if time.monotonic() >= next_renewal:
-                    with transaction(self.ctx.session_factory) as session:
-                        lifecycle.renew_lease(
-                            session, self.claim.job_id, self.claim.attempt, settings.lease_seconds
-                        )
+                    for control in kept:
+                        self._renew(control)
                     next_renewal = time.monotonic() + settings.heartbeat_seconds
+                attempts = [(c.claim.job_id, c.claim.attempt) for c in kept if not c.stop_reason]
                 with transaction(self.ctx.session_factory, write=False) as session:
-                    control = lifecycle.read_control(session, self.claim.job_id, self.claim.attempt)
-            except LeaseLost:
-                self.stop_reason = "lease_lost"
-                break
+                    controls = lifecycle.read_controls(session, attempts)
             except (OperationalError, SQLInterfaceError) as exc:
                 # The database is away: keep training; the lease has slack for a restart.
                 logger.warning("lease renewal failed, will retry: %s", exc.orig)
                 continue
-            if control.cancel_requested:
-                self.stop_reason = "cancelled"
-            elif control.handback_requested or shutdown_requested.is_set():
-                self.stop_reason = "handed_back"
-            elif time.monotonic() > self.deadline:
-                self.stop_reason = "timeout"
+            for control in kept:
+                if control.stop_reason is None:
+                    control.observe(controls[control.claim.job_id])
+
+    def _renew(self, control: AttemptControl) -> None:
+        claim = control.claim
+        try:
+            with transaction(self.ctx.session_factory) as session:
+                lifecycle.renew_lease(
+                    session, claim.job_id, claim.attempt, self.ctx.settings.lease_seconds
+                )
+        except LeaseLost:
+            control.stop_reason = "lease_lost"
 
 
 def load_data(ctx: WorkerContext, spec: JobSpec) -> PreparedData:
@@ -384,13 +419,14 @@ def _attempt(ctx: WorkerContext, job_id: uuid.UUID) -> str:
         companions = packing.claim_companions(ctx, claim, spec)
         if companions:
             return packing.train_pack(ctx, [(claim, spec), *companions])
-    control = AttemptControl(ctx, claim, wall_seconds_for(ctx, spec))
-    control.start()
+    control = AttemptControl(claim, wall_seconds_for(ctx, spec))
+    keeper = LeaseKeeper(ctx, [control])
+    keeper.start()
     try:
         with sigterm_hands_back():
             return _train(ctx, claim, spec, control)
     finally:
-        control.finish()
+        keeper.finish()
 
 
 def wall_seconds_for(ctx: WorkerContext, spec: JobSpec) -> float:

@@ -4,7 +4,8 @@ A study's jobs differ only in numbers, and one small model at a time leaves the 
 When a worker claims a job whose spec has a pack_key (worker/training/packed.py), it claims up
 to TRAINSVC_MAX_PACK - 1 more queued jobs of the same tenant with the same key and trains them
 all as one PackedRun. Every job stays a job: its own claim (the attempt number fences its
-writes), its own AttemptControl (lease, cancel, hand-back, wall-time limit), its own metrics,
+writes), its own AttemptControl (lease, cancel, hand-back, wall-time limit; one LeaseKeeper
+thread keeps the pack's leases, with one read a poll for all its jobs), its own metrics,
 checkpoints (with its own metadata) and events, and its own end. A trial that diverges ends
 failed while the others go on; one whose control wants it stopped leaves the pack and ends
 (or is handed back) for its own reason; a lost worker's jobs each lapse and are reaped alone.
@@ -125,17 +126,16 @@ class _Member:
 def train_pack(ctx: WorkerContext, members: list[tuple[Claim, JobSpec]]) -> str:
     """Train the claimed jobs as one pack; returns how the first (the leader's) attempt ended."""
     jobs = [
-        _Member(claim, spec, execution.AttemptControl(ctx, claim, wall_seconds_for(ctx, spec)))
+        _Member(claim, spec, execution.AttemptControl(claim, wall_seconds_for(ctx, spec)))
         for claim, spec in members
     ]
-    for job in jobs:
-        job.control.start()
+    keeper = execution.LeaseKeeper(ctx, [job.control for job in jobs])
+    keeper.start()
     try:
         with execution.sigterm_hands_back():
             _train(ctx, jobs)
     finally:
-        for job in jobs:
-            job.control.finish()
+        keeper.finish()
     return jobs[0].outcome or "interrupted"
 
 

@@ -16,7 +16,7 @@ first try wrote, and a stored epoch is simply overwritten by its retry.
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -235,15 +235,23 @@ def renew_lease(session: Session, job_id: uuid.UUID, attempt: int, lease_seconds
     _fenced_update(session, job_id, attempt, lease_expires_at=database_now(lease_seconds))
 
 
-def read_control(session: Session, job_id: uuid.UUID, attempt: int) -> Control:
-    row = session.execute(
-        select(Job.status, Job.attempts, Job.cancel_requested, Job.handback_requested).where(
-            Job.id == job_id
-        )
-    ).one()
-    if row.status != JobStatus.RUNNING or row.attempts != attempt:
-        raise LeaseLost(f"job {job_id}: attempt {attempt} no longer holds the job")
-    return Control(cancel_requested=row.cancel_requested, handback_requested=row.handback_requested)
+def read_controls(
+    session: Session, attempts: Sequence[tuple[uuid.UUID, int]]
+) -> dict[uuid.UUID, Control | None]:
+    """What each (job, attempt) is asked now, in one query for all of them (a worker polls the
+    jobs it trains, a pack's every job, twice a second); None where that attempt no longer
+    holds its job."""
+    held = dict(attempts)
+    rows = session.execute(
+        select(
+            Job.id, Job.status, Job.attempts, Job.cancel_requested, Job.handback_requested
+        ).where(Job.id.in_(held))
+    ).all()
+    controls: dict[uuid.UUID, Control | None] = dict.fromkeys(held)
+    for row in rows:
+        if row.status == JobStatus.RUNNING and row.attempts == held[row.id]:
+            controls[row.id] = Control(row.cancel_requested, row.handback_requested)
+    return controls
 
 
 def record_epoch(

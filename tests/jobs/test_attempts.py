@@ -72,8 +72,7 @@ def test_a_stale_attempt_cannot_write_after_the_job_moved_on(session: Session) -
         lifecycle.finish(session, job.id, stale.attempt, "succeeded")
     with pytest.raises(LeaseLost):
         lifecycle.renew_lease(session, job.id, stale.attempt, 30)
-    with pytest.raises(LeaseLost):
-        lifecycle.read_control(session, job.id, stale.attempt)
+    assert lifecycle.read_controls(session, [(job.id, stale.attempt)]) == {job.id: None}
     with pytest.raises(LeaseLost):
         lifecycle.hand_back(session, job.id, stale.attempt)
 
@@ -144,12 +143,35 @@ def test_control_reports_cancel_and_hand_back_requests(session: Session) -> None
     job = make_job(session)
     claim = lifecycle.claim(session, job.id, "node-a@host#7", 30)
     assert claim is not None
-    assert lifecycle.read_control(session, job.id, 1) == lifecycle.Control(False, False)
+    assert lifecycle.read_controls(session, [(job.id, 1)]) == {
+        job.id: lifecycle.Control(False, False)
+    }
     other = make_job(session)
     assert lifecycle.claim(session, other.id, "node-b@host#7", 30) is not None
     assert lifecycle.request_handback(session, "node-a@host#") == 1
-    assert lifecycle.read_control(session, job.id, 1).handback_requested
-    assert not lifecycle.read_control(session, other.id, 1).handback_requested
+    assert lifecycle.read_controls(session, [(job.id, 1), (other.id, 1)]) == {
+        job.id: lifecycle.Control(cancel_requested=False, handback_requested=True),
+        other.id: lifecycle.Control(cancel_requested=False, handback_requested=False),
+    }
+
+
+def test_one_read_answers_for_every_job_of_a_pack(session: Session) -> None:
+    """The lease keeper of a pack reads all its jobs' controls at once: each answer is that
+    job's own, and None for a job its attempt no longer holds (ended, reclaimed or unknown)."""
+    jobs = [make_job(session) for _ in range(4)]
+    for job in jobs:
+        assert lifecycle.claim(session, job.id, "node@host#1", 30) is not None
+    assert lifecycle.request_cancel(session, jobs[1].id) == "running"
+    lifecycle.finish(session, jobs[2].id, 1, "succeeded")
+    unknown = uuid.uuid4()
+    attempts = [(jobs[0].id, 1), (jobs[1].id, 1), (jobs[2].id, 1), (jobs[3].id, 2), (unknown, 1)]
+    assert lifecycle.read_controls(session, attempts) == {
+        jobs[0].id: lifecycle.Control(cancel_requested=False, handback_requested=False),
+        jobs[1].id: lifecycle.Control(cancel_requested=True, handback_requested=False),
+        jobs[2].id: None,  # ended
+        jobs[3].id: None,  # attempt 1 holds it, not 2
+        unknown: None,
+    }
 
 
 def test_the_outbox_holds_unpublished_and_long_unclaimed_jobs(session: Session) -> None:

@@ -352,8 +352,16 @@ def test_a_cancel_of_one_trial_mid_run_leaves_the_others_training(
             while controls[ids[1]].stop_reason is None and time.monotonic() < deadline:
                 time.sleep(0.01)
 
+    reads: list[list[uuid.UUID]] = []  # the jobs of each poll's read of the controls
+    read_controls = lifecycle.read_controls
+
+    def recorded(session: Session, attempts: list[tuple[uuid.UUID, int]]) -> Any:
+        reads.append([job_id for job_id, _ in attempts])
+        return read_controls(session, attempts)
+
     monkeypatch.setattr(execution, "AttemptControl", Registered)
     monkeypatch.setattr(execution, "record", record_then_cancel_the_second)
+    monkeypatch.setattr(lifecycle, "read_controls", recorded)
     ctx = _context(
         settings,
         factory,
@@ -368,3 +376,6 @@ def test_a_cancel_of_one_trial_mid_run_leaves_the_others_training(
     assert _checkpoints(factory, ids[1])["last"].epoch == 2
     for job_id in (ids[0], ids[2]):
         assert [m.epoch for m in _metrics(factory, job_id)] == [1, 2, 3]
+    # One lease keeper for the pack: each poll reads every job it still trains, at once.
+    assert reads[0] == ids
+    assert reads[-1] == [ids[0], ids[2]]

@@ -207,7 +207,7 @@ def test_a_retried_hand_back_after_a_lost_acknowledgement_succeeds(
 # -- the lease keeper fails ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("call", ["renew_lease", "read_control"])
+@pytest.mark.parametrize("call", ["renew_lease", "read_controls"])
 def test_a_failing_lease_keeper_stops_the_attempt(
     committed_url: str,
     fresh_redis_url: str,
