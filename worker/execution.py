@@ -196,6 +196,7 @@ class LeaseKeeper(threading.Thread):
         super().__init__(name=f"lease-keeper-{controls[0].claim.job_id}", daemon=True)
         self.ctx = ctx
         self.controls = list(controls)
+        self._jobs = ", ".join(str(control.claim.job_id) for control in self.controls)
         self._done = threading.Event()
 
     def finish(self) -> None:
@@ -203,15 +204,16 @@ class LeaseKeeper(threading.Thread):
         self.join()
 
     def run(self) -> None:
+        # Threads start bare: this one's lines carry the job (a pack's: its first job), and
+        # name all the jobs they concern.
+        claim = self.controls[0].claim
         try:
-            # Threads start bare: the lines this one logs name the (first) job it keeps.
-            claim = self.controls[0].claim
             with logs.job_context(claim.job_id, claim.attempt):
                 self._keep_leases()
         except Exception as exc:
             # Anything unforeseen: a thread that died here would leave training running while
             # its leases lapse, and the reaper would take healthy jobs. Stop the attempts.
-            logger.exception("keeping the leases failed; stopping the attempts")
+            logger.exception("keeping the leases failed; stopping the attempts of %s", self._jobs)
             for control in self.controls:
                 if control.stop_reason is None:
                     control.failure = f"{type(exc).__name__}: {exc}"[:1000]
@@ -235,7 +237,7 @@ class LeaseKeeper(threading.Thread):
                     controls = lifecycle.read_controls(session, attempts)
             except (OperationalError, SQLInterfaceError) as exc:
                 # The database is away: keep training; the lease has slack for a restart.
-                logger.warning("lease renewal failed, will retry: %s", exc.orig)
+                logger.warning("lease renewal failed for %s, will retry: %s", self._jobs, exc.orig)
                 continue
             for control in kept:
                 if control.stop_reason is None:

@@ -379,3 +379,27 @@ def test_a_cancel_of_one_trial_mid_run_leaves_the_others_training(
     # One lease keeper for the pack: each poll reads every job it still trains, at once.
     assert reads[0] == ids
     assert reads[-1] == [ids[0], ids[2]]
+
+
+def test_a_failing_lease_keeper_stops_every_job_of_the_pack(
+    committed_factory: sessionmaker[Session],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pack's one keeper keeps every job's lease: when it fails, no job trains on."""
+    factory = committed_factory
+    ids = _jobs(factory, [_spec(i, epochs=200) for i in range(3)])
+
+    def broken(*_: Any) -> None:
+        raise RuntimeError("unexpected: the keeper broke")
+
+    monkeypatch.setattr(lifecycle, "read_controls", broken)
+    ctx = _context(settings, factory, control_poll_seconds=0.02)
+    assert execute_job(ctx, ids[0]) == "heartbeat_failed"
+    for job_id in ids:
+        job = _job(factory, job_id)
+        assert (job.status, job.error_type) == ("failed", "heartbeat_failed")
+        assert "RuntimeError: unexpected: the keeper broke" in (job.error_message or "")
+        assert job.pack is not None
+        assert job.progress_epoch < 200
+        assert [a.outcome for a in job.attempt_history] == ["failed"]
