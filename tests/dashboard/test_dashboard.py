@@ -125,6 +125,8 @@ def test_the_job_page_draws_every_epoch_as_it_trains(processes: Processes, page:
     page.wait_for_function(
         f"() => window.__charts.loss && window.__charts.loss.data[0].length === {SLOW_EPOCHS}"
     )
+    trained = page.locator("dl.facts .fact", has=page.locator("dt", has_text="Trained"))
+    assert trained.locator("dd").inner_text() == "alone"  # a probed job never packs
     epochs = list(range(1, SLOW_EPOCHS + 1))
     for name in (
         "loss",
@@ -200,6 +202,17 @@ def test_a_study_page_shows_its_table_and_compare_overlays_picked_jobs(
         """() => { const img = document.querySelector('img[data-plot="learning_curves"]');
                    return img && img.complete && img.naturalWidth > 0; }"""
     )
+
+    # Its jobs trained in packs (one per normalization: a pack shares its computation), and
+    # a job's page says in which.
+    jobs = httpx.get(f"{url}/v1/jobs", params={"study_id": study_id}, timeout=10).json()["items"]
+    packed = next(job for job in jobs if job["pack"])
+    page.goto(f"{url}/#/jobs/{packed['id']}")
+    page.wait_for_selector("h1 .badge.succeeded")
+    trained = page.locator("dl.facts .fact", has=page.locator("dt", has_text="Trained"))
+    assert trained.locator("dd").inner_text() == f"in pack {packed['pack'][:8]}"
+    page.goto(f"{url}/#/studies/{study_id}")
+    rows.first.wait_for()
 
     # From the study's jobs, tick two and compare them.
     page.click("text=see its jobs")

@@ -365,12 +365,22 @@ export function jobView(root, jobId, context) {
       fact("Best val accuracy", percent(best), bestEpoch ? el("span", { class: "help" }, ` at epoch ${bestEpoch}`) : null),
       fact("Final val loss", number(summary.final_val_loss ?? rows[rows.length - 1]?.val_loss)),
       fact("Attempts", String(job.attempts)),
+      fact("Trained", trainedIn(job)),
       fact("Training time", duration(seconds), rows.length ? el("span", { class: "help" }, ` (${duration(seconds / rows.length)} per epoch)`) : null),
       fact("Parameters", summary.parameters ? summary.parameters.toLocaleString() : "–"),
       fact("Submitted", el("span", { title: moment(job.created_at) }, age(job.created_at))),
       fact("Finished", job.finished_at ? el("span", { title: moment(job.finished_at) }, age(job.finished_at)) : "–"),
     );
     clear(errorSlot, job.error ? el("div", { class: "error-box" }, el("strong", {}, job.error.type), ": ", job.error.message) : null);
+  }
+
+  // Packing is the worker's choice (TRAINSVC_MAX_PACK): the latest attempt trained alone, or
+  // as one batched model with other queued jobs of its tenant that share its computation.
+  function trainedIn(job) {
+    if (!job.attempt_history.length) return "–";
+    if (!job.pack) return "alone";
+    const title = `Trained with other jobs of the same computation as one batched model: pack ${job.pack}`;
+    return el("span", { title }, `in pack ${job.pack.slice(0, 8)}`);
   }
 
   function drawAttempts() {
