@@ -36,6 +36,11 @@ class Job(_Model):
     progress: Progress
     summary: dict[str, Any] | None = None
     error: JobError | None = None
+    study_id: uuid.UUID | None = None
+    grid_point: dict[str, Any] | None = None  # its study's values for it
+    # The pack its latest attempt trained in (trained with other jobs as one batched model);
+    # None: alone. Servers before packing do not send it.
+    pack: uuid.UUID | None = None
 
     @property
     def ended(self) -> bool:

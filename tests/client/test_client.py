@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,7 @@ def test_a_service_submits_waits_and_reads_results_through_the_client(
         seen: list[Any] = []
         done = client.wait(job.id, timeout=180, on_event=seen.append, poll_interval=0.2)
         assert done.status == "succeeded", done.error
+        assert (done.study_id, done.pack) == (None, None)  # submitted alone, trained alone
         assert [epoch.epoch for epoch in client.metrics(job.id)] == [1, 2, 3]
         assert job.id in {listed.id for listed in client.list(page_size=1)}
 
@@ -129,3 +131,15 @@ def test_a_service_submits_waits_and_reads_results_through_the_client(
         # Every epoch event the stream delivered (if it delivered any) arrived once.
         epochs = [json.loads(e.data)["epoch"] for e in seen if e.event == "epoch"]
         assert len(epochs) == len(set(epochs))
+
+        # A study's jobs, as the client types them: their study, grid point and pack (two
+        # seeds of one computation train as one pack).
+        study = client.create_study(
+            {"name": "seeds", "base": {**SPEC, "epochs": 2}, "grid": {"seed": [0, 1]}}
+        )
+        jobs = [client.wait(job["id"], timeout=180) for job in study["jobs"]]
+        assert [job.status for job in jobs] == ["succeeded", "succeeded"]
+        assert {job.study_id for job in jobs} == {uuid.UUID(study["id"])}
+        assert sorted(job.grid_point["seed"] for job in jobs if job.grid_point) == [0, 1]
+        assert isinstance(jobs[0].pack, uuid.UUID)
+        assert jobs[1].pack == jobs[0].pack
