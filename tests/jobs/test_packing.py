@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load as load_tensors
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker, undefer
 
 from app.core import lifecycle
@@ -26,7 +26,7 @@ from app.core.catalog import BUILTIN_DATASETS
 from app.core.config import Settings
 from app.core.db import create_db_engine, create_session_factory, transaction
 from app.core.migrate import upgrade
-from app.core.models import Checkpoint, EpochMetric, Job
+from app.core.models import Checkpoint, EpochMetric, Job, utcnow
 from app.core.outbox import Dispatcher
 from app.core.spec import JobSpec
 from tests.factories import make_job
@@ -403,3 +403,40 @@ def test_a_failing_lease_keeper_stops_every_job_of_the_pack(
         assert job.pack is not None
         assert job.progress_epoch < 200
         assert [a.outcome for a in job.attempt_history] == ["failed"]
+
+
+def test_a_job_whose_lease_is_lost_leaves_the_pack_and_writes_nothing_more(
+    committed_factory: sessionmaker[Session],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A job of the pack reaped (its lease ran out, say a stall) and claimed by another worker
+    belongs to that worker's attempt now: the pack's attempt leaves it alone, and the others
+    train on."""
+    factory = committed_factory
+    ids = _jobs(factory, [_spec(i) for i in range(3)])
+    record = execution.record
+
+    def record_then_lose_the_second(*args: Any) -> None:
+        record(*args)
+        if args[3].epoch == 1 and args[1].job_id == ids[1]:
+            with transaction(factory) as session:
+                session.execute(
+                    update(Job).where(Job.id == ids[1]).values(lease_expires_at=utcnow())
+                )
+            with transaction(factory) as session:
+                assert ids[1] in lifecycle.reap_expired_leases(session, max_attempts=3)
+                assert lifecycle.claim(session, ids[1], "other@host#9", 30) is not None
+
+    monkeypatch.setattr(execution, "record", record_then_lose_the_second)
+    ctx = _context(settings, factory, control_poll_seconds=0.02, checkpoint_every_seconds=0.0)
+    assert execute_job(ctx, ids[0]) == "succeeded"
+    jobs = [_job(factory, job_id) for job_id in ids]
+    assert [job.status for job in jobs] == ["succeeded", "running", "succeeded"]
+    assert (jobs[1].attempts, jobs[1].lease_owner) == (2, "other@host#9")
+    assert [a.outcome for a in jobs[1].attempt_history] == ["lost", None]
+    # Its epoch 1 as attempt 1 stored it, and nothing of the pack's after that.
+    assert [(m.epoch, m.attempt) for m in _metrics(factory, ids[1])] == [(1, 1)]
+    assert _checkpoints(factory, ids[1])["last"].epoch == 1
+    for job_id in (ids[0], ids[2]):
+        assert [m.epoch for m in _metrics(factory, job_id)] == [1, 2, 3]
