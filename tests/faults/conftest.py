@@ -104,6 +104,17 @@ class Jobs:
                 )
             )
 
+    def metric_attempts(self, job_id: uuid.UUID) -> list[int]:
+        """Which attempt stored each epoch, in epoch order."""
+        with self.session_factory() as session:
+            return list(
+                session.scalars(
+                    sa.select(EpochMetric.attempt)
+                    .where(EpochMetric.job_id == job_id)
+                    .order_by(EpochMetric.epoch)
+                )
+            )
+
     def all_ended(self, job_ids: list[uuid.UUID]) -> bool:
         with self.session_factory() as session:
             unfinished = session.scalar(
