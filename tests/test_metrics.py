@@ -140,3 +140,34 @@ def test_trainsvc_up_adds_up_the_worker_processes_metrics(processes: Processes) 
         )
         == 1
     )
+
+
+def test_the_run_size_histogram_counts_a_pack_once_with_its_jobs(
+    client: TestClient, session_factory: sessionmaker[Session], settings: Settings
+) -> None:
+    """How much packing packs: a job alone is a run of 1, a pack a run of its size."""
+    before = scrape(client)
+    sweep = {"dataset": {"name": "digits", "train_subset": 128, "batch_size": 32}, "epochs": 1}
+    ids = [
+        client.post("/v1/jobs", json=spec_payload(**sweep, seed=seed)).json()["id"]
+        for seed in (1, 2, 3)
+    ]
+    context = WorkerContext(
+        settings.model_copy(update={"max_pack": 8}),
+        session_factory,
+        Dispatcher(create_celery_app(settings), session_factory),
+        "node@host#1",
+    )
+    assert execute_job(context, uuid.UUID(ids[0])) == "succeeded"
+    alone = client.post("/v1/jobs", json=spec_payload(**sweep, seed=4)).json()["id"]  # none queued
+    assert execute_job(context, uuid.UUID(alone)) == "succeeded"
+    after = scrape(client)
+
+    def grew(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert grew("trainsvc_run_jobs_count") == 2  # one pack, one job alone
+    assert grew("trainsvc_run_jobs_sum") == 4
+    assert grew("trainsvc_run_jobs_bucket", le="1.0") == 1
+    assert grew("trainsvc_run_jobs_bucket", le="2.0") == 1  # the pack of 3 is above 2
+    assert grew("trainsvc_run_jobs_bucket", le="4.0") == 2

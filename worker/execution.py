@@ -421,6 +421,7 @@ def _attempt(ctx: WorkerContext, job_id: uuid.UUID) -> str:
         companions = packing.claim_companions(ctx, claim, spec)
         if companions:
             return packing.train_pack(ctx, [(claim, spec), *companions])
+    metrics.observe_run(1)
     control = AttemptControl(claim, wall_seconds_for(ctx, spec))
     keeper = LeaseKeeper(ctx, [control])
     keeper.start()

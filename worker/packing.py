@@ -125,6 +125,7 @@ class _Member:
 
 def train_pack(ctx: WorkerContext, members: list[tuple[Claim, JobSpec]]) -> str:
     """Train the claimed jobs as one pack; returns how the first (the leader's) attempt ended."""
+    metrics.observe_run(len(members))
     jobs = [
         _Member(claim, spec, execution.AttemptControl(claim, wall_seconds_for(ctx, spec)))
         for claim, spec in members

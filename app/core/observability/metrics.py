@@ -79,6 +79,12 @@ TRAINING_SAMPLES_PER_SECOND = Gauge(
     multiprocess_mode="mostrecent",
 )
 
+RUN_JOBS = Histogram(
+    "trainsvc_run_jobs",
+    "Jobs a worker trains at once in one run: 1 alone, more in a pack (TRAINSVC_MAX_PACK).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+
 
 def observe_claim(queued_seconds: float, attempt: int) -> None:
     """A worker claimed a job: its first claim measures how long it waited in the queue."""
@@ -89,6 +95,11 @@ def observe_claim(queued_seconds: float, attempt: int) -> None:
 def observe_job_end(status: str, seconds: float) -> None:
     JOBS_ENDED.labels(status).inc()
     JOB_SECONDS.labels(status).observe(max(0.0, seconds))
+
+
+def observe_run(jobs: int) -> None:
+    """A worker starts training claimed jobs: one alone, or a pack of them."""
+    RUN_JOBS.observe(jobs)
 
 
 def observe_epoch(device: str, samples: int, seconds: float) -> None:
