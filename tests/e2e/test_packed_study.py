@@ -27,6 +27,8 @@ FLOAT64 = {"TRAINSVC_TRAINING_DTYPE": "float64"}
 # Wall-clock figures, which no two runs share, and what names this run's own resources.
 DIFFERENCES: list[float] = []  # each compared number's, relative where above 1
 UNCOMPARED = {"seconds_per_epoch", "plots", "study_id", "id", "created_at", "generated_at"}
+# How the jobs trained, which is what differs between the two services (checked on its own).
+UNCOMPARED |= {"packed", "seconds_note"}
 
 STUDY = {
     "name": "packed-norm-x-lr",
@@ -106,5 +108,10 @@ def test_a_study_trains_packed_and_reports_as_one_trained_job_by_job(
         alone.stop_all()
     assert {job["pack"] for job in alone_jobs} == {None}
     assert len(packed_report["configurations"]) == 4
+    # Each report says how its jobs trained: a packed job's seconds per epoch are its pack's.
+    assert [row["packed"] for row in packed_report["configurations"]] == [2, 2, 2, 2]
+    assert packed_report["seconds_note"].startswith("8 of the 8 succeeded jobs trained in packs")
+    assert [row["packed"] for row in alone_report["configurations"]] == [0, 0, 0, 0]
+    assert alone_report["seconds_note"] is None
     _assert_close(packed_report, alone_report)
     print(f"{len(DIFFERENCES)} numbers compared, largest difference {max(DIFFERENCES):.2g}")

@@ -96,6 +96,41 @@ def test_configurations_aggregate_over_seeds(client: TestClient, study: dict[str
     )
     assert batch_norm["epochs_to_target"]["mean"] == pytest.approx(5 / 3)
     assert report["max_stable_lr"] is None
+    # Trained alone: nothing to say about how the seconds were measured.
+    assert (none["packed"], batch_norm["packed"], report["seconds_note"]) == (0, 0, None)
+
+
+def test_the_report_says_which_jobs_trained_packed(
+    client: TestClient, session: Session, study: dict[str, Any]
+) -> None:
+    """A packed job's epoch_seconds is its pack's epoch: the report counts such jobs per
+    configuration (succeeded ones, as its aggregates) and says what their seconds measure."""
+    pack = uuid.uuid4()
+    for job in study["jobs"]:
+        point = job["grid_point"]
+        if point[NORM] == "batch_norm" or point["seed"] == 3:  # the running one: not counted
+            stored = session.get(Job, uuid.UUID(job["id"]))
+            assert stored is not None
+            stored.pack = pack
+    session.commit()
+    report = client.get(f"/v1/studies/{study['id']}/report").json()
+    none, batch_norm = report["configurations"]
+    assert (none["packed"], batch_norm["packed"]) == (0, 3)
+    assert report["seconds_note"].startswith(
+        "3 of the 6 succeeded jobs trained in packs (several jobs as one batched model), and a "
+        "packed job's seconds per epoch are its pack's"
+    )
+    csv = client.get(f"/v1/studies/{study['id']}/report", params={"format": "csv"}).text
+    assert csv.splitlines()[0].split(",")[:6] == [
+        NORM,
+        "jobs",
+        "succeeded",
+        "diverged",
+        "pending",
+        "packed",
+    ]
+    html = client.get(f"/v1/studies/{study['id']}/report", params={"format": "html"}).text
+    assert "3 of the 6 succeeded jobs trained in packs" in html
 
 
 def test_effects_pair_over_seeds(client: TestClient, study: dict[str, Any]) -> None:

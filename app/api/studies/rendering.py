@@ -16,7 +16,7 @@ AGGREGATES = (
     "step_loss_roughness",
     "seconds_per_epoch",
 )
-COUNTS = ("jobs", "succeeded", "diverged", "pending")
+COUNTS = ("jobs", "succeeded", "diverged", "pending", "packed")
 EFFECT_METRICS = ("epochs_to_target", "best_val_accuracy", "generalization_gap")
 
 
@@ -85,6 +85,8 @@ def html_page(report: dict[str, Any], plots: dict[str, str]) -> str:
     ]
     if report.get("note"):
         parts.append(f"<p><strong>{escape(report['note'])}</strong></p>")
+    if report.get("seconds_note"):
+        parts.append(f"<p>{escape(report['seconds_note'])}</p>")
     target = report["target"]["val_accuracy"]
     parts.append(
         f"<p>Target validation accuracy: {_number(target)} "

@@ -234,20 +234,20 @@ def load_runs(session: Session, study: Study) -> list[Run]:
     """Every job of the study with the per-epoch metrics a report needs: two queries in all,
     reading only the needed columns (the per-layer diagnostics stay in the database)."""
     jobs = session.execute(
-        select(Job.id, Job.status, Job.grid_point, Job.error_type, Job.spec).where(
+        select(Job.id, Job.status, Job.grid_point, Job.error_type, Job.spec, Job.pack).where(
             Job.study_id == study.id
         )
     ).all()
     classes: dict[str, int | None] = {}
     runs: dict[uuid.UUID, Run] = {}
-    for job_id, status, point, error_type, spec in jobs:
+    for job_id, status, point, error_type, spec, pack in jobs:
         dataset = spec["dataset"]["name"]
         if dataset not in classes:
             try:
                 classes[dataset] = resolve_dataset(session, dataset).num_classes
             except DatasetNotFound:  # an upload deleted since
                 classes[dataset] = None
-        runs[job_id] = Run(job_id, status, point or {}, error_type, classes[dataset])
+        runs[job_id] = Run(job_id, status, point or {}, error_type, classes[dataset], pack=pack)
     metrics = session.execute(
         select(
             EpochMetric.job_id,

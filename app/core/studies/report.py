@@ -56,6 +56,8 @@ class Run:
     epoch_seconds: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     # PROBE_METRICS name -> per-epoch values (NaN where an epoch has none); empty without probes
     probes: dict[str, NDArray[np.float64]] = field(default_factory=dict)
+    # The pack its latest attempt trained in (worker/packing.py); None: alone.
+    pack: uuid.UUID | None = None
 
     @property
     def diverged(self) -> bool:
@@ -119,6 +121,21 @@ def _pending_note(counts: dict[str, int]) -> str | None:
     )
 
 
+def _seconds_note(runs: list[Run], summaries: dict[uuid.UUID, Any]) -> str | None:
+    """A packed job's epoch_seconds is its pack's epoch, every job of the pack at once: its
+    seconds per epoch measure the pack, not the configuration, so the report says so."""
+    done = [run for run in runs if summaries[run.job_id] is not None]
+    packed = sum(run.pack is not None for run in done)
+    if not packed:
+        return None
+    return (
+        f"{packed} of the {len(done)} succeeded jobs trained in packs (several jobs as one "
+        "batched model), and a packed job's seconds per epoch are its pack's: compare "
+        "seconds_per_epoch only between configurations that trained alike, or time them with "
+        "TRAINSVC_MAX_PACK=1"
+    )
+
+
 def build_report(
     grid: dict[str, list[Any]],
     runs: list[Run],
@@ -178,6 +195,7 @@ def build_report(
                 },
                 "step_loss_roughness": _aggregate([s.step_loss_roughness for s in done]),
                 "seconds_per_epoch": _aggregate([s.seconds_per_epoch for s in done]),
+                "packed": sum(r.pack is not None for r in members if summaries[r.job_id]),
             }
         )
         probed = _probe_rows(members, summaries)
@@ -187,6 +205,7 @@ def build_report(
         "complete": not counts["queued"] and not counts["running"],
         "counts": counts,
         "note": _pending_note(counts),
+        "seconds_note": _seconds_note(runs, summaries),
         "target": {"val_accuracy": target, "source": target_source},
         "axes": list(grid),
         "configurations": rows,
