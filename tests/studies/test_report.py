@@ -98,6 +98,24 @@ def test_configurations_aggregate_over_seeds(client: TestClient, study: dict[str
     assert report["max_stable_lr"] is None
     # Trained alone: nothing to say about how the seconds were measured.
     assert (none["packed"], batch_norm["packed"], report["seconds_note"]) == (0, 0, None)
+    assert "probes" not in none  # no job asked for probes: the key is left out, not null
+
+
+def test_the_report_is_documented_with_its_schema(client: TestClient) -> None:
+    """The JSON report has a schema in OpenAPI (every report served is validated against it);
+    the HTML page and the CSV table are its other media types."""
+    document = client.get("/openapi.json").json()
+    path = document["paths"]["/v1/studies/{study_id}/report"]["get"]
+    content = path["responses"]["200"]["content"]
+    assert set(content) == {"application/json", "text/html", "text/csv"}
+    assert content["application/json"]["schema"] == {"$ref": "#/components/schemas/StudyReport"}
+    schemas = document["components"]["schemas"]
+    assert {"configurations", "effects", "max_stable_lr", "seconds_note"} <= set(
+        schemas["StudyReport"]["properties"]
+    )
+    assert {"packed", "seconds_per_epoch", "epochs_to_target", "probes"} <= set(
+        schemas["ConfigurationReport"]["properties"]
+    )
 
 
 def test_the_report_says_which_jobs_trained_packed(

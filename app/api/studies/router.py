@@ -16,6 +16,7 @@ from app.api.studies.schemas import (
     StudyJob,
     StudyPage,
     StudyRead,
+    StudyReport,
     StudySummary,
 )
 from app.core.errors import PlotNotFound
@@ -138,9 +139,12 @@ def _plot_urls(study: Study) -> dict[str, str]:
 
 @router.get(
     "/{study_id}/report",
+    # Keys the report leaves out (a configuration's probes where no job had any) stay out.
+    response_model=StudyReport,
+    response_model_exclude_unset=True,
     responses={
         200: {
-            "content": {"application/json": {}, "text/html": {}, "text/csv": {}},
+            "content": {"text/html": {}, "text/csv": {}},
             "description": "the report; ?format=html a page with the plots, ?format=csv the "
             "configuration table",
         }

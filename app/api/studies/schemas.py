@@ -81,3 +81,111 @@ class PresetRead(BaseModel):
 
 class PresetList(BaseModel):
     items: list[PresetRead]
+
+
+# -- the report (app/core/studies/report.py builds it; these models are its contract) --------
+
+
+class Aggregate(BaseModel):
+    """A figure over a configuration's succeeded seeds."""
+
+    mean: float | None
+    std: float | None = Field(description="sample standard deviation; null below two values")
+    n: int
+
+
+class EpochsToTarget(Aggregate):
+    never_reached: int = Field(description="succeeded seeds that never reached the target")
+
+
+class Interval(BaseModel):
+    """An estimate with its bootstrap 95% interval, over n values (or pairs)."""
+
+    estimate: float | None
+    ci_low: float | None
+    ci_high: float | None
+    n: int
+
+
+class ProbeFigure(BaseModel):
+    over_epochs: Interval = Field(description="the mean over seeds of each seed's epoch mean")
+    final_epoch: Interval = Field(description="the mean over seeds of each seed's last epoch")
+
+
+class ConfigurationReport(BaseModel):
+    configuration: dict[str, Any] = Field(description="the grid point without the seed")
+    jobs: int
+    succeeded: int
+    diverged: int
+    pending: int = Field(description="queued or running")
+    best_val_accuracy: Aggregate
+    final_val_accuracy: Aggregate
+    final_val_loss: Aggregate
+    generalization_gap_final: Aggregate
+    generalization_gap_at_best: Aggregate
+    epochs_to_target: EpochsToTarget
+    step_loss_roughness: Aggregate
+    seconds_per_epoch: Aggregate
+    packed: int = Field(description="succeeded jobs that trained in a pack (see seconds_note)")
+    probes: dict[str, ProbeFigure] | None = Field(
+        None, description="present where its jobs asked for probes (spec.diagnostics)"
+    )
+
+
+class Effect(Interval):
+    kind: str = Field(description="what the estimate is: a difference or a ratio, of what")
+    reading: str = Field(description="the estimate in words, claiming no more than its interval")
+
+
+class EffectReport(BaseModel):
+    """One axis value against its baseline, paired over the other axes and the seeds."""
+
+    axis: str
+    value: Any
+    baseline: Any
+    pairs: int
+    epochs_to_target: Effect
+    best_val_accuracy: Effect
+    generalization_gap: Effect
+    probes: dict[str, Effect] | None = Field(None, description="present where jobs had probes")
+
+
+class LearningRateVerdict(BaseModel):
+    lr: float
+    stable: bool
+    reason: str
+
+
+class StableLearningRate(BaseModel):
+    configuration: dict[str, Any]
+    max_stable_lr: float | None
+    by_lr: list[LearningRateVerdict]
+
+
+class MaxStableLearningRate(BaseModel):
+    chance_margin: float
+    configurations: list[StableLearningRate]
+
+
+class ReportTarget(BaseModel):
+    val_accuracy: float | None
+    source: str
+
+
+class StudyReport(BaseModel):
+    study_id: uuid.UUID
+    name: str | None
+    complete: bool = Field(description="no job is queued or running")
+    counts: dict[str, int] = Field(description="jobs by status")
+    note: str | None = Field(description="what the report does not cover yet, while jobs run")
+    seconds_note: str | None = Field(
+        description="set where jobs trained packed: what their seconds_per_epoch measure"
+    )
+    target: ReportTarget
+    axes: list[str]
+    configurations: list[ConfigurationReport]
+    max_stable_lr: MaxStableLearningRate | None = Field(
+        description="null unless optimizer.lr is an axis"
+    )
+    effects: list[EffectReport]
+    plots: dict[str, str] = Field(description="plot name -> its PNG's URL")
