@@ -159,6 +159,18 @@ def test_the_run_size_histogram_counts_a_pack_once_with_its_jobs(
         "node@host#1",
     )
     assert execute_job(context, uuid.UUID(ids[0])) == "succeeded"
+    packed = scrape(client)
+    # The throughput of the pack's epoch is the device's: all three jobs' samples in its time.
+    epoch = client.get(f"/v1/jobs/{ids[0]}/metrics").json()["epochs"][0]
+    assert all(client.get(f"/v1/jobs/{i}").json()["pack"] for i in ids)
+    samples = 128  # train_subset: the training samples each job trains on
+    trained = value(packed, "trainsvc_training_samples_total", device="cpu") - value(
+        before, "trainsvc_training_samples_total", device="cpu"
+    )
+    assert trained == 3 * samples
+    assert value(packed, "trainsvc_training_samples_per_second", device="cpu") == pytest.approx(
+        3 * samples / epoch["epoch_seconds"]
+    )
     alone = client.post("/v1/jobs", json=spec_payload(**sweep, seed=4)).json()["id"]  # none queued
     assert execute_job(context, uuid.UUID(alone)) == "succeeded"
     after = scrape(client)

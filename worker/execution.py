@@ -332,8 +332,6 @@ def record(
     """
     blobs = cadence.blobs(claim, run) if cadence.due(run) else []
 
-    metrics.observe_epoch(str(run.device), len(run.x_train), result.metrics["epoch_seconds"])
-
     def write(session: Session) -> None:
         lifecycle.record_epoch(
             session,
@@ -458,6 +456,8 @@ def _train(ctx: WorkerContext, claim: Claim, spec: JobSpec, control: AttemptCont
         )
         cadence = CheckpointCadence.resuming(ctx.settings.checkpoint_every_seconds, run)
         for result in run.epochs(should_stop=control.should_stop):
+            seconds = result.metrics["epoch_seconds"]
+            metrics.observe_epoch(str(run.device), len(run.x_train), seconds)
             record(ctx, claim, run, result, cadence)
         end_attempt(ctx, claim, JobStatus.SUCCEEDED, summary=run.summary())
         return "succeeded"

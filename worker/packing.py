@@ -164,6 +164,7 @@ def _train(ctx: WorkerContext, jobs: list[_Member]) -> None:
             return {index for index, job in enumerate(jobs) if job.outcome is not None}
 
         for outcomes in run.epochs(leaving):
+            _observe_epoch(run, outcomes)
             for outcome in outcomes:
                 job = jobs[outcome.trial]
                 if job.outcome is None:
@@ -188,6 +189,15 @@ def _train(ctx: WorkerContext, jobs: list[_Member]) -> None:
         for job in jobs:
             if job.outcome is None:
                 _guarded(ctx, job, _fail, ctx, job, exc, out_of_memory)
+
+
+def _observe_epoch(run: PackedRun, outcomes: list[TrialEpoch]) -> None:
+    """The pack's epoch as the device ran it: every trial's samples in the epoch's one time
+    (the throughput gauge then shows the device's, not one job's share of it)."""
+    results = [outcome.result for outcome in outcomes if outcome.result is not None]
+    if results:  # the trials that completed it (a diverged one stopped part of the way)
+        seconds = results[0].metrics["epoch_seconds"]
+        metrics.observe_epoch(str(run.device), len(results) * len(run.x_train), seconds)
 
 
 def _pack_data(ctx: WorkerContext, specs: list[JobSpec]) -> tuple[PreparedData, list[torch.Tensor]]:
