@@ -233,6 +233,8 @@ class LeaseKeeper(threading.Thread):
                         self._renew(control)
                     next_renewal = time.monotonic() + settings.heartbeat_seconds
                 attempts = [(c.claim.job_id, c.claim.attempt) for c in kept if not c.stop_reason]
+                if not attempts:  # every lease just renewed was lost: nothing to read
+                    continue
                 with transaction(self.ctx.session_factory, write=False) as session:
                     controls = lifecycle.read_controls(session, attempts)
             except (OperationalError, SQLInterfaceError) as exc:

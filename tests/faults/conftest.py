@@ -95,21 +95,17 @@ class Jobs:
             return list(rows)
 
     def metric_epochs(self, job_id: uuid.UUID) -> list[int]:
-        with self.session_factory() as session:
-            return list(
-                session.scalars(
-                    sa.select(EpochMetric.epoch)
-                    .where(EpochMetric.job_id == job_id)
-                    .order_by(EpochMetric.epoch)
-                )
-            )
+        return self._by_epoch(job_id, EpochMetric.epoch)
 
     def metric_attempts(self, job_id: uuid.UUID) -> list[int]:
         """Which attempt stored each epoch, in epoch order."""
+        return self._by_epoch(job_id, EpochMetric.attempt)
+
+    def _by_epoch(self, job_id: uuid.UUID, column: sa.orm.InstrumentedAttribute[int]) -> list[int]:
         with self.session_factory() as session:
             return list(
                 session.scalars(
-                    sa.select(EpochMetric.attempt)
+                    sa.select(column)
                     .where(EpochMetric.job_id == job_id)
                     .order_by(EpochMetric.epoch)
                 )

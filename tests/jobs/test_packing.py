@@ -7,10 +7,12 @@ test_packed.py); in float32 the pack's kernels round differently and the stored 
 to FLOAT32_TOLERANCE (measured: see docs/benchmarks.md, "Packed trials through the service").
 """
 
+import itertools
 import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +311,19 @@ def test_a_hand_back_stops_every_trial_and_each_resumes_exactly(
         torch.set_default_dtype(torch.float32)
 
 
+def _calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[Any]:
+    """From now on, each call of lifecycle.<name>: its argument after the session."""
+    calls: list[Any] = []
+    real = getattr(lifecycle, name)
+
+    def spy(session: Session, first: Any, *rest: Any) -> Any:
+        calls.append(first)
+        return real(session, first, *rest)
+
+    monkeypatch.setattr(lifecycle, name, spy)
+    return calls
+
+
 # -- with committed rows: real lease keepers polling for a cancel ------------------------------
 
 
@@ -351,17 +366,16 @@ def test_a_cancel_of_one_trial_mid_run_leaves_the_others_training(
             deadline = time.monotonic() + 10
             while controls[ids[1]].stop_reason is None and time.monotonic() < deadline:
                 time.sleep(0.01)
+            # And for a poll after that: the pack's other jobs are still training.
+            while ids[1] in polled(-1) and time.monotonic() < deadline:
+                time.sleep(0.01)
 
-    reads: list[list[uuid.UUID]] = []  # the jobs of each poll's read of the controls
-    read_controls = lifecycle.read_controls
-
-    def recorded(session: Session, attempts: list[tuple[uuid.UUID, int]]) -> Any:
-        reads.append([job_id for job_id, _ in attempts])
-        return read_controls(session, attempts)
+    def polled(poll: int) -> list[uuid.UUID]:
+        return [job_id for job_id, _ in polls[poll]]
 
     monkeypatch.setattr(execution, "AttemptControl", Registered)
     monkeypatch.setattr(execution, "record", record_then_cancel_the_second)
-    monkeypatch.setattr(lifecycle, "read_controls", recorded)
+    polls = _calls(monkeypatch, "read_controls")
     ctx = _context(
         settings,
         factory,
@@ -377,8 +391,14 @@ def test_a_cancel_of_one_trial_mid_run_leaves_the_others_training(
     for job_id in (ids[0], ids[2]):
         assert [m.epoch for m in _metrics(factory, job_id)] == [1, 2, 3]
     # One lease keeper for the pack: each poll reads every job it still trains, at once.
+    reads = [polled(poll) for poll in range(len(polls))]
     assert reads[0] == ids
-    assert reads[-1] == [ids[0], ids[2]]
+    assert [ids[0], ids[2]] in reads  # the cancelled job is no longer read
+    # Each later poll reads the jobs still training, in pack order: a job stopped (cancelled,
+    # or ended and so no longer held) is never read again. Which poll sees which end depends
+    # on timing; that order does not.
+    for earlier, later in itertools.pairwise(reads):
+        assert later == [job_id for job_id in earlier if job_id in later], (earlier, later)
 
 
 def test_a_failing_lease_keeper_stops_every_job_of_the_pack(
@@ -420,16 +440,23 @@ def test_a_job_whose_lease_is_lost_leaves_the_pack_and_writes_nothing_more(
     def record_then_lose_the_second(*args: Any) -> None:
         record(*args)
         if args[3].epoch == 1 and args[1].job_id == ids[1]:
+            # One transaction: the pack's keeper, renewing every few milliseconds, must not
+            # renew the lease between its expiry and the reaper.
             with transaction(factory) as session:
-                session.execute(
-                    update(Job).where(Job.id == ids[1]).values(lease_expires_at=utcnow())
-                )
-            with transaction(factory) as session:
+                lapsed = utcnow() - timedelta(minutes=1)
+                session.execute(update(Job).where(Job.id == ids[1]).values(lease_expires_at=lapsed))
                 assert ids[1] in lifecycle.reap_expired_leases(session, max_attempts=3)
                 assert lifecycle.claim(session, ids[1], "other@host#9", 30) is not None
 
     monkeypatch.setattr(execution, "record", record_then_lose_the_second)
-    ctx = _context(settings, factory, control_poll_seconds=0.02, checkpoint_every_seconds=0.0)
+    renewals = _calls(monkeypatch, "renew_lease")
+    ctx = _context(
+        settings,
+        factory,
+        control_poll_seconds=0.02,
+        heartbeat_seconds=0.02,
+        checkpoint_every_seconds=0.0,
+    )
     assert execute_job(ctx, ids[0]) == "succeeded"
     jobs = [_job(factory, job_id) for job_id in ids]
     assert [job.status for job in jobs] == ["succeeded", "running", "succeeded"]
@@ -440,3 +467,5 @@ def test_a_job_whose_lease_is_lost_leaves_the_pack_and_writes_nothing_more(
     assert _checkpoints(factory, ids[1])["last"].epoch == 1
     for job_id in (ids[0], ids[2]):
         assert [m.epoch for m in _metrics(factory, job_id)] == [1, 2, 3]
+    # One keeper kept every job's lease, the leader's and its companions' alike.
+    assert set(renewals) == set(ids)

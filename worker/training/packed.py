@@ -768,7 +768,7 @@ class PackedRun:
         data), updating the weights and optimizer state in place; returns each trial's loss
         [T], gradient norm before clipping [T], per-layer gradient norms [T, layers] and
         correct predictions [T]. Device tensors in, device tensors out, nothing read on the
-        host: benchmarks/packed_sweep.py --cuda-graph captures exactly this."""
+        host: benchmarks/cuda_graphs.py captures exactly this."""
         x = self.x_train[index]
         y = labels.gather(1, index)
         self._dropout_keys = dropout_keys
