@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from types import FrameType
@@ -117,6 +117,9 @@ class WorkerContext:
     session_factory: sessionmaker[Session]
     dispatcher: Dispatcher
     worker_id: str  # "<celery node name>#<pid>": the lease owner
+    # pack_key -> the most trials of it this process packs from now on: learned when a pack of
+    # them ran out of device memory (worker/packing.py), which the memory estimate missed.
+    pack_limits: dict[Hashable, int] = field(default_factory=dict)
 
 
 def with_db_retry(ctx: WorkerContext, work: Callable[[Session], T]) -> T:
@@ -488,7 +491,7 @@ def _train(ctx: WorkerContext, claim: Claim, spec: JobSpec, control: AttemptCont
             run = None  # drop the half-built model and its tensors before the next job
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give the memory back so the next job on this GPU fits
-            logger.warning("job %s ran out of memory: %s", claim.job_id, exc)
+            logger.warning("job %s ran out of memory: %s", claim.job_id, str(exc))
             end_attempt(
                 ctx,
                 claim,

@@ -9,9 +9,12 @@ thread keeps the pack's leases, with one read a poll for all its jobs), its own 
 checkpoints (with its own metadata) and events, and its own end. A trial that diverges ends
 failed while the others go on; one whose control wants it stopped leaves the pack and ends
 (or is handed back) for its own reason; a lost worker's jobs each lapse and are reaped alone.
+A pack that runs out of device memory trains on as two smaller packs, each job from its last
+completed epoch, and this process packs fewer of that kind from then on.
 """
 
 import logging
+import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,8 +97,9 @@ def claim_companions(
 
 def pack_capacity(ctx: WorkerContext, spec: JobSpec) -> int:
     """How many jobs like this one may train in its pack: TRAINSVC_MAX_PACK, and no more than
-    fit in TRAINSVC_PACK_MEMORY_BYTES (default: half the device's free memory now)."""
-    limit = ctx.settings.max_pack
+    fit in TRAINSVC_PACK_MEMORY_BYTES (default: half the device's free memory now), nor than
+    a pack of them that ran out of memory in this process left it (ctx.pack_limits)."""
+    limit = min(ctx.settings.max_pack, ctx.pack_limits.get(pack_key(spec), ctx.settings.max_pack))
     if limit < 2:
         return limit
     budget = ctx.settings.pack_memory_bytes
@@ -119,6 +123,9 @@ class _Member:
     claim: Claim
     spec: JobSpec
     control: AttemptControl
+    # What its next PackedRun starts from: the claim's checkpoint (or nothing), then, once a
+    # pack of it ran out of memory, its last completed epoch.
+    resume: tuple[bytes | None, bytes | None]
     cadence: CheckpointCadence | None = None
     outcome: str | None = None  # set once this job's attempt has ended (or lost its lease)
 
@@ -127,7 +134,12 @@ def train_pack(ctx: WorkerContext, members: list[tuple[Claim, JobSpec]]) -> str:
     """Train the claimed jobs as one pack; returns how the first (the leader's) attempt ended."""
     metrics.observe_run(len(members))
     jobs = [
-        _Member(claim, spec, execution.AttemptControl(claim, wall_seconds_for(ctx, spec)))
+        _Member(
+            claim,
+            spec,
+            execution.AttemptControl(claim, wall_seconds_for(ctx, spec)),
+            (claim.resume_weights, claim.resume_state),
+        )
         for claim, spec in members
     ]
     keeper = execution.LeaseKeeper(ctx, [job.control for job in jobs])
@@ -141,14 +153,33 @@ def train_pack(ctx: WorkerContext, members: list[tuple[Claim, JobSpec]]) -> str:
 
 
 def _train(ctx: WorkerContext, jobs: list[_Member]) -> None:
+    """Train the jobs as one PackedRun. A pack that does not fit its device trains on as two
+    smaller ones, each job from its last completed epoch, down to a job alone: the memory
+    estimate that sized the pack is an estimate, and packing must not fail a job that fits
+    alone. The halves keep their attempts (and leases, and the pack id they were claimed in),
+    so nothing is stored twice, and each job resumes exactly, as from a hand-back."""
+    if not _train_run(ctx, jobs):
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the failed run's blocks back to CUDA, for other processes too
+    going = [job for job in jobs if job.outcome is None]
+    if not going:
+        return  # a job alone that did not fit: it failed `out_of_memory`, as unpacked
+    half = (len(going) + 1) // 2
+    for part in (going[:half], going[half:]):
+        metrics.observe_run(len(part))
+        _train(ctx, part)
+
+
+def _train_run(ctx: WorkerContext, jobs: list[_Member]) -> bool:
+    """One PackedRun of the jobs, each ended as it ends; True when it ran out of memory. Then
+    a job left alone in it failed `out_of_memory`; two or more have each stored their last
+    completed epoch, to resume from (`_Member.resume`), and are still running."""
     run: PackedRun | None = None
     try:
         data, labels = _pack_data(ctx, [job.spec for job in jobs])
         run = PackedRun(
-            [job.spec for job in jobs],
-            data,
-            labels=labels,
-            resume=[(job.claim.resume_weights, job.claim.resume_state) for job in jobs],
+            [job.spec for job in jobs], data, labels=labels, resume=[job.resume for job in jobs]
         )
         trials = run.trials
         every = ctx.settings.checkpoint_every_seconds
@@ -179,16 +210,55 @@ def _train(ctx: WorkerContext, jobs: list[_Member]) -> None:
                     _guarded(ctx, job, _leave, ctx, job, trial)
     except Exception as exc:
         out_of_memory = execution.is_out_of_memory(exc)
+        going = [job for job in jobs if job.outcome is None]
+        if out_of_memory and len(going) > 1:
+            # The failed step's tensors live on in the traceback's frames: free them before
+            # the jobs' checkpoints are serialized, which needs memory of its own. (Logged as
+            # text: a handler that keeps records would keep the traceback, and the run.)
+            traceback.clear_frames(exc.__traceback__)
+            _before_split(ctx, jobs, run, str(exc))
+            return True
         if out_of_memory:
-            run = None
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            logger.warning("a pack of %d jobs ran out of memory: %s", len(jobs), exc)
+            logger.warning("a pack ran out of memory with %d job(s) left: %s", len(going), str(exc))
         else:
             logger.exception("a pack of %d jobs failed", len(jobs))
-        for job in jobs:
-            if job.outcome is None:
-                _guarded(ctx, job, _fail, ctx, job, exc, out_of_memory)
+        for job in going:
+            _guarded(ctx, job, _fail, ctx, job, exc, out_of_memory)
+        return out_of_memory
+    return False
+
+
+def _before_split(
+    ctx: WorkerContext, jobs: list[_Member], run: PackedRun | None, reason: str
+) -> None:
+    """A pack ran out of memory: this process packs fewer of its kind from now on, and each
+    job still in it stores its last completed epoch, to resume from in a smaller pack."""
+    going = [job for job in jobs if job.outcome is None]
+    half = (len(going) + 1) // 2
+    key = pack_key(going[0].spec)
+    ctx.pack_limits[key] = min(half, ctx.pack_limits.get(key, half))
+    metrics.observe_pack_split()
+    logger.warning(
+        "a pack of %d jobs ran out of memory; they train on as packs of %d and %d: %s",
+        len(going),
+        half,
+        len(going) - half,
+        reason,
+    )
+    if run is None:
+        return  # it failed before it was built: each starts again where it was claimed
+    run.release()  # room to serialize the checkpoints in, where the device is the host
+    for job, trial in zip(jobs, run.trials, strict=True):
+        if job.outcome is None and trial.snapshot is not None:
+            _guarded(ctx, job, _keep_for_split, ctx, job, trial)
+
+
+def _keep_for_split(ctx: WorkerContext, job: _Member, trial: Trial) -> None:
+    # Stored as a stopped attempt stores it: the stored `last` and `best` then agree with the
+    # state it resumes from, as after a hand-back (and a worker lost meanwhile loses nothing).
+    if job.cadence is not None:
+        execution.store_on_stop(ctx, job.claim, trial, job.cadence)
+    job.resume = (trial.weights(), trial.trainer_state())
 
 
 def _observe_epoch(run: PackedRun, outcomes: list[TrialEpoch]) -> None:
@@ -230,7 +300,7 @@ def _guarded(ctx: WorkerContext, job: _Member, step: Callable[..., None], *args:
         logger.exception("job %s failed in its pack", job.claim.job_id)
         job.outcome = "failed"
         try:
-            _fail(ctx, job, exc, False)
+            _fail(ctx, job, exc, execution.is_out_of_memory(exc))
         except Exception:
             logger.exception("job %s: its failure could not be stored", job.claim.job_id)
 

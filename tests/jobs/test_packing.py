@@ -11,6 +11,7 @@ import itertools
 import os
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 from safetensors.torch import load as load_tensors
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker, undefer
@@ -35,7 +37,7 @@ from tests.factories import make_job
 from worker import execution
 from worker.execution import WorkerContext, execute_job
 from worker.packing import pack_capacity
-from worker.training.packed import free_memory_bytes, trial_memory_bytes
+from worker.training.packed import PackedRun, free_memory_bytes, trial_memory_bytes
 
 FLOAT64_TOLERANCE = 1e-10
 FLOAT32_TOLERANCE = 1e-5  # metrics and weights after 3 epochs; measured: at most 5.1e-7
@@ -309,6 +311,106 @@ def test_a_hand_back_stops_every_trial_and_each_resumes_exactly(
             assert _difference(session_factory, job_id, twin) < FLOAT64_TOLERANCE
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+class _DeviceFits:
+    """A device that fits no more than `trials` trials a pack from the pack's epoch
+    `from_epoch` on: a PackedRun step over more raises CUDA's out-of-memory error (a GPU is
+    what runs out here; this machine has none). Records the size of every PackedRun built,
+    and how many of the runs built before it were still alive, holding their memory."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, trials: int, from_epoch: int) -> None:
+        self.sizes: list[int] = []
+        self.alive: list[int] = []
+        runs: list[weakref.ref[PackedRun]] = []
+        build, step = PackedRun.__init__, PackedRun._train_step
+
+        def built(run: PackedRun, specs: list[JobSpec], *args: Any, **kwargs: Any) -> None:
+            self.sizes.append(len(specs))
+            self.alive.append(sum(earlier() is not None for earlier in runs))
+            runs.append(weakref.ref(run))
+            build(run, specs, *args, **kwargs)
+
+        def stepped(run: PackedRun, *args: Any) -> Any:
+            if len(run.active) > trials and run.active[0].progress.epoch + 1 >= from_epoch:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return step(run, *args)
+
+        monkeypatch.setattr(PackedRun, "__init__", built)
+        monkeypatch.setattr(PackedRun, "_train_step", stepped)
+
+
+def _splits() -> float:
+    return REGISTRY.get_sample_value("trainsvc_pack_splits_total") or 0.0
+
+
+def test_a_pack_out_of_memory_trains_on_as_smaller_packs_each_job_exactly_once(
+    quiet: Callable[..., WorkerContext],
+    session_factory: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pack of 4 outgrows its device in its second epoch: it trains on as two packs of 2,
+    each job from its first epoch, in the same attempt; no epoch is stored twice, and each
+    job ends as the same job trained alone. This process then packs no more than 2 of them."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        specs = [_spec(i) for i in range(4)]
+        ids = _jobs(session_factory, specs)
+        device = _DeviceFits(monkeypatch, trials=2, from_epoch=2)
+        recorded = _calls(monkeypatch, "record_epoch")
+        stored = _calls(monkeypatch, "store_checkpoints")
+        splits = _splits()
+        # Checkpoints only at the end: the split itself must store each job's first epoch
+        # (and its best) for the smaller packs to resume from.
+        context = quiet(checkpoint_every_seconds=3600.0)
+        assert execute_job(context, ids[0]) == "succeeded"
+
+        assert device.sizes == [4, 2, 2]
+        assert device.alive == [0, 0, 0]  # the pack that ran out was freed before its halves
+        assert _splits() - splits == 1
+        assert sorted(map(str, stored)) == sorted(map(str, ids))  # each once, at the split
+        assert sorted(map(str, recorded)) == sorted(map(str, ids * 3))  # 3 epochs, once each
+        spec = JobSpec.model_validate(specs[0])
+        assert pack_capacity(context, spec) == 2
+        assert pack_capacity(quiet(), spec) == 8  # another process has not learned it
+        jobs = [_job(session_factory, job_id) for job_id in ids]
+        assert jobs[0].pack is not None
+        alone = _jobs(session_factory, specs)
+        for job_id in alone:
+            assert execute_job(quiet(max_pack=1), job_id) == "succeeded"
+        for job, twin in zip(jobs, alone, strict=True):
+            assert (job.status, job.attempts, job.pack) == ("succeeded", 1, jobs[0].pack)
+            assert [a.outcome for a in job.attempt_history] == ["succeeded"]
+            assert [(m.epoch, m.attempt) for m in _metrics(session_factory, job.id)] == [
+                (1, 1),
+                (2, 1),
+                (3, 1),
+            ]
+            assert _difference(session_factory, job.id, twin) < FLOAT64_TOLERANCE
+            best = [_job(session_factory, i).summary["best_epoch"] for i in (job.id, twin)]  # type: ignore[index]
+            assert best[0] == best[1]
+            assert _checkpoints(session_factory, job.id)["best"].epoch == best[0]
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_a_pack_that_fits_nowhere_fails_each_job_out_of_memory_as_alone(
+    quiet: Callable[..., WorkerContext],
+    session_factory: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ids = _jobs(session_factory, [_spec(i, epochs=1) for i in range(3)])
+    device = _DeviceFits(monkeypatch, trials=0, from_epoch=1)
+    context = quiet()
+    assert execute_job(context, ids[0]) == "failed"
+    assert device.sizes == [3, 2, 1, 1, 1]  # halved down to each job alone
+    assert device.alive == [0, 0, 0, 0, 0]
+    for job_id in ids:
+        job = _job(session_factory, job_id)
+        assert (job.status, job.error_type, job.attempts) == ("failed", "out_of_memory", 1)
+        assert "CUDA out of memory" in (job.error_message or "")
+        assert _metrics(session_factory, job_id) == []
+    assert pack_capacity(context, JobSpec.model_validate(_spec(0, epochs=1))) == 1
 
 
 def _calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[Any]:

@@ -37,6 +37,7 @@ and sum as its forward has them) and applies each leaf's packed form.
 
 import math
 import time
+import weakref
 from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -242,7 +243,10 @@ class Trial:
     """
 
     def __init__(self, pack: "PackedRun", index: int, spec: JobSpec) -> None:
-        self.pack = pack
+        # Weak: the pack holds its trials, and a cycle would keep a finished pack's tensors
+        # (on a GPU, its device memory) until the cycle collector ran, long after the next
+        # pack on the device needed them.
+        self._pack = weakref.ref(pack)
         self.index = index
         self.spec = spec
         self.progress = Progress()
@@ -255,6 +259,13 @@ class Trial:
         self.snapshot: _Snapshot | None = None
         self.best: _Snapshot | None = None
         self.diverged = False
+
+    @property
+    def pack(self) -> "PackedRun":
+        pack = self._pack()
+        if pack is None:
+            raise RuntimeError("the pack this trial trained in is gone")
+        return pack
 
     @property
     def lr(self) -> float:
@@ -1054,6 +1065,14 @@ class PackedRun:
         return reports
 
     # -- state ------------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Free the pack's working tensors (weights, gradients, optimizer state), keeping its
+        trials' snapshots: all that a pack which ran out of memory still needs, to hand each
+        trial's last completed epoch on (Trial.weights, Trial.trainer_state)."""
+        self.active = []
+        self.tensors = {}
+        self.optimizer_state = {}
 
     def _take_snapshots(self, positions: Collection[int]) -> None:
         frozen = _Frozen(

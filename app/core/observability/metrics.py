@@ -84,6 +84,10 @@ RUN_JOBS = Histogram(
     "Jobs a worker trains at once in one run: 1 alone, more in a pack (TRAINSVC_MAX_PACK).",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+PACK_SPLITS = Counter(
+    "trainsvc_pack_splits",
+    "Packs that ran out of device memory and trained on as two smaller packs.",
+)
 
 
 def observe_claim(queued_seconds: float, attempt: int) -> None:
@@ -100,6 +104,11 @@ def observe_job_end(status: str, seconds: float) -> None:
 def observe_run(jobs: int) -> None:
     """A worker starts training claimed jobs: one alone, or a pack of them."""
     RUN_JOBS.observe(jobs)
+
+
+def observe_pack_split() -> None:
+    """A pack did not fit its device: the memory estimate (or TRAINSVC_MAX_PACK) is too high."""
+    PACK_SPLITS.inc()
 
 
 def observe_epoch(device: str, samples: int, seconds: float) -> None:
