@@ -20,7 +20,13 @@ from worker.training.checkpoint import unpack_state
 from worker.training.data import PreparedData
 from worker.training.loop import Diverged, EpochResult, TrainingRun
 from worker.training.models import build_model
-from worker.training.packed import PackedRun, TrialEpoch, pack_key, trial_memory_bytes
+from worker.training.packed import (
+    PackedRun,
+    TrialEpoch,
+    free_memory_bytes,
+    pack_key,
+    trial_memory_bytes,
+)
 
 TOLERANCE = 1e-10
 # For bias - running_mean of a layer feeding batch norm under Adam or RMSprop (see
@@ -581,6 +587,25 @@ def test_a_trials_memory_estimate_covers_what_the_pack_holds_for_it(architecture
     assert trial_memory_bytes(specs[0], info) * 2 == estimate  # float64 takes twice float32's
     wider = specs[0].model.model_copy(update={"hidden_sizes": [16, 16]})
     assert trial_memory_bytes(specs[0].model_copy(update={"model": wider}), info) > estimate / 2
+
+
+@pytest.mark.gpu
+def test_memory_an_earlier_job_freed_counts_as_free_on_cuda() -> None:
+    """The pack's memory budget: blocks the caching allocator keeps after a job are free to
+    this process, though the driver counts them as used."""
+    device = torch.device("cuda")
+    before = free_memory_bytes(device)
+    assert before is not None
+    size = 1 << 30
+    block = torch.empty(size, dtype=torch.uint8, device=device)
+    held = free_memory_bytes(device)
+    assert held is not None
+    assert abs(before - held - size) < size // 8
+    del block  # back to the cache, not to the driver
+    assert torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) >= size
+    after = free_memory_bytes(device)
+    assert after is not None
+    assert abs(after - before) < size // 8
 
 
 @pytest.mark.gpu

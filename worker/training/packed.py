@@ -167,10 +167,14 @@ def _evaluation_chunk(batch_size: int) -> int:
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
-    """The device's free memory now: CUDA's own count, or the host's available memory (None
-    where the system does not say)."""
+    """The device's free memory now, to this process: CUDA's count plus what its caching
+    allocator holds unused, or the host's available memory (None where the system does not
+    say)."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        # The driver counts the blocks PyTorch's caching allocator keeps for reuse (an earlier
+        # job's, freed) as used; they are free to this process, the one that packs.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0] + cached)
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
