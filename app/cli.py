@@ -324,13 +324,14 @@ def _jobs_list(args: argparse.Namespace) -> None:
 
     with _reporting("list"), _client(args) as client:
         jobs = itertools.islice(client.list(status=args.status, study_id=args.study), args.limit)
-        rows: list[tuple[str, ...]] = [("id", "name", "status", "progress", "created")]
+        rows: list[tuple[str, ...]] = [("id", "name", "status", "progress", "pack", "created")]
         rows += [
             (
                 str(job.id),
                 job.name or "-",
                 job.status,
                 f"{job.progress.epoch}/{job.progress.epochs}",
+                str(job.pack)[:8] if job.pack else "-",  # as the dashboard shows it
                 _moment(job.created_at),
             )
             for job in jobs
@@ -430,7 +431,16 @@ def _study_report(args: argparse.Namespace) -> None:
         if args.csv:
             Path(args.csv).write_text(client.study_report(args.study_id, format="csv"))
     axes = [axis for axis in report["axes"] if axis != "seed"]
-    columns = [*axes, "n", "best_val_acc", "gap_final", "epochs_to_target", "diverged"]
+    columns = [
+        *axes,
+        "n",
+        "best_val_acc",
+        "gap_final",
+        "epochs_to_target",
+        "diverged",
+        "s_per_epoch",
+        "packed",
+    ]
     rows = [
         [
             *(json.dumps(row["configuration"].get(axis)) for axis in axes),
@@ -439,6 +449,8 @@ def _study_report(args: argparse.Namespace) -> None:
             _mean_sd(row["generalization_gap_final"]),
             _mean_sd(row["epochs_to_target"]),
             str(row["diverged"]),
+            _mean_sd(row["seconds_per_epoch"]),
+            str(row["packed"]),
         ]
         for row in report["configurations"]
     ]
@@ -448,6 +460,8 @@ def _study_report(args: argparse.Namespace) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
     if report["note"]:
         print(f"\n{report['note']}")
+    if report.get("seconds_note"):
+        print(f"\n{report['seconds_note']}")
     print(f"\ntarget val accuracy: {report['target']['val_accuracy']}")
     if report["effects"]:
         print("\neffects (paired, bootstrap 95% intervals):")

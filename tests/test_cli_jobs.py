@@ -52,10 +52,10 @@ def test_list_show_and_cancel(api: TestClient, capsys: pytest.CaptureFixture[str
     assert out == f"job {first['id']} cancelled\n"
 
     listed = run(capsys, "jobs", "list").splitlines()
-    assert listed[0].split() == ["id", "name", "status", "progress", "created"]
-    assert [line.split()[:4] for line in listed[1:]] == [
-        [second["id"], "second", "queued", "0/2"],
-        [first["id"], "first", "cancelled", "0/2"],
+    assert listed[0].split() == ["id", "name", "status", "progress", "pack", "created"]
+    assert [line.split()[:5] for line in listed[1:]] == [
+        [second["id"], "second", "queued", "0/2", "-"],  # no pack: neither trained
+        [first["id"], "first", "cancelled", "0/2", "-"],
     ]
     cancelled = run(capsys, "jobs", "list", "--status", "cancelled").splitlines()
     assert [line.split()[0] for line in cancelled[1:]] == [first["id"]]

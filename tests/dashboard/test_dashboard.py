@@ -197,6 +197,15 @@ def test_a_study_page_shows_its_table_and_compare_overlays_picked_jobs(
     table = page.inner_text("#configurations")
     assert "batch_norm" in table
     assert "2 of 2" in table
+    # What an epoch took, and that those seconds are a pack's: each configuration's two seeds
+    # trained as one pack, and the note under the table says what that does to the timings.
+    header = [cell.inner_text() for cell in page.locator("#configurations thead th").all()]
+    assert header[-2:] == ["Seconds per epoch", "Packed"]
+    for row in rows.all():
+        cells = [cell.inner_text() for cell in row.locator("td").all()]
+        assert re.fullmatch(r"\d+ ms( ± \d+ ms)?|\d+\.\d s( ± .+)?", cells[-2]), cells
+        assert cells[-1] == "2"
+    assert "trained in packs" in page.inner_text("#seconds-note")
     # The server's learning-curve plot (a band over seeds), fetched as a blob and shown.
     page.wait_for_function(
         """() => { const img = document.querySelector('img[data-plot="learning_curves"]');

@@ -42,9 +42,12 @@ def test_study_create_then_report_with_csv(
     assert out.endswith(": 4 jobs\n")
     study_id = out.split()[1].rstrip(":")
     study = cli_talks_to.get(f"/v1/studies/{study_id}").json()
+    pack = uuid.uuid4()
     for job in study["jobs"]:
-        finish(session, job["id"])
+        finished = finish(session, job["id"])
         base = 0.9 if job["grid_point"]["model.normalization.type"] == "batch_norm" else 0.6
+        if base == 0.9:
+            finished.pack = pack  # the batch-norm seeds trained together
         store_epochs(session, uuid.UUID(job["id"]), [(base, 0.1), (base + 0.05, 0.2)])
     session.commit()
 
@@ -59,9 +62,14 @@ def test_study_create_then_report_with_csv(
         "gap_final",
         "epochs_to_target",
         "diverged",
+        "s_per_epoch",
+        "packed",
     ]
     assert lines[1].split()[:3] == ['"none"', "2", "0.650±0.000"]
     assert lines[2].split()[:3] == ['"batch_norm"', "2", "0.950±0.000"]
+    assert lines[1].split()[-2:] == ["0.750±0.000", "0"]  # epochs of 0.5 s and 1.0 s
+    assert lines[2].split()[-2:] == ["0.750±0.000", "2"]
+    assert "2 of the 4 succeeded jobs trained in packs" in out
     assert "batch_norm raised best val accuracy by +0.3 [0.3, 0.3], n=2" in out
     assert csv_path.read_text().startswith("model.normalization.type,jobs,succeeded")
 

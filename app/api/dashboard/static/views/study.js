@@ -2,7 +2,7 @@
 // and the server's plots: curves by configuration with a band over seeds).
 
 import { ApiError, blobURL, getJSON, query } from "../api.js";
-import { age, clear, el, errorBox, moment, number, percent } from "../dom.js";
+import { age, clear, duration, el, errorBox, moment, number, percent } from "../dom.js";
 
 const COUNTS = ["queued", "running", "succeeded", "failed", "cancelled"];
 
@@ -113,7 +113,7 @@ function configurationTable(report) {
   return el("div", { class: "table-wrap" }, el("table", { class: "plain", id: "configurations" },
     el("thead", {}, el("tr", {},
       axes.map((axis) => el("th", {}, axis.split(".").slice(-2).join(" "))),
-      ["Runs done", "Best val accuracy", "Final val loss", "Gap at end", `Epochs to ${target ? percent(target, 1) : "target"}`, "Diverged"].map((h) => el("th", {}, h)))),
+      ["Runs done", "Best val accuracy", "Final val loss", "Gap at end", `Epochs to ${target ? percent(target, 1) : "target"}`, "Diverged", "Seconds per epoch", "Packed"].map((h) => el("th", {}, h)))),
     el("tbody", {}, report.configurations.map((row) =>
       el("tr", {},
         axes.map((axis) => el("td", {}, el("code", {}, String(row.configuration[axis])))),
@@ -123,6 +123,8 @@ function configurationTable(report) {
         el("td", {}, stat(row.generalization_gap_final, (v) => number(v, 3))),
         el("td", {}, stat(row.epochs_to_target, (v) => number(v, 1)), row.epochs_to_target?.never_reached ? el("span", { class: "help" }, ` (${row.epochs_to_target.never_reached} never)`) : null),
         el("td", {}, String(row.diverged)),
+        el("td", {}, stat(row.seconds_per_epoch, (v) => duration(v))),
+        el("td", {}, String(row.packed)),
       ))),
   ));
 }
@@ -154,6 +156,8 @@ export function studyView(root, studyId) {
       el("h2", {}, "Configurations"),
       el("p", { class: "help" }, "Each configuration aggregated over its seeds: mean ± sample standard deviation, succeeded runs only."),
       configurationTable(report),
+      // Why a configuration's seconds may not compare with another's: its jobs trained packed.
+      report.seconds_note ? el("p", { class: "help", id: "seconds-note" }, report.seconds_note) : null,
       report.max_stable_lr ? el("p", {}, "Largest stable learning rate: ", el("code", {}, JSON.stringify(report.max_stable_lr))) : null,
       el("h2", {}, "Effects"),
       el("p", { class: "help" }, "Each axis value against its baseline, paired over the other axes and seeds."),
