@@ -6,6 +6,7 @@ and compares every number (metrics, diagnostics, weights, trainer state).
 
 import dataclasses
 import math
+import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -606,6 +607,51 @@ def test_memory_an_earlier_job_freed_counts_as_free_on_cuda() -> None:
     after = free_memory_bytes(device)
     assert after is not None
     assert abs(after - before) < size // 8
+
+
+@pytest.mark.gpu
+def test_a_pack_that_outgrows_the_gpu_frees_all_it_held_for_the_smaller_packs() -> None:
+    """The CUDA half of a pack's out-of-memory split (its logic: tests/jobs/test_packing.py,
+    with the OOM simulated): a pack of 8 under a memory cap of about 3 trials raises CUDA's
+    OutOfMemoryError, and once the worker lets go of it, as it does (its frames cleared, the
+    run dropped), its device memory is free and a pack of 2 trains under the same cap."""
+    torch.set_default_dtype(torch.float32)
+    device = torch.device("cuda")
+    specs = [
+        make_spec(
+            dataset={"name": "digits", "train_subset": 256, "batch_size": 64},
+            model={
+                "hidden_sizes": [2048, 2048],
+                "normalization": {"type": "batch_norm"},
+                "dropout": {"rate": 0.1},
+            },
+            optimizer={"type": "adam", "lr": 1e-3},
+            epochs=1,
+            seed=seed,
+            device="cuda",
+        )
+        for seed in range(8)
+    ]
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_reserved(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    train_packed(specs[:1])
+    one = torch.cuda.max_memory_reserved(device) - base  # one trial's epoch, at its peak
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction((base + 3 * one) / total, device)
+    try:
+        with pytest.raises(torch.OutOfMemoryError) as caught:
+            train_packed(specs)
+        traceback.clear_frames(caught.value.__traceback__)
+        del caught
+        torch.cuda.empty_cache()
+        assert torch.cuda.memory_reserved(device) < base + one // 2
+        _, results = train_packed(specs[:2])
+        assert [len(epochs) for epochs in results.values()] == [1, 1]
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.empty_cache()
 
 
 @pytest.mark.gpu
