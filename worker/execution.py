@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
@@ -488,7 +489,10 @@ def _train(ctx: WorkerContext, claim: Claim, spec: JobSpec, control: AttemptCont
         return "lease_lost"
     except Exception as exc:
         if is_out_of_memory(exc):
-            run = None  # drop the half-built model and its tensors before the next job
+            # Drop the failed run and its tensors before the next job. The traceback's frames
+            # hold them too (as in worker/packing.py's split), until cleared.
+            traceback.clear_frames(exc.__traceback__)
+            run = None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give the memory back so the next job on this GPU fits
             logger.warning("job %s ran out of memory: %s", claim.job_id, str(exc))

@@ -1,5 +1,7 @@
 """worker.execution on a real database, with the trainer replaced only where a GPU is needed."""
 
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -46,6 +48,51 @@ def test_cuda_out_of_memory_fails_the_job_with_out_of_memory(
         assert (stored.status, stored.error_type) == ("failed", "out_of_memory")
         assert "CUDA out of memory" in (stored.error_message or "")
         assert [a.outcome for a in stored.attempt_history] == ["failed"]
+
+
+class _FillsTheGpu:
+    """Stands in for a TrainingRun that starts, then finds the GPU full in its first epoch."""
+
+    completed_epoch = best_epoch = 0
+
+    def __init__(self, made: list[weakref.ref[Any]]) -> None:
+        made.append(weakref.ref(self))
+
+    def epochs(self, should_stop: Any) -> Iterator[Any]:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        yield
+
+
+def test_a_run_out_of_memory_is_freed_before_its_attempt_ends(
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its tensors (on a GPU, device memory the next job needs) go when the worker drops the
+    run, not whenever the failure's traceback happens to be collected."""
+    with session_factory() as session:
+        job = make_job(session)
+        session.commit()
+    made: list[weakref.ref[Any]] = []
+    alive_at_end: list[bool] = []
+    end_attempt = execution.end_attempt
+
+    def ending(*args: Any, **kwargs: Any) -> None:
+        alive_at_end.append(any(run() is not None for run in made))
+        end_attempt(*args, **kwargs)
+
+    monkeypatch.setattr(execution, "TrainingRun", lambda *_, **__: _FillsTheGpu(made))
+    monkeypatch.setattr(execution, "load_data", lambda *_: None)
+    monkeypatch.setattr(execution, "end_attempt", ending)
+    ctx = WorkerContext(
+        settings,
+        session_factory,
+        Dispatcher(create_celery_app(settings), session_factory),
+        "node@host#1",
+    )
+    assert execute_job(ctx, job.id) == "failed"
+    assert len(made) == 1
+    assert alive_at_end == [False]
 
 
 def test_cpu_allocator_failures_count_as_out_of_memory() -> None:
