@@ -9,8 +9,9 @@ thread keeps the pack's leases, with one read a poll for all its jobs), its own 
 checkpoints (with its own metadata) and events, and its own end. A trial that diverges ends
 failed while the others go on; one whose control wants it stopped leaves the pack and ends
 (or is handed back) for its own reason; a lost worker's jobs each lapse and are reaped alone.
-A pack that runs out of device memory trains on as two smaller packs, each job from its last
-completed epoch, and this process packs fewer of that kind from then on.
+A pack that runs out of device memory trains on as a pack of half its size, each job from its
+last completed epoch; the other half goes back to the queue, to be packed again by whichever
+worker is free; and this process packs fewer of that kind from then on.
 """
 
 import logging
@@ -153,11 +154,13 @@ def train_pack(ctx: WorkerContext, members: list[tuple[Claim, JobSpec]]) -> str:
 
 
 def _train(ctx: WorkerContext, jobs: list[_Member]) -> None:
-    """Train the jobs as one PackedRun. A pack that does not fit its device trains on as two
-    smaller ones, each job from its last completed epoch, down to a job alone: the memory
-    estimate that sized the pack is an estimate, and packing must not fail a job that fits
-    alone. The halves keep their attempts (and leases, and the pack id they were claimed in),
-    so nothing is stored twice, and each job resumes exactly, as from a hand-back."""
+    """Train the jobs as one PackedRun. A pack that does not fit its device trains on as a
+    pack of half its size, each job from its last completed epoch, down to a job alone: the
+    memory estimate that sized the pack is an estimate, and packing must not fail a job that
+    fits alone. The half that trains keeps its attempts (and leases, and pack id), so nothing
+    is stored twice. The other half is handed back, as at a shutdown, rather than waiting
+    here: its jobs show `queued`, not `running` with no progress, and another worker's
+    process may take them at once (a new attempt, a new pack); each resumes exactly."""
     if not _train_run(ctx, jobs):
         return
     if torch.cuda.is_available():
@@ -166,9 +169,10 @@ def _train(ctx: WorkerContext, jobs: list[_Member]) -> None:
     if not going:
         return  # a job alone that did not fit: it failed `out_of_memory`, as unpacked
     half = (len(going) + 1) // 2
-    for part in (going[:half], going[half:]):
-        metrics.observe_run(len(part))
-        _train(ctx, part)
+    for job in going[half:]:
+        _guarded(ctx, job, _hand_back, ctx, job)
+    metrics.observe_run(half)
+    _train(ctx, going[:half])
 
 
 def _train_run(ctx: WorkerContext, jobs: list[_Member]) -> bool:
@@ -232,14 +236,15 @@ def _before_split(
     ctx: WorkerContext, jobs: list[_Member], run: PackedRun | None, reason: str
 ) -> None:
     """A pack ran out of memory: this process packs fewer of its kind from now on, and each
-    job still in it stores its last completed epoch, to resume from in a smaller pack."""
+    job still in it stores its last completed epoch, to resume from in a smaller pack (this
+    one's half) or in a later attempt (the half handed back)."""
     going = [job for job in jobs if job.outcome is None]
     half = (len(going) + 1) // 2
     key = pack_key(going[0].spec)
     ctx.pack_limits[key] = min(half, ctx.pack_limits.get(key, half))
     metrics.observe_pack_split()
     logger.warning(
-        "a pack of %d jobs ran out of memory; they train on as packs of %d and %d: %s",
+        "a pack of %d jobs ran out of memory; %d train on, %d go back to the queue: %s",
         len(going),
         half,
         len(going) - half,
@@ -337,6 +342,12 @@ def _leave(ctx: WorkerContext, job: _Member, trial: Trial) -> None:
     if job.cadence and job.control.stop_reason in ("cancelled", "handed_back", "timeout"):
         execution.store_on_stop(ctx, job.claim, trial, job.cadence)
     job.outcome = execution.end_interrupted(ctx, job.claim, job.control, trial)
+
+
+def _hand_back(ctx: WorkerContext, job: _Member) -> None:
+    """A job of the half that does not train on: back to the queue, from what it stored."""
+    job.control.stop_reason = "handed_back"  # its lease is no longer this worker's to keep
+    job.outcome = execution.end_interrupted(ctx, job.claim, job.control, None)
 
 
 def _fail(ctx: WorkerContext, job: _Member, exc: BaseException, out_of_memory: bool) -> None:

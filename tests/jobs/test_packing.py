@@ -37,6 +37,7 @@ from tests.factories import make_job
 from worker import execution
 from worker.execution import WorkerContext, execute_job
 from worker.packing import pack_capacity
+from worker.training.loop import TrainingRun
 from worker.training.packed import PackedRun, free_memory_bytes, trial_memory_bytes
 
 FLOAT64_TOLERANCE = 1e-10
@@ -314,16 +315,20 @@ def test_a_hand_back_stops_every_trial_and_each_resumes_exactly(
 
 
 class _DeviceFits:
-    """A device that fits no more than `trials` trials a pack from the pack's epoch
-    `from_epoch` on: a PackedRun step over more raises CUDA's out-of-memory error (a GPU is
-    what runs out here; this machine has none). Records the size of every PackedRun built,
-    and how many of the runs built before it were still alive, holding their memory."""
+    """A device that fits no more than `trials` trials at once from a run's epoch `from_epoch`
+    on: a PackedRun step over more (or a job alone's epoch, where `trials` is 0) raises
+    CUDA's out-of-memory error (a GPU is what runs out here; this machine has none). Records
+    the size of every PackedRun built, and how many of the runs built before it were still
+    alive, holding their memory."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, trials: int, from_epoch: int) -> None:
         self.sizes: list[int] = []
         self.alive: list[int] = []
         runs: list[weakref.ref[PackedRun]] = []
-        build, step = PackedRun.__init__, PackedRun._train_step
+        build, step, epoch = PackedRun.__init__, PackedRun._train_step, TrainingRun._train_epoch
+
+        def out_of_memory() -> torch.OutOfMemoryError:
+            return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
         def built(run: PackedRun, specs: list[JobSpec], *args: Any, **kwargs: Any) -> None:
             self.sizes.append(len(specs))
@@ -333,11 +338,17 @@ class _DeviceFits:
 
         def stepped(run: PackedRun, *args: Any) -> Any:
             if len(run.active) > trials and run.active[0].progress.epoch + 1 >= from_epoch:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                raise out_of_memory()
             return step(run, *args)
+
+        def alone(run: TrainingRun, number: int, *args: Any) -> Any:
+            if trials < 1 and number >= from_epoch:
+                raise out_of_memory()
+            return epoch(run, number, *args)
 
         monkeypatch.setattr(PackedRun, "__init__", built)
         monkeypatch.setattr(PackedRun, "_train_step", stepped)
+        monkeypatch.setattr(TrainingRun, "_train_epoch", alone)
 
 
 def _splits() -> float:
@@ -349,9 +360,10 @@ def test_a_pack_out_of_memory_trains_on_as_smaller_packs_each_job_exactly_once(
     session_factory: sessionmaker[Session],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A pack of 4 outgrows its device in its second epoch: it trains on as two packs of 2,
-    each job from its first epoch, in the same attempt; no epoch is stored twice, and each
-    job ends as the same job trained alone. This process then packs no more than 2 of them."""
+    """A pack of 4 outgrows its device in its second epoch: two of its jobs train on as a
+    pack of 2 from their first epoch, in the same attempt, and the other two go back to the
+    queue, to be packed again from theirs. No epoch is stored twice, and each job ends as the
+    same job trained alone. This process then packs no more than 2 of them."""
     torch.set_default_dtype(torch.float64)
     try:
         specs = [_spec(i) for i in range(4)]
@@ -365,27 +377,38 @@ def test_a_pack_out_of_memory_trains_on_as_smaller_packs_each_job_exactly_once(
         context = quiet(checkpoint_every_seconds=3600.0)
         assert execute_job(context, ids[0]) == "succeeded"
 
-        assert device.sizes == [4, 2, 2]
-        assert device.alive == [0, 0, 0]  # the pack that ran out was freed before its halves
+        assert device.sizes == [4, 2]
         assert _splits() - splits == 1
-        assert sorted(map(str, stored)) == sorted(map(str, ids))  # each once, at the split
-        assert sorted(map(str, recorded)) == sorted(map(str, ids * 3))  # 3 epochs, once each
+        for job_id in ids[2:]:  # back in the queue, not waiting here as `running`
+            job = _job(session_factory, job_id)
+            assert (job.status, job.attempts, job.lease_owner) == ("queued", 1, None)
+            assert [a.outcome for a in job.attempt_history] == ["handed_back"]
+            assert _checkpoints(session_factory, job_id)["last"].epoch == 1
         spec = JobSpec.model_validate(specs[0])
         assert pack_capacity(context, spec) == 2
         assert pack_capacity(quiet(), spec) == 8  # another process has not learned it
+        assert execute_job(context, ids[2]) == "succeeded"  # packed again, with its fellow
+
+        assert device.sizes == [4, 2, 2]
+        assert device.alive == [0, 0, 0]  # the pack that ran out was freed before its half
+        assert sorted(map(str, stored)) == sorted(map(str, ids))  # each once, at the split
+        assert sorted(map(str, recorded)) == sorted(map(str, ids * 3))  # 3 epochs, once each
         jobs = [_job(session_factory, job_id) for job_id in ids]
-        assert jobs[0].pack is not None
+        assert None not in {jobs[0].pack, jobs[2].pack}
+        assert jobs[0].pack != jobs[2].pack
         alone = _jobs(session_factory, specs)
         for job_id in alone:
             assert execute_job(quiet(max_pack=1), job_id) == "succeeded"
         for job, twin in zip(jobs, alone, strict=True):
-            assert (job.status, job.attempts, job.pack) == ("succeeded", 1, jobs[0].pack)
-            assert [a.outcome for a in job.attempt_history] == ["succeeded"]
-            assert [(m.epoch, m.attempt) for m in _metrics(session_factory, job.id)] == [
-                (1, 1),
-                (2, 1),
-                (3, 1),
-            ]
+            kept = job.id in ids[:2]
+            assert job.status == "succeeded"
+            assert job.pack == (jobs[0].pack if kept else jobs[2].pack)
+            assert [a.outcome for a in job.attempt_history] == (
+                ["succeeded"] if kept else ["handed_back", "succeeded"]
+            )
+            assert [(m.epoch, m.attempt) for m in _metrics(session_factory, job.id)] == (
+                [(1, 1), (2, 1), (3, 1)] if kept else [(1, 1), (2, 2), (3, 2)]
+            )
             assert _difference(session_factory, job.id, twin) < FLOAT64_TOLERANCE
             best = [_job(session_factory, i).summary["best_epoch"] for i in (job.id, twin)]  # type: ignore[index]
             assert best[0] == best[1]
@@ -403,14 +426,23 @@ def test_a_pack_that_fits_nowhere_fails_each_job_out_of_memory_as_alone(
     device = _DeviceFits(monkeypatch, trials=0, from_epoch=1)
     context = quiet()
     assert execute_job(context, ids[0]) == "failed"
-    assert device.sizes == [3, 2, 1, 1, 1]  # halved down to each job alone
-    assert device.alive == [0, 0, 0, 0, 0]
+    assert device.sizes == [3, 2, 1]  # halved down to the leader alone
+    assert device.alive == [0, 0, 0]
+    assert [_job(session_factory, job_id).status for job_id in ids] == [
+        "failed",
+        "queued",
+        "queued",
+    ]
+    assert pack_capacity(context, JobSpec.model_validate(_spec(0, epochs=1))) == 1
+    # The others, handed back, are each claimed alone in this process, and fail as they would
+    # unpacked.
+    assert [execute_job(context, job_id) for job_id in ids[1:]] == ["failed", "failed"]
+    assert device.sizes == [3, 2, 1]
     for job_id in ids:
         job = _job(session_factory, job_id)
-        assert (job.status, job.error_type, job.attempts) == ("failed", "out_of_memory", 1)
+        assert (job.status, job.error_type) == ("failed", "out_of_memory")
         assert "CUDA out of memory" in (job.error_message or "")
         assert _metrics(session_factory, job_id) == []
-    assert pack_capacity(context, JobSpec.model_validate(_spec(0, epochs=1))) == 1
 
 
 def _calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[Any]:

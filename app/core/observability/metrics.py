@@ -86,7 +86,7 @@ RUN_JOBS = Histogram(
 )
 PACK_SPLITS = Counter(
     "trainsvc_pack_splits",
-    "Packs that ran out of device memory and trained on as two smaller packs.",
+    "Packs that ran out of device memory: half of each trained on, half went back to the queue.",
 )
 
 
