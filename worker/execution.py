@@ -123,18 +123,19 @@ class WorkerContext:
     pack_limits: dict[Hashable, int] = field(default_factory=dict)
 
 
-def with_db_retry(ctx: WorkerContext, work: Callable[[Session], T]) -> T:
+def with_db_retry(ctx: WorkerContext, work: Callable[[Session], T], *, write: bool = True) -> T:
     """Run `work` in its own transaction, retrying with backoff while the database is away.
 
     A restart of the database (up to settings.db_retry_seconds) neither fails the attempt nor
     duplicates a write: each retry is a fresh transaction, and a half-done one was rolled back.
     A try whose commit landed but whose acknowledgement was lost is retried too, so `work`
-    must recognise its own earlier write (the lifecycle's writes do).
+    must recognise its own earlier write (the lifecycle's writes do). write=False for work
+    that only reads: on SQLite it then neither waits for nor holds up the API's writes.
     Backoff 0.2 s doubling to at most 5 s; no sleep that would end past the deadline.
     """
 
     def attempt() -> T:
-        with transaction(ctx.session_factory) as session:
+        with transaction(ctx.session_factory, write=write) as session:
             return work(session)
 
     retrying = Retrying(
@@ -271,7 +272,7 @@ def load_data(ctx: WorkerContext, spec: JobSpec) -> PreparedData:
             arrays = load_builtin(spec.dataset)
         return prepare(spec.dataset, info, arrays)
 
-    data = with_db_retry(ctx, read)
+    data = with_db_retry(ctx, read, write=False)
     dtype = torch.get_default_dtype()
     if data.x_train.is_floating_point() and data.x_train.dtype != dtype:
         # The features in the model's dtype: float32 as served; float64 where a test (the

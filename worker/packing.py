@@ -113,7 +113,9 @@ def pack_capacity(ctx: WorkerContext, spec: JobSpec) -> int:
         if free is None:
             return limit
         budget = free // 2
-    info = with_db_retry(ctx, lambda session: resolve_dataset(session, spec.dataset.name))
+    info = with_db_retry(
+        ctx, lambda session: resolve_dataset(session, spec.dataset.name), write=False
+    )
     return max(1, min(limit, budget // trial_memory_bytes(spec, info)))
 
 

@@ -54,7 +54,7 @@ class Dispatcher:
         return sent
 
     def publish_pending(self, republish_after_seconds: float) -> list[uuid.UUID]:
-        with transaction(self.session_factory) as session:
+        with transaction(self.session_factory, write=False) as session:
             pending = lifecycle.jobs_to_publish(session, republish_after_seconds)
         return self.publish(pending)
 

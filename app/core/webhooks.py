@@ -23,7 +23,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
-from app.core.db import transaction
+from app.core.db import READ_ONLY, transaction
 from app.core.errors import InvalidInput
 from app.core.models import Job, JobCallback, WebhookDelivery, utcnow
 
@@ -180,7 +180,7 @@ def _send_one(
     policy: WebhookPolicy,
     delivery_id: uuid.UUID,
 ) -> None:
-    with factory() as session:
+    with factory(execution_options=READ_ONLY) as session:
         delivery = session.get(WebhookDelivery, delivery_id)
         job = session.get(Job, delivery.job_id) if delivery is not None else None
         secret = (

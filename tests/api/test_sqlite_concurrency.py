@@ -1,24 +1,33 @@
 """The embedded default under load: on SQLite a reader never waits for a writer, and a unit of
 work that writes never fails halfway because another writer committed meanwhile."""
 
+import hashlib
+import io
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import sessionmaker
 
 from app.api.main import create_app
+from app.core.broker import create_celery_app
 from app.core.config import Settings
 from app.core.db import create_db_engine, create_session_factory, transaction
 from app.core.keys import create_key
 from app.core.migrate import upgrade
-from app.core.models import ApiKey, Job
-from tests.factories import make_job
+from app.core.models import ApiKey, Checkpoint, Job
+from app.core.outbox import Dispatcher
+from app.core.spec import JobSpec
+from tests.factories import make_job, spec_payload
+from worker import execution
+from worker.execution import WorkerContext
 
 
 @pytest.fixture
@@ -141,3 +150,81 @@ def test_a_read_then_write_unit_holds_the_write_lock_from_its_first_read(
     finally:
         other.close()
         engine.dispose()
+
+
+def test_reads_outside_a_request_session_run_beside_a_writer(
+    sqlite_file: str, tmp_path: Path
+) -> None:
+    """Not only a GET's own session: an event stream's reads (the hub's polls, the backlog, the
+    job's lookup), a checkpoint download's chunks, a /metrics scrape, the outbox's sweep and a
+    worker's read of its data each read while a worker holds the write lock. Begun as writers
+    (BEGIN IMMEDIATE), each waited for the lock up to the 30 s busy timeout, and the hub's poll
+    held up the worker's writes every time it ran."""
+    settings = Settings(
+        database_url=f"sqlite:///{sqlite_file}",
+        broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+    )
+    engine = create_db_engine(settings.database_url)
+    factory = create_session_factory(engine)
+    with transaction(factory) as session:
+        key = create_key(session, "default")[1]
+        job = make_job(session, status="succeeded")
+        weights = b"w" * 5000
+        checkpoint = Checkpoint(
+            job_id=job.id,
+            epoch=1,
+            kind="last",
+            attempt=1,
+            weights=weights,
+            size_bytes=len(weights),
+            sha256=hashlib.sha256(weights).hexdigest(),
+        )
+        session.add(checkpoint)
+        session.flush()
+        paths = [
+            f"/v1/jobs/{job.id}/events",
+            f"/v1/jobs/{job.id}/checkpoints/{checkpoint.id}",
+            "/metrics",
+        ]
+    dispatcher = Dispatcher(create_celery_app(settings), factory)
+    context = WorkerContext(settings, factory, dispatcher, "node@host#1")
+    with TestClient(create_app(settings)) as client:
+        client.headers["Authorization"] = f"Bearer {key}"
+        for path in paths:  # warm: connections, imports, the hub's first poll
+            assert client.get(path).status_code == 200, path
+        # A worker reads an upload's arrays from the database (a built-in dataset, from disk).
+        arrays = io.BytesIO()
+        np.savez(arrays, x=np.random.default_rng(0).normal(size=(40, 3)), y=np.arange(40) % 2)
+        uploaded = client.post("/v1/datasets", files={"file": ("d.npz", arrays.getvalue())})
+        assert uploaded.status_code == 201, uploaded.text
+        dataset = {"name": uploaded.json()["name"], "val_fraction": 0.2, "batch_size": 8}
+        spec = JobSpec.model_validate(spec_payload(dataset=dataset))
+        writer = sqlite3.connect(sqlite_file, isolation_level=None, check_same_thread=False)
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("UPDATE jobs SET progress_epoch = 7")
+        done: dict[str, object] = {}
+
+        def run(name: str, read: Callable[[], object]) -> threading.Thread:
+            def target() -> None:
+                done[name] = read()
+
+            thread = threading.Thread(target=target, daemon=True)
+            thread.start()
+            return thread
+
+        threads = [run(path, partial(client.get, path)) for path in paths]
+        threads.append(run("outbox", partial(dispatcher.publish_pending, 3600.0)))
+        threads.append(run("worker data", partial(execution.load_data, context, spec)))
+        for thread in threads:
+            thread.join(timeout=5)  # before, each waited here for the writer's lock
+        late = sorted({*paths, "outbox", "worker data"} - set(done))
+        writer.rollback()
+        writer.close()
+        for thread in threads:
+            thread.join()
+        assert late == [], f"waited for the writer: {late}"
+    engine.dispose()
+    for path in paths:
+        assert done[path].status_code == 200, path  # type: ignore[attr-defined]
+    assert done["outbox"] == []
+    assert len(done["worker data"].x_train) == 32  # type: ignore[attr-defined]

@@ -9,6 +9,7 @@ from sqlalchemy import select
 
 from app.api.auth import CallerDep
 from app.api.events.hub import EventHub
+from app.core.db import READ_ONLY
 from app.core.errors import InvalidInput, JobNotFound
 from app.core.models import Job
 from app.core.tenancy import scoped
@@ -26,7 +27,7 @@ async def streamed_job(job_id: uuid.UUID, request: Request, caller: CallerDep) -
 
     def exists() -> bool:
         query = scoped(select(Job.id).where(Job.id == job_id), Job, caller)
-        with request.app.state.session_factory() as session:
+        with request.app.state.session_factory(execution_options=READ_ONLY) as session:
             return session.scalar(query) is not None
 
     if not await anyio.to_thread.run_sync(exists):

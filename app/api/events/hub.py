@@ -18,6 +18,7 @@ import anyio.to_thread
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core import events
+from app.core.db import READ_ONLY
 from app.core.events import Event
 
 logger = logging.getLogger(__name__)
@@ -87,14 +88,14 @@ class EventHub:
                 await asyncio.sleep(self.poll_seconds)
 
     def _last_id(self) -> int:
-        with self.session_factory() as session:
+        with self.session_factory(execution_options=READ_ONLY) as session:
             return events.last_event_id(session)
 
     def _poll(self) -> list[Event]:
         assert self.cursor is not None
         now = time.monotonic()
         self.gaps = {gap: seen for gap, seen in self.gaps.items() if now - seen < GAP_SECONDS}
-        with self.session_factory() as session:
+        with self.session_factory(execution_options=READ_ONLY) as session:
             batch = events.read_events(session, after_id=self.cursor, ids=list(self.gaps))
         for event in batch:
             self.gaps.pop(event.id, None)

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.events.hub import EventHub
 from app.core import events
+from app.core.db import READ_ONLY
 from app.core.events import Event
 from app.core.models import Job
 from app.core.models.jobs import ENDED_STATUSES
@@ -39,7 +40,7 @@ async def job_stream(
     try:
 
         def backlog() -> tuple[bool, list[Event]]:
-            with factory() as session:
+            with factory(execution_options=READ_ONLY) as session:
                 status = session.scalar(select(Job.status).where(Job.id == job_id))
                 ended = status in ENDED_STATUSES
                 # An ended job has no live events to come: read everything it has.
@@ -83,7 +84,7 @@ async def all_jobs_stream(
         if last_event_id is not None:
 
             def backlog() -> list[Event]:
-                with factory() as session:
+                with factory(execution_options=READ_ONLY) as session:
                     return events.read_events(
                         session,
                         after_id=last_event_id,

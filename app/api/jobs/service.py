@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from app.core import events, lifecycle, webhooks
 from app.core.config import Settings
 from app.core.datasets import resolve_dataset
+from app.core.db import READ_ONLY
 from app.core.errors import (
     CheckpointNotFound,
     IdempotencyKeyReused,
@@ -549,7 +550,7 @@ def _chunks(
     chunk_bytes: int,
 ) -> Iterator[bytes]:
     for offset in range(0, size_bytes, chunk_bytes):
-        with factory() as session:
+        with factory(execution_options=READ_ONLY) as session:
             chunk = session.scalar(
                 select(func.substr(Checkpoint.weights, offset + 1, chunk_bytes)).where(
                     Checkpoint.id == checkpoint_id, Checkpoint.sha256 == sha256

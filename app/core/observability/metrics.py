@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
+from app.core.db import READ_ONLY
 from app.core.models import Job, JobAttempt
 from app.core.models.jobs import JobStatus
 
@@ -127,7 +128,7 @@ class DatabaseCollector(Collector):
         self.session_factory = session_factory
 
     def collect(self) -> Iterator[Metric]:
-        with self.session_factory() as session:
+        with self.session_factory(execution_options=READ_ONLY) as session:
             by_status: dict[str, int] = {
                 status: count
                 for status, count in session.execute(
