@@ -252,8 +252,20 @@ def _reporting(action: str) -> Iterator[None]:
         sys.exit(f"{action} failed: {exc.message}")
 
 
+def _read_json(path: str) -> Any:
+    """A JSON file the user named, or a one-line reason and a non-zero exit (no traceback)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        sys.exit(f"cannot read {path}: {exc.strerror or exc}")
+    except UnicodeDecodeError:
+        sys.exit(f"cannot read {path}: not UTF-8 text")
+    except json.JSONDecodeError as exc:
+        sys.exit(f"{path} is not JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}")
+
+
 def _submit(args: argparse.Namespace) -> None:
-    spec = json.loads(Path(args.spec).read_text())
+    spec = _read_json(args.spec)
     with _reporting("submit"), _client(args) as client:
         job = client.submit(spec)
         print(f"job {job.id} {job.status}")
@@ -401,7 +413,7 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
 def _study_create(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    body = json.loads(Path(args.grid).read_text())
+    body = _read_json(args.grid)
     with _reporting("study"), _client(args) as client:
         study = client.create_study(body)
         print(f"study {study['id']}: {len(study['jobs'])} jobs")

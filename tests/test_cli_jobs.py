@@ -143,3 +143,25 @@ def test_watch_prints_each_epoch_and_the_final_status(
         ["2", "1.0000", "0.5000", "1.1000", "0.7500", "running"],
     ]
     assert lines[-1] == f"job {job_id} failed (diverged: loss is NaN)"
+
+
+@pytest.mark.parametrize("command", [["submit"], ["study", "create"]])
+def test_a_file_that_cannot_be_read_is_named_with_why_and_nothing_is_sent(
+    api: TestClient, command: list[str], tmp_path: Path
+) -> None:
+    before = api.get("/v1/jobs").json()["items"]
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"name": "x",\n "epochs": }')
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"name": "caf\xe9"}')
+    missing = tmp_path / "missing.json"
+    for path, reason in [
+        (missing, f"cannot read {missing}: No such file or directory"),
+        (tmp_path, f"cannot read {tmp_path}: Is a directory"),
+        (broken, f"{broken} is not JSON: Expecting value at line 2, column 12"),
+        (latin, f"cannot read {latin}: not UTF-8 text"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            main([*command, str(path)])
+        assert exited.value.code == reason  # printed on stderr, exit status 1; no traceback
+    assert api.get("/v1/jobs").json()["items"] == before
