@@ -4,10 +4,12 @@ uvicorn (0.54) closes an idle keep-alive connection after timeout_keep_alive, bu
 on a request still arriving: a client that opens a connection and sends half a request line
 holds it for ever (its keep-alive timer is cancelled by the first byte). RequestHeadTimeout
 closes a connection whose request line and headers have not all arrived within
-http_header_timeout_seconds of it opening, or of the previous response ending.
+http_header_timeout_seconds of it opening, or of the previous response ending. Told to stop,
+the server ends its event streams at once and gives other requests http_shutdown_seconds.
 """
 
 import asyncio
+import socket
 from typing import Any
 
 import h11
@@ -15,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from app.api.events.hub import EventHub
 from app.core.config import Settings
 
 
@@ -65,6 +68,27 @@ def protocol_with_head_timeout(seconds: float) -> type[RequestHeadTimeout]:
     return type("RequestHeadTimeout", (RequestHeadTimeout,), {"head_timeout_seconds": seconds})
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, which ends the app's live event streams as soon as it begins to stop.
+
+    uvicorn runs the app's shutdown only once every connection has closed, and an event stream
+    closes only when its client leaves or event_stream_max_seconds (5 minutes) pass: one
+    dashboard left open held a Ctrl-C or a `docker stop` for that long. Ended, each stream's
+    client reconnects with Last-Event-ID (to this server once restarted, or another) and
+    misses nothing. Other requests get http_shutdown_seconds to finish, then are cancelled.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        hub: EventHub | None = getattr(self.app.state, "event_hub", None)
+        if hub is not None:
+            await hub.close()
+        await super().shutdown(sockets)
+
+
 def build_server(app: FastAPI, host: str, port: int, settings: Settings) -> uvicorn.Server:
     """A server for `app` with the slow-client limits from settings; `.run()` serves it until
     Ctrl-C or SIGTERM (or until its `should_exit` is set)."""
@@ -76,7 +100,8 @@ def build_server(app: FastAPI, host: str, port: int, settings: Settings) -> uvic
         timeout_keep_alive=settings.http_keep_alive_seconds,
         h11_max_incomplete_event_size=settings.http_max_header_bytes,
         limit_concurrency=settings.http_max_connections,
+        timeout_graceful_shutdown=settings.http_shutdown_seconds,
         log_config=None,  # logging is configured once, by configure_logging()
         log_level=settings.log_level.lower(),
     )
-    return uvicorn.Server(config)
+    return Server(config, app)

@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     http_keep_alive_seconds: int = Field(5, ge=1)
     http_max_header_bytes: int = Field(16 * 1024, ge=1024)
     http_max_connections: int | None = Field(None, ge=1)
+    # Once the API is told to stop, requests still running this long after (a stalled client's
+    # download) are cancelled; event streams end at once (app/api/server.py).
+    http_shutdown_seconds: int = Field(10, ge=1)
     # Keys and tenants (docs/security.md). With auth off every request acts as the default
     # tenant with admin rights, which is only allowed on a loopback address unless
     # allow_unauthenticated_network says the operator means it.

@@ -1,10 +1,11 @@
 """Live events over SSE: every status change and epoch once, resumable, from the database."""
 
+import asyncio
 import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,15 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.api.events import service
+from app.api.events.hub import QUEUE_SIZE, EventHub
 from app.api.main import create_app
-from app.core import lifecycle
+from app.core import events, lifecycle
 from app.core.config import Settings
 from app.core.db import create_db_engine, create_session_factory, transaction
+from app.core.events import Event
 from app.core.migrate import upgrade
-from tests.factories import METRICS, spec_payload
+from tests.factories import METRICS, make_job, spec_payload
 
 
 @pytest.fixture
@@ -165,3 +169,64 @@ def test_a_stream_ends_after_its_longest_life_and_a_reconnect_misses_nothing(
         ("epoch", None),
         ("status", "succeeded"),
     ]
+
+
+def test_a_stream_too_slow_to_keep_up_ends_and_its_resume_misses_nothing(
+    committed: tuple[Settings, sessionmaker[Session]],
+) -> None:
+    """A client that reads nothing while more events arrive than its queue holds: its stream
+    ends, and what it got plus what it reads again from its last event id is every event."""
+    _, factory = committed
+    with transaction(factory) as session:
+        job = make_job(session, status="running")
+    count = QUEUE_SIZE + 10
+
+    async def follow_without_reading() -> tuple[list[int], int]:
+        hub = EventHub(factory, poll_seconds=0.01)
+        subscription = await hub.subscribe(lambda event: True)
+        with transaction(factory) as session:
+            for epoch in range(1, count + 1):
+                events.record_epoch(session, job.id, epoch, {})
+        deadline = time.monotonic() + 30
+        while subscription in hub.subscriptions and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await hub.close()
+        got: list[int] = []
+        while (event := subscription.queue.get_nowait()) is not None:
+            got.append(event.id)
+        return got, subscription.start_id
+
+    got, start = asyncio.run(follow_without_reading())
+    assert len(got) < count  # it fell behind, and its stream ended
+    with transaction(factory, write=False) as session:
+        stored = [event.id for event in events.read_events(session, job_id=job.id, limit=2 * count)]
+        again = events.read_events(session, after_id=got[-1] if got else start, limit=2 * count)
+    assert len(stored) == count
+    assert sorted(got + [event.id for event in again]) == stored
+
+
+def test_closing_the_hub_ends_every_open_stream_and_any_that_begins_after(
+    committed: tuple[Settings, sessionmaker[Session]],
+) -> None:
+    """What the server does as it begins to stop (app/api/server.py): streams end at once
+    rather than after event_stream_max_seconds, and their clients resume elsewhere."""
+    _, factory = committed
+
+    async def streams_after_close() -> list[list[Event]]:
+        hub = EventHub(factory, poll_seconds=0.01, max_stream_seconds=300)
+        open_streams = [await hub.subscribe(lambda event: True) for _ in range(3)]
+        followers = [
+            asyncio.create_task(_collect(service._live(s.queue, set(), 0, 300)))
+            for s in open_streams
+        ]
+        await asyncio.sleep(0.05)
+        await hub.close()
+        late = await hub.subscribe(lambda event: True)
+        followers.append(asyncio.create_task(_collect(service._live(late.queue, set(), 0, 300))))
+        return list(await asyncio.wait_for(asyncio.gather(*followers), timeout=5))
+
+    assert asyncio.run(streams_after_close()) == [[], [], [], []]
+
+
+async def _collect(stream: AsyncIterator[Event]) -> list[Event]:
+    return [event async for event in stream]

@@ -9,6 +9,7 @@ it was training must be `queued` again at once, with no attempt counted as lost,
 import os
 import signal
 import subprocess
+import threading
 import uuid
 from pathlib import Path
 
@@ -60,8 +61,11 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited; only its parent's wait() is missing
 
 
-def _start_long_job(processes: Processes) -> tuple[subprocess.Popen[bytes], str, set[int]]:
-    """`trainsvc up` training a long job; returns the up process, the job id and every pid."""
+def _start_long_job(
+    processes: Processes,
+) -> tuple[subprocess.Popen[bytes], str, set[int], str]:
+    """`trainsvc up` training a long job; returns the up process, the job id, every pid and
+    the API's URL."""
     processes.env.update(FAST_CONTROL)
     url = processes.api("up")
     up = processes.started[0][0]
@@ -77,7 +81,7 @@ def _start_long_job(processes: Processes) -> tuple[subprocess.Popen[bytes], str,
         )
     pids = {up.pid, *_descendants(up.pid)}
     assert len(pids) >= 3, pids  # up, the worker's main process and its pool process
-    return up, job_id, pids
+    return up, job_id, pids, url
 
 
 def _assert_everything_stopped(up: subprocess.Popen[bytes], pids: set[int]) -> None:
@@ -106,16 +110,42 @@ def _assert_handed_back(workdir: Path, job_id: str) -> None:
 
 
 def test_sigterm_to_up_ends_every_process_and_hands_the_job_back(processes: Processes) -> None:
-    up, job_id, pids = _start_long_job(processes)
+    up, job_id, pids, url = _start_long_job(processes)
+    # A dashboard left open: its event stream would last event_stream_max_seconds (5 minutes),
+    # and uvicorn stops only once every connection has closed.
+    dashboard = _follow_events(url)
     up.send_signal(signal.SIGTERM)  # to `up` alone, as a supervisor or `docker stop` sends it
     _assert_everything_stopped(up, pids)
     _assert_handed_back(processes.workdir, job_id)
+    dashboard.join(timeout=5)
+    assert not dashboard.is_alive(), "the event stream outlived the API"
+
+
+def _follow_events(url: str) -> threading.Thread:
+    """A client following every job's events, as the dashboard does, in a thread; returned once
+    its stream is open."""
+    opened = threading.Event()
+
+    def follow() -> None:
+        with (
+            httpx.Client(base_url=url, timeout=httpx.Timeout(10, read=None)) as client,
+            client.stream("GET", "/v1/events") as response,
+        ):
+            assert response.status_code == 200
+            opened.set()
+            for _ in response.iter_lines():
+                pass  # until the server ends the stream
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    assert opened.wait(10), "the event stream did not open"
+    return follower
 
 
 def test_ctrl_c_ends_every_process_and_the_next_up_resumes_the_job(
     processes: Processes,
 ) -> None:
-    up, job_id, pids = _start_long_job(processes)
+    up, job_id, pids, _ = _start_long_job(processes)
     os.killpg(up.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
     _assert_everything_stopped(up, pids)
     _assert_handed_back(processes.workdir, job_id)

@@ -51,13 +51,17 @@ class EventHub:
         self.subscriptions: set[Subscription] = set()
         self._listening = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def subscribe(self, match: Callable[[Event], bool]) -> Subscription:
         if self.cursor is None:
             self.cursor = await anyio.to_thread.run_sync(self._last_id)
+        subscription = Subscription(match, self.cursor)
+        if self._closed:  # the server is stopping: a stream that begins now ends at once
+            subscription.queue.put_nowait(None)
+            return subscription
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="event-hub")
-        subscription = Subscription(match, self.cursor)
         self.subscriptions.add(subscription)
         self._listening.set()
         return subscription
@@ -68,10 +72,17 @@ class EventHub:
             self._listening.clear()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        """Stop polling and end every open stream (each client resumes from Last-Event-ID,
+        elsewhere or once this process is back). Called as the server begins to stop: until
+        its connections have closed, it does not shut the app down."""
+        self._closed = True
+        for subscription in list(self.subscriptions):
+            self._end(subscription)
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
     async def _run(self) -> None:
         while True:
@@ -114,7 +125,13 @@ class EventHub:
                 subscription.queue.put_nowait(event)
             except asyncio.QueueFull:
                 # A client too slow to read: end its stream; it resumes from Last-Event-ID.
-                self.unsubscribe(subscription)
-                with contextlib.suppress(asyncio.QueueFull):
-                    subscription.queue.get_nowait()
-                    subscription.queue.put_nowait(None)
+                self._end(subscription)
+
+    def _end(self, subscription: Subscription) -> None:
+        """End a stream: its reader gets None next. The events still queued for it are dropped
+        with it, all of them: its client resumes after the last event it got, so they come again
+        from the table (dropping only the oldest, to make room, lost that one for good)."""
+        self.unsubscribe(subscription)
+        while not subscription.queue.empty():
+            subscription.queue.get_nowait()
+        subscription.queue.put_nowait(None)
