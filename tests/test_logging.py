@@ -127,7 +127,7 @@ def test_every_line_a_job_causes_carries_its_job_id_and_attempt(
         session.commit()
     context = WorkerContext(
         # One job alone: queued jobs other tests left in this database must not join its pack.
-        settings.model_copy(update={"max_pack": 1}),
+        settings.model_copy(update={"max_pack": 1, "control_poll_seconds": 3600.0}),
         session_factory,
         Dispatcher(create_celery_app(settings), session_factory),
         "node@host#1",

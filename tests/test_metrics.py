@@ -17,6 +17,10 @@ from tests.factories import make_job, spec_payload
 from tests.support.processes import Processes, wait_until
 from worker.execution import WorkerContext, execute_job
 
+# A worker on the test's one connection polls no controls: its lease keeper's transactions
+# would interleave with the test's savepoints on that connection.
+QUIET = {"control_poll_seconds": 3600.0}
+
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -45,7 +49,7 @@ def test_a_job_run_by_a_worker_shows_in_the_job_counters_and_request_histograms(
     before = scrape(client)
     job_id = client.post("/v1/jobs", json=spec_payload(epochs=2)).json()["id"]
     context = WorkerContext(
-        settings,
+        settings.model_copy(update=QUIET),
         session_factory,
         Dispatcher(create_celery_app(settings), session_factory),
         "node@host#1",
@@ -153,7 +157,7 @@ def test_the_run_size_histogram_counts_a_pack_once_with_its_jobs(
         for seed in (1, 2, 3)
     ]
     context = WorkerContext(
-        settings.model_copy(update={"max_pack": 8}),
+        settings.model_copy(update={"max_pack": 8, **QUIET}),
         session_factory,
         Dispatcher(create_celery_app(settings), session_factory),
         "node@host#1",

@@ -25,6 +25,18 @@ class _CudaOutOfMemory:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
 
+def _context(settings: Settings, session_factory: sessionmaker[Session]) -> WorkerContext:
+    """A worker's context on the test's one connection, with no lease keeper polling: its
+    thread's transactions would interleave with the test's savepoints on that connection."""
+    settings = settings.model_copy(update={"control_poll_seconds": 3600.0})
+    return WorkerContext(
+        settings,
+        session_factory,
+        Dispatcher(create_celery_app(settings), session_factory),
+        "node@host#1",
+    )
+
+
 def test_cuda_out_of_memory_fails_the_job_with_out_of_memory(
     session_factory: sessionmaker[Session],
     settings: Settings,
@@ -35,12 +47,7 @@ def test_cuda_out_of_memory_fails_the_job_with_out_of_memory(
         session.commit()
     monkeypatch.setattr(execution, "TrainingRun", _CudaOutOfMemory)
     monkeypatch.setattr(execution, "load_data", lambda *_: None)
-    ctx = WorkerContext(
-        settings,
-        session_factory,
-        Dispatcher(create_celery_app(settings), session_factory),
-        "node@host#1",
-    )
+    ctx = _context(settings, session_factory)
     assert execute_job(ctx, job.id) == "failed"
     with session_factory() as session:
         stored = session.get(Job, job.id)
@@ -84,12 +91,7 @@ def test_a_run_out_of_memory_is_freed_before_its_attempt_ends(
     monkeypatch.setattr(execution, "TrainingRun", lambda *_, **__: _FillsTheGpu(made))
     monkeypatch.setattr(execution, "load_data", lambda *_: None)
     monkeypatch.setattr(execution, "end_attempt", ending)
-    ctx = WorkerContext(
-        settings,
-        session_factory,
-        Dispatcher(create_celery_app(settings), session_factory),
-        "node@host#1",
-    )
+    ctx = _context(settings, session_factory)
     assert execute_job(ctx, job.id) == "failed"
     assert len(made) == 1
     assert alive_at_end == [False]
@@ -112,15 +114,6 @@ def _flaky(failures: int, error: Exception) -> tuple[list[int], Any]:
         return 7
 
     return calls, work
-
-
-def _context(settings: Settings, session_factory: sessionmaker[Session]) -> WorkerContext:
-    return WorkerContext(
-        settings,
-        session_factory,
-        Dispatcher(create_celery_app(settings), session_factory),
-        "node@host#1",
-    )
 
 
 def test_database_retries_back_off_until_the_database_answers(
