@@ -115,6 +115,10 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, str]]:
             # A model validator's error: pydantic knows the model, the SpecError knows the field.
             loc += cause.field.split(".")
             message = cause.message
+        elif err.get("type") == "json_invalid":
+            # FastAPI puts the offset of the syntax error where a field name goes.
+            position = loc.pop() if loc else "?"
+            message = f"not valid JSON at character {position}: {cause or message}"
         elif message.startswith("Value error, "):
             message = message.removeprefix("Value error, ")
         details.append({"field": ".".join(loc) or "body", "message": message})

@@ -119,8 +119,17 @@ def test_malformed_json_is_422_not_500(client: TestClient) -> None:
         "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert response.status_code == 422
+    # The body is at fault, and where: not a field named "1" (FastAPI's offset in its place).
+    assert response.json()["detail"] == [
+        {
+            "field": "body",
+            "message": "not valid JSON at character 1: "
+            "Expecting property name enclosed in double quotes",
+        }
+    ]
     response = client.post("/v1/jobs", json=["a", "list"])
     assert response.status_code == 422
+    assert [d["field"] for d in response.json()["detail"]] == ["body"]
 
 
 def test_body_over_limit_is_413(client: TestClient) -> None:
