@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from app.core.config import Settings, check_exposure, get_settings
+from app.core.config import InvalidSettings, Settings, check_exposure, get_settings
 from app.core.observability.logs import configure_logging
 from app.core.observability.multiprocess import share_metrics_between_processes
 
@@ -484,20 +484,38 @@ def _study_report(args: argparse.Namespace) -> None:
         print(f"\nconfiguration table saved to {args.csv}")
 
 
+def _whole_number(text: str, low: int, high: int, what: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = None
+    if number is None or not low <= number <= high:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    return number
+
+
+def _port(text: str) -> int:
+    return _whole_number(text, 0, 65535, "a TCP port (0 to 65535)")
+
+
+def _processes(text: str) -> int:
+    return _whole_number(text, 1, 1024, "a number of processes (1 to 1024)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainsvc", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def server_options(command: argparse.ArgumentParser) -> None:
         command.add_argument("--host", default="127.0.0.1")
-        command.add_argument("--port", type=int, default=8000)
+        command.add_argument("--port", type=_port, default=8000)
 
     serve = commands.add_parser("serve", help="run the HTTP API")
     server_options(serve)
     serve.set_defaults(handler=_serve)
 
     worker = commands.add_parser("worker", help="run a Celery worker (one process per GPU)")
-    worker.add_argument("--concurrency", type=int, default=None)
+    worker.add_argument("--concurrency", type=_processes, default=None)
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(handler=_worker)
 
@@ -584,6 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    try:
+        get_settings()  # every command reads them: one that is wrong is named before anything
+    except InvalidSettings as exc:
+        sys.exit(str(exc))
     args.handler(args)
 
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from app.core.config import Settings
+from app.cli import main
+from app.core.config import Settings, get_settings
 
 
 def test_settings_are_read_from_dot_env_in_the_working_folder(
@@ -25,3 +26,46 @@ def test_settings_are_read_from_dot_env_in_the_working_folder(
 
     monkeypatch.setenv("TRAINSVC_MAX_EPOCHS", "9")
     assert Settings().max_epochs == 9
+
+
+def test_a_setting_the_service_cannot_use_is_named_with_why_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRAINSVC_MAX_PACK", "eight")
+    (tmp_path / ".env").write_text("TRAINSVC_LOG_FORMAT=xml\n")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main(["migrate"])
+    finally:
+        get_settings.cache_clear()
+    assert exited.value.code == (
+        "invalid settings (TRAINSVC_ variables, or lines of .env):\n"
+        "  TRAINSVC_MAX_PACK: Input should be a valid integer, "
+        "unable to parse string as an integer\n"
+        "  TRAINSVC_LOG_FORMAT: Input should be 'auto', 'json' or 'console'"
+    )  # values are not echoed: a database URL or a key may hold a secret
+    assert list(tmp_path.iterdir()) == [tmp_path / ".env"]  # no database was made
+
+
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (["up", "--port", "99999"], "argument --port: '99999' is not a TCP port (0 to 65535)"),
+        (["serve", "--port", "http"], "argument --port: 'http' is not a TCP port (0 to 65535)"),
+        (
+            ["worker", "--concurrency", "0"],
+            "argument --concurrency: '0' is not a number of processes (1 to 1024)",
+        ),
+    ],
+)
+def test_command_line_numbers_out_of_range_are_refused_by_name(
+    argv: list[str], reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: a port over 65535 ended `up` in a traceback from deep in asyncio, after the
+    worker had started; --concurrency 0 quietly meant the default."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert reason in capsys.readouterr().err

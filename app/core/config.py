@@ -4,7 +4,7 @@ import ipaddress
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -151,6 +151,20 @@ def check_exposure(settings: Settings, host: str) -> str | None:
     )
 
 
+class InvalidSettings(Exception):
+    """Settings the service cannot run with: each variable at fault, and why (no values: a
+    database URL or a key may hold a secret)."""
+
+
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = [
+            f"  TRAINSVC_{'_'.join(map(str, error['loc'])).upper()}: {error['msg']}"
+            for error in exc.errors()
+        ]
+        raise InvalidSettings(
+            "invalid settings (TRAINSVC_ variables, or lines of .env):\n" + "\n".join(problems)
+        ) from None
