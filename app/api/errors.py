@@ -125,6 +125,11 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, str]]:
     return details
 
 
+def _is_json(content_type: str) -> bool:
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
 def database_is_away(exc: DBAPIError) -> bool:
     """Connection refused, dropped or reset, server restarting: worth a retry once it is back."""
     return isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated
@@ -183,10 +188,20 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(
-            {"error": "validation_error", "detail": _validation_details(exc)}, status_code=422
-        )
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = _validation_details(exc)
+        sent = request.headers.get("content-type", "")
+        if not _is_json(sent):
+            # FastAPI parses only a JSON content type as JSON: any other body reaches the
+            # model as bytes, and "should be a valid dictionary" would hide the real mistake.
+            media = sent.partition(";")[0].strip() or "none"
+            for detail in details:
+                if detail["field"] == "body":
+                    detail["message"] = (
+                        f"send the body as JSON with Content-Type: application/json "
+                        f"(this request's Content-Type: {media})"
+                    )
+        return JSONResponse({"error": "validation_error", "detail": details}, status_code=422)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:

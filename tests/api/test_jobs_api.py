@@ -132,6 +132,31 @@ def test_malformed_json_is_422_not_500(client: TestClient) -> None:
     assert [d["field"] for d in response.json()["detail"]] == ["body"]
 
 
+@pytest.mark.parametrize(
+    ("content_type", "named"),
+    [
+        ("text/plain; charset=utf-8", "text/plain"),
+        ("application/x-www-form-urlencoded", "application/x-www-form-urlencoded"),  # curl -d
+        (None, "none"),
+    ],
+)
+def test_a_json_body_sent_as_another_media_type_is_told_so(
+    client: TestClient, content_type: str | None, named: str
+) -> None:
+    """FastAPI reads only a JSON content type as JSON; the spec itself was fine."""
+    headers = {"content-type": content_type} if content_type else {}
+    response = client.post("/v1/jobs", content=json.dumps(spec_payload()), headers=headers)
+    assert response.status_code == 422
+    assert response.json()["detail"] == [
+        {
+            "field": "body",
+            "message": "send the body as JSON with Content-Type: application/json "
+            f"(this request's Content-Type: {named})",
+        }
+    ]
+    assert client.get("/v1/jobs").json()["items"] == []
+
+
 def test_body_over_limit_is_413(client: TestClient) -> None:
     payload = spec_payload(tags={f"k{i}": "x" * 250 for i in range(32)}, name="x" * 200)
     payload["padding"] = "y" * 300_000
