@@ -1,13 +1,14 @@
 """Test data: job specs and rows, with overrides for what a test cares about."""
 
 import copy
+import hashlib
 import uuid
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from app.api.jobs.service import spec_sha256
-from app.core.models import EpochMetric, Job
+from app.core.models import Checkpoint, EpochMetric, Job
 from app.core.spec import JobSpec
 
 BASE_SPEC: dict[str, Any] = {
@@ -61,6 +62,19 @@ def make_job(session: Session, status: str = "queued", **spec_overrides: Any) ->
     session.add(job)
     session.flush()
     return job
+
+
+def make_checkpoint(job_id: uuid.UUID, weights: bytes) -> Checkpoint:
+    """The `last` checkpoint of epoch 1, attempt 1, holding `weights` (any bytes)."""
+    return Checkpoint(
+        job_id=job_id,
+        epoch=1,
+        kind="last",
+        attempt=1,
+        weights=weights,
+        size_bytes=len(weights),
+        sha256=hashlib.sha256(weights).hexdigest(),
+    )
 
 
 def make_epoch(job_id: uuid.UUID, epoch: int = 1, **overrides: Any) -> EpochMetric:

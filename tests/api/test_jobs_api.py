@@ -1,6 +1,5 @@
 """The jobs API against real PostgreSQL and SQLite (each test rolled back)."""
 
-import hashlib
 import json
 import os
 import uuid
@@ -19,7 +18,7 @@ from app.api.jobs import service
 from app.api.jobs.service import spec_sha256
 from app.core.models import Checkpoint, Job
 from app.core.spec import JobSpec
-from tests.factories import make_job, spec_payload
+from tests.factories import make_checkpoint, make_job, spec_payload
 
 
 def test_submit_stores_normalized_spec_with_defaults(client: TestClient) -> None:
@@ -521,15 +520,7 @@ def test_openapi_declares_every_error_in_the_error_schema(client: TestClient) ->
 
 
 def _store_checkpoint(session: Session, job: Job, weights: bytes) -> Checkpoint:
-    checkpoint = Checkpoint(
-        job_id=job.id,
-        epoch=1,
-        kind="last",
-        attempt=1,
-        weights=weights,
-        size_bytes=len(weights),
-        sha256=hashlib.sha256(weights).hexdigest(),
-    )
+    checkpoint = make_checkpoint(job.id, weights)
     session.add(checkpoint)
     session.commit()
     return checkpoint

@@ -1,7 +1,6 @@
 """The embedded default under load: on SQLite a reader never waits for a writer, and a unit of
 work that writes never fails halfway because another writer committed meanwhile."""
 
-import hashlib
 import io
 import sqlite3
 import threading
@@ -22,10 +21,10 @@ from app.core.config import Settings
 from app.core.db import create_db_engine, create_session_factory, transaction
 from app.core.keys import create_key
 from app.core.migrate import upgrade
-from app.core.models import ApiKey, Checkpoint, Job
+from app.core.models import ApiKey, Job
 from app.core.outbox import Dispatcher
 from app.core.spec import JobSpec
-from tests.factories import make_job, spec_payload
+from tests.factories import make_checkpoint, make_job, spec_payload
 from worker import execution
 from worker.execution import WorkerContext
 
@@ -169,16 +168,7 @@ def test_reads_outside_a_request_session_run_beside_a_writer(
     with transaction(factory) as session:
         key = create_key(session, "default")[1]
         job = make_job(session, status="succeeded")
-        weights = b"w" * 5000
-        checkpoint = Checkpoint(
-            job_id=job.id,
-            epoch=1,
-            kind="last",
-            attempt=1,
-            weights=weights,
-            size_bytes=len(weights),
-            sha256=hashlib.sha256(weights).hexdigest(),
-        )
+        checkpoint = make_checkpoint(job.id, b"w" * 5000)
         session.add(checkpoint)
         session.flush()
         paths = [
