@@ -14,6 +14,17 @@ class DomainError(Exception):
         super().__init__(detail)
         self.detail = detail
 
+    def __str__(self) -> str:
+        # As a person reads it (the CLI, logs): "field: reason" rather than a list's repr.
+        if isinstance(self.detail, list):
+            return "; ".join(
+                f"{item['field']}: {item['message']}"
+                if isinstance(item, dict) and {"field", "message"} <= item.keys()
+                else str(item)
+                for item in self.detail
+            )
+        return str(self.detail)
+
 
 class NotFound(DomainError):
     code = "not_found"

@@ -289,6 +289,11 @@ def test_keys_commands_create_list_and_revoke(tmp_path: Path, repo_root: Path) -
     unknown = _cli(repo_root, url, "keys", "revoke", str(uuid.uuid4()))
     assert unknown.returncode != 0
     assert "no key" in unknown.stderr
+    bad = _cli(repo_root, url, "keys", "create", "--tenant", "a b")
+    assert bad.returncode != 0
+    assert bad.stderr.strip() == (
+        "cannot create a key: tenant: 1 to 100 letters, digits, '.', '_' or '-', not 'a b'"
+    )
 
 
 def test_pg_dump_of_a_database_with_keys_in_use_holds_no_key(
