@@ -163,24 +163,25 @@ def _train(ctx: WorkerContext, jobs: list[_Member]) -> None:
     is stored twice. The other half is handed back, as at a shutdown, rather than waiting
     here: its jobs show `queued`, not `running` with no progress, and another worker's
     process may take them at once (a new attempt, a new pack); each resumes exactly."""
-    if not _train_run(ctx, jobs):
+    split = _train_run(ctx, jobs)
+    if split is None:
         return
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the failed run's blocks back to CUDA, for other processes too
-    going = [job for job in jobs if job.outcome is None]
-    if not going:
-        return  # a job alone that did not fit: it failed `out_of_memory`, as unpacked
-    half = (len(going) + 1) // 2
-    for job in going[half:]:
+    on, back = split
+    for job in back:
         _guarded(ctx, job, _hand_back, ctx, job)
-    metrics.observe_run(half)
-    _train(ctx, going[:half])
+    if on:
+        metrics.observe_run(len(on))
+        _train(ctx, on)
 
 
-def _train_run(ctx: WorkerContext, jobs: list[_Member]) -> bool:
-    """One PackedRun of the jobs, each ended as it ends; True when it ran out of memory. Then
-    a job left alone in it failed `out_of_memory`; two or more have each stored their last
-    completed epoch, to resume from (`_Member.resume`), and are still running."""
+def _train_run(
+    ctx: WorkerContext, jobs: list[_Member]
+) -> tuple[list[_Member], list[_Member]] | None:
+    """One PackedRun of the jobs, each ended as it ends. None, unless it ran out of memory:
+    then the jobs that train on as a smaller pack and those to hand back, each having stored
+    its last completed epoch (both empty where a job left alone failed `out_of_memory`)."""
     run: PackedRun | None = None
     try:
         data, labels = _pack_data(ctx, [job.spec for job in jobs])
@@ -222,26 +223,26 @@ def _train_run(ctx: WorkerContext, jobs: list[_Member]) -> bool:
             # the jobs' checkpoints are serialized, which needs memory of its own. (Logged as
             # text: a handler that keeps records would keep the traceback, and the run.)
             traceback.clear_frames(exc.__traceback__)
-            _before_split(ctx, jobs, run, str(exc))
-            return True
+            return _split(ctx, jobs, run, str(exc))
         if out_of_memory:
             logger.warning("a pack ran out of memory with %d job(s) left: %s", len(going), str(exc))
         else:
             logger.exception("a pack of %d jobs failed", len(jobs))
         for job in going:
             _guarded(ctx, job, _fail, ctx, job, exc, out_of_memory)
-        return out_of_memory
-    return False
+        return ([], []) if out_of_memory else None
+    return None
 
 
-def _before_split(
+def _split(
     ctx: WorkerContext, jobs: list[_Member], run: PackedRun | None, reason: str
-) -> None:
+) -> tuple[list[_Member], list[_Member]]:
     """A pack ran out of memory: this process packs fewer of its kind from now on, and each
-    job still in it stores its last completed epoch, to resume from in a smaller pack (this
-    one's half) or in a later attempt (the half handed back)."""
+    job still in it stores its last completed epoch. Returns the half that trains on from
+    there as a smaller pack (in this attempt), and the half to hand back (a later attempt)."""
     going = [job for job in jobs if job.outcome is None]
     half = (len(going) + 1) // 2
+    on = going[:half]
     key = pack_key(going[0].spec)
     ctx.pack_limits[key] = min(half, ctx.pack_limits.get(key, half))
     metrics.observe_pack_split()
@@ -252,20 +253,24 @@ def _before_split(
         len(going) - half,
         reason,
     )
-    if run is None:
-        return  # it failed before it was built: each starts again where it was claimed
-    run.release()  # room to serialize the checkpoints in, where the device is the host
-    for job, trial in zip(jobs, run.trials, strict=True):
-        if job.outcome is None and trial.snapshot is not None:
-            _guarded(ctx, job, _keep_for_split, ctx, job, trial)
+    if run is not None:  # else it failed before it was built: each resumes where it was claimed
+        run.release()  # room to serialize the checkpoints in, where the device is the host
+        for job, trial in zip(jobs, run.trials, strict=True):
+            if job.outcome is None and trial.snapshot is not None:
+                _guarded(ctx, job, _keep_for_split, ctx, job, trial, job in on)
+    # Without the jobs whose store just failed: those have ended.
+    return [job for job in on if job.outcome is None], [
+        job for job in going[half:] if job.outcome is None
+    ]
 
 
-def _keep_for_split(ctx: WorkerContext, job: _Member, trial: Trial) -> None:
+def _keep_for_split(ctx: WorkerContext, job: _Member, trial: Trial, trains_on: bool) -> None:
     # Stored as a stopped attempt stores it: the stored `last` and `best` then agree with the
     # state it resumes from, as after a hand-back (and a worker lost meanwhile loses nothing).
     if job.cadence is not None:
         execution.store_on_stop(ctx, job.claim, trial, job.cadence)
-    job.resume = (trial.weights(), trial.trainer_state())
+    if trains_on:  # a job handed back resumes from what was just stored
+        job.resume = (trial.weights(), trial.trainer_state())
 
 
 def _observe_epoch(run: PackedRun, outcomes: list[TrialEpoch]) -> None:
