@@ -64,16 +64,16 @@ def make_job(session: Session, status: str = "queued", **spec_overrides: Any) ->
     return job
 
 
-def make_checkpoint(job_id: uuid.UUID, weights: bytes) -> Checkpoint:
-    """The `last` checkpoint of epoch 1, attempt 1, holding `weights` (any bytes)."""
+def make_checkpoint(job_id: uuid.UUID, weights: bytes, **overrides: Any) -> Checkpoint:
+    """The `last` checkpoint of epoch 1, attempt 1, holding `weights` (any bytes), with the
+    given fields replaced."""
+    values: dict[str, Any] = {"epoch": 1, "kind": "last", "attempt": 1, **overrides}
     return Checkpoint(
         job_id=job_id,
-        epoch=1,
-        kind="last",
-        attempt=1,
         weights=weights,
         size_bytes=len(weights),
         sha256=hashlib.sha256(weights).hexdigest(),
+        **values,
     )
 
 

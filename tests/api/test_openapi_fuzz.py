@@ -6,7 +6,6 @@ body the document declares for that operation. Bounded (a few dozen examples per
 derandomized) so the run takes a minute or two on two cores.
 """
 
-import hashlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,9 +29,9 @@ from app.core.config import Settings
 from app.core.db import transaction
 from app.core.keys import create_key
 from app.core.migrate import upgrade
-from app.core.models import DEFAULT_TENANT, Checkpoint, EpochMetric
+from app.core.models import DEFAULT_TENANT, EpochMetric
 from tests.conftest import create_postgres_database, drop_postgres_database
-from tests.factories import make_job
+from tests.factories import make_checkpoint, make_job
 
 CHECKS = [
     not_a_server_error,
@@ -149,18 +148,7 @@ def _store_known_rows(session: Session) -> None:
             )
         )
     weights = b"weights" * 1000
-    session.add(
-        Checkpoint(
-            id=CHECKPOINT,
-            job_id=FINISHED_JOB,
-            epoch=2,
-            kind="last",
-            attempt=1,
-            weights=weights,
-            size_bytes=len(weights),
-            sha256=hashlib.sha256(weights).hexdigest(),
-        )
-    )
+    session.add(make_checkpoint(FINISHED_JOB, weights, id=CHECKPOINT, epoch=2))
 
 
 # The document does not depend on the database: read it from an app that is never started.

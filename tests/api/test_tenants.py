@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from app.api.auth import get_caller
 from app.core.config import Settings
 from app.core.models import Checkpoint, EpochMetric, Job
-from tests.factories import make_epoch, make_job, spec_payload
+from tests.factories import make_checkpoint, make_epoch, make_job, spec_payload
 
 KeyHeaders = Callable[..., dict[str, str]]
 # /metrics needs no key by default (TRAINSVC_METRICS_REQUIRE_KEY; tests/test_metrics.py).
@@ -49,15 +49,7 @@ def ended_job(session: Session, tenant: str) -> tuple[Job, Checkpoint]:
     job = make_job(session, status="succeeded")
     job.tenant = tenant
     session.add(make_epoch(job.id, val_loss=1.0, val_accuracy=0.5))
-    checkpoint = Checkpoint(
-        job_id=job.id,
-        epoch=1,
-        kind="last",
-        attempt=1,
-        weights=b"w" * 100,
-        size_bytes=100,
-        sha256="0" * 64,
-    )
+    checkpoint = make_checkpoint(job.id, b"w" * 100)
     session.add(checkpoint)
     session.flush()
     return job, checkpoint

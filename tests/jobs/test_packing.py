@@ -382,6 +382,7 @@ def test_a_pack_out_of_memory_trains_on_as_smaller_packs_each_job_exactly_once(
         for job_id in ids[2:]:  # back in the queue, not waiting here as `running`
             job = _job(session_factory, job_id)
             assert (job.status, job.attempts, job.lease_owner) == ("queued", 1, None)
+            assert job.published_at is not None  # sent to the broker now, not by the outbox
             assert [a.outcome for a in job.attempt_history] == ["handed_back"]
             assert _checkpoints(session_factory, job_id)["last"].epoch == 1
         spec = JobSpec.model_validate(specs[0])
