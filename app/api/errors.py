@@ -5,6 +5,7 @@ Services raise domain errors (app/core/errors.py); routes never build error resp
 """
 
 import logging
+import sys
 from http import HTTPStatus
 from typing import Any
 
@@ -125,6 +126,18 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, str]]:
     return details
 
 
+def _unparsable_json(cause: BaseException | None) -> str | None:
+    """Why a JSON body failed to parse other than by its syntax (FastAPI answers those with a
+    bare 400, "There was an error parsing the body"), or None if it was not that."""
+    if isinstance(cause, RecursionError):
+        return "not valid JSON here: nested too deeply to parse"
+    if isinstance(cause, UnicodeDecodeError):
+        return f"not valid JSON: not UTF-8 text ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return f"not valid JSON here: an integer of more than {sys.get_int_max_str_digits()} digits"
+    return None
+
+
 def _is_json(content_type: str) -> bool:
     media = content_type.partition(";")[0].strip().lower()
     return media == "application/json" or media.endswith("+json")
@@ -206,6 +219,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         # The router's 404/405 and the body parser's 400, in the same shape as ours.
+        if exc.status_code == 400 and (reason := _unparsable_json(exc.__cause__)):
+            detail = [{"field": "body", "message": reason}]
+            return JSONResponse({"error": "validation_error", "detail": detail}, status_code=422)
         return _framework_error(request, exc)
 
     @app.exception_handler(DBAPIError)

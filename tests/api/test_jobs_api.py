@@ -132,6 +132,30 @@ def test_malformed_json_is_422_not_500(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "not valid JSON here: nested too deeply to parse"),
+        (
+            b'{"epochs": ' + b"9" * 5000 + b"}",
+            "not valid JSON here: an integer of more than 4300 digits",
+        ),
+        (b'{"name": "caf\xe9"}', "not valid JSON: not UTF-8 text (invalid continuation byte"),
+    ],
+    ids=["nested", "long-integer", "latin-1"],
+)
+def test_json_that_python_cannot_parse_is_422_saying_why(
+    client: TestClient, body: bytes, reason: str
+) -> None:
+    """Valid JSON syntax, or nearly, that json.loads still refuses: FastAPI answers a bare 400
+    ("There was an error parsing the body"), which names neither the body nor the reason."""
+    response = client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["field"] == "body"
+    assert error["message"].startswith(reason)
+
+
+@pytest.mark.parametrize(
     ("content_type", "named"),
     [
         ("text/plain; charset=utf-8", "text/plain"),

@@ -113,6 +113,40 @@ def test_a_point_whose_model_could_not_learn_is_named(client: TestClient) -> Non
     assert "not depend on the input" in error["message"]
 
 
+def _nested(depth: int) -> Any:
+    value: Any = 0.1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("depth", [9, 300, 600, 900])
+def test_deeply_nested_base_or_grid_is_422_naming_it(
+    client: TestClient, session: Session, depth: int
+) -> None:
+    """Free-form JSON until expanded: past a few hundred levels, copying it for each point ran
+    out of Python's recursion limit (a 500). The study's own limit answers first."""
+    deep_value = study_body(grid={"optimizer.lr": [_nested(depth)]})
+    deep_base = study_body(base={**spec_payload(), "x": {"y": _nested(depth)}})
+    for body, field in ((deep_value, "grid"), (deep_base, "base")):
+        response = client.post("/v1/studies", json=body)
+        assert response.status_code == 422, response.text
+        [error] = response.json()["detail"]
+        assert error["field"] == field
+        assert error["message"].startswith(f"nested {depth + 2} levels deep;")
+    assert session.scalars(select(Study)).all() == []
+
+
+def test_a_point_error_echoes_a_long_value_only_in_part(client: TestClient) -> None:
+    grid = {"model.activation": ["relu", "x" * 100_000]}
+    response = client.post("/v1/studies", json=study_body(grid=grid))
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["field"] == "grid[1].model.activation"
+    point = '{"model.activation": "' + "x" * 100_000 + '"}'
+    assert error["message"].endswith(f"(grid point {point[:200]}...)")
+
+
 def test_grid_over_the_study_limit_is_422_naming_it(client: TestClient) -> None:
     grid = {"seed": list(range(40)), "optimizer.lr": [0.001 * (i + 1) for i in range(30)]}
     response = client.post("/v1/studies", json=study_body(grid=grid))

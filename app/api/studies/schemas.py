@@ -4,9 +4,28 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.core.models import JobStatus
+
+# A job spec nests four levels at most (model.dropout.rate's list), and a grid adds two. The
+# base and the grid's values are free-form JSON until a study expands them, and expanding
+# copies them: past a few hundred levels that would exhaust Python's recursion limit (a 500).
+MAX_NESTING = 8
+
+
+def nesting(value: Any) -> int:
+    """How deep objects and lists nest in a JSON value (a scalar is 0), without recursing."""
+    deepest = 0
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth + 1)
+            pending.extend((child, depth + 1) for child in item)
+    return deepest
 
 
 class StudyCreate(BaseModel):
@@ -31,6 +50,15 @@ class StudyCreate(BaseModel):
     )
     epochs: int | None = Field(None, ge=1, description="preset only")
     seeds: list[int] | None = Field(None, min_length=1, description="preset only")
+
+    @field_validator("base", "grid")
+    @classmethod
+    def _not_too_deep(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and (depth := nesting(value)) > MAX_NESTING:
+            raise ValueError(
+                f"nested {depth} levels deep; a study's JSON nests at most {MAX_NESTING}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _either_grid_or_preset(self) -> Self:

@@ -116,8 +116,16 @@ def expand(base: dict[str, Any], grid: dict[str, list[Any]]) -> list[GridPoint]:
     return points
 
 
+# A grid point is echoed in its error so that a person finds it; a value of a hundred
+# kilobytes (a wrong paste) is echoed only as far as that needs.
+_ECHO_CHARS = 200
+
+
 def point_error(index: int, values: dict[str, Any], field: str, message: str) -> InvalidInput:
-    return InvalidInput(f"grid[{index}].{field}", f"{message} (grid point {_key(values)})")
+    point = _key(values)
+    if len(point) > _ECHO_CHARS:
+        point = point[:_ECHO_CHARS] + "..."
+    return InvalidInput(f"grid[{index}].{field}", f"{message} (grid point {point})")
 
 
 def configuration_of(point: dict[str, Any]) -> dict[str, Any]:
