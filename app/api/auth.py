@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
@@ -20,7 +20,7 @@ from app.api.dependencies import SettingsDep
 from app.api.errors import error_responses
 from app.core.config import Settings
 from app.core.errors import MalformedKey, MissingKey, RequestRateExceeded
-from app.core.keys import KEY_PATTERN, KeyVerifier
+from app.core.keys import KEY_PATTERN, TENANT_PATTERN, KeyVerifier
 from app.core.tenancy import UNAUTHENTICATED, Caller
 
 # Declares the scheme in OpenAPI; the header itself is parsed below, so that a missing key
@@ -101,6 +101,15 @@ async def get_caller(
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]
+
+# An admin's filter of a list by tenant: a name `trainsvc keys create` could have given, so a
+# NUL (which PostgreSQL refuses in a parameter) is a 422 on this field, not on the database.
+TenantFilter = Annotated[
+    str | None,
+    Query(
+        pattern=f"^{TENANT_PATTERN.pattern}$", description="admin keys: only what this tenant owns"
+    ),
+]
 
 
 async def get_metrics_caller(request: Request, settings: SettingsDep) -> Caller | None:

@@ -201,6 +201,19 @@ def test_an_admin_sees_every_tenant_and_can_filter_by_one(
     assert beta_asks.json()["items"] == []
 
 
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/studies", "/v1/datasets"])
+def test_a_tenant_filter_no_key_could_name_is_422_on_it(
+    client: TestClient, key_headers: KeyHeaders, path: str
+) -> None:
+    """A NUL reached PostgreSQL as a parameter and came back as a 422 on "body"."""
+    admin = key_headers("ops", admin=True)
+    for tenant in ("be\x00ta", "beta gamma", "-beta", "b" * 101):
+        response = client.get(path, params={"tenant": tenant}, headers=admin)
+        assert response.status_code == 422, (tenant, response.text)
+        [error] = response.json()["detail"]
+        assert error["field"] == "tenant"
+
+
 def test_idempotency_keys_are_per_tenant_and_a_409_names_no_other_tenants_job(
     client: TestClient, key_headers: KeyHeaders
 ) -> None:

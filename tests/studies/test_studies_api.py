@@ -147,6 +147,16 @@ def test_a_point_error_echoes_a_long_value_only_in_part(client: TestClient) -> N
     assert error["message"].endswith(f"(grid point {point[:200]}...)")
 
 
+def test_a_name_with_nul_is_422_on_either_database(client: TestClient, session: Session) -> None:
+    """SQLite stored it and PostgreSQL refused it at the INSERT: one rule for both, before."""
+    response = client.post("/v1/studies", json=study_body(name="norm\x00dropout"))
+    assert response.status_code == 422
+    assert response.json()["detail"] == [
+        {"field": "name", "message": "must not contain NUL characters"}
+    ]
+    assert session.scalars(select(Study)).all() == []
+
+
 def test_grid_over_the_study_limit_is_422_naming_it(client: TestClient) -> None:
     grid = {"seed": list(range(40)), "optimizer.lr": [0.001 * (i + 1) for i in range(30)]}
     response = client.post("/v1/studies", json=study_body(grid=grid))

@@ -3,9 +3,9 @@ delete uploads."""
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile, status
+from fastapi import APIRouter, Depends, File, Form, Response, UploadFile, status
 
-from app.api.auth import AUTH_RESPONSES, CallerDep, get_caller
+from app.api.auth import AUTH_RESPONSES, CallerDep, TenantFilter, get_caller
 from app.api.datasets import service
 from app.api.datasets.dependencies import UploadDep, UploadSlotsDep
 from app.api.datasets.schemas import DatasetList, DatasetRead
@@ -27,9 +27,7 @@ router = APIRouter(
 def list_datasets(
     session: SessionDep,
     caller: CallerDep,
-    tenant: Annotated[
-        str | None, Query(max_length=100, description="admin keys: only this tenant's uploads")
-    ] = None,
+    tenant: TenantFilter = None,
 ) -> DatasetList:
     """Built-in datasets and the caller's uploads, with their shapes and classes."""
     items = [DatasetRead.from_info(info) for info in BUILTIN_DATASETS.values()]

@@ -8,7 +8,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import StringConstraints
 from sqlalchemy import Connection
 
-from app.api.auth import AUTH_RESPONSES, CallerDep, get_caller
+from app.api.auth import AUTH_RESPONSES, CallerDep, TenantFilter, get_caller
 from app.api.dependencies import (
     DispatcherDep,
     ReaderDep,
@@ -93,9 +93,7 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
     study_id: uuid.UUID | None = None,
-    tenant: Annotated[
-        str | None, Query(max_length=100, description="admin keys: only this tenant's jobs")
-    ] = None,
+    tenant: TenantFilter = None,
     tag: Annotated[
         list[TagFilter] | None,
         Query(

@@ -5,7 +5,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Header, Query, Response, status
 from fastapi.responses import HTMLResponse
 
-from app.api.auth import AUTH_RESPONSES, CallerDep, get_caller
+from app.api.auth import AUTH_RESPONSES, CallerDep, TenantFilter, get_caller
 from app.api.dependencies import DispatcherDep, SessionDep, SettingsDep
 from app.api.studies import rendering, service
 from app.api.studies.dependencies import PlotCacheDep, StudyDep
@@ -84,9 +84,7 @@ def list_studies(
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
-    tenant: Annotated[
-        str | None, Query(max_length=100, description="admin keys: only this tenant's studies")
-    ] = None,
+    tenant: TenantFilter = None,
 ) -> StudyPage:
     """List the caller's studies, newest first; pass next_cursor back as cursor."""
     studies, next_cursor = service.list_studies(session, caller, limit, cursor, tenant)

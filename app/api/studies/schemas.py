@@ -7,6 +7,7 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.core.models import JobStatus
+from app.core.spec import Text
 
 # A job spec nests four levels at most (model.dropout.rate's list), and a grid adds two. The
 # base and the grid's values are free-form JSON until a study expands them, and expanding
@@ -34,7 +35,7 @@ class StudyCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, max_length=200)
+    name: Text | None = Field(None, max_length=200)
     base: dict[str, Any] | None = Field(
         None, description="a job spec; the grid's values are set into it"
     )
