@@ -14,6 +14,7 @@ from app.api.events.router import router as events_router
 from app.api.jobs.router import router as jobs_router
 from app.api.limits import BodySizeLimit
 from app.api.observability import RequestObservability
+from app.api.security_headers import SecurityHeaders
 from app.api.studies.router import router as studies_router
 from app.api.system.router import metrics_router
 from app.api.system.router import router as system_router
@@ -69,6 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         upload_limit=settings.max_upload_bytes,
         upload_paths=("/v1/datasets",),
     )
+    # Every response, an error or a 413 included.
+    app.add_middleware(SecurityHeaders)
     # Outermost: the request id is set before anything else logs, and a 413 is counted too.
     app.add_middleware(RequestObservability)
     return app

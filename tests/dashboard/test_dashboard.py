@@ -55,11 +55,19 @@ TIMEOUT_MS = 120_000
 
 @pytest.fixture
 def page(chromium: Any) -> Iterator[Any]:
-    """A fresh page; the test fails on any uncaught error in the page's scripts."""
+    """A fresh page; the test fails on any uncaught error in the page's scripts, and on
+    anything the service's Content-Security-Policy refused."""
     context = chromium.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
+    # The service's Content-Security-Policy: whatever it blocks breaks the page, silently.
+    page.on(
+        "console",
+        lambda message: (
+            errors.append(message.text) if "Content Security Policy" in message.text else None
+        ),
+    )
     page.set_default_timeout(TIMEOUT_MS)
     yield page
     context.close()
