@@ -327,6 +327,18 @@ class JobSpec(_Strict):
                 f"schedule.warmup_epochs ({self.schedule.warmup_epochs}) must be below "
                 f"epochs ({self.epochs})",
             )
+        if (
+            self.dataset.batch_size == 1
+            and self.model.architecture == "mlp"
+            and self.model.normalization.type == "batch_norm"
+        ):
+            # An mlp's batch norm takes each feature's statistics over the batch alone; a
+            # cnn's also over positions, so it trains on one sample.
+            raise SpecError(
+                "dataset.batch_size",
+                "batch_norm in an mlp normalizes each feature over the batch, which needs at "
+                "least 2 samples: use a batch_size of 2 or more",
+            )
         noise = self.diagnostics.gradient_noise if self.diagnostics else None
         if (
             noise is not None

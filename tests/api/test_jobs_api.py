@@ -74,6 +74,26 @@ def test_impossible_combination_is_422_with_reason(client: TestClient) -> None:
     assert "divisible" in error["message"]
 
 
+def test_batch_norm_in_an_mlp_on_batches_of_one_is_422_before_it_is_trained(
+    client: TestClient,
+) -> None:
+    """It passed, and failed in the worker ("Expected more than 1 value per channel")."""
+    norm = {"type": "batch_norm"}
+    dataset = {"name": "iris", "batch_size": 1}
+    payload = spec_payload(dataset=dataset, model={"hidden_sizes": [8], "normalization": norm})
+    response = client.post("/v1/jobs", json=payload)
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["field"] == "dataset.batch_size"
+    assert "at least 2 samples" in error["message"]
+    # A cnn's batch norm also averages over positions: one sample is enough.
+    cnn = spec_payload(
+        dataset={"name": "mnist1d", "batch_size": 1},
+        model={"architecture": "cnn", "hidden_sizes": [4], "normalization": norm},
+    )
+    assert client.post("/v1/jobs", json=cnn).status_code == 201
+
+
 def test_a_model_that_could_not_learn_is_422_and_stores_nothing(client: TestClient) -> None:
     norm = {"type": "instance_norm", "position": "after_activation"}
     payload = spec_payload(
