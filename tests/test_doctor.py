@@ -108,7 +108,9 @@ def test_auth_off_on_a_network_address_is_a_failure() -> None:
     assert doctor.check_auth(off, "127.0.0.1").outcome == "warn"
     assert doctor.check_auth(off, "localhost").outcome == "warn"
     assert doctor.check_auth(SimpleNamespace(auth="on"), "0.0.0.0").outcome == "ok"
-    assert doctor.check_auth(Settings(), None).outcome == "ok"  # keys are on by default
+    by_default = doctor.check_auth(Settings(), None)  # keys are on by default, but not for `up`
+    assert by_default.outcome == "ok"
+    assert "`trainsvc up` runs without them" in by_default.detail
 
 
 def test_gpus_are_listed_from_nvidia_smi(monkeypatch: pytest.MonkeyPatch) -> None:

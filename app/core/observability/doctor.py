@@ -140,7 +140,14 @@ def check_gpus(run: Callable[..., subprocess.CompletedProcess[str]] = subprocess
 
 def check_auth(settings: Settings, host: str | None) -> Check:
     if settings.auth == "on":
-        return Check("auth", "ok", "API keys are required")
+        # `trainsvc up` is one person's laptop: it turns keys off (on loopback only) whatever
+        # the settings say, so "required" would be untrue of a service it started.
+        return Check(
+            "auth",
+            "ok",
+            "`trainsvc serve` requires API keys (TRAINSVC_AUTH=on); "
+            "`trainsvc up` runs without them, on 127.0.0.1 only",
+        )
     if host is not None and not is_loopback(host):
         return Check(
             "auth",
