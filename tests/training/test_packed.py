@@ -5,6 +5,7 @@ and compares every number (metrics, diagnostics, weights, trainer state).
 """
 
 import dataclasses
+import functools
 import math
 import traceback
 from collections.abc import Iterator, Sequence
@@ -13,12 +14,15 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load as load_tensors
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from app.core.catalog import BUILTIN_DATASETS
 from app.core.spec import JobSpec
 from tests.training.helpers import data_for, make_spec
+from worker.training import packed as packed_module
 from worker.training.checkpoint import unpack_state
 from worker.training.data import PreparedData
+from worker.training.dropout import keep_mask
 from worker.training.loop import Diverged, EpochResult, TrainingRun
 from worker.training.models import build_model
 from worker.training.packed import (
@@ -704,3 +708,55 @@ def test_a_packed_training_step_never_waits_for_the_gpu(
         specs = [s.model_copy(update={"device": "cuda", "epochs": 2}) for s in specs]
         _, results = train_packed(specs)
         assert [len(epochs) for epochs in results.values()] == [2, 2, 2], optimizer
+
+
+# What, on CUDA, copies from the host or reads a device value on it: a tensor made from
+# Python data (torch.tensor, a list used as an index: lift_fresh), a value read as a Python
+# number (.item(), bool(), float(): _local_scalar_dense), and shapes that depend on values.
+_WAITS_ON_CUDA = frozenset(
+    {
+        "aten.lift_fresh.default",
+        "aten._local_scalar_dense.default",
+        "aten.nonzero.default",
+        "aten.masked_select.default",
+    }
+)
+
+
+class _HostTraffic(TorchDispatchMode):
+    """Fails on any operation of _WAITS_ON_CUDA."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if str(func) in _WAITS_ON_CUDA:
+            raise AssertionError(f"the training step called {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_a_packed_training_step_takes_nothing_from_the_host(
+    monkeypatch: pytest.MonkeyPatch, architecture: str
+) -> None:
+    """The CPU's half of test_a_packed_training_step_never_waits_for_the_gpu, which only a
+    GPU runs: here the same step runs under a dispatch mode that fails on each operation that
+    would wait on CUDA. (A list of layer positions used as an index did: each step copied it
+    to the device, a blocking copy, and one that no CUDA graph can capture.)"""
+
+    def watched(method: Any) -> Any:
+        def run(self: PackedRun, *args: Any, **kwargs: Any) -> Any:
+            with _HostTraffic():
+                return method(self, *args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(PackedRun, "_train_step", watched(PackedRun._train_step))
+    # The masks in torch's arithmetic, as CUDA draws them (on CPU numpy draws them).
+    torch_masks = functools.partial(keep_mask, numpy_on_cpu=False)
+    monkeypatch.setattr(packed_module, "keep_mask", torch_masks)
+    dropout = "standard" if architecture == "mlp" else "spatial"
+    for optimizer in OPTIMIZERS:
+        specs = [
+            job(i, "batch_norm", optimizer, architecture=architecture, dropout=dropout)
+            for i in range(3)
+        ]
+        _, results = train_packed([s.model_copy(update={"epochs": 1}) for s in specs])
+        assert [len(epochs) for epochs in results.values()] == [1, 1, 1], optimizer

@@ -405,9 +405,12 @@ class PackedRun:
             for name, module in template.named_modules()
             if isinstance(module, WEIGHTED)
         ]
-        self.layer_positions = [
-            self.param_names.index(f"{name}.weight") for name, _ in self.layer_names
-        ]
+        # Where each weighted layer's weight is among the parameters, as an index on the
+        # device: a list would be copied from the host, and waited for, at every step.
+        self.layer_positions = torch.tensor(
+            [self.param_names.index(f"{name}.weight") for name, _ in self.layer_names],
+            device=self.device,
+        )
         # The single model's structure, which the packed forward walks (its own weights are
         # not used).
         self.template = template
@@ -804,7 +807,7 @@ class PackedRun:
         norms, total = self._clip(grads)
         self._step(params, grads, schedule)
         correct = (logits.detach().argmax(-1) == y).sum(1)
-        return losses.detach(), total, norms[self.layer_positions].T, correct
+        return losses.detach(), total, norms.index_select(0, self.layer_positions).T, correct
 
     def _dropout_key_table(self, trials: list[Trial]) -> torch.Tensor:
         """[T, steps, layers]: each trial's stream key for each dropout layer at each step of
