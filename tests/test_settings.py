@@ -1,11 +1,12 @@
 """README: every setting is a TRAINSVC_ variable or a line in `.env` (the variable wins)."""
 
+import json
 from pathlib import Path
 
 import pytest
 
 from app.cli import main
-from app.core.config import Settings, get_settings
+from app.core.config import InvalidSettings, Settings, get_settings
 
 
 def test_settings_are_read_from_dot_env_in_the_working_folder(
@@ -47,6 +48,27 @@ def test_a_setting_the_service_cannot_use_is_named_with_why_before_anything_star
         "  TRAINSVC_LOG_FORMAT: Input should be 'auto', 'json' or 'console'"
     )  # values are not echoed: a database URL or a key may hold a secret
     assert list(tmp_path.iterdir()) == [tmp_path / ".env"]  # no database was made
+
+
+def test_a_cors_origin_that_no_browser_sends_is_refused_saying_the_form(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for origin in ("https://dash.example.com", "http://127.0.0.1:3000", "http://[::1]:8080", "*"):
+        monkeypatch.setenv("TRAINSVC_CORS_ORIGINS", json.dumps([origin]))
+        assert Settings().cors_origins == [origin]
+    # A browser's Origin has no path, not even "/": a listed URL with one would never match.
+    for origin in ("https://dash.example.com/", "dash.example.com", "ftp://x", "https://x:y"):
+        monkeypatch.setenv("TRAINSVC_CORS_ORIGINS", json.dumps([origin]))
+        get_settings.cache_clear()
+        try:
+            with pytest.raises(InvalidSettings) as refused:
+                get_settings()
+        finally:
+            get_settings.cache_clear()
+        assert str(refused.value).endswith(
+            f"  TRAINSVC_CORS_ORIGINS: {origin!r} is not an origin: give scheme://host[:port], "
+            "as https://dash.example.com, with no path or trailing slash"
+        )
 
 
 @pytest.mark.parametrize(

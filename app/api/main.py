@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.api.auth import install_auth
+from app.api.browser_policy import install_browser_policy
 from app.api.dashboard.router import router as dashboard_router
 from app.api.datasets.router import router as datasets_router
 from app.api.errors import document_errors, error_responses, install_error_handlers
@@ -14,7 +15,6 @@ from app.api.events.router import router as events_router
 from app.api.jobs.router import router as jobs_router
 from app.api.limits import BodySizeLimit
 from app.api.observability import RequestObservability
-from app.api.security_headers import SecurityHeaders
 from app.api.studies.router import router as studies_router
 from app.api.system.router import metrics_router
 from app.api.system.router import router as system_router
@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         upload_paths=("/v1/datasets",),
     )
     # Every response, an error or a 413 included.
-    app.add_middleware(SecurityHeaders)
+    install_browser_policy(app, settings.cors_origins)
     # Outermost: the request id is set before anything else logs, and a 413 is counted too.
     app.add_middleware(RequestObservability)
     return app

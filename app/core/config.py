@@ -1,10 +1,11 @@
 """Settings: every knob of the service in one typed place, read from TRAINSVC_* variables."""
 
 import ipaddress
+import re
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -70,6 +71,11 @@ class Settings(BaseSettings):
     # nothing (EventSource does so itself), and no connection is held for ever.
     event_stream_max_seconds: float = Field(300.0, gt=0)
 
+    # Other origins whose pages may call the API from a browser (CORS), as a JSON list of
+    # "https://dash.example.com" (scheme, host and port; no path), or ["*"] for any. Empty: only
+    # pages the service serves itself (its dashboard). Keys travel in a header, not a cookie.
+    cors_origins: list[str] = Field(default_factory=list)
+
     # Webhooks are a way out of the network: when set, callbacks may go to these hosts only
     # (exact names, or "*.example.com" for subdomains). A JSON list in the environment.
     webhook_allowed_hosts: list[str] = Field(default_factory=list)
@@ -130,6 +136,21 @@ class Settings(BaseSettings):
     # The key `trainsvc submit` sends (TRAINSVC_API_KEY), kept out of the command line.
     api_key: SecretStr | None = None
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin: give scheme://host[:port], "
+                    "as https://dash.example.com, with no path or trailing slash"
+                )
+        return origins
+
+
+# What a browser sends as Origin: a scheme, a host and perhaps a port, nothing after.
+_ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?")
+
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -162,7 +183,8 @@ def get_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         problems = [
-            f"  TRAINSVC_{'_'.join(map(str, error['loc'])).upper()}: {error['msg']}"
+            f"  TRAINSVC_{'_'.join(map(str, error['loc'])).upper()}: "
+            + error["msg"].removeprefix("Value error, ")
             for error in exc.errors()
         ]
         raise InvalidSettings(

@@ -1,4 +1,5 @@
-"""Headers that tell a browser what this service's responses may do, on every response.
+"""What a browser may do with the service: security headers on every response, and which other
+origins' pages may call the API (CORS, off unless TRAINSVC_CORS_ORIGINS names them).
 
 The dashboard keeps a person's API key in the tab's sessionStorage, so a script injected into
 any page of this origin could read it. Everything it shows is inserted as text, never as HTML,
@@ -7,9 +8,15 @@ from this origin's own files (no inline script, no eval), no plugins, no framing
 and no <base> that could redirect the page's relative URLs. Inline styles stay allowed: the
 dashboard sizes its bars and the report styles its table with them, and a style cannot read
 the key.
+
+Another origin's page (a team's own dashboard) may call the API once the operator lists that
+origin. A key travels in the Authorization header, never in a cookie, so no credentials mode
+is needed, and a listed page can do only what the key it sends allows.
 """
 
+from fastapi import FastAPI
 from starlette.datastructures import MutableHeaders
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CONTENT_SECURITY_POLICY = "; ".join(
@@ -33,6 +40,28 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 
+# What a page on a listed origin may send, and read back: the request headers the API takes,
+# and the response headers it sets (a browser shows a script only a few by default).
+CORS_METHODS = ["GET", "POST", "DELETE"]
+CORS_REQUEST_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "Idempotency-Key",
+    "If-None-Match",
+    "Last-Event-ID",
+    "X-Request-ID",
+]
+CORS_RESPONSE_HEADERS = [
+    "Allow",
+    "Content-Disposition",
+    "ETag",
+    "Retry-After",
+    "WWW-Authenticate",
+    "X-Request-ID",
+]
+# How long a browser may reuse a preflight's answer before asking again.
+CORS_MAX_AGE_SECONDS = 600
+
 
 class SecurityHeaders:
     """Pure ASGI: sets the headers on each response's start, leaving its body alone (a stream
@@ -54,3 +83,18 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def install_browser_policy(app: FastAPI, cors_origins: list[str]) -> None:
+    """The security headers on every response, and CORS for the listed origins, if any.
+    Outside the body limit and the error handlers, so that a page may read a 413 or a 429."""
+    app.add_middleware(SecurityHeaders)
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors_origins,
+            allow_methods=CORS_METHODS,
+            allow_headers=CORS_REQUEST_HEADERS,
+            expose_headers=CORS_RESPONSE_HEADERS,
+            max_age=CORS_MAX_AGE_SECONDS,
+        )
