@@ -70,7 +70,7 @@ def test_study_create_then_report_with_csv(
     assert lines[1].split()[-2:] == ["0.750±0.000", "0"]  # epochs of 0.5 s and 1.0 s
     assert lines[2].split()[-2:] == ["0.750±0.000", "2"]
     assert "2 of the 4 succeeded jobs trained in packs" in out
-    assert "batch_norm raised best val accuracy by +0.3 [0.3, 0.3], n=2" in out
+    assert "batch_norm raised best val accuracy by +30 percentage points [30, 30], n=2" in out
     assert csv_path.read_text().startswith("model.normalization.type,jobs,succeeded")
 
 

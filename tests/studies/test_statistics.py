@@ -89,6 +89,16 @@ def test_readings_claim_no_more_than_the_interval() -> None:
     assert read("batch_norm", "best val accuracy", Estimate(0.05, 0.02, 0.08, 9)) == (
         "batch_norm raised best val accuracy by +0.05 [0.02, 0.08], n=9"
     )
+    # An accuracy reads as the dashboard prints its estimate: in percentage points.
+    points = read(
+        "batch_norm",
+        "best val accuracy",
+        Estimate(0.0065, 0.00139, 0.0121, 6),
+        percentage_points=True,
+    )
+    assert points == (
+        "batch_norm raised best val accuracy by +0.65 percentage points [0.139, 1.21], n=6"
+    )
     assert read("dropout 0.5", "the generalization gap", Estimate(-0.1, -0.2, -0.05, 6)) == (
         "dropout 0.5 lowered the generalization gap by -0.1 [-0.2, -0.05], n=6"
     )

@@ -362,7 +362,9 @@ def _effect(
         "best_val_accuracy": {
             **asdict(accuracy),
             "kind": "difference: this - baseline",
-            "reading": statistics.read_difference(label, "best val accuracy", accuracy),
+            "reading": statistics.read_difference(
+                label, "best val accuracy", accuracy, percentage_points=True
+            ),
         },
         "generalization_gap": {
             **asdict(gap),

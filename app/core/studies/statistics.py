@@ -171,13 +171,20 @@ def _number(value: float) -> str:
     return f"{value:.3g}"
 
 
-def read_difference(label: str, metric: str, effect: Estimate) -> str:
-    """One plain sentence that claims no more than the interval supports."""
+def read_difference(
+    label: str, metric: str, effect: Estimate, *, percentage_points: bool = False
+) -> str:
+    """One plain sentence that claims no more than the interval supports. An accuracy (a
+    fraction) reads in percentage points, as the dashboard and a paper print it."""
     if effect.estimate is None:
         return f"no pairs to compare {label} on {metric}"
     if effect.ci_low is None or effect.ci_high is None:
         return f"too few pairs to judge {label} on {metric} (n={effect.n})"
-    interval = f"{effect.estimate:+.3g} [{_number(effect.ci_low)}, {_number(effect.ci_high)}]"
+    scale, unit = (100.0, " percentage points") if percentage_points else (1.0, "")
+    interval = (
+        f"{scale * effect.estimate:+.3g}{unit} "
+        f"[{_number(scale * effect.ci_low)}, {_number(scale * effect.ci_high)}]"
+    )
     if effect.ci_low > 0:
         return f"{label} raised {metric} by {interval}, n={effect.n}"
     if effect.ci_high < 0:
