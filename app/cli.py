@@ -474,7 +474,17 @@ def _study_report(args: argparse.Namespace) -> None:
         print(f"\n{report['note']}")
     if report.get("seconds_note"):
         print(f"\n{report['seconds_note']}")
-    print(f"\ntarget val accuracy: {report['target']['val_accuracy']}")
+    target = report["target"]["val_accuracy"]
+    print(
+        f"\ntarget val accuracy: {target:.4g}"
+        if target is not None
+        else "\ntarget val accuracy: none (no job has succeeded)"
+    )
+    if failed := report["counts"].get("failed", 0):
+        print(
+            f"{failed} jobs failed; `trainsvc jobs list --study {report['study_id']} "
+            "--status failed` lists them, `trainsvc jobs show <id>` says why"
+        )
     if report["effects"]:
         print("\neffects (paired, bootstrap 95% intervals):")
         for effect in report["effects"]:

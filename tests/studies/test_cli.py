@@ -74,6 +74,24 @@ def test_study_create_then_report_with_csv(
     assert csv_path.read_text().startswith("model.normalization.type,jobs,succeeded")
 
 
+def test_a_report_with_no_succeeded_job_says_so_and_where_to_look(
+    cli_talks_to: TestClient, session: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It printed "target val accuracy: None" and nothing of the two failures."""
+    body = {"base": spec_payload(), "grid": {"seed": [0, 1]}}
+    study = cli_talks_to.post("/v1/studies", json=body).json()
+    for job in study["jobs"]:
+        finish(session, job["id"], "failed", "error")
+    session.commit()
+    main(["study", "report", study["id"]])
+    out = capsys.readouterr().out
+    assert "\ntarget val accuracy: none (no job has succeeded)\n" in out
+    assert (
+        f"2 jobs failed; `trainsvc jobs list --study {study['id']} --status failed` lists them"
+        in out
+    )
+
+
 def test_study_create_reports_a_422(cli_talks_to: TestClient, tmp_path: Path) -> None:
     grid_file = tmp_path / "grid.json"
     grid_file.write_text(json.dumps({"base": spec_payload(), "grid": {"colour": [1]}}))
