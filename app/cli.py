@@ -28,12 +28,18 @@ if TYPE_CHECKING:
     from trainsvc_client import Client, Job, ServerSentEvent
 
 
+# What `trainsvc up` changes, for its API and its worker alike: one person's machine, so no
+# keys (on loopback only), and webhooks may reach a receiver on the same machine (there is no
+# other tenant to probe the network).
+EMBEDDED = {"auth": "off", "webhook_allow_private_networks": True}
+
+
 def _api_settings(args: argparse.Namespace) -> Settings:
     """The API's settings; exits if they would expose an unauthenticated API to the network."""
     settings = get_settings()
     if getattr(args, "embedded", False):
         # `trainsvc up`: one person's laptop, so no keys; check_exposure keeps it on loopback.
-        settings = settings.model_copy(update={"auth": "off"})
+        settings = settings.model_copy(update=EMBEDDED)
     refusal = check_exposure(settings, args.host)
     if refusal is not None:
         sys.exit(refusal)
@@ -101,6 +107,10 @@ def _up(args: argparse.Namespace) -> None:
     # with one SIGTERM (a second signal, SIGINT, would make Celery's shutdown a cold one).
     worker = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "worker"],
+        env={
+            **os.environ,
+            **{f"TRAINSVC_{k.upper()}": str(v).lower() for k, v in EMBEDDED.items()},
+        },
         process_group=0,
         preexec_fn=partial(_stop_with_parent, os.getpid()),
     )

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     # Webhooks are a way out of the network: when set, callbacks may go to these hosts only
     # (exact names, or "*.example.com" for subdomains). A JSON list in the environment.
     webhook_allowed_hosts: list[str] = Field(default_factory=list)
+    # Without that list, a webhook reaches public addresses only: a tenant's callback must not
+    # reach the database, the broker or a cloud's metadata service from inside the network.
+    # true lifts it (one person's machine: `trainsvc up` sets it).
+    webhook_allow_private_networks: bool = False
     # A delivery is retried with backoff (2 s, 4 s, ... up to 5 min apart) for this long.
     webhook_retry_for_seconds: float = Field(3600.0, gt=0)
     webhook_timeout_seconds: float = Field(10.0, gt=0)

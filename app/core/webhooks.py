@@ -5,19 +5,30 @@ that; the worker's sweeper sends due deliveries, retrying with backoff for a bou
 receiver checks `X-Trainsvc-Signature: t=<unix time>,v1=<hex HMAC-SHA256(secret, "t.body")>`,
 rejects a stale `t` (replays), and may drop a repeated `X-Trainsvc-Delivery` id (delivery is at
 least once: a sender killed between the POST and recording it sends again).
+
+A webhook is a request the service makes on a tenant's behalf from inside its network. Unless
+the operator lists the hosts it may reach, it reaches public addresses only: a callback to a
+private, loopback or link-local address (the database, a cloud's metadata service) is refused
+at submit when the URL names the address, and at connect time when a name resolves to one,
+which also covers a name that resolved elsewhere at submit. Otherwise any tenant could probe
+the internal network through its deliveries' errors.
 """
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
+import socket
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -37,9 +48,16 @@ SENDING_LEASE_SECONDS = 60.0
 
 @dataclass(frozen=True)
 class WebhookPolicy:
-    allowed_hosts: tuple[str, ...]  # empty: any host
+    allowed_hosts: tuple[str, ...]  # empty: any host with public addresses only
     retry_for_seconds: float  # give a delivery up this long after the job ended
     timeout_seconds: float
+    private_networks: bool = False  # without a host list, may a callback reach private ones
+
+    @property
+    def public_only(self) -> bool:
+        # An operator's list is trusted wherever its names resolve (an internal receiver is
+        # what one lists); without one, only what anyone on the internet could reach.
+        return not self.allowed_hosts and not self.private_networks
 
 
 def policy_from(settings: Settings) -> WebhookPolicy:
@@ -47,17 +65,75 @@ def policy_from(settings: Settings) -> WebhookPolicy:
         tuple(settings.webhook_allowed_hosts),
         settings.webhook_retry_for_seconds,
         settings.webhook_timeout_seconds,
+        settings.webhook_allow_private_networks,
     )
 
 
-def check_url(url: str, allowed_hosts: tuple[str, ...], field: str = "callback.url") -> None:
-    """Only http(s) URLs, and only to the operator's allowed hosts when a list is set."""
+_NOT_PUBLIC = (
+    "is not a public address; a webhook may reach a private network only where the operator "
+    "lists its host (TRAINSVC_WEBHOOK_ALLOWED_HOSTS) or allows private networks "
+    "(TRAINSVC_WEBHOOK_ALLOW_PRIVATE_NETWORKS)"
+)
+
+
+def check_url(url: str, policy: WebhookPolicy, field: str = "callback.url") -> None:
+    """Only http(s) URLs; only to the operator's allowed hosts when a list is set; without
+    one, not to an address (or localhost) that is not public, unless private networks are
+    allowed. A name is resolved when the delivery connects (PublicAddressesOnly), not here."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidInput(field, "must be an http:// or https:// URL with a host")
     host = parts.hostname.lower()
+    allowed_hosts = policy.allowed_hosts
     if allowed_hosts and not any(_host_matches(host, allowed) for allowed in allowed_hosts):
         raise InvalidInput(field, f"host {host!r} is not allowed (TRAINSVC_WEBHOOK_ALLOWED_HOSTS)")
+    if policy.public_only and (
+        host == "localhost" or host.endswith(".localhost") or _is_private_address(host)
+    ):
+        raise InvalidInput(field, f"{host} {_NOT_PUBLIC}")
+
+
+def _is_private_address(host: str) -> bool:
+    """Whether `host` is an IP address (not a name) that is not globally reachable."""
+    try:
+        return not ipaddress.ip_address(host).is_global
+    except ValueError:
+        return False
+
+
+class PublicAddressesOnly(httpcore.SyncBackend):
+    """Connects only where every address the host resolves to is public, and to the address it
+    checked: so a name that resolves, or is re-pointed after submit, to a private address is
+    refused as a literal one is. TLS still verifies the URL's own host name (httpcore passes it
+    to start_tls), and the Host header is the URL's."""
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        try:
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
+        for *_, address in found:
+            if _is_private_address(str(address[0]).partition("%")[0]):
+                raise httpcore.ConnectError(f"{host} resolves to an address that {_NOT_PUBLIC}")
+        return super().connect_tcp(
+            str(found[0][4][0]), port, timeout, local_address, socket_options
+        )
+
+
+def _client(policy: WebhookPolicy) -> httpx.Client:
+    transport = httpx.HTTPTransport()
+    if policy.public_only:
+        # httpx takes no network backend; its pool (httpcore, pinned with it) does.
+        transport._pool._network_backend = PublicAddressesOnly()
+    # No redirects: a receiver could otherwise send the POST on to an address refused here.
+    return httpx.Client(timeout=policy.timeout_seconds, follow_redirects=False, transport=transport)
 
 
 def _host_matches(host: str, allowed: str) -> bool:
@@ -139,7 +215,7 @@ def send_due(factory: sessionmaker[Session], policy: WebhookPolicy, limit: int =
     due = _lease_due(factory, limit)
     if not due:
         return 0  # the common case, every sweep: one indexed query, no HTTP client
-    with httpx.Client(timeout=policy.timeout_seconds, follow_redirects=False) as client:
+    with _client(policy) as client:
         for delivery_id in due:
             _send_one(factory, client, policy, delivery_id)
     return len(due)
@@ -195,7 +271,7 @@ def _send_one(
     status_code: int | None = None
     error: str | None = None
     try:
-        check_url(url, policy.allowed_hosts)
+        check_url(url, policy)
         response = client.post(
             url,
             content=body,

@@ -12,6 +12,7 @@ import pytest
 from tests.e2e.walkthrough import SPEC, run_walkthrough, wait_for_status
 from tests.factories import spec_payload
 from tests.support.processes import Processes, wait_until
+from tests.webhooks.receiver import receiving
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -44,6 +45,15 @@ def test_embedded_default_runs_a_job_with_nothing_else(processes: Processes) -> 
     assert summary["status"] == "succeeded"
     assert summary["summary"]["epochs_completed"] == 2
     assert "epoch" in submitted.stderr  # tqdm's bar, on stderr
+
+    # One person's machine: a webhook may reach a receiver on it (by default, without a host
+    # list, a callback reaches public addresses only), through the API and the worker alike.
+    with receiving() as receiver:
+        hooked = {**SPEC, "epochs": 1, "callback": {"url": receiver.url, "secret": "s" * 16}}
+        created = httpx.post(f"{url}/v1/jobs", json=hooked, timeout=10)
+        assert created.status_code == 201, created.text
+        wait_until(lambda: receiver.received, 60, "the webhook from `up`'s worker")
+    assert json.loads(receiver.received[0].body)["job"]["id"] == created.json()["id"]
 
     # Ctrl-C (SIGINT to the terminal's process group) stops the API and its worker cleanly.
     up = processes.started[0][0]

@@ -1,20 +1,24 @@
 """Webhooks in one process: the callback at submit, signed deliveries, retries, the secret kept."""
 
+import dataclasses
 import json
 import logging
+import socket
 import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core import webhooks
 from app.core.config import Settings
-from app.core.models import Job, JobCallback
+from app.core.errors import InvalidInput
+from app.core.models import Job, JobCallback, WebhookDelivery, utcnow
 from tests.factories import spec_payload
 from tests.support.processes import free_port, wait_until
 from tests.webhooks.receiver import receiving
@@ -232,3 +236,91 @@ def test_a_study_gives_each_job_the_callback_and_keeps_no_secret(
     )
     assert refused.status_code == 422
     assert "callback.url" in [item["field"] for item in refused.json()["detail"]]
+
+
+PUBLIC_ONLY = webhooks.WebhookPolicy((), retry_for_seconds=3600, timeout_seconds=5)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:5432/",  # the database, on the worker's own machine
+        "http://10.0.0.5/hook",
+        "http://192.168.1.20/hook",
+        "http://169.254.169.254/latest/meta-data/",  # a cloud's metadata service
+        "http://100.64.0.1/hook",  # carrier-grade NAT: not the internet either
+        "http://[::1]:6379/",
+        "http://[fd00::5]/hook",
+        "http://localhost:8080/hook",
+        "http://hooks.localhost/hook",
+    ],
+)
+def test_without_a_host_list_a_callback_may_not_name_a_private_address(url: str) -> None:
+    """A tenant's callback is a request from inside the network: without the operator's list
+    it may reach only what anyone on the internet could, or a tenant could reach the database,
+    the broker or the metadata service, and probe the network through its deliveries' errors."""
+    with pytest.raises(InvalidInput) as refused:
+        webhooks.check_url(url, PUBLIC_ONLY)
+    assert refused.value.field == "callback.url"
+    assert "not a public address" in refused.value.message
+    assert "TRAINSVC_WEBHOOK_ALLOW_PRIVATE_NETWORKS" in refused.value.message
+    # An operator who means it: private networks allowed, or the host listed.
+    webhooks.check_url(url, dataclasses.replace(PUBLIC_ONLY, private_networks=True))
+    host = urlsplit(url).hostname
+    assert host is not None
+    webhooks.check_url(url, dataclasses.replace(PUBLIC_ONLY, allowed_hosts=(host,)))
+
+
+def test_a_public_address_or_a_name_passes_the_submit_check() -> None:
+    for url in ("https://hooks.example.org/x", "http://8.8.8.8/hook", "http://[2001:4860::8888]/"):
+        webhooks.check_url(url, PUBLIC_ONLY)  # a name is checked where it is connected to
+
+
+def test_a_submit_naming_a_private_address_is_422_by_default(
+    client: TestClient, database_url: str, redis_url: str
+) -> None:
+    default = Settings(database_url=database_url, broker_url=redis_url)
+    assert webhooks.policy_from(default).public_only
+    client.app.state.settings = default  # type: ignore[attr-defined]
+    response = client.post("/v1/jobs", json=with_callback("http://127.0.0.1:6379/"))
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["field"] == "callback.url"
+    assert error["message"].startswith("127.0.0.1 is not a public address")
+
+
+def test_a_name_that_resolves_to_a_private_address_is_refused_when_it_is_connected_to(
+    client: TestClient, session_factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The name passed at submit (it might have resolved anywhere then); when the delivery
+    connects it resolves to loopback, as a rebinding DNS answer would, and is refused. DNS is
+    the one part simulated (there is none here): the receiver and the connection are real."""
+    real = socket.getaddrinfo
+
+    def resolve(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        return real("127.0.0.1" if host == "hooks.example.org" else host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    with receiving() as receiver:
+        url = receiver.url.replace("127.0.0.1", "hooks.example.org")
+        job = submit(client, with_callback(url))
+        client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert webhooks.send_due(session_factory, PUBLIC_ONLY) == 1
+        [refused] = deliveries(client, job["id"])
+        assert receiver.received == []
+        assert refused["status"] == "pending"  # retried: the name may point elsewhere later
+        assert refused["last_status_code"] is None
+        assert (
+            "hooks.example.org resolves to an address that is not a public address"
+            in (refused["last_error"])
+        )
+        # Where the operator allows private networks, the same delivery arrives, sent to the
+        # address the name resolved to with the name as its Host.
+        with session_factory() as session:
+            session.execute(update(WebhookDelivery).values(next_attempt_at=utcnow()))
+            session.commit()
+        allowed = dataclasses.replace(PUBLIC_ONLY, private_networks=True)
+        assert webhooks.send_due(session_factory, allowed) == 1
+        [request] = receiver.received
+        assert request.headers["Host"] == f"hooks.example.org:{receiver.port}"
+    assert deliveries(client, job["id"])[0]["status"] == "delivered"

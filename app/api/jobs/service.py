@@ -61,7 +61,7 @@ def check_callback(spec: JobSpec, settings: Settings) -> None:
         return
     if spec.callback.secret is None:
         raise InvalidInput("callback.secret", "a callback needs a secret (16 to 256 characters)")
-    webhooks.check_url(spec.callback.url, tuple(settings.webhook_allowed_hosts))
+    webhooks.check_url(spec.callback.url, webhooks.policy_from(settings))
 
 
 def register_callback(session: Session, job: Job, spec: JobSpec) -> None:
