@@ -304,6 +304,10 @@ def test_health_and_ready(client: TestClient) -> None:
     ready = client.get("/v1/ready")
     assert ready.status_code == 200
     assert ready.json()["checks"] == {"database": "up", "broker": "up"}
+    # HEAD, as load balancers and uptime monitors probe: the status, no body.
+    for path in ("/v1/health", "/v1/ready"):
+        probe = client.head(path)
+        assert (probe.status_code, probe.content) == (200, b"")
 
 
 def test_ready_names_the_broker_when_it_is_down(client: TestClient, session: Session) -> None:
@@ -314,6 +318,7 @@ def test_ready_names_the_broker_when_it_is_down(client: TestClient, session: Ses
     ready = client.get("/v1/ready")
     assert ready.status_code == 503
     assert ready.json()["down"] == ["broker"]
+    assert client.head("/v1/ready").status_code == 503
     # Submitting still works: the job is stored, and waits in the outbox.
     response = client.post("/v1/jobs", json=spec_payload())
     assert response.status_code == 201

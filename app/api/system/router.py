@@ -1,5 +1,7 @@
 """Liveness (/v1/health), readiness (/v1/ready: the database and broker answer), /metrics."""
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
@@ -16,17 +18,22 @@ router = APIRouter(prefix="/v1", tags=["system"])
 metrics_router = APIRouter(tags=["system"])
 
 
+# HEAD too: load balancers and uptime monitors often probe with it (a GET without the body).
+# One route per method, so that each has its own OpenAPI operation id.
 @router.get("/health", response_model=Health)
+@router.head("/health", response_model=Health)
 def health() -> Health:
     """The process is alive."""
     return Health(status="ok")
 
 
-@router.get(
-    "/ready",
-    response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "The database or the broker is down"}},
-)
+_NOT_READY: dict[int | str, dict[str, Any]] = {
+    503: {"model": Readiness, "description": "The database or the broker is down"}
+}
+
+
+@router.get("/ready", response_model=Readiness, responses=_NOT_READY)
+@router.head("/ready", response_model=Readiness, responses=_NOT_READY)
 def ready(request: Request, dispatcher: DispatcherDep) -> JSONResponse:
     """200 when the database and the broker answer; 503 naming what is down."""
     checks: dict[Dependency, bool] = {
