@@ -119,12 +119,19 @@ class PublicAddressesOnly(httpcore.SyncBackend):
             found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
             raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
-        for *_, address in found:
-            if _is_private_address(str(address[0]).partition("%")[0]):
-                raise httpcore.ConnectError(f"{host} resolves to an address that {_NOT_PUBLIC}")
-        return super().connect_tcp(
-            str(found[0][4][0]), port, timeout, local_address, socket_options
-        )
+        addresses = list(dict.fromkeys(str(sockaddr[0]) for *_, sockaddr in found))
+        if any(_is_private_address(address.partition("%")[0]) for address in addresses):
+            raise httpcore.ConnectError(f"{host} resolves to an address that {_NOT_PUBLIC}")
+        # Each checked address in turn, as a connection to the name would try them (an IPv6
+        # address first on a network without IPv6 must not fail the delivery).
+        failure: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
+        for address in addresses:
+            try:
+                return super().connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc
+        assert failure is not None  # getaddrinfo answers at least one address or raises
+        raise failure
 
 
 def _client(policy: WebhookPolicy) -> httpx.Client:
