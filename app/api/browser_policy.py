@@ -7,7 +7,7 @@ and the study report's HTML escapes every value; the policy is the second line: 
 from this origin's own files (no inline script, no eval), no plugins, no framing (clickjacking)
 and no <base> that could redirect the page's relative URLs. Inline styles stay allowed: the
 dashboard sizes its bars and the report styles its table with them, and a style cannot read
-the key.
+the key. FastAPI's API docs pages load from a CDN and get a policy of their own.
 
 Another origin's page (a team's own dashboard) may call the API once the operator lists that
 origin. A key travels in the Authorization header, never in a cookie, so no credentials mode
@@ -25,6 +25,24 @@ CONTENT_SECURITY_POLICY = "; ".join(
         "script-src 'self'",
         "style-src 'self' 'unsafe-inline'",
         "img-src 'self' data: blob:",
+        "connect-src 'self'",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    )
+)
+# FastAPI's API docs (/docs, /redoc) are pages of its own: Swagger UI and ReDoc from a CDN,
+# started by an inline script, with fonts and an icon from elsewhere. They hold no data but
+# the OpenAPI document, so they get what they need, and every other page keeps the strict one.
+DOCS_CONTENT_SECURITY_POLICY = "; ".join(
+    (
+        "default-src 'self'",
+        "script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net",
+        "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com",
+        "font-src 'self' https://fonts.gstatic.com",
+        "img-src 'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly",
+        "worker-src 'self' blob:",
         "connect-src 'self'",
         "object-src 'none'",
         "base-uri 'none'",
@@ -65,21 +83,25 @@ CORS_MAX_AGE_SECONDS = 600
 
 class SecurityHeaders:
     """Pure ASGI: sets the headers on each response's start, leaving its body alone (a stream
-    or a checkpoint download passes through untouched)."""
+    or a checkpoint download passes through untouched); `docs_paths` get the docs' policy."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, docs_paths: frozenset[str]) -> None:
         self.app = app
+        self.docs_paths = docs_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        docs = scope["path"] in self.docs_paths
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 for name, value in SECURITY_HEADERS.items():
                     headers[name] = value
+                if docs:
+                    headers["Content-Security-Policy"] = DOCS_CONTENT_SECURITY_POLICY
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -88,7 +110,8 @@ class SecurityHeaders:
 def install_browser_policy(app: FastAPI, cors_origins: list[str]) -> None:
     """The security headers on every response, and CORS for the listed origins, if any.
     Outside the body limit and the error handlers, so that a page may read a 413 or a 429."""
-    app.add_middleware(SecurityHeaders)
+    docs = (app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
+    app.add_middleware(SecurityHeaders, docs_paths=frozenset(p for p in docs if p))
     if cors_origins:
         app.add_middleware(
             CORSMiddleware,

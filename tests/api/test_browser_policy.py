@@ -8,7 +8,11 @@ from collections.abc import Callable
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.api.browser_policy import CORS_REQUEST_HEADERS, SECURITY_HEADERS
+from app.api.browser_policy import (
+    CORS_REQUEST_HEADERS,
+    DOCS_CONTENT_SECURITY_POLICY,
+    SECURITY_HEADERS,
+)
 from app.api.main import create_app
 from app.core.config import Settings
 from tests.conftest import use_test_sessions
@@ -48,6 +52,11 @@ def test_every_kind_of_response_carries_the_security_headers(client: TestClient)
     policy = responses["dashboard"].headers["Content-Security-Policy"]
     assert "script-src 'self';" in policy  # no inline script, no eval
     assert "frame-ancestors 'none'" in policy
+    # FastAPI's docs pages load Swagger UI and ReDoc from a CDN: they, and only they, may.
+    for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        docs = client.get(path)
+        assert docs.headers["Content-Security-Policy"] == DOCS_CONTENT_SECURITY_POLICY, path
+    assert "cdn.jsdelivr.net" not in policy
 
 
 DASHBOARD = "https://dash.example.com"
