@@ -110,6 +110,26 @@ def pool_size(settings: Settings, requested: int | None = None) -> int:
     return requested or settings.worker_concurrency or max(1, visible_gpus())
 
 
+def oversubscription(concurrency: int) -> str | None:
+    """Why the pool's threads would outnumber the cores, or None. Each pool process takes
+    cores / processes threads unless OMP_NUM_THREADS says otherwise; an OMP_NUM_THREADS meant
+    for one process, kept with several, makes their threads spin against each other (2 threads
+    in each of 2 processes on 2 cores: 23 to 41 s a small CNN job of 8 epochs, against 6 to 10 s
+    with one thread each; benchmarks/packed_sweep.py --service --concurrency 2)."""
+    cores = os.cpu_count() or 1
+    try:
+        threads = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    if concurrency < 2 or threads * concurrency <= cores:
+        return None
+    return (
+        f"OMP_NUM_THREADS={threads} in each of {concurrency} training processes is "
+        f"{threads * concurrency} threads for {cores} cores: CPU training runs several times "
+        f"slower; unset it (each process then takes {max(1, cores // concurrency)}) or lower it"
+    )
+
+
 def _stop_when_node_stops(node_stopping: "multiprocessing.synchronize.Event") -> None:
     node_stopping.wait()
     shutdown_requested.set()
@@ -121,6 +141,8 @@ def run_worker(settings: Settings, concurrency: int | None = None, loglevel: str
     register_tasks(celery, contexts.get)
     gpus = visible_gpus()
     concurrency = pool_size(settings, concurrency)
+    if (warning := oversubscription(concurrency)) is not None:
+        logger.warning(warning)
     preload()
     # A unique node name: two workers on one host must not share lease owners.
     node = f"trainsvc-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
