@@ -28,18 +28,15 @@ if TYPE_CHECKING:
     from trainsvc_client import Client, Job, ServerSentEvent
 
 
-# What `trainsvc up` changes, for its API and its worker alike: one person's machine, so no
-# keys (on loopback only), and webhooks may reach a receiver on the same machine (there is no
-# other tenant to probe the network).
-EMBEDDED = {"auth": "off", "webhook_allow_private_networks": True}
+# What `trainsvc up` sets in its environment, which its API (this process) and its worker
+# (a child) both read: one person's machine, so no keys (check_exposure keeps it on loopback),
+# and webhooks may reach a receiver on the same machine (no other tenant to probe the network).
+EMBEDDED = {"TRAINSVC_AUTH": "off", "TRAINSVC_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true"}
 
 
 def _api_settings(args: argparse.Namespace) -> Settings:
     """The API's settings; exits if they would expose an unauthenticated API to the network."""
     settings = get_settings()
-    if getattr(args, "embedded", False):
-        # `trainsvc up`: one person's laptop, so no keys; check_exposure keeps it on loopback.
-        settings = settings.model_copy(update=EMBEDDED)
     refusal = check_exposure(settings, args.host)
     if refusal is not None:
         sys.exit(refusal)
@@ -90,6 +87,8 @@ def _up(args: argparse.Namespace) -> None:
     """
     from app.core.migrate import upgrade
 
+    os.environ.update(EMBEDDED)
+    get_settings.cache_clear()  # read again, with these
     _api_settings(args)  # refuse before starting anything
     upgrade(get_settings().database_url)
     share_metrics_between_processes()  # before the worker starts: it inherits the directory
@@ -107,10 +106,6 @@ def _up(args: argparse.Namespace) -> None:
     # with one SIGTERM (a second signal, SIGINT, would make Celery's shutdown a cold one).
     worker = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "worker"],
-        env={
-            **os.environ,
-            **{f"TRAINSVC_{k.upper()}": str(v).lower() for k, v in EMBEDDED.items()},
-        },
         process_group=0,
         preexec_fn=partial(_stop_with_parent, os.getpid()),
     )
@@ -544,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="migrate, then run the API and one worker together")
     server_options(up)
-    up.set_defaults(handler=_up, embedded=True)
+    up.set_defaults(handler=_up)
 
     doctor = commands.add_parser(
         "doctor", help="check the database, broker, workers, GPUs and auth; say how to fix"

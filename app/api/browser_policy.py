@@ -57,6 +57,7 @@ SECURITY_HEADERS = {
     # The dashboard's URLs name jobs and studies; a link out of it need not tell where from.
     "Referrer-Policy": "no-referrer",
 }
+DOCS_HEADERS = {**SECURITY_HEADERS, "Content-Security-Policy": DOCS_CONTENT_SECURITY_POLICY}
 
 # What a page on a listed origin may send, and read back: the request headers the API takes,
 # and the response headers it sets (a browser shows a script only a few by default).
@@ -93,15 +94,11 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        docs = scope["path"] in self.docs_paths
+        chosen = DOCS_HEADERS if scope["path"] in self.docs_paths else SECURITY_HEADERS
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in SECURITY_HEADERS.items():
-                    headers[name] = value
-                if docs:
-                    headers["Content-Security-Policy"] = DOCS_CONTENT_SECURITY_POLICY
+                MutableHeaders(scope=message).update(chosen)
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -138,8 +138,8 @@ def _unparsable_json(cause: BaseException | None) -> str | None:
     return None
 
 
-def _is_json(content_type: str) -> bool:
-    media = content_type.partition(";")[0].strip().lower()
+def _is_json(media: str) -> bool:
+    media = media.lower()
     return media == "application/json" or media.endswith("+json")
 
 
@@ -203,11 +203,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         details = _validation_details(exc)
-        sent = request.headers.get("content-type", "")
-        if not _is_json(sent):
+        media = request.headers.get("content-type", "").partition(";")[0].strip()
+        if not _is_json(media):
             # FastAPI parses only a JSON content type as JSON: any other body reaches the
             # model as bytes, and "should be a valid dictionary" would hide the real mistake.
-            media = sent.partition(";")[0].strip() or "none"
+            media = media or "none"
             for detail in details:
                 if detail["field"] == "body":
                     detail["message"] = (
