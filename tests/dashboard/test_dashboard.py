@@ -251,6 +251,24 @@ def test_a_study_page_shows_its_table_and_compare_overlays_picked_jobs(
     assert set(re.findall(r"#/compare\?jobs=([\w,-]+)", page.url)[0].split(",")) == set(picked)
 
 
+def test_a_study_with_no_succeeded_run_says_it_has_no_plots_yet(
+    processes: Processes, page: Any
+) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "app.cli", "migrate"],
+        check=True,
+        cwd=processes.workdir,
+        env=processes.env,
+        capture_output=True,
+    )
+    url = processes.api("serve")  # no worker: its jobs stay queued
+    study = httpx.post(f"{url}/v1/studies", json=STUDY, timeout=30).json()
+    page.goto(f"{url}/#/studies/{study['id']}")
+    page.locator("#configurations tbody tr").first.wait_for()
+    assert "No plots yet" in page.inner_text(".plots")
+    assert page.locator(".plots figure").count() == 0
+
+
 def test_with_keys_on_the_page_asks_for_a_key_once(processes: Processes, page: Any) -> None:
     cli = [sys.executable, "-m", "app.cli"]
     run = {"cwd": processes.workdir, "env": processes.env, "capture_output": True, "text": True}

@@ -5,10 +5,13 @@ import io
 import uuid
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
+from app.core.studies import plots
+from app.core.studies.report import Run
 from tests.factories import spec_payload
 from tests.studies.test_report import finish, store_epochs
 
@@ -104,3 +107,44 @@ def test_running_study_plots_are_not_cached_and_unknown_plot_is_404(
     missing = client.get(f"/v1/studies/{created['id']}/plots/gap_by_dropout.png")
     assert missing.status_code == 404
     assert missing.json()["error"] == "plot_not_found"
+
+
+def _texts(figure: Any) -> list[str]:
+    return [text.get_text() for axes in figure.axes for text in axes.texts]
+
+
+@pytest.mark.parametrize("name", ["learning_curves", "gap_by_dropout", "accuracy_by_lr"])
+def test_a_plot_with_no_succeeded_run_says_so(name: str) -> None:
+    """An all-failed study's plots are frames with a sentence in them, not blank frames."""
+    failed = [
+        Run(
+            uuid.uuid4(), "failed", {"model.dropout.rate": 0.5, "optimizer.lr": 0.1}, "diverged", 10
+        )
+    ]
+    figure = plots.figure_of(name, GRID, failed)
+    assert plots.NOTHING_YET in _texts(figure)
+    assert not any(axes.lines for axes in figure.axes)
+
+
+def test_a_plot_with_a_succeeded_run_draws_it_and_says_nothing_more() -> None:
+    point = {
+        "model.normalization.type": "none",
+        "model.dropout.rate": 0.0,
+        "optimizer.lr": 0.1,
+        "seed": 0,
+    }
+    run = Run(
+        uuid.uuid4(),
+        "succeeded",
+        point,
+        None,
+        10,
+        epochs=np.array([1, 2]),
+        val_loss=np.array([1.0, 0.5]),
+        val_accuracy=np.array([0.5, 0.8]),
+        gap=np.array([0.0, 0.1]),
+    )
+    for name in ("learning_curves", "gap_by_dropout", "accuracy_by_lr"):
+        figure = plots.figure_of(name, GRID, [run])
+        assert _texts(figure) == []
+        assert any(axes.lines for axes in figure.axes)

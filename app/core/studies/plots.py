@@ -119,7 +119,17 @@ def _png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
-def learning_curves(grid: dict[str, list[Any]], runs: list[Run]) -> bytes:
+# What an axes with nothing to draw says, so that an empty frame is not read as a broken plot
+# (a study whose runs all failed, or one that has only just started).
+NOTHING_YET = "no run has succeeded yet"
+
+
+def _say_if_empty(axes: Any, why: str = NOTHING_YET) -> None:
+    if not axes.lines and not axes.collections:
+        axes.text(0.5, 0.5, why, transform=axes.transAxes, ha="center", va="center", color="0.4")
+
+
+def learning_curves(grid: dict[str, list[Any]], runs: list[Run]) -> Any:
     figure = _figure()
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     for configuration, members in _groups(grid, runs, ()):
@@ -138,7 +148,9 @@ def learning_curves(grid: dict[str, list[Any]], runs: list[Run]) -> bytes:
     )
     if accuracy_axes.lines:
         accuracy_axes.legend(fontsize="small")
-    return _png(figure)
+    _say_if_empty(loss_axes)
+    _say_if_empty(accuracy_axes)
+    return figure
 
 
 def _final(members: list[Run], metric: str) -> tuple[float, float] | None:
@@ -157,7 +169,7 @@ def _by_axis(
     ylabel: str,
     title: str,
     log_x: bool,
-) -> bytes:
+) -> Any:
     figure = _figure(7.0, 4.5)
     axes = figure.subplots()
     for configuration, members in _groups(grid, runs, (axis,)):
@@ -182,10 +194,11 @@ def _by_axis(
     axes.set(xlabel=axis, ylabel=ylabel, title=title)
     if axes.lines:
         axes.legend(fontsize="small")
-    return _png(figure)
+    _say_if_empty(axes)
+    return figure
 
 
-def probe_curves(name: str, grid: dict[str, list[Any]], runs: list[Run]) -> bytes:
+def probe_curves(name: str, grid: dict[str, list[Any]], runs: list[Run]) -> Any:
     """A probe's figures by epoch, one line per configuration (mean ± sd over seeds), as in
     Santurkar et al.'s figure 4; raw figures above, relative ones below for the landscape."""
     panels = PROBE_PLOTS[name][1]
@@ -207,13 +220,19 @@ def probe_curves(name: str, grid: dict[str, list[Any]], runs: list[Run]) -> byte
         if positive and all(np.nanmin(np.asarray(y, dtype=float)) > 0 for y in positive):
             axes.set_yscale("log")  # these figures span orders of magnitude across configurations
         axes.set(xlabel="epoch", title=title)
+        _say_if_empty(axes, "no succeeded run has measured this yet")
     if grid_axes[0].lines:
         grid_axes[0].legend(fontsize="x-small")
-    return _png(figure)
+    return figure
 
 
 def draw(name: str, grid: dict[str, list[Any]], runs: list[Run]) -> bytes:
     """The named plot as PNG bytes; the caller checks the name against available()."""
+    return _png(figure_of(name, grid, runs))
+
+
+def figure_of(name: str, grid: dict[str, list[Any]], runs: list[Run]) -> Any:
+    """The named plot as a matplotlib Figure."""
     if name in PROBE_PLOTS:
         return probe_curves(name, grid, runs)
     if name == "gap_by_dropout":

@@ -132,7 +132,7 @@ function configurationTable(report) {
 const PLOT_CAPTIONS = {
   learning_curves: "Validation loss and accuracy by epoch for each configuration: the line is the mean over seeds, the band ± one standard deviation.",
   gap_by_dropout: "The generalization gap at the end, by dropout rate.",
-  accuracy_by_lr: "Best validation accuracy by learning rate, with and without normalization.",
+  accuracy_by_lr: "The validation accuracy at the end, by learning rate, for each configuration.",
 };
 
 export function studyView(root, studyId) {
@@ -165,7 +165,8 @@ export function studyView(root, studyId) {
       el("h2", {}, "Curves"),
       plots,
     );
-    const entries = Object.entries(report.plots || {});
+    // Every plot draws succeeded runs only: until one has, there is nothing to fetch.
+    const entries = study.counts.succeeded ? Object.entries(report.plots || {}) : [];
     if (!entries.length) plots.append(el("p", { class: "empty" }, "No plots yet: they are drawn once runs have succeeded."));
     for (const [name, path] of entries) {
       const figure = el("figure", { class: "card" }, el("p", { class: "empty small" }, "Drawing…"), el("figcaption", {}, PLOT_CAPTIONS[name] || name));
