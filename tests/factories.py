@@ -2,6 +2,7 @@
 
 import copy
 import hashlib
+import json
 import uuid
 from typing import Any
 
@@ -81,3 +82,9 @@ def make_epoch(job_id: uuid.UUID, epoch: int = 1, **overrides: Any) -> EpochMetr
     """A stored epoch of METRICS (attempt 1, no diagnostics) with the given fields replaced."""
     values: dict[str, Any] = {"attempt": 1, "diagnostics": {}, **METRICS, **overrides}
     return EpochMetric(job_id=job_id, epoch=epoch, **values)
+
+
+def with_lone_surrogate(payload: dict[str, Any]) -> bytes:
+    """The payload as JSON text with each "@" written as the escape \\ud800: a lone surrogate,
+    valid JSON, parsed to a str that no UTF-8 encoder can write."""
+    return json.dumps(payload).replace("@", "\\ud800").encode("ascii")

@@ -4,6 +4,7 @@ Every error body is {"error": <code>, "detail": <message or list of {field, mess
 Services raise domain errors (app/core/errors.py); routes never build error responses.
 """
 
+import json
 import logging
 import sys
 from http import HTTPStatus
@@ -30,6 +31,14 @@ from app.core.errors import (
 from app.core.spec import SpecError
 
 logger = logging.getLogger(__name__)
+
+
+class ErrorResponse(JSONResponse):
+    """JSON escaped to ASCII: an error may quote the client's input, and a lone surrogate
+    (valid in a JSON escape, not encodable as UTF-8) must not turn its 422 into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
 class FieldError(BaseModel):
@@ -184,7 +193,7 @@ def _framework_error(request: Request, exc: HTTPException) -> JSONResponse:
         detail = (
             f"{request.method} is not allowed on {request.url.path}; allowed: {headers['Allow']}"
         )
-    return JSONResponse(
+    return ErrorResponse(
         {"error": _framework_error_code(exc.status_code), "detail": detail},
         status_code=exc.status_code,
         headers=headers or None,
@@ -194,7 +203,7 @@ def _framework_error(request: Request, exc: HTTPException) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _service_error(_request: Request, exc: DomainError) -> JSONResponse:
-        return JSONResponse(
+        return ErrorResponse(
             {"error": exc.code, "detail": exc.detail},
             status_code=status_code_for(exc),
             headers=headers_for(exc),
@@ -214,14 +223,14 @@ def install_error_handlers(app: FastAPI) -> None:
                         f"send the body as JSON with Content-Type: application/json "
                         f"(this request's Content-Type: {media})"
                     )
-        return JSONResponse({"error": "validation_error", "detail": details}, status_code=422)
+        return ErrorResponse({"error": "validation_error", "detail": details}, status_code=422)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         # The router's 404/405 and the body parser's 400, in the same shape as ours.
         if exc.status_code == 400 and (reason := _unparsable_json(exc.__cause__)):
             detail = [{"field": "body", "message": reason}]
-            return JSONResponse({"error": "validation_error", "detail": detail}, status_code=422)
+            return ErrorResponse({"error": "validation_error", "detail": detail}, status_code=422)
         return _framework_error(request, exc)
 
     @app.exception_handler(DBAPIError)
@@ -234,7 +243,7 @@ def install_error_handlers(app: FastAPI) -> None:
             # A value the database refused: inputs are validated before they reach it, so this
             # is a gap in validation (logged as such), but still the client's input, not a 500.
             logger.error("database refused a value: %s", exc.orig)
-            return JSONResponse(
+            return ErrorResponse(
                 {
                     "error": "validation_error",
                     "detail": [{"field": "body", "message": "a value the database cannot store"}],
@@ -246,7 +255,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error", exc_info=exc)
-        return JSONResponse(
+        return ErrorResponse(
             {"error": "internal_error", "detail": "internal error"}, status_code=500
         )
 

@@ -46,15 +46,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
-def _no_nul(value: str) -> str:
-    # PostgreSQL text cannot hold NUL; refuse it here rather than fail inside the database.
+def unstorable(value: str) -> str | None:
+    """Why a string cannot be stored and served back, or None. PostgreSQL text cannot hold
+    NUL; a lone surrogate (JSON's "\\ud800" escape parses to one) has no UTF-8 encoding, so
+    neither database nor response could hold it. Refused here, not inside the database."""
     if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
+        return "must not contain NUL characters"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode: it holds an unpaired surrogate (U+D800 to U+DFFF)"
+    return None
+
+
+def _storable(value: str) -> str:
+    if (reason := unstorable(value)) is not None:
+        raise ValueError(reason)
     return value
 
 
 # Every free-text string of the spec (names, tags).
-Text = Annotated[str, AfterValidator(_no_nul)]
+Text = Annotated[str, AfterValidator(_storable)]
 
 
 class DatasetSpec(_Strict):

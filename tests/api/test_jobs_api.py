@@ -14,11 +14,12 @@ from pydantic import ValidationError
 from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.api.errors import ErrorResponse
 from app.api.jobs import service
 from app.api.jobs.service import spec_sha256
 from app.core.models import Checkpoint, Job
 from app.core.spec import JobSpec
-from tests.factories import make_checkpoint, make_job, spec_payload
+from tests.factories import make_checkpoint, make_job, spec_payload, with_lone_surrogate
 
 
 def test_submit_stores_normalized_spec_with_defaults(client: TestClient) -> None:
@@ -459,6 +460,35 @@ def test_nul_characters_in_spec_strings_are_422(client: TestClient, session: Ses
         assert response.status_code == 422, response.text
         assert "NUL" in response.json()["detail"][0]["message"]
     assert session.scalars(select(Job)).all() == []
+
+
+def test_lone_surrogates_in_spec_strings_are_422_and_nothing_is_stored(
+    client: TestClient, session: Session
+) -> None:
+    """A "\\ud800" tag value was stored, then every list, get and cancel of it answered 500."""
+    for payload, field in (
+        (spec_payload(name="bad@name"), "name"),
+        (spec_payload(tags={"team": "vi@sion"}), "tags.team"),
+        (spec_payload(tags={"te@am": "vision"}), "tags.te"),  # then the key, as pydantic shows it
+        (spec_payload(dataset={"name": "dig@its"}), "dataset.name"),
+    ):
+        response = client.post(
+            "/v1/jobs",
+            content=with_lone_surrogate(payload),
+            headers={"Content-Type": "application/json"},
+        )
+        assert response.status_code == 422, response.text
+        [error] = response.json()["detail"]
+        assert error["message"].startswith("must be valid Unicode"), error
+        assert error["field"].startswith(field), error
+    assert session.scalars(select(Job)).all() == []
+
+
+def test_an_error_quoting_a_lone_surrogate_still_renders() -> None:
+    """An error's field may quote the client's input; UTF-8 cannot encode a lone surrogate."""
+    field = "grid.\ud800"
+    response = ErrorResponse({"error": "validation_error", "detail": [{"field": field}]}, 422)
+    assert json.loads(response.body)["detail"] == [{"field": field}]
 
 
 def test_the_stored_spec_resubmitted_is_the_same_job(client: TestClient) -> None:

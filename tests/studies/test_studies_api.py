@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.core.models import EpochMetric, Job, Study
 from app.core.studies.presets import PRESETS, resolve_preset
-from tests.factories import make_epoch, spec_payload
+from tests.factories import make_epoch, spec_payload, with_lone_surrogate
 
 GRID = {
     "model.normalization.type": ["none", "batch_norm"],
@@ -155,6 +155,32 @@ def test_a_name_with_nul_is_422_on_either_database(client: TestClient, session: 
         {"field": "name", "message": "must not contain NUL characters"}
     ]
     assert session.scalars(select(Study)).all() == []
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (study_body(name="norm@dropout"), "name"),
+        (study_body(grid={"model.dropout.rate@": [0.0, 0.5]}), "grid"),
+        (study_body(grid={"model.activation": ["relu", "ge@lu"]}), "grid"),
+        (study_body(base=spec_payload(tags={"team": "vi@sion"})), "base"),
+    ],
+)
+def test_a_lone_surrogate_anywhere_in_a_study_is_422_and_nothing_is_stored(
+    client: TestClient, session: Session, body: dict[str, Any], field: str
+) -> None:
+    """It answered 500: at the INSERT for a name, in the error handler for a grid axis."""
+    response = client.post(
+        "/v1/studies",
+        content=with_lone_surrogate(body),
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == field
+    assert "valid Unicode" in error["message"]
+    assert session.scalars(select(Study)).all() == []
+    assert session.scalars(select(Job)).all() == []
 
 
 def test_grid_over_the_study_limit_is_422_naming_it(client: TestClient) -> None:

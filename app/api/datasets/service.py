@@ -39,6 +39,7 @@ from app.core.errors import (
 )
 from app.core.models import Dataset, Job
 from app.core.models.jobs import ACTIVE_STATUSES
+from app.core.spec import unstorable
 from app.core.tenancy import Caller, scoped, storage_bytes
 
 
@@ -86,8 +87,8 @@ def create_upload(
     session: Session, form: UploadForm, settings: Settings, caller: Caller
 ) -> Dataset:
     """Validate an uploaded .npz or CSV, store it as the caller's and return its row."""
-    if form.name is not None and "\x00" in form.name:
-        raise InvalidInput("name", "the name must not contain a NUL character")
+    if form.name is not None and (reason := unstorable(form.name)) is not None:
+        raise InvalidInput("name", f"the name {reason}")
     limits = parsing.UploadLimits.from_settings(settings)
     source_format = _source_format(form.filename, form.file)
     labels: np.ndarray | list[str] | None

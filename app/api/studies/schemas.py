@@ -1,13 +1,14 @@
 """What goes over the wire for studies."""
 
 import uuid
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.core.models import JobStatus
-from app.core.spec import Text
+from app.core.spec import Text, unstorable
 
 # A job spec nests four levels at most (model.dropout.rate's list), and a grid adds two. The
 # base and the grid's values are free-form JSON until a study expands them, and expanding
@@ -15,18 +16,33 @@ from app.core.spec import Text
 MAX_NESTING = 8
 
 
-def nesting(value: Any) -> int:
-    """How deep objects and lists nest in a JSON value (a scalar is 0), without recursing."""
-    deepest = 0
+def _walk(value: Any) -> Iterator[tuple[Any, int]]:
+    """Every key and value of a JSON value with its depth (objects and lists count one level),
+    without recursing."""
     pending = [(value, 0)]
     while pending:
         item, depth = pending.pop()
+        yield item, depth
         if isinstance(item, dict):
+            pending.extend((key, depth + 1) for key in item)
             item = list(item.values())
         if isinstance(item, list):
-            deepest = max(deepest, depth + 1)
             pending.extend((child, depth + 1) for child in item)
-    return deepest
+
+
+def nesting(value: Any) -> int:
+    """How deep objects and lists nest in a JSON value (a scalar is 0)."""
+    return max(
+        (depth + 1 for item, depth in _walk(value) if isinstance(item, dict | list)), default=0
+    )
+
+
+def _check_json(value: dict[str, Any]) -> None:
+    if (depth := nesting(value)) > MAX_NESTING:
+        raise ValueError(f"nested {depth} levels deep; a study's JSON nests at most {MAX_NESTING}")
+    for item, _ in _walk(value):
+        if isinstance(item, str) and (reason := unstorable(item)) is not None:
+            raise ValueError(f"a key or string value {reason}")
 
 
 class StudyCreate(BaseModel):
@@ -44,8 +60,8 @@ class StudyCreate(BaseModel):
         description="dotted spec path -> values; one job per point of the cartesian product",
         examples=[{"model.normalization.type": ["none", "batch_norm"], "seed": [0, 1, 2]}],
     )
-    preset: str | None = Field(None, description="a named study; see GET /v1/studies/presets")
-    dataset: str | None = Field(None, description="preset only: the dataset to use")
+    preset: Text | None = Field(None, description="a named study; see GET /v1/studies/presets")
+    dataset: Text | None = Field(None, description="preset only: the dataset to use")
     architecture: Literal["mlp", "cnn", "resnet"] | None = Field(
         None, description="preset only: the one architecture to use"
     )
@@ -54,11 +70,9 @@ class StudyCreate(BaseModel):
 
     @field_validator("base", "grid")
     @classmethod
-    def _not_too_deep(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and (depth := nesting(value)) > MAX_NESTING:
-            raise ValueError(
-                f"nested {depth} levels deep; a study's JSON nests at most {MAX_NESTING}"
-            )
+    def _storable_json(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            _check_json(value)
         return value
 
     @model_validator(mode="after")
