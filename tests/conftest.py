@@ -31,6 +31,7 @@ from app.core.db import InlineReader, create_db_engine
 from app.core.keys import create_key
 from app.core.migrate import upgrade
 from app.core.models import DEFAULT_TENANT
+from tests.support.documented import documented_client
 from tests.support.processes import Processes
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -204,9 +205,10 @@ def client(
     session_factory: sessionmaker[Session],
     key_headers: Callable[..., dict[str, str]],
 ) -> Iterator[TestClient]:
-    """The API as a client of the default tenant, with a key of its own (not an admin)."""
+    """The API as a client of the default tenant, with a key of its own (not an admin). The
+    test fails if any answer it got is one its operation's OpenAPI entry does not declare."""
     app = create_app(settings)
-    with TestClient(app, raise_server_exceptions=False) as test_client:
+    with documented_client(app, raise_server_exceptions=False) as test_client:
         use_test_sessions(app, session_factory)
         if settings.auth == "on":
             test_client.headers.update(key_headers())

@@ -22,6 +22,7 @@ from app.core.migrate import upgrade
 from tests.api.test_events import METRICS
 from tests.factories import spec_payload
 from tests.studies.test_report import store_epochs
+from tests.support.documented import documented_client
 
 
 @pytest.fixture
@@ -111,7 +112,7 @@ def test_watch_prints_each_epoch_and_the_final_status(
     engine = create_db_engine(url)
     factory = create_session_factory(engine)
     settings = Settings(database_url=url, broker_url=redis_url, event_poll_seconds=0.05, auth="off")
-    with TestClient(create_app(settings)) as client:
+    with documented_client(create_app(settings)) as client:
         monkeypatch.setattr(cli, "CLIENT_TRANSPORT", client._transport)
         monkeypatch.setattr(cli, "get_settings", lambda: settings)
         job_id = uuid.UUID(submit(client, "watched")["id"])

@@ -265,8 +265,9 @@ def document_errors(app: FastAPI) -> None:
 
     Routers declare what their domain raises (409, 429, 503); what applies to every operation
     of a kind is declared here: a 404 wherever the path names an id, a 422 in our ErrorBody
-    (not FastAPI's HTTPValidationError) wherever there is input to validate, a 400 and a 413
-    wherever there is a body.
+    (not FastAPI's HTTPValidationError) wherever there is input to validate, a 400 wherever
+    there is a body, and a 413 everywhere: the size limit refuses an oversized body before
+    routing, whatever the operation (a GET can carry one too).
     """
     default_openapi = app.openapi
 
@@ -286,6 +287,7 @@ def document_errors(app: FastAPI) -> None:
                 responses = operation["responses"]
                 if "{" in path:
                     declare(responses, 404)  # an id in the path may name nothing (of the caller's)
+                declare(responses, 413)
                 for code, response in responses.items():
                     # An error is JSON whatever the operation streams on success: FastAPI
                     # would give a `model` response the route's media type (an event stream).
@@ -301,7 +303,6 @@ def document_errors(app: FastAPI) -> None:
                     # Starlette's parsers answer 400 for a body they cannot decode at all
                     # (bytes that are not UTF-8, a broken multipart form).
                     declare(responses, 400)
-                    declare(responses, 413)
                     declare(responses, 422)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for unused in ("HTTPValidationError", "ValidationError"):

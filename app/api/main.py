@@ -53,6 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Run and compare neural-network training jobs: what do normalization and "
         "dropout do to training?",
         lifespan=lifespan,
+        # /v1/jobs/ is no route: a 404 in our error shape, not a 307 whose Location is built
+        # from the client's Host header.
+        redirect_slashes=False,
     )
     # Every operation that reads or writes the database answers 503 while it is away.
     app.include_router(jobs_router, responses=error_responses(503))

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.api.auth import KeyRateLimiter, MetricsCallerDep
+from app.api.auth import AUTH_RESPONSES, KeyRateLimiter, MetricsCallerDep
 from app.api.main import create_app
 from app.core.config import Settings, check_exposure
 from app.core.db import create_db_engine, create_session_factory, transaction
@@ -24,6 +24,7 @@ from app.core.migrate import upgrade
 from app.core.models import ApiKey
 from app.core.tenancy import Caller
 from tests.conftest import use_test_sessions
+from tests.support.documented import documented_client
 
 KeyHeaders = Callable[..., dict[str, str]]
 
@@ -77,7 +78,7 @@ def test_a_revoked_key_is_401_revoked(
     settings: Settings, session_factory: sessionmaker[Session]
 ) -> None:
     app = create_app(settings.model_copy(update={"key_cache_seconds": 0}))
-    with TestClient(app) as client:
+    with documented_client(app) as client:
         use_test_sessions(app, session_factory)
         with session_factory() as session:
             row, key = create_key(session, "acme")
@@ -150,7 +151,7 @@ def test_a_key_over_its_request_rate_is_429_naming_the_rate(
     app = create_app(
         settings.model_copy(update={"key_requests_per_second": 0.5, "key_request_burst": 2})
     )
-    with TestClient(app) as client:
+    with documented_client(app) as client:
         use_test_sessions(app, session_factory)
         limited, other = key_headers("acme"), key_headers("acme")
         answers = [client.get("/v1/jobs", headers=limited) for _ in range(3)]
@@ -180,7 +181,7 @@ def test_with_auth_off_every_request_is_the_default_tenants_admin(
     settings: Settings, session_factory: sessionmaker[Session]
 ) -> None:
     app = create_app(settings.model_copy(update={"auth": "off"}))
-    with TestClient(app) as client:
+    with documented_client(app) as client:
         use_test_sessions(app, session_factory)
         app.state.dispatcher.session_factory = session_factory
         created = client.post("/v1/jobs", json={"dataset": {"name": "iris"}, "epochs": 1})
@@ -195,14 +196,16 @@ def test_metrics_need_a_key_only_when_the_setting_says_so(
     for required in (False, True):
         app = create_app(settings.model_copy(update={"metrics_require_key": required}))
 
-        @app.get("/metrics-probe")
+        @app.get("/metrics-probe", responses=AUTH_RESPONSES)
         def probe(caller: MetricsCallerDep) -> dict[str, str | None]:
             return {"tenant": caller.tenant if caller else None}
 
-        with TestClient(app) as client:
+        with documented_client(app) as client:
             use_test_sessions(app, session_factory)
             anonymous = client.get("/metrics-probe")
             keyed = client.get("/metrics-probe", headers=key_headers("acme"))
+            metrics = client.get("/metrics")
+        assert metrics.status_code == (401 if required else 200)
         if required:
             assert anonymous.status_code == 401
             assert keyed.json() == {"tenant": "acme"}
@@ -276,7 +279,7 @@ def test_keys_commands_create_list_and_revoke(tmp_path: Path, repo_root: Path) -
     settings = Settings(
         database_url=url, broker_url=f"sqla+sqlite:///{tmp_path}/broker.db", key_cache_seconds=0
     )
-    with TestClient(create_app(settings)) as client:
+    with documented_client(create_app(settings)) as client:
         headers = {"Authorization": f"Bearer {key}"}
         assert client.get("/v1/jobs", headers=headers).status_code == 200
         engine = create_db_engine(url)
@@ -307,7 +310,7 @@ def test_pg_dump_of_a_database_with_keys_in_use_holds_no_key(
     with transaction(create_session_factory(engine)) as session:
         keys = [create_key(session, tenant)[1] for tenant in ("acme", "globex")]
     engine.dispose()
-    with TestClient(create_app(settings)) as client:
+    with documented_client(create_app(settings)) as client:
         for key in keys:  # in use: last_used_at written, a job stored under the key's tenant
             headers = {"Authorization": f"Bearer {key}"}
             submitted = client.post(

@@ -76,6 +76,20 @@ def test_declared_length_over_the_limit_is_413(client: TestClient) -> None:
     assert_413_naming(response, BODY_LIMIT)
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/v1/health"), ("GET", "/v1/jobs"), ("DELETE", "/v1/jobs/{id}"), ("GET", "/metrics")],
+)
+def test_an_oversized_body_is_413_on_any_operation_and_documented(
+    client: TestClient, method: str, path: str
+) -> None:
+    """The limit refuses before routing, so operations that take no body answer it too; the
+    client fixture fails the test if OpenAPI does not declare that 413."""
+    url = path.replace("{id}", "00000000-0000-0000-0000-000000000001")
+    response = client.request(method, url, content=b"x" * (BODY_LIMIT + 1))
+    assert_413_naming(response, BODY_LIMIT)
+
+
 def test_chunked_body_under_the_limit_is_served(client: TestClient) -> None:
     body = json.dumps(spec_payload()).encode()
     assert len(body) < BODY_LIMIT

@@ -17,6 +17,7 @@ from app.api.main import create_app
 from app.core.config import Settings
 from tests.conftest import use_test_sessions
 from tests.factories import spec_payload
+from tests.support.documented import documented_client
 
 
 def test_every_kind_of_response_carries_the_security_headers(client: TestClient) -> None:
@@ -78,7 +79,7 @@ def test_a_listed_origin_may_call_with_a_key_and_read_what_the_api_sets(
     key_headers: Callable[..., dict[str, str]],
 ) -> None:
     app = create_app(settings.model_copy(update={"cors_origins": [DASHBOARD]}))
-    with TestClient(app, raise_server_exceptions=False) as browser:
+    with documented_client(app, raise_server_exceptions=False) as browser:
         use_test_sessions(app, session_factory)
         browser.headers.update(key_headers())
         # What fetch() asks before a POST with a key, a JSON body and an Idempotency-Key.

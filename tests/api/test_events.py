@@ -22,6 +22,7 @@ from app.core.db import create_db_engine, create_session_factory, transaction
 from app.core.events import Event
 from app.core.migrate import upgrade
 from tests.factories import METRICS, make_job, spec_payload
+from tests.support.documented import documented_client
 
 
 @pytest.fixture
@@ -72,7 +73,7 @@ def test_a_job_stream_sends_every_change_once_and_resumes_after_last_event_id(
     committed: tuple[Settings, sessionmaker[Session]],
 ) -> None:
     settings, factory = committed
-    with TestClient(create_app(settings)) as client:
+    with documented_client(create_app(settings)) as client:
         job_id = client.post("/v1/jobs", json=spec_payload(epochs=3)).json()["id"]
         worker = threading.Thread(target=_train, args=(factory, uuid.UUID(job_id), 3, 0.2))
         worker.start()
@@ -93,7 +94,7 @@ def test_a_job_stream_sends_every_change_once_and_resumes_after_last_event_id(
     assert events[2]["data"]["val_accuracy"] == METRICS["val_accuracy"]
 
     # A new API process (a restart) resumes from the table: after epoch 2, only what followed.
-    with TestClient(create_app(settings)) as restarted:
+    with documented_client(create_app(settings)) as restarted:
         resumed = _read(restarted, job_id, last_event_id=events[3]["id"])
         assert [e["id"] for e in resumed] == [events[4]["id"], events[5]["id"]]
         assert _read(restarted, job_id, last_event_id=events[5]["id"]) == []
@@ -103,7 +104,7 @@ def test_unknown_jobs_and_bad_event_ids_are_refused_before_the_stream_starts(
     committed: tuple[Settings, sessionmaker[Session]],
 ) -> None:
     settings, _ = committed
-    with TestClient(create_app(settings)) as client:
+    with documented_client(create_app(settings)) as client:
         missing = client.get(f"/v1/jobs/{uuid.uuid4()}/events")
         assert missing.status_code == 404
         assert missing.json()["error"] == "job_not_found"
@@ -118,7 +119,7 @@ def test_one_poll_serves_every_stream_of_a_process(
 ) -> None:
     """Ten clients following ten jobs cost one query per tick, not ten."""
     settings, factory = committed
-    with TestClient(create_app(settings)) as client:
+    with documented_client(create_app(settings)) as client:
         hub = client.app.state.event_hub  # type: ignore[attr-defined]
         jobs = [
             client.post("/v1/jobs", json=spec_payload(epochs=1)).json()["id"] for _ in range(10)
@@ -156,7 +157,7 @@ def test_a_stream_ends_after_its_longest_life_and_a_reconnect_misses_nothing(
 ) -> None:
     settings, factory = committed
     settings = settings.model_copy(update={"event_stream_max_seconds": 0.5})
-    with TestClient(create_app(settings)) as client:
+    with documented_client(create_app(settings)) as client:
         job_id = client.post("/v1/jobs", json=spec_payload(epochs=1)).json()["id"]
         started = time.monotonic()
         first = _read(client, job_id)  # the job waits: the stream ends on its own

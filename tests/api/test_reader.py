@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from fastapi.testclient import TestClient
 from sqlalchemy import Connection, Engine
 
 from app.api.main import create_app
@@ -26,6 +25,7 @@ from app.core.db import (
 )
 from app.core.migrate import upgrade
 from tests.factories import make_job
+from tests.support.documented import documented_client
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ def test_a_job_get_answers_200_right_after_a_database_restart(
     with transaction(create_session_factory(pg_engine)) as session:
         job_id = str(make_job(session).id)
     settings = Settings(database_url=fresh_postgres_url, broker_url=redis_url, auth="off")
-    with TestClient(create_app(settings)) as client:
+    with documented_client(create_app(settings)) as client:
         assert client.get(f"/v1/jobs/{job_id}").status_code == 200
         assert _drop_connections(postgres_admin, fresh_postgres_url) >= 1
         response = client.get(f"/v1/jobs/{job_id}")
@@ -146,7 +146,7 @@ def test_a_stored_nan_reads_as_null_not_as_an_error(tmp_path: Path, redis_url: s
         )
     engine.dispose()
     settings = Settings(database_url=url, broker_url=redis_url, auth="off")
-    with TestClient(create_app(settings)) as client:
+    with documented_client(create_app(settings)) as client:
         response = client.get(f"/v1/jobs/{job_id}")
     assert response.status_code == 200, response.text
     assert response.json()["summary"] == {"final_val_loss": None, "best_epoch": 3}

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from fastapi.testclient import TestClient
 from sqlalchemy.orm import sessionmaker
 
 from app.api.main import create_app
@@ -25,6 +24,7 @@ from app.core.models import ApiKey, Job
 from app.core.outbox import Dispatcher
 from app.core.spec import JobSpec
 from tests.factories import make_checkpoint, make_job, spec_payload
+from tests.support.documented import documented_client
 from worker import execution
 from worker.execution import WorkerContext
 
@@ -69,7 +69,7 @@ def test_a_get_answers_while_a_worker_holds_the_write_lock(
         # beside the writer, and its last_used_at is written once the writer is done.
         warm, fresh = (create_key(session, "default")[1] for _ in range(2))
     engine.dispose()
-    with TestClient(create_app(settings)) as client:
+    with documented_client(create_app(settings)) as client:
         client.headers["Authorization"] = f"Bearer {warm}"
         assert client.get(f"/v1/jobs/{job_id}").status_code == 200  # warm: connection, imports
         client.headers["Authorization"] = f"Bearer {fresh}"
@@ -178,7 +178,7 @@ def test_reads_outside_a_request_session_run_beside_a_writer(
         ]
     dispatcher = Dispatcher(create_celery_app(settings), factory)
     context = WorkerContext(settings, factory, dispatcher, "node@host#1")
-    with TestClient(create_app(settings)) as client:
+    with documented_client(create_app(settings)) as client:
         client.headers["Authorization"] = f"Bearer {key}"
         for path in paths:  # warm: connections, imports, the hub's first poll
             assert client.get(path).status_code == 200, path

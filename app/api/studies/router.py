@@ -7,6 +7,7 @@ from fastapi.responses import HTMLResponse
 
 from app.api.auth import AUTH_RESPONSES, CallerDep, TenantFilter, get_caller
 from app.api.dependencies import DispatcherDep, SessionDep, SettingsDep
+from app.api.errors import error_responses
 from app.api.studies import rendering, service
 from app.api.studies.dependencies import PlotCacheDep, StudyDep
 from app.api.studies.schemas import (
@@ -54,7 +55,15 @@ def _read(session: SessionDep, study: Study) -> StudyRead:
     return StudyRead(**_summary(study, counts), base=study.base, grid=study.grid, jobs=jobs)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=StudyRead)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=StudyRead,
+    responses={
+        200: {"model": StudyRead, "description": "A repeated Idempotency-Key: the original study"},
+        **error_responses(409),
+    },
+)
 def create_study(
     request: StudyCreate,
     response: Response,
@@ -120,7 +129,9 @@ def cancel_study(study: StudyDep, session: SessionDep) -> StudyRead:
     return _read(session, study)
 
 
-@router.delete("/{study_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete(
+    "/{study_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(409)
+)
 def delete_study(study: StudyDep, session: SessionDep) -> Response:
     """Delete an ended study with its jobs and their metrics (409 while jobs are active)."""
     service.delete_study(session, study)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
-from app.api.auth import MetricsCallerDep
+from app.api.auth import AUTH_RESPONSES, MetricsCallerDep
 from app.api.dependencies import DispatcherDep
 from app.api.system.schemas import Dependency, Health, Readiness
 from app.core.db import READ_ONLY
@@ -14,7 +14,8 @@ from app.core.observability import metrics
 
 router = APIRouter(prefix="/v1", tags=["system"])
 # Prometheus scrapes /metrics by convention, outside the versioned API. It needs no key unless
-# settings.metrics_require_key is set: the API-key dependency is added to this router for that.
+# settings.metrics_require_key is set (MetricsCallerDep), when it answers 401 and 429 as any
+# keyed route does.
 metrics_router = APIRouter(tags=["system"])
 
 
@@ -61,7 +62,10 @@ def _database_up(request: Request) -> bool:
 @metrics_router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {metrics.CONTENT_TYPE_LATEST: {}}, "description": "Metrics"}},
+    responses={
+        200: {"content": {metrics.CONTENT_TYPE_LATEST: {}}, "description": "Metrics"},
+        **AUTH_RESPONSES,
+    },
 )
 def prometheus_metrics(request: Request, _caller: MetricsCallerDep) -> Response:
     """Prometheus metrics: requests, jobs by status, queue, outbox, attempts, training. No key
