@@ -8,10 +8,14 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy.orm import Session
 
+from app.api.jobs.service import list_jobs
 from app.core.db import create_db_engine
 from app.core.migrate import downgrade, upgrade
 from app.core.models import Base
+from app.core.tenancy import UNAUTHENTICATED
+from tests.factories import make_job
 
 
 def _schema_differences(url: str) -> list[object]:
@@ -51,3 +55,26 @@ def test_trainsvc_migrate_builds_the_schema(tmp_path: Path, repo_root: Path) -> 
     assert result.returncode == 0, result.stderr
     assert "latest schema" in result.stdout
     assert _schema_differences(url) == []
+
+
+def test_specs_stored_with_escapes_are_found_by_tag_on_sqlite(tmp_path: Path) -> None:
+    """Rows written before 0010 hold "\\u00fc" for "ü"; 0010 rewrites them so the tag filter,
+    which SQLite matches against the stored text, finds them."""
+    url = f"sqlite:///{tmp_path}/escaped.db"
+    upgrade(url, "0009")
+    engine = sa.create_engine(url)  # the default serializer: json.dumps, ASCII escapes
+    with Session(engine) as session:
+        job = make_job(session, tags={"ü": "日本"})
+        session.commit()
+        job_id = job.id
+    with engine.connect() as connection:
+        stored = connection.execute(sa.text("SELECT spec FROM jobs")).scalar_one()
+    assert '"\\u00fc": "\\u65e5\\u672c"' in stored
+    engine.dispose()
+
+    upgrade(url)
+    engine = create_db_engine(url)
+    with engine.connect() as connection:
+        found = list_jobs(connection, UNAUTHENTICATED, None, 10, None, tags=[("ü", "日本")])[0]
+    engine.dispose()
+    assert [row["id"] for row in found] == [job_id]

@@ -32,7 +32,7 @@ def create_db_engine(database_url: str) -> Engine:
             database_url,
             # API threads and worker threads share the engine; SQLite itself serializes writers.
             connect_args={"check_same_thread": False, "timeout": WRITER_BUSY_TIMEOUT_MS / 1000},
-            json_deserializer=_json_loads,
+            **_JSON_CODEC,
         )
         event.listen(engine, "connect", _configure_sqlite)
         event.listen(engine, "begin", _begin_sqlite)
@@ -40,7 +40,7 @@ def create_db_engine(database_url: str) -> Engine:
     return create_engine(
         database_url,
         pool_pre_ping=True,  # a connection the server dropped (restart) is replaced, not used
-        json_deserializer=_json_loads,
+        **_JSON_CODEC,
         **_POSTGRES_POOL,
     )
 
@@ -55,6 +55,18 @@ def _json_loads(text: str | bytes) -> Any:
         # them); the service stores non-finite numbers as null, but older rows may hold them.
         return json.loads(text)
 
+
+def json_dumps(value: Any) -> str:
+    """JSON columns as text, non-ASCII characters as themselves: SQLite's json_extract matches
+    a path's key against the stored text, so a tag key stored as "\\u00fc" was never found by
+    a filter for "ü" (PostgreSQL decodes either form)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+_JSON_CODEC: Final[Mapping[str, Any]] = {
+    "json_serializer": json_dumps,
+    "json_deserializer": _json_loads,
+}
 
 WRITER_BUSY_TIMEOUT_MS = 30_000  # a second writer waits for the first instead of failing
 READER_BUSY_TIMEOUT_MS = 100  # an InlineReader's read, on the event loop, gives up this soon
@@ -181,7 +193,7 @@ def create_reader(engine: Engine) -> Reader:
         sqlite_engine = create_engine(
             engine.url,
             connect_args={"check_same_thread": False, "timeout": READER_BUSY_TIMEOUT_MS / 1000},
-            json_deserializer=_json_loads,
+            **_JSON_CODEC,
         )
         configure = partial(
             _configure_sqlite, busy_timeout_ms=READER_BUSY_TIMEOUT_MS, read_only=True
@@ -191,7 +203,7 @@ def create_reader(engine: Engine) -> Reader:
     postgres_engine = create_async_engine(
         engine.url,
         isolation_level="AUTOCOMMIT",
-        json_deserializer=_json_loads,
+        **_JSON_CODEC,
         # Ten kept open: the shared pool's five closed their overflow on return and made
         # most reads under load reconnect. Up to 40 in all, the rest closed on return
         # (docs/operations.md counts an API process's connections).

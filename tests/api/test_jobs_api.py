@@ -277,6 +277,16 @@ def test_list_filters_by_tags(client: TestClient, session: Session) -> None:
         assert response.json()["error"] == "validation_error"
 
 
+def test_list_filters_by_tags_beyond_ascii(client: TestClient) -> None:
+    """SQLite matched a path's key against the stored text, where "ü" was written "\\u00fc"."""
+    tags = {"ü": "u", "日本": "x", "k": "ü"}
+    job_id = client.post("/v1/jobs", json=spec_payload(tags=tags)).json()["id"]
+    client.post("/v1/jobs", json=spec_payload(tags={"u": "u"}))
+    for key, value in tags.items():
+        response = client.get("/v1/jobs", params={"tag": f"{key}:{value}"})
+        assert [item["id"] for item in response.json()["items"]] == [job_id], key
+
+
 def test_cancel_queued_job_is_immediate(client: TestClient) -> None:
     job_id = client.post("/v1/jobs", json=spec_payload()).json()["id"]
     response = client.post(f"/v1/jobs/{job_id}/cancel")
