@@ -75,3 +75,22 @@ def test_a_prompt_request_is_answered(server: tuple[str, int]) -> None:
         connection.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         connection.settimeout(10)
         assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+
+
+def test_a_head_over_the_limit_is_refused_however_it_is_written(server: tuple[str, int]) -> None:
+    """h11 bounded only a head still arriving: 17 to 70 KB sent in one write were served."""
+    head = b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"
+    with socket.create_connection(server) as connection:
+        connection.sendall(head)  # all at once: the service's own check answers
+        connection.settimeout(10)
+        answer = b""
+        while chunk := connection.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert b'"error": "headers_too_large"' in answer
+    with socket.create_connection(server) as connection:
+        for start in range(0, len(head), 4096):  # in pieces: h11 refuses it as it arrives
+            connection.sendall(head[start : start + 4096])
+            time.sleep(0.01)
+        connection.settimeout(10)
+        assert connection.recv(4096).startswith((b"HTTP/1.1 431", b"HTTP/1.1 400"))

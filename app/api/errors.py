@@ -67,6 +67,7 @@ _ERROR_RESPONSES: dict[int, dict[str, Any]] = {
     404: {"description": "Not found: no such id, or not the caller's (the same answer)"},
     409: {"description": "The request contradicts what is stored"},
     413: {"description": "Over the body size limit, or the tenant's storage quota"},
+    431: {"description": "The request line and headers are over TRAINSVC_HTTP_MAX_HEADER_BYTES"},
     422: {"description": "A field is invalid; detail names each field and the reason"},
     429: {
         "description": "Over a limit (queued jobs, the tenant's active jobs, the key's request "
@@ -266,8 +267,8 @@ def document_errors(app: FastAPI) -> None:
     Routers declare what their domain raises (409, 429, 503); what applies to every operation
     of a kind is declared here: a 404 wherever the path names an id, a 422 in our ErrorBody
     (not FastAPI's HTTPValidationError) wherever there is input to validate, a 400 wherever
-    there is a body, and a 413 everywhere: the size limit refuses an oversized body before
-    routing, whatever the operation (a GET can carry one too).
+    there is a body, and a 413 and a 431 everywhere: the size limits refuse an oversized body
+    or head before routing, whatever the operation (a GET can carry a body too).
     """
     default_openapi = app.openapi
 
@@ -288,6 +289,7 @@ def document_errors(app: FastAPI) -> None:
                 if "{" in path:
                     declare(responses, 404)  # an id in the path may name nothing (of the caller's)
                 declare(responses, 413)
+                declare(responses, 431)
                 for code, response in responses.items():
                     # An error is JSON whatever the operation streams on success: FastAPI
                     # would give a `model` response the route's media type (an event stream).

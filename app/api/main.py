@@ -13,7 +13,7 @@ from app.api.errors import document_errors, error_responses, install_error_handl
 from app.api.events.hub import EventHub
 from app.api.events.router import router as events_router
 from app.api.jobs.router import router as jobs_router
-from app.api.limits import BodySizeLimit
+from app.api.limits import BodySizeLimit, HeadSizeLimit
 from app.api.observability import RequestObservability
 from app.api.studies.router import router as studies_router
 from app.api.system.router import metrics_router
@@ -73,8 +73,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         upload_limit=settings.max_upload_bytes,
         upload_paths=("/v1/datasets",),
     )
-    # Every response, an error or a 413 included.
+    app.add_middleware(HeadSizeLimit, limit=settings.http_max_header_bytes)
+    # Every response, an error or a 413 or 431 included.
     install_browser_policy(app, settings.cors_origins)
-    # Outermost: the request id is set before anything else logs, and a 413 is counted too.
+    # Outermost: the request id is set before anything else logs, and a 413 or 431 is counted.
     app.add_middleware(RequestObservability)
     return app

@@ -90,6 +90,22 @@ def test_an_oversized_body_is_413_on_any_operation_and_documented(
     assert_413_naming(response, BODY_LIMIT)
 
 
+def test_a_head_over_the_limit_is_431_on_any_operation(
+    client: TestClient, settings: Settings
+) -> None:
+    limit = settings.http_max_header_bytes
+    near = {"X-Padding": "a" * (limit - 500)}
+    assert client.get("/v1/health", headers=near).status_code == 200
+    over = {"X-Padding": "a" * limit}
+    for method, path in (("GET", "/v1/health"), ("POST", "/v1/jobs")):
+        response = client.request(method, path, headers=over)
+        assert response.status_code == 431, response.text
+        assert response.json() == {
+            "error": "headers_too_large",
+            "detail": f"request line and headers over the limit of {limit} bytes",
+        }
+
+
 def test_chunked_body_under_the_limit_is_served(client: TestClient) -> None:
     body = json.dumps(spec_payload()).encode()
     assert len(body) < BODY_LIMIT

@@ -583,7 +583,7 @@ def test_openapi_declares_every_error_in_the_error_schema(client: TestClient) ->
     assert "HTTPValidationError" not in schema["components"]["schemas"]
     assert set(schema["components"]["schemas"]["ErrorBody"]["required"]) == {"error", "detail"}
     keyed = {"401", "429"}  # behind the API key: refused keys, and the key's request rate
-    everywhere = {"413"}  # a body over the size limit is refused before routing
+    everywhere = {"413", "431"}  # a body or head over its size limit is refused before routing
     expected = {
         ("post", "/v1/jobs"): {"200", "201", "400", "409", "422", "503"} | keyed,
         ("get", "/v1/jobs"): {"200", "422", "503"} | keyed,
