@@ -19,6 +19,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import socket
 import time
 import uuid
@@ -76,14 +77,26 @@ _NOT_PUBLIC = (
 )
 
 
+# What a host may hold: letters (any script: httpx encodes IDNA), digits, "-", "_" and dots;
+# or an IPv6 literal (urlsplit strips its brackets). Not spaces, "%" escapes or other syntax.
+_HOST = re.compile(r"[^\W]([\w.-]*[^\W])?|[0-9a-f:.]+", re.IGNORECASE)
+
+
 def check_url(url: str, policy: WebhookPolicy, field: str = "callback.url") -> None:
-    """Only http(s) URLs; only to the operator's allowed hosts when a list is set; without
-    one, not to an address (or localhost) that is not public, unless private networks are
-    allowed. A name is resolved when the delivery connects (PublicAddressesOnly), not here."""
+    """Only http(s) URLs with a well-formed host and port; only to the operator's allowed
+    hosts when a list is set; without one, not to an address (or localhost) that is not
+    public, unless private networks are allowed. A name is resolved when the delivery
+    connects (PublicAddressesOnly), not here."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidInput(field, "must be an http:// or https:// URL with a host")
-    host = parts.hostname.lower()
+    try:
+        parts.port  # noqa: B018 (urlsplit checks the port only when it is read)
+    except ValueError as exc:
+        raise InvalidInput(field, "the port must be a number from 0 to 65535") from exc
+    host = parts.hostname.lower().removesuffix(".")  # "localhost." is localhost
+    if not _HOST.fullmatch(host):
+        raise InvalidInput(field, f"{host!r} is not a host name or address")
     allowed_hosts = policy.allowed_hosts
     if allowed_hosts and not any(_host_matches(host, allowed) for allowed in allowed_hosts):
         raise InvalidInput(field, f"host {host!r} is not allowed (TRAINSVC_WEBHOOK_ALLOWED_HOSTS)")
@@ -94,11 +107,16 @@ def check_url(url: str, policy: WebhookPolicy, field: str = "callback.url") -> N
 
 
 def _is_private_address(host: str) -> bool:
-    """Whether `host` is an IP address (not a name) that is not globally reachable."""
+    """Whether `host` is an IP address (not a name) that is not globally reachable, in any
+    form the resolver accepts: inet_aton also reads 127.1, 2130706433 and 0x7f000001."""
     try:
         return not ipaddress.ip_address(host).is_global
     except ValueError:
-        return False
+        pass
+    try:
+        return not ipaddress.ip_address(socket.inet_aton(host)).is_global
+    except (OSError, ValueError):
+        return False  # a name
 
 
 class PublicAddressesOnly(httpcore.SyncBackend):
@@ -144,7 +162,7 @@ def _client(policy: WebhookPolicy) -> httpx.Client:
 
 
 def _host_matches(host: str, allowed: str) -> bool:
-    allowed = allowed.lower()
+    allowed = allowed.lower().removesuffix(".")
     if allowed.startswith("*."):
         return host.endswith(allowed[1:])
     return host == allowed

@@ -253,6 +253,12 @@ PUBLIC_ONLY = webhooks.WebhookPolicy((), retry_for_seconds=3600, timeout_seconds
         "http://[fd00::5]/hook",
         "http://localhost:8080/hook",
         "http://hooks.localhost/hook",
+        "http://localhost./hook",  # the same name, fully qualified
+        # IPv4 in the forms the resolver also reads (inet_aton): all loopback, or "this host".
+        "http://127.1/hook",
+        "http://2130706433/hook",
+        "http://0x7f000001/hook",
+        "http://0/hook",
     ],
 )
 def test_without_a_host_list_a_callback_may_not_name_a_private_address(url: str) -> None:
@@ -271,8 +277,30 @@ def test_without_a_host_list_a_callback_may_not_name_a_private_address(url: str)
     webhooks.check_url(url, dataclasses.replace(PUBLIC_ONLY, allowed_hosts=(host,)))
 
 
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://exa mple.com/hook", "is not a host name or address"),
+        ("http://ex%41mple.com/hook", "is not a host name or address"),
+        ("http://example.com:99999/hook", "the port must be a number from 0 to 65535"),
+        ("http://example.com:http/hook", "the port must be a number from 0 to 65535"),
+    ],
+)
+def test_a_malformed_callback_url_is_refused_at_submit(url: str, reason: str) -> None:
+    """They were accepted, and every delivery then failed ("cannot resolve exa%20mple.com")."""
+    with pytest.raises(InvalidInput) as refused:
+        webhooks.check_url(url, PUBLIC_ONLY)
+    assert reason in refused.value.message
+
+
 def test_a_public_address_or_a_name_passes_the_submit_check() -> None:
-    for url in ("https://hooks.example.org/x", "http://8.8.8.8/hook", "http://[2001:4860::8888]/"):
+    for url in (
+        "https://hooks.example.org/x",
+        "http://8.8.8.8/hook",
+        "http://[2001:4860::8888]/",
+        "https://bücher.example/hook",  # httpx encodes the name as IDNA
+        "http://hooks_1.example.org:8443/x",
+    ):
         webhooks.check_url(url, PUBLIC_ONLY)  # a name is checked where it is connected to
 
 
