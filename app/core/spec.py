@@ -8,7 +8,15 @@ in, so what a job ran is always exactly what GET /v1/jobs/{id} shows.
 import re
 from typing import Annotated, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    model_validator,
+)
 
 from app.core.catalog import (
     BUILTIN_DATASETS,
@@ -65,12 +73,17 @@ def _storable(value: str) -> str:
     return value
 
 
-# Every free-text string of the spec (names, tags).
-Text = Annotated[str, AfterValidator(_storable)]
+# Every free-text string (names, tags, URLs), each with its length limit: declared inside the
+# annotation, before the check, so that its error reads "String should have at most 200
+# characters" (outside, pydantic checks the validated value's length as "items").
+Name = Annotated[str, StringConstraints(max_length=200), AfterValidator(_storable)]
+TagKey = Annotated[str, StringConstraints(max_length=64), AfterValidator(_storable)]
+TagValue = Annotated[str, StringConstraints(max_length=256), AfterValidator(_storable)]
+UrlText = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_storable)]
 
 
 class DatasetSpec(_Strict):
-    name: Text = Field(description="a built-in dataset, or upload:<id> for an uploaded one")
+    name: Name = Field(description="a built-in dataset, or upload:<id> for an uploaded one")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     batch_size: int = Field(64, ge=1, le=65536)
     train_subset: int | None = Field(
@@ -241,7 +254,7 @@ class CallbackSpec(_Strict):
     the worker. The API requires it at submit (app/api/jobs/service.py check_callback).
     """
 
-    url: Text = Field(max_length=2000, description="an http:// or https:// URL")
+    url: UrlText = Field(description="an http:// or https:// URL")
     secret: SecretStr | None = Field(
         None,
         min_length=16,
@@ -304,7 +317,7 @@ class DiagnosticsSpec(_Strict):
 
 
 class JobSpec(_Strict):
-    name: Text | None = Field(None, max_length=200)
+    name: Name | None = None
     dataset: DatasetSpec
     model: ModelSpec = Field(default_factory=lambda: ModelSpec.model_validate({}))
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
@@ -316,9 +329,7 @@ class JobSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: Literal["none", "bf16"] = Field("none", description="bf16 autocast, on CUDA")
     max_wall_seconds: int | None = Field(None, ge=1, description="fail with timeout past this")
-    tags: dict[Annotated[Text, Field(max_length=64)], Annotated[Text, Field(max_length=256)]] = (
-        Field(default_factory=dict, max_length=32)
-    )
+    tags: dict[TagKey, TagValue] = Field(default_factory=dict, max_length=32)
     callback: CallbackSpec | None = Field(
         None, description="POSTed to, signed, when the job ends (see README: Webhooks)"
     )

@@ -178,7 +178,7 @@ def test_a_lone_surrogate_anywhere_in_a_study_is_422_and_nothing_is_stored(
     assert response.status_code == 422, response.text
     [error] = response.json()["detail"]
     assert error["field"] == field
-    assert "valid Unicode" in error["message"]
+    assert "unicode" in error["message"].lower()  # ours, or pydantic-core's own
     assert session.scalars(select(Study)).all() == []
     assert session.scalars(select(Job)).all() == []
 

@@ -8,7 +8,7 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.core.models import JobStatus
-from app.core.spec import Text, unstorable
+from app.core.spec import Name, unstorable
 
 # A job spec nests four levels at most (model.dropout.rate's list), and a grid adds two. The
 # base and the grid's values are free-form JSON until a study expands them, and expanding
@@ -51,7 +51,7 @@ class StudyCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Text | None = Field(None, max_length=200)
+    name: Name | None = None
     base: dict[str, Any] | None = Field(
         None, description="a job spec; the grid's values are set into it"
     )
@@ -60,8 +60,8 @@ class StudyCreate(BaseModel):
         description="dotted spec path -> values; one job per point of the cartesian product",
         examples=[{"model.normalization.type": ["none", "batch_norm"], "seed": [0, 1, 2]}],
     )
-    preset: Text | None = Field(None, description="a named study; see GET /v1/studies/presets")
-    dataset: Text | None = Field(None, description="preset only: the dataset to use")
+    preset: Name | None = Field(None, description="a named study; see GET /v1/studies/presets")
+    dataset: Name | None = Field(None, description="preset only: the dataset to use")
     architecture: Literal["mlp", "cnn", "resnet"] | None = Field(
         None, description="preset only: the one architecture to use"
     )
