@@ -87,7 +87,10 @@ def check_url(url: str, policy: WebhookPolicy, field: str = "callback.url") -> N
     hosts when a list is set; without one, not to an address (or localhost) that is not
     public, unless private networks are allowed. A name is resolved when the delivery
     connects (PublicAddressesOnly), not here."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)  # raises on a bracketed IPv6 host left open ("http://[::1/x")
+    except ValueError as exc:
+        raise InvalidInput(field, f"is not a well-formed URL: {exc}") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidInput(field, "must be an http:// or https:// URL with a host")
     try:
@@ -311,7 +314,13 @@ def _send_one(
             error = f"the receiver answered {status_code}"
     except InvalidInput as exc:
         error = exc.message
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError
+        error = f"{type(exc).__name__}: {exc}"[:1000]
+    except Exception as exc:
+        # Whatever else one delivery meets is that delivery's failed attempt, recorded and
+        # retried on its schedule: raised, it left the delivery pending for ever and stopped
+        # the sweep before the deliveries leased after it.
+        logger.exception("webhook delivery %s raised", delivery_id)
         error = f"{type(exc).__name__}: {exc}"[:1000]
     now = utcnow()
     values: dict[str, Any] = {

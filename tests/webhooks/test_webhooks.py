@@ -192,6 +192,33 @@ def test_a_failed_delivery_is_retried_with_backoff(
     assert SECRET not in caplog.text  # ...and the secret never is
 
 
+def test_a_delivery_httpx_cannot_send_is_its_own_failed_attempt_and_the_rest_go(
+    client: TestClient, session_factory: sessionmaker[Session], settings: Settings
+) -> None:
+    """httpx.InvalidURL is not an httpx.HTTPError: raised, it left its delivery pending with
+    no attempt counted, for ever, and stopped each sweep before the deliveries after it."""
+    policy = webhooks.policy_from(settings)
+    with receiving(statuses=(200,)) as receiver:
+        broken, sound = (submit(client, with_callback(receiver.url)) for _ in range(2))
+        for job in (broken, sound):
+            client.post(f"/v1/jobs/{job['id']}/cancel")
+        with session_factory() as session:
+            session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.job_id == uuid.UUID(broken["id"]))
+                .values(url=receiver.url + "\x01")  # passes check_url; httpx refuses it
+            )
+            session.commit()
+        assert webhooks.send_due(session_factory, policy) == 2
+        assert len(receiver.received) == 1
+    [failed] = deliveries(client, broken["id"])
+    assert (failed["status"], failed["attempts"]) == ("pending", 1)
+    assert failed["last_error"].startswith("InvalidURL")
+    assert failed["next_attempt_at"] is not None
+    [delivered] = deliveries(client, sound["id"])
+    assert delivered["status"] == "delivered"
+
+
 def test_a_delivery_is_given_up_after_the_retry_window(
     client: TestClient, session_factory: sessionmaker[Session], settings: Settings
 ) -> None:
@@ -284,6 +311,7 @@ def test_without_a_host_list_a_callback_may_not_name_a_private_address(url: str)
         ("http://ex%41mple.com/hook", "is not a host name or address"),
         ("http://example.com:99999/hook", "the port must be a number from 0 to 65535"),
         ("http://example.com:http/hook", "the port must be a number from 0 to 65535"),
+        ("http://[::1/hook", "is not a well-formed URL"),  # urlsplit raised: a 500
     ],
 )
 def test_a_malformed_callback_url_is_refused_at_submit(url: str, reason: str) -> None:
