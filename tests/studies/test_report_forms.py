@@ -82,6 +82,17 @@ def test_report_lists_plots_and_each_is_a_png(
         assert len(response.content) > 5000  # axes, lines and labels, not an empty canvas
 
 
+def test_per_layer_dropout_rates_get_no_plot_by_rate(client: TestClient) -> None:
+    """A rate of [0.5, 0.2] is no point on an x axis: its gap_by_dropout plot answered 500."""
+    grid = {"model.dropout.rate": [[0.0, 0.0], [0.5, 0.2]], "seed": [0, 1]}
+    base = spec_payload(model={"architecture": "mlp", "hidden_sizes": [8, 8]})
+    study = client.post("/v1/studies", json={"base": base, "grid": grid}).json()
+    report = client.get(f"/v1/studies/{study['id']}/report").json()
+    assert list(report["plots"]) == ["learning_curves"]
+    missing = client.get(f"/v1/studies/{study['id']}/plots/gap_by_dropout.png")
+    assert missing.status_code == 404
+
+
 def test_plots_of_an_ended_study_are_drawn_once(
     client: TestClient, ended_study: dict[str, Any]
 ) -> None:
@@ -148,3 +159,31 @@ def test_a_plot_with_a_succeeded_run_draws_it_and_says_nothing_more() -> None:
         figure = plots.figure_of(name, GRID, [run])
         assert _texts(figure) == []
         assert any(axes.lines for axes in figure.axes)
+
+
+def test_one_epoch_curves_show_and_many_configurations_keep_their_own_colours() -> None:
+    """A one-epoch line without a marker drew nothing; the 11th configuration took the 1st's
+    colour (the batchnorm-learning-rate preset has 12)."""
+    lrs = [0.001 * (i + 1) for i in range(12)]
+    runs = [
+        Run(
+            uuid.uuid4(),
+            "succeeded",
+            {"optimizer.lr": lr, "seed": 0},
+            None,
+            10,
+            epochs=np.array([1]),
+            val_loss=np.array([1.0]),
+            val_accuracy=np.array([0.5]),
+            gap=np.array([0.0]),
+        )
+        for lr in lrs
+    ]
+    figure = plots.figure_of("learning_curves", {"optimizer.lr": lrs, "seed": [0]}, runs)
+    lines = figure.axes[0].lines
+    assert len(lines) == 12
+    assert all(line.get_marker() == "o" for line in lines)
+    assert len({line.get_color() for line in lines}) == 12
+    figure.canvas.draw()
+    ticks = [tick.get_text() for tick in figure.axes[0].get_xticklabels()]
+    assert "1" in ticks and all(tick.isdigit() for tick in ticks), ticks  # whole epochs only

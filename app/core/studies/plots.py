@@ -50,13 +50,22 @@ NORMALIZATION_AXIS = "model.normalization.type"
 def available(grid: dict[str, list[Any]], base: dict[str, Any] | None = None) -> list[str]:
     """The plots a study with this grid (and base spec, whose probes add theirs) has."""
     names = ["learning_curves"]
-    if len(grid.get(DROPOUT_AXIS, [])) > 1:
+    if _numeric_axis(grid, DROPOUT_AXIS):
         names.append("gap_by_dropout")
-    if len(grid.get(LR_AXIS, [])) > 1:
+    if _numeric_axis(grid, LR_AXIS):
         names.append("accuracy_by_lr")
     probes = (base or {}).get("diagnostics") or {}
     names += [name for name, (probe, _) in PROBE_PLOTS.items() if probes.get(probe)]
     return names
+
+
+def _numeric_axis(grid: dict[str, list[Any]], axis: str) -> bool:
+    """Whether the axis has two or more values to put on an x axis: numbers, not per-layer
+    lists such as a dropout rate of [0.5, 0.2]."""
+    values = grid.get(axis, [])
+    return len(values) > 1 and all(
+        isinstance(value, int | float) and not isinstance(value, bool) for value in values
+    )
 
 
 def _short(axis: str) -> str:
@@ -129,16 +138,34 @@ def _say_if_empty(axes: Any, why: str = NOTHING_YET) -> None:
         axes.text(0.5, 0.5, why, transform=axes.transAxes, ha="center", va="center", color="0.4")
 
 
+def _by_epoch(axes: Any, lines: int) -> None:
+    """An epoch axis: whole epochs only, and enough distinct colours for `lines` lines
+    (matplotlib's default cycle repeats after 10)."""
+    from matplotlib import colormaps
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if lines > 10:
+        axes.set_prop_cycle(color=[colormaps["tab20"](i) for i in range(20)])
+
+
+def _curve(axes: Any, epochs: Any, mean: Any, label: str) -> Any:
+    # A one-epoch curve is a single point: without a marker it would not show at all.
+    (line,) = axes.plot(epochs, mean, label=label, marker="o" if len(epochs) == 1 else None)
+    return line
+
+
 def learning_curves(grid: dict[str, list[Any]], runs: list[Run]) -> Any:
     figure = _figure()
     loss_axes, accuracy_axes = figure.subplots(1, 2)
-    for configuration, members in _groups(grid, runs, ()):
-        if not members:
-            continue
+    groups = [(c, members) for c, members in _groups(grid, runs, ()) if members]
+    for axes in (loss_axes, accuracy_axes):
+        _by_epoch(axes, len(groups))
+    for configuration, members in groups:
         label = _label(configuration_of(configuration))
         for axes, metric in ((loss_axes, "val_loss"), (accuracy_axes, "val_accuracy")):
             epochs, mean, spread = curve_over_seeds(members, metric)
-            (line,) = axes.plot(epochs, mean, label=label)
+            line = _curve(axes, epochs, mean, label)
             axes.fill_between(
                 epochs, mean - spread, mean + spread, alpha=0.2, color=line.get_color()
             )
@@ -206,13 +233,15 @@ def probe_curves(name: str, grid: dict[str, list[Any]], runs: list[Run]) -> Any:
     rows = (len(panels) + columns - 1) // columns
     figure = _figure(4.2 * columns, 3.4 * rows)
     grid_axes = np.atleast_1d(figure.subplots(rows, columns)).reshape(-1)
+    groups = _groups(grid, runs, ())
     for (metric, title), axes in zip(panels, grid_axes, strict=True):
-        for configuration, members in _groups(grid, runs, ()):
+        _by_epoch(axes, len(groups))
+        for configuration, members in groups:
             measured = [run for run in members if metric in run.probes]
             if not measured:
                 continue
             epochs, mean, spread = curve_over_seeds(measured, metric)
-            (line,) = axes.plot(epochs, mean, label=_label(configuration_of(configuration)))
+            line = _curve(axes, epochs, mean, _label(configuration_of(configuration)))
             axes.fill_between(
                 epochs, mean - spread, mean + spread, alpha=0.2, color=line.get_color()
             )
