@@ -186,4 +186,5 @@ def test_one_epoch_curves_show_and_many_configurations_keep_their_own_colours() 
     assert len({line.get_color() for line in lines}) == 12
     figure.canvas.draw()
     ticks = [tick.get_text() for tick in figure.axes[0].get_xticklabels()]
-    assert "1" in ticks and all(tick.isdigit() for tick in ticks), ticks  # whole epochs only
+    assert "1" in ticks
+    assert all(tick.isdigit() for tick in ticks), ticks  # whole epochs only
