@@ -183,6 +183,46 @@ def test_a_lone_surrogate_anywhere_in_a_study_is_422_and_nothing_is_stored(
     assert session.scalars(select(Job)).all() == []
 
 
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        # 1 and 1.0 are one learning rate: two identical jobs, and a report with the lr twice.
+        (study_body(grid={"optimizer.lr": [1, 1.0]}), "grid.optimizer.lr", "a value twice"),
+        (study_body(grid={"model.dropout.rate": [0, 0.0]}), "grid.model.dropout.rate", "twice"),
+        # The section replaced the field: both jobs ran at adam's default lr, labelled 0.1, 0.2.
+        (
+            study_body(grid={"optimizer.lr": [0.1, 0.2], "optimizer": [{"type": "adam"}]}),
+            "grid.optimizer.lr",
+            "overlaps the axis 'optimizer'",
+        ),
+        # A base section that is not an object was replaced, silently, by the axis's section.
+        (
+            study_body(
+                base={"dataset": {"name": "iris"}, "epochs": 1, "model": 5},
+                grid={"model.dropout.rate": [0.0, 0.5]},
+            ),
+            "base.model",
+            "must be an object to set the axis 'model.dropout.rate'",
+        ),
+        # Two spellings of one optimizer (adam is the default type): one job, twice.
+        (
+            study_body(grid={"optimizer": [{"type": "adam", "lr": 0.1}, {"lr": 0.1}]}),
+            "grid[1].spec",
+            "the same job as grid point 0",
+        ),
+    ],
+)
+def test_a_grid_that_would_train_a_job_twice_or_mislabel_one_is_422(
+    client: TestClient, session: Session, body: dict[str, Any], field: str, message: str
+) -> None:
+    response = client.post("/v1/studies", json=body)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == field
+    assert message in error["message"]
+    assert session.scalars(select(Job)).all() == []
+
+
 def test_grid_over_the_study_limit_is_422_naming_it(client: TestClient) -> None:
     grid = {"seed": list(range(40)), "optimizer.lr": [0.001 * (i + 1) for i in range(30)]}
     response = client.post("/v1/studies", json=study_body(grid=grid))

@@ -58,9 +58,15 @@ def check_axes(grid: dict[str, list[Any]], max_jobs: int) -> int:
             raise InvalidInput(f"grid.{axis}", f"{axis!r} is not a field of the job spec")
         if not values:
             raise InvalidInput(f"grid.{axis}", "an axis needs at least one value")
-        keys = [_key(value) for value in values]
+        # 1 and 1.0 are one value of a float field: two jobs that differ in nothing.
+        keys = [_key(_as_floats(value)) for value in values]
         if len(set(keys)) != len(keys):
             raise InvalidInput(f"grid.{axis}", "an axis lists a value twice")
+        # "optimizer" and "optimizer.lr": the section would overwrite the field, or the field
+        # a part of the section, and the job's grid point would name an lr it never ran.
+        for other in grid:
+            if other != axis and axis.startswith(other + "."):
+                raise InvalidInput(f"grid.{axis}", f"overlaps the axis {other!r}; give one")
     size = math.prod(len(values) for values in grid.values())
     if size > max_jobs:
         raise InvalidInput(
@@ -73,15 +79,29 @@ def _key(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
+def _as_floats(value: Any) -> Any:
+    """The value with every integer (not bool) a float, for comparing values."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, list):
+        return [_as_floats(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _as_floats(item) for key, item in value.items()}
+    return value
+
+
 def set_path(spec: dict[str, Any], path: str, value: Any) -> None:
-    """Set a dotted path in a nested dict, creating the sections on the way."""
+    """Set a dotted path in a nested dict, creating the sections that are missing. A section
+    that is there but not an object is the base's mistake: replaced, it was silently lost."""
     *sections, leaf = path.split(".")
     node = spec
-    for section in sections:
-        child = node.get(section)
+    for depth, section in enumerate(sections, start=1):
+        child = node.setdefault(section, {})
         if not isinstance(child, dict):
-            child = {}
-            node[section] = child
+            where = ".".join(sections[:depth])
+            raise InvalidInput(f"base.{where}", f"must be an object to set the axis {path!r}")
         node = child
     node[leaf] = copy.deepcopy(value)
 
@@ -113,7 +133,20 @@ def expand(base: dict[str, Any], grid: dict[str, list[Any]]) -> list[GridPoint]:
             field, message = _first_error(exc)
             raise point_error(index, values, field, message) from exc
         points.append(GridPoint(index, values, spec))
+    _check_distinct(points)
     return points
+
+
+def _check_distinct(points: list[GridPoint]) -> None:
+    """Two grid points that validate to the same spec would be the same job twice (an axis
+    value the base or the spec's defaults already imply, in another spelling)."""
+    seen: dict[str, GridPoint] = {}
+    for point in points:
+        key = point.spec.model_dump_json()
+        if (first := seen.setdefault(key, point)) is not point:
+            raise point_error(
+                point.index, point.values, "spec", f"the same job as grid point {first.index}"
+            )
 
 
 # A grid point is echoed in its error so that a person finds it; a value of a hundred
