@@ -3,11 +3,12 @@
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
 from app.core.db import READ_ONLY, Reader
+from app.core.errors import InvalidInput
 from app.core.outbox import Dispatcher
 
 
@@ -61,3 +62,24 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
 ReaderDep = Annotated[Reader, Depends(get_reader)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
+
+
+def idempotency_key_from_headers(
+    request: Request,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=200,
+            description="repeat a create safely: the same key and body return the original",
+        ),
+    ] = None,
+) -> str | None:
+    # Starlette hands the first of repeated headers to the parameter; two keys are ambiguous.
+    count = len(request.headers.getlist("idempotency-key"))
+    if count > 1:
+        raise InvalidInput("idempotency-key", f"send one Idempotency-Key header, not {count}")
+    return idempotency_key
+
+
+IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key_from_headers)]

@@ -131,9 +131,10 @@ class Settings(BaseSettings):
     allow_unauthenticated_network: bool = False
     # How long an API process trusts a key lookup: a revoked key is refused within this.
     key_cache_seconds: float = Field(1.0, ge=0)
-    # Per tenant: bytes of uploads plus checkpoints, and jobs queued plus running.
+    # Per tenant: bytes of uploads plus checkpoints, and jobs queued plus running (as many as
+    # the largest study, so that one study of max_study_jobs, a preset's 108 among them, fits).
     tenant_storage_bytes: int = Field(10 * 1024**3, ge=0)
-    tenant_max_active_jobs: int = Field(100, ge=1)
+    tenant_max_active_jobs: int = Field(1000, ge=1)
     # Per key, per API process: a token bucket refilled at this rate, holding up to the burst.
     key_requests_per_second: float = Field(50.0, gt=0)
     key_request_burst: int = Field(100, ge=1)

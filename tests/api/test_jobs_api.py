@@ -419,17 +419,24 @@ def test_framework_errors_answer_in_the_service_format(client: TestClient) -> No
     assert set(broken_multipart.json()) == {"error", "detail"}
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/jobs", spec_payload()),
+        # A study's key was taken as given: "" became a key that all keyless-looking
+        # creates shared, and of two keys the first won.
+        ("/v1/studies", {"base": spec_payload(), "grid": {"seed": [0, 1]}}),
+    ],
+)
 def test_an_empty_or_repeated_idempotency_key_is_422_naming_the_header(
-    client: TestClient, session: Session
+    client: TestClient, session: Session, path: str, body: dict[str, Any]
 ) -> None:
-    empty = client.post("/v1/jobs", json=spec_payload(), headers={"Idempotency-Key": ""})
+    empty = client.post(path, json=body, headers={"Idempotency-Key": ""})
     assert empty.status_code == 422, empty.text
     assert empty.json()["detail"][0]["field"] == "idempotency-key"
 
     repeated = client.post(
-        "/v1/jobs",
-        json=spec_payload(),
-        headers=[("Idempotency-Key", "a"), ("Idempotency-Key", "b")],
+        path, json=body, headers=[("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
     )
     assert repeated.status_code == 422, repeated.text
     assert repeated.json()["detail"] == [

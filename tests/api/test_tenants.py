@@ -6,6 +6,7 @@ ids are a 404 exactly like unknown ids; no list shows beta anything of alpha's.
 """
 
 import io
+import math
 import re
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from sqlalchemy.orm import Session
 from app.api.auth import get_caller
 from app.core.config import Settings
 from app.core.models import Checkpoint, EpochMetric, Job
+from app.core.studies.presets import PRESETS
 from tests.factories import make_checkpoint, make_epoch, make_job, spec_payload
 
 KeyHeaders = Callable[..., dict[str, str]]
@@ -342,3 +344,25 @@ def test_a_tenant_at_its_storage_quota_cannot_submit(
     assert (
         client.post("/v1/jobs", json=spec_payload(), headers=key_headers("beta")).status_code == 201
     )
+
+
+def test_a_study_larger_than_the_tenants_limit_is_422_not_a_429_forever(
+    small_quotas: Settings, client: TestClient, session: Session
+) -> None:
+    """A 3-job study under a limit of 2 answered 429 with Retry-After: the client retried a
+    request no wait could let in (the 108-job preset under the old default of 100)."""
+    body = {"base": spec_payload(), "grid": {"seed": [0, 1, 2]}}
+    refused = client.post("/v1/studies", json=body)
+    assert refused.status_code == 422
+    [error] = refused.json()["detail"]
+    assert error["field"] == "grid"
+    assert "at most 2 jobs queued or running (TRAINSVC_TENANT_MAX_ACTIVE_JOBS)" in error["message"]
+    assert session.scalars(select(Job)).all() == []
+    assert client.post("/v1/studies", json=body | {"grid": {"seed": [0, 1]}}).status_code == 201
+
+
+def test_every_preset_fits_the_default_limits() -> None:
+    defaults = Settings()
+    for preset in PRESETS.values():
+        size = math.prod(len(values) for values in preset.grid.values())
+        assert size <= min(defaults.tenant_max_active_jobs, defaults.max_study_jobs), preset.name

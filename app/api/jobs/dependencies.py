@@ -3,12 +3,11 @@
 import uuid
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Request, Response
+from fastapi import Depends, Header, Response
 
 from app.api.auth import CallerDep
 from app.api.dependencies import SessionDep
 from app.api.jobs import service
-from app.core.errors import InvalidInput
 from app.core.models import Job
 
 
@@ -17,27 +16,6 @@ def job_from_path(job_id: uuid.UUID, session: SessionDep, caller: CallerDep) -> 
 
 
 JobDep = Annotated[Job, Depends(job_from_path)]
-
-
-def idempotency_key_from_headers(
-    request: Request,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            min_length=1,
-            max_length=200,
-            description="repeat a submit safely: the same key and body return the original job",
-        ),
-    ] = None,
-) -> str | None:
-    # Starlette hands the first of repeated headers to the parameter; two keys are ambiguous.
-    count = len(request.headers.getlist("idempotency-key"))
-    if count > 1:
-        raise InvalidInput("idempotency-key", f"send one Idempotency-Key header, not {count}")
-    return idempotency_key
-
-
-IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key_from_headers)]
 
 
 async def if_none_match_from_headers(

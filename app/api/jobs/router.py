@@ -11,6 +11,7 @@ from sqlalchemy import Connection
 from app.api.auth import AUTH_RESPONSES, CallerDep, TenantFilter, get_caller
 from app.api.dependencies import (
     DispatcherDep,
+    IdempotencyKeyDep,
     ReaderDep,
     SessionDep,
     SessionFactoryDep,
@@ -21,7 +22,6 @@ from app.api.jobs import service
 from app.api.jobs.dependencies import (
     ETAG_HEADER,
     NOT_MODIFIED,
-    IdempotencyKeyDep,
     IfNoneMatchDep,
     JobDep,
     etag_matches,

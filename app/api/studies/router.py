@@ -2,11 +2,11 @@
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Response, status
+from fastapi import APIRouter, Depends, Query, Response, status
 from fastapi.responses import HTMLResponse
 
 from app.api.auth import AUTH_RESPONSES, CallerDep, TenantFilter, get_caller
-from app.api.dependencies import DispatcherDep, SessionDep, SettingsDep
+from app.api.dependencies import DispatcherDep, IdempotencyKeyDep, SessionDep, SettingsDep
 from app.api.errors import error_responses
 from app.api.studies import rendering, service
 from app.api.studies.dependencies import PlotCacheDep, StudyDep
@@ -71,7 +71,7 @@ def create_study(
     settings: SettingsDep,
     dispatcher: DispatcherDep,
     caller: CallerDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: IdempotencyKeyDep,
 ) -> StudyRead:
     """Create a study: one job per grid point, all or none; a repeated Idempotency-Key
     returns the original study (200)."""

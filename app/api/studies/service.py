@@ -98,7 +98,14 @@ def create_study(
         existing = session.scalars(_by_key(caller.tenant, idempotency_key)).first()
         if existing is not None:
             return _find_by_key(session, caller.tenant, idempotency_key, digest), [], False
-    check_axes(grid, settings.max_study_jobs)
+    size = check_axes(grid, settings.max_study_jobs)
+    if size > settings.tenant_max_active_jobs:
+        # Not a 429: no amount of waiting would let it in.
+        raise InvalidInput(
+            "grid",
+            f"{size} grid points; a tenant has at most {settings.tenant_max_active_jobs} jobs "
+            "queued or running (TRAINSVC_TENANT_MAX_ACTIVE_JOBS), so this study could never start",
+        )
     points = expand(base, grid)
     if points:
         check_callback(points[0].spec, settings)  # one for all: the grid cannot change it
