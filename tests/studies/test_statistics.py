@@ -87,7 +87,7 @@ def test_paired_ratio_is_baseline_over_treated() -> None:
 def test_readings_claim_no_more_than_the_interval() -> None:
     read = statistics.read_difference
     assert read("batch_norm", "best val accuracy", Estimate(0.05, 0.02, 0.08, 9)) == (
-        "batch_norm raised best val accuracy by +0.05 [0.02, 0.08], n=9"
+        "batch_norm raised best val accuracy by 0.05 [0.02, 0.08], n=9"
     )
     # An accuracy reads as the dashboard prints its estimate: in percentage points.
     points = read(
@@ -97,15 +97,21 @@ def test_readings_claim_no_more_than_the_interval() -> None:
         percentage_points=True,
     )
     assert points == (
-        "batch_norm raised best val accuracy by +0.65 percentage points [0.139, 1.21], n=6"
+        "batch_norm raised best val accuracy by 0.65 percentage points [0.139, 1.21], n=6"
     )
     assert read("dropout 0.5", "the generalization gap", Estimate(-0.1, -0.2, -0.05, 6)) == (
-        "dropout 0.5 lowered the generalization gap by -0.1 [-0.2, -0.05], n=6"
+        "dropout 0.5 lowered the generalization gap by 0.1 [0.05, 0.2], n=6"
     )
     assert read("dropout 0.5", "the generalization gap", Estimate(-0.004, -0.02, 0.01, 6)) == (
         "no detectable effect of dropout 0.5 on the generalization gap: -0.004 [-0.02, 0.01], n=6"
     )
     assert "too few pairs" in read("x", "y", Estimate(0.1, None, None, 1))
+    # Three pairs on one side: the percentile interval is just their range, so no claim.
+    assert read("dropout 0.5", "the generalization gap", Estimate(0.17, 0.03, 0.38, 3)) == (
+        "too few pairs to judge dropout 0.5 on the generalization gap (n=3; it takes 4): "
+        "+0.17 on average"
+    )
+    assert statistics.read_epoch_ratio("x", Estimate(3.0, 3.0, 3.0, 2)).startswith("too few")
     ratio = statistics.read_epoch_ratio
     assert ratio("batch_norm", Estimate(4.1, 3.2, 5.0, 9)) == (
         "batch_norm reached the target in 4.1x fewer epochs [3.2, 5], n=9"

@@ -171,33 +171,53 @@ def _number(value: float) -> str:
     return f"{value:.3g}"
 
 
+# Fewer pairs than this and a percentile bootstrap's 95% interval is the range of the pairs'
+# differences itself (each resample's mean lands on the smallest value more than 2.5% of the
+# time): every difference on one side would read as an effect, two pairs' coin flip included.
+MIN_PAIRS_TO_JUDGE = 4
+
+
 def read_difference(
     label: str, metric: str, effect: Estimate, *, percentage_points: bool = False
 ) -> str:
     """One plain sentence that claims no more than the interval supports. An accuracy (a
-    fraction) reads in percentage points, as the dashboard and a paper print it."""
+    fraction) reads in percentage points, as the dashboard and a paper print it. A rise or
+    fall reads as a size ("lowered it by 5.3 [3.9, 7.2]"), no effect as the signed interval."""
     if effect.estimate is None:
         return f"no pairs to compare {label} on {metric}"
-    if effect.ci_low is None or effect.ci_high is None:
-        return f"too few pairs to judge {label} on {metric} (n={effect.n})"
     scale, unit = (100.0, " percentage points") if percentage_points else (1.0, "")
-    interval = (
-        f"{scale * effect.estimate:+.3g}{unit} "
-        f"[{_number(scale * effect.ci_low)}, {_number(scale * effect.ci_high)}]"
+    estimate = scale * effect.estimate
+    if effect.ci_low is None or effect.ci_high is None or effect.n < MIN_PAIRS_TO_JUDGE:
+        return (
+            f"too few pairs to judge {label} on {metric} (n={effect.n}; it takes "
+            f"{MIN_PAIRS_TO_JUDGE}): {estimate:+.3g}{unit} on average"
+        )
+    low, high = scale * effect.ci_low, scale * effect.ci_high
+    if low > 0:
+        return (
+            f"{label} raised {metric} by {estimate:.3g}{unit} "
+            f"[{_number(low)}, {_number(high)}], n={effect.n}"
+        )
+    if high < 0:
+        return (
+            f"{label} lowered {metric} by {-estimate:.3g}{unit} "
+            f"[{_number(-high)}, {_number(-low)}], n={effect.n}"
+        )
+    return (
+        f"no detectable effect of {label} on {metric}: {estimate:+.3g}{unit} "
+        f"[{_number(low)}, {_number(high)}], n={effect.n}"
     )
-    if effect.ci_low > 0:
-        return f"{label} raised {metric} by {interval}, n={effect.n}"
-    if effect.ci_high < 0:
-        return f"{label} lowered {metric} by {interval}, n={effect.n}"
-    return f"no detectable effect of {label} on {metric}: {interval}, n={effect.n}"
 
 
 def read_epoch_ratio(label: str, effect: Estimate) -> str:
     """The same for a ratio of epochs to target (baseline over treated)."""
     if effect.estimate is None:
         return f"no pair where both {label} and its baseline reached the target (n={effect.n})"
-    if effect.ci_low is None or effect.ci_high is None:
-        return f"too few pairs to judge {label} on epochs to target (n={effect.n})"
+    if effect.ci_low is None or effect.ci_high is None or effect.n < MIN_PAIRS_TO_JUDGE:
+        return (
+            f"too few pairs to judge {label} on epochs to target (n={effect.n}; it takes "
+            f"{MIN_PAIRS_TO_JUDGE}): {effect.estimate:.2g}x fewer on average"
+        )
     low, high, ratio = effect.ci_low, effect.ci_high, effect.estimate
     if low > 1:
         return (
