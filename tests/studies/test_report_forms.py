@@ -54,6 +54,18 @@ def test_csv_has_one_row_per_configuration(client: TestClient, ended_study: dict
     assert first["best_val_accuracy_n"] == "2"
 
 
+def test_csv_text_a_spreadsheet_would_run_is_quoted_and_numbers_are_not(
+    client: TestClient,
+) -> None:
+    formula = '=HYPERLINK("http://evil.example","x")'
+    grid = {"name": [formula, "@SUM(1)", "plain"], "model.dropout.rate": [0.0, 0.5]}
+    study = client.post("/v1/studies", json={"base": spec_payload(), "grid": grid}).json()
+    response = client.get(f"/v1/studies/{study['id']}/report", params={"format": "csv"})
+    names = [row["name"] for row in csv.DictReader(io.StringIO(response.text))]
+    assert sorted(names) == sorted(["'" + formula, "'@SUM(1)", "plain"] * 2)
+    assert all(not name.startswith(("=", "@")) for name in names)
+
+
 def test_html_is_escaped_and_shows_the_plots(
     client: TestClient, ended_study: dict[str, Any]
 ) -> None:

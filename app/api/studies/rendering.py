@@ -47,11 +47,19 @@ def csv_table(report: dict[str, Any]) -> str:
     return out.getvalue()
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula: a grid's text value
+# such as =HYPERLINK(...) would, on opening the CSV (OWASP's CSV injection). Such text gets a
+# leading apostrophe, which spreadsheets show as text; numbers (a -0.5) are left alone.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, (list, dict)):
         return json.dumps(value)
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
     return str(value)
 
 
