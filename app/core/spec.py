@@ -13,7 +13,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SecretStr,
+    Secret,
     StringConstraints,
     model_validator,
 )
@@ -255,12 +255,13 @@ class CallbackSpec(_Strict):
     """
 
     url: UrlText = Field(description="an http:// or https:// URL")
-    secret: SecretStr | None = Field(
+    # Secret[...] over a constrained str (not SecretStr with Field limits): a short secret is
+    # "String should have at least 16 characters", not "... at least 16 items".
+    secret: Secret[Annotated[str, StringConstraints(min_length=16, max_length=256)]] | None = Field(
         None,
-        min_length=16,
-        max_length=256,
         exclude=True,
         description="signs each delivery (X-Trainsvc-Signature); required at submit, never shown",
+        json_schema_extra={"format": "password", "writeOnly": True},
     )
 
     @model_validator(mode="after")

@@ -113,6 +113,13 @@ def test_a_callback_must_be_http_to_an_allowed_host_with_a_secret(
     assert response.status_code == 422, response.text
     assert field in [item["field"] for item in response.json()["detail"]]
     assert SECRET not in response.text
+    assert "items" not in response.text  # a secret's length is in characters
+
+
+def test_the_secret_is_write_only_in_openapi(client: TestClient) -> None:
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    secret = schemas["CallbackSpec"]["properties"]["secret"]
+    assert (secret["format"], secret["writeOnly"]) == ("password", True)
 
 
 def test_an_ended_job_is_delivered_once_signed(
