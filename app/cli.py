@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -200,17 +201,14 @@ def _keys_list(_args: argparse.Namespace) -> None:
 
 
 def _keys_revoke(args: argparse.Namespace) -> None:
-    import uuid
-
     from app.core.errors import DomainError
     from app.core.keys import revoke_key
 
     try:
-        key_id = uuid.UUID(args.id)
         with _session() as session:
-            row = revoke_key(session, key_id)
+            row = revoke_key(session, args.id)
             print(f"revoked key {row.id} ({row.prefix}...) of tenant {row.tenant!r}")
-    except (ValueError, DomainError) as exc:
+    except DomainError as exc:
         sys.exit(f"cannot revoke {args.id}: {exc}")
 
 
@@ -269,6 +267,14 @@ def _read_json(path: str) -> Any:
         sys.exit(f"{path} is not JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}")
 
 
+def _write_text(path: str, text: str) -> None:
+    """Save a file the user named, or a one-line reason and a non-zero exit (no traceback)."""
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        sys.exit(f"cannot write {path}: {exc.strerror or exc}")
+
+
 def _submit(args: argparse.Namespace) -> None:
     spec = _read_json(args.spec)
     with _reporting("submit"), _client(args) as client:
@@ -294,7 +300,7 @@ def _submit(args: argparse.Namespace) -> None:
 WATCH_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "status")
 
 
-def _follow(client: "Client", job_id: Any, *, table: bool) -> "Job":
+def _follow(client: "Client", job_id: uuid.UUID, *, table: bool) -> "Job":
     """Follow a job's events until it ends: a progress bar by epoch (on stderr) and, with
     `table`, one row per epoch as it is stored (on stdout); returns the ended job."""
     from tqdm import tqdm
@@ -336,11 +342,21 @@ def _figure(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, int | float) else "-"
 
 
+# `jobs list` reads a page at a time, so its --limit is not the API's page limit; this cap
+# only keeps the number one islice takes and more than anyone reads in a table.
+LIST_PAGE_SIZE = 100
+MAX_LIST_LIMIT = 1_000_000
+
+
 def _jobs_list(args: argparse.Namespace) -> None:
     import itertools
 
     with _reporting("list"), _client(args) as client:
-        jobs = itertools.islice(client.list(status=args.status, study_id=args.study), args.limit)
+        # Pages no larger than what is wanted: `--limit 5` asks the API for 5 jobs, not 100.
+        listed = client.list(
+            status=args.status, study_id=args.study, page_size=min(args.limit, LIST_PAGE_SIZE)
+        )
+        jobs = itertools.islice(listed, args.limit)
         rows: list[tuple[str, ...]] = [("id", "name", "status", "progress", "pack", "created")]
         rows += [
             (
@@ -379,6 +395,7 @@ def _jobs_cancel(args: argparse.Namespace) -> None:
 
 def _jobs_metrics(args: argparse.Namespace) -> None:
     import csv
+    import io
 
     with _reporting("metrics"), _client(args) as client:
         epochs = [epoch.model_dump() for epoch in client.metrics(args.id)]
@@ -394,12 +411,12 @@ def _jobs_metrics(args: argparse.Namespace) -> None:
         return
     # Scalars only (the per-layer diagnostics are lists): one column each, in a stable order.
     columns = list(dict.fromkeys(k for e in epochs for k, v in e.items() if _scalar(v)))
-    with contextlib.ExitStack() as stack:
-        out = sys.stdout if args.csv == "-" else stack.enter_context(Path(args.csv).open("w"))
-        writer = csv.DictWriter(out, columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(epochs)
-    if args.csv != "-":
+    out = sys.stdout if args.csv == "-" else io.StringIO()
+    writer = csv.DictWriter(out, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(epochs)
+    if isinstance(out, io.StringIO):
+        _write_text(args.csv, out.getvalue())
         print(f"{len(epochs)} epochs written to {args.csv}")
 
 
@@ -446,7 +463,7 @@ def _study_report(args: argparse.Namespace) -> None:
     with _reporting("report"), _client(args) as client:
         report = client.study_report(args.study_id)
         if args.csv:
-            Path(args.csv).write_text(client.study_report(args.study_id, format="csv"))
+            _write_text(args.csv, client.study_report(args.study_id, format="csv"))
     axes = [axis for axis in report["axes"] if axis != "seed"]
     columns = [
         *axes,
@@ -517,6 +534,10 @@ def _processes(text: str) -> int:
     return _whole_number(text, 1, 1024, "a number of processes (1 to 1024)")
 
 
+def _list_limit(text: str) -> int:
+    return _whole_number(text, 1, MAX_LIST_LIMIT, f"a number of jobs (1 to {MAX_LIST_LIMIT})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainsvc", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -561,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--url", default=DEFAULT_URL)
     create.set_defaults(handler=_study_create)
     report = study_commands.add_parser("report", help="print a study's report")
-    report.add_argument("study_id")
+    report.add_argument("study_id", type=uuid.UUID, help="the study's id")
     report.add_argument("--csv", help="also save the configuration table to this file")
     report.add_argument("--url", default=DEFAULT_URL)
     report.set_defaults(handler=_study_report)
@@ -572,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     def job_command(name: str, help: str, handler: Any, with_id: bool = True) -> Any:
         command = job_commands.add_parser(name, help=help)
         if with_id:
-            command.add_argument("id", help="the job's id")
+            command.add_argument("id", type=uuid.UUID, help="the job's id")
         command.add_argument("--url", default=DEFAULT_URL, help="the API (default %(default)s)")
         command.set_defaults(handler=handler)
         return command
@@ -581,8 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     job_list.add_argument(
         "--status", choices=("queued", "running", "succeeded", "failed", "cancelled")
     )
-    job_list.add_argument("--study", help="only this study's jobs")
-    job_list.add_argument("--limit", type=int, default=50, help="at most this many (50)")
+    job_list.add_argument("--study", type=uuid.UUID, help="only this study's jobs (its id)")
+    job_list.add_argument("--limit", type=_list_limit, default=50, help="at most this many (50)")
     job_command("show", "a job as JSON: status, progress, spec, summary, error", _jobs_show)
     job_command(
         "watch", "a live table of epochs and a progress bar until the job ends", _jobs_watch
@@ -610,9 +631,14 @@ def build_parser() -> argparse.ArgumentParser:
         handler=_keys_list
     )
     revoke = key_commands.add_parser("revoke", help="refuse a key from now on")
-    revoke.add_argument("id")
+    revoke.add_argument("id", type=uuid.UUID, help="the key's id (trainsvc keys list)")
     revoke.set_defaults(handler=_keys_revoke)
     return parser
+
+
+# How a shell reports a command that a closed pipe ended (`trainsvc jobs metrics ID --csv |
+# head`): 128 + SIGPIPE, what `cat` or `seq` give under `set -o pipefail`.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -621,7 +647,16 @@ def main(argv: list[str] | None = None) -> None:
         get_settings()  # every command reads them: one that is wrong is named before anything
     except InvalidSettings as exc:
         sys.exit(str(exc))
-    args.handler(args)
+    try:
+        args.handler(args)
+        sys.stdout.flush()  # here, so a reader that went away is caught below, not at exit
+    except BrokenPipeError:
+        # The reader has all it wanted; end quietly, as a program that SIGPIPE killed would.
+        # Python ignores SIGPIPE, so the write raised instead. Standard output now goes to
+        # /dev/null, or the interpreter's own flush at exit would fail and print again
+        # (the recipe in the documentation of Python's signal module).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ in-process (the test's rolled-back transaction)."""
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -69,8 +72,6 @@ def test_list_show_and_cancel(api: TestClient, capsys: pytest.CaptureFixture[str
     )
 
     # An error prints the API's status, code and message, and exits non-zero.
-    with pytest.raises(SystemExit, match=r"list failed \(422\) \w+: study_id: "):
-        main(["jobs", "list", "--study", "not-a-study"])
     missing = uuid.uuid4()
     with pytest.raises(SystemExit, match=rf"show failed \(404\) job_not_found: no job .*{missing}"):
         main(["jobs", "show", str(missing)])
@@ -166,3 +167,97 @@ def test_a_file_that_cannot_be_read_is_named_with_why_and_nothing_is_sent(
             main([*command, str(path)])
         assert exited.value.code == reason  # printed on stderr, exit status 1; no traceback
     assert api.get("/v1/jobs").json()["items"] == before
+
+
+def test_list_shows_at_most_limit_jobs(api: TestClient, capsys: pytest.CaptureFixture[str]) -> None:
+    jobs = [submit(api, name) for name in ("one", "two", "three")]
+    listed = run(capsys, "jobs", "list", "--limit", "2").splitlines()
+    assert [line.split()[0] for line in listed[1:]] == [jobs[2]["id"], jobs[1]["id"]]
+
+
+STUDY = "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["jobs", "show", "a\tb"], "argument id: invalid UUID value: 'a\\tb'"),
+        (["jobs", "show", "../studies"], "argument id: invalid UUID value: '../studies'"),
+        (["jobs", "cancel", f"../studies/{STUDY}"], "argument id: invalid UUID value"),
+        (["jobs", "watch", "not-a-job"], "argument id: invalid UUID value: 'not-a-job'"),
+        (["jobs", "metrics", "not-a-job", "--csv"], "argument id: invalid UUID value"),
+        (["jobs", "list", "--study", "not-a-study"], "argument --study: invalid UUID value"),
+        (["jobs", "list", "--limit", "-5"], "argument --limit: '-5' is not a number of jobs"),
+        (["jobs", "list", "--limit", "0"], "argument --limit: '0' is not a number of jobs"),
+        (["jobs", "list", "--limit", "9" * 23], "is not a number of jobs (1 to 1000000)"),
+        (["jobs", "list", "--limit", "ten"], "argument --limit: 'ten' is not a number of jobs"),
+        (["keys", "revoke", "not-a-key"], "argument id: invalid UUID value: 'not-a-key'"),
+    ],
+)
+def test_an_id_or_limit_that_is_not_one_is_a_usage_error_and_nothing_is_sent(
+    api: TestClient, capsys: pytest.CaptureFixture[str], args: list[str], complaint: str
+) -> None:
+    submit(api, "untouched")
+    before = api.get("/v1/jobs").json()["items"]
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2  # argparse: usage, then the complaint, on stderr
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert printed.err.startswith("usage: trainsvc ")
+    assert complaint in printed.err
+    assert "Traceback" not in printed.err
+    assert api.get("/v1/jobs").json()["items"] == before  # nothing cancelled
+
+
+def test_metrics_csv_to_a_path_that_cannot_be_written_says_why(
+    api: TestClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = submit(api, "curves")
+    missing = tmp_path / "no" / "such" / "dir" / "metrics.csv"
+    for path, reason in [
+        (missing, f"cannot write {missing}: No such file or directory"),
+        (tmp_path, f"cannot write {tmp_path}: Is a directory"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            main(["jobs", "metrics", job["id"], "--csv", str(path)])
+        assert exited.value.code == reason  # printed on stderr, exit status 1; no traceback
+    assert capsys.readouterr().out == ""
+    assert not missing.parent.exists()
+
+
+# A CLI whose API answers every metrics request with many epochs, more than a pipe holds.
+MANY_EPOCHS = """
+import sys, httpx
+from app import cli
+epoch = {"train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.1, "val_accuracy": 0.5,
+         "lr": 0.1, "epoch_seconds": 1.0}
+epochs = [{**epoch, "epoch": n} for n in range(1, 20001)]
+cli.CLIENT_TRANSPORT = httpx.MockTransport(lambda _: httpx.Response(200, json={"epochs": epochs}))
+cli.main(sys.argv[1:])
+"""
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(repo_root: Path) -> None:
+    """`trainsvc jobs metrics ID --csv | head -2` printed a BrokenPipeError traceback."""
+    command = [sys.executable, "-c", MANY_EPOCHS, "jobs", "metrics", str(uuid.uuid4()), "--csv"]
+    with subprocess.Popen(
+        command,
+        cwd=repo_root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if not k.startswith("TRAINSVC_")},
+        text=True,
+    ) as cli_process:
+        assert cli_process.stdout is not None
+        assert cli_process.stderr is not None
+        head = [cli_process.stdout.readline() for _ in range(2)]
+        cli_process.stdout.close()  # as `head -2` does once it has its lines
+        errors = cli_process.stderr.read()
+        status = cli_process.wait(timeout=60)
+    assert head == [
+        "epoch,train_loss,train_accuracy,val_loss,val_accuracy,lr,epoch_seconds\n",
+        "1,1.0,0.5,1.1,0.5,0.1,1.0\n",
+    ]
+    assert errors == ""
+    assert status == 141  # 128 + SIGPIPE, as a shell reports `cat` ended by a closed pipe

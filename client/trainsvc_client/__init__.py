@@ -4,6 +4,9 @@ from trainsvc_client import Client
 with Client("http://127.0.0.1:8000", api_key="tsk_...") as client:
     job = client.submit({"dataset": {"name": "digits"}, "epochs": 5})
     job = client.wait(job.id, timeout=600)
+
+Ids (of jobs, studies, checkpoints) are uuid.UUIDs or strings of one; any other id raises
+InvalidId, a ValueError, before a request is sent. Every error is a TrainsvcError.
 """
 
 from trainsvc_client._protocol import RetryPolicy
@@ -13,6 +16,7 @@ from trainsvc_client.errors import (
     ApiError,
     Conflict,
     ConnectionFailed,
+    InvalidId,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
@@ -34,6 +38,7 @@ __all__ = [
     "Conflict",
     "ConnectionFailed",
     "Epoch",
+    "InvalidId",
     "InvalidRequest",
     "Job",
     "NotFound",

@@ -14,9 +14,12 @@ from typing import Any
 
 import httpx
 
-from trainsvc_client.errors import error_from_response
+from trainsvc_client.errors import InvalidId, error_from_response
 from trainsvc_client.models import ENDED_STATUSES
 from trainsvc_client.sse import ServerSentEvent
+
+# A job's, study's or checkpoint's id: a UUID, or a string that parses as one.
+Id = uuid.UUID | str
 
 # 429: over a rate or a queue limit; 503: the database or broker is away for a moment.
 RETRY_STATUSES = frozenset({429, 503})
@@ -86,6 +89,27 @@ def base_headers(api_key: str | None) -> dict[str, str]:
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     return headers
+
+
+def checked_id(value: Id, kind: str) -> str:
+    """`value` as a canonical UUID string, or InvalidId. Ids go into URL paths, so anything
+    else ("../studies", a tab) would reach another resource or fail in httpx, not the API."""
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, str):
+        try:
+            return str(uuid.UUID(value))
+        except ValueError:
+            pass
+    raise InvalidId(f"{kind} id must be a UUID, not {value!r}")
+
+
+def job_path(job_id: Id, *rest: str) -> str:
+    return "/".join(("/v1/jobs", checked_id(job_id, "job"), *rest))
+
+
+def study_path(study_id: Id, *rest: str) -> str:
+    return "/".join(("/v1/studies", checked_id(study_id, "study"), *rest))
 
 
 def submit_call(path: str, body: dict[str, Any], idempotency_key: str | None) -> Call:

@@ -3,7 +3,6 @@
 import asyncio
 import builtins
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
@@ -13,21 +12,24 @@ import httpx
 
 from trainsvc_client._protocol import (
     Call,
+    Id,
     RetryPolicy,
     base_headers,
     bounded,
+    checked_id,
     ends_job,
+    job_path,
     params,
     past,
     read,
     should_retry,
+    study_path,
     submit_call,
 )
 from trainsvc_client.errors import ConnectionFailed, NotFound, WaitTimedOut, error_from_response
 from trainsvc_client.models import Checkpoint, Epoch, Job
 from trainsvc_client.sse import EventDecoder, ServerSentEvent
 
-JobId = uuid.UUID | str
 EventHandler = Callable[[ServerSentEvent], None]
 
 
@@ -63,15 +65,16 @@ class AsyncClient:
     async def submit(self, spec: dict[str, Any], idempotency_key: str | None = None) -> Job:
         return Job.model_validate(await self._call(submit_call("/v1/jobs", spec, idempotency_key)))
 
-    async def get(self, job_id: JobId) -> Job:
-        return Job.model_validate(await self._call(Call("GET", f"/v1/jobs/{job_id}")))
+    async def get(self, job_id: Id) -> Job:
+        return Job.model_validate(await self._call(Call("GET", job_path(job_id))))
 
     async def list(
-        self, status: str | None = None, study_id: JobId | None = None, page_size: int = 100
+        self, status: str | None = None, study_id: Id | None = None, page_size: int = 100
     ) -> AsyncIterator[Job]:
+        study = None if study_id is None else checked_id(study_id, "study")
         cursor: str | None = None
         while True:
-            query = params(status=status, study_id=study_id, limit=page_size, cursor=cursor)
+            query = params(status=status, study_id=study, limit=page_size, cursor=cursor)
             page = await self._call(Call("GET", "/v1/jobs", params=query))
             for item in page["items"]:
                 yield Job.model_validate(item)
@@ -79,24 +82,22 @@ class AsyncClient:
             if not cursor:
                 return
 
-    async def cancel(self, job_id: JobId) -> Job:
-        return Job.model_validate(await self._call(Call("POST", f"/v1/jobs/{job_id}/cancel")))
+    async def cancel(self, job_id: Id) -> Job:
+        return Job.model_validate(await self._call(Call("POST", job_path(job_id, "cancel"))))
 
-    async def metrics(self, job_id: JobId, since_epoch: int | None = None) -> builtins.list[Epoch]:
+    async def metrics(self, job_id: Id, since_epoch: int | None = None) -> builtins.list[Epoch]:
         body = await self._call(
-            Call("GET", f"/v1/jobs/{job_id}/metrics", params=params(since_epoch=since_epoch))
+            Call("GET", job_path(job_id, "metrics"), params=params(since_epoch=since_epoch))
         )
         return [Epoch.model_validate(epoch) for epoch in body["epochs"]]
 
-    async def checkpoints(self, job_id: JobId) -> builtins.list[Checkpoint]:
-        body = await self._call(Call("GET", f"/v1/jobs/{job_id}/checkpoints"))
+    async def checkpoints(self, job_id: Id) -> builtins.list[Checkpoint]:
+        body = await self._call(Call("GET", job_path(job_id, "checkpoints")))
         return [Checkpoint.model_validate(item) for item in body["items"]]
 
-    async def download_checkpoint(
-        self, job_id: JobId, checkpoint_id: JobId, path: str | Path
-    ) -> Path:
+    async def download_checkpoint(self, job_id: Id, checkpoint_id: Id, path: str | Path) -> Path:
         target = Path(path)
-        url = f"/v1/jobs/{job_id}/checkpoints/{checkpoint_id}"
+        url = job_path(job_id, "checkpoints", checked_id(checkpoint_id, "checkpoint"))
         async with self._http.stream("GET", url) as response:
             if response.status_code >= 400:
                 await response.aread()
@@ -107,13 +108,13 @@ class AsyncClient:
         return target
 
     async def events(
-        self, job_id: JobId, last_event_id: str | None = None
+        self, job_id: Id, last_event_id: str | None = None
     ) -> AsyncIterator[ServerSentEvent]:
         headers = {"Accept": "text/event-stream"}
         if last_event_id:
             headers["Last-Event-ID"] = last_event_id
         timeout = httpx.Timeout(self._http.timeout.connect, read=60.0)
-        url = f"/v1/jobs/{job_id}/events"
+        url = job_path(job_id, "events")
         async with self._http.stream("GET", url, headers=headers, timeout=timeout) as response:
             if response.status_code >= 400:
                 await response.aread()
@@ -126,7 +127,7 @@ class AsyncClient:
 
     async def wait(
         self,
-        job_id: JobId,
+        job_id: Id,
         timeout: float | None = None,
         *,
         on_event: EventHandler | None = None,
@@ -174,7 +175,7 @@ class AsyncClient:
             await asyncio.sleep(bounded(poll_interval, deadline))
 
     async def _replay_rest(
-        self, job_id: JobId, last_event_id: str | None, on_event: EventHandler
+        self, job_id: Id, last_event_id: str | None, on_event: EventHandler
     ) -> None:
         """An ended job's events after `last_event_id` (its stream ends after them)."""
         try:
@@ -183,7 +184,7 @@ class AsyncClient:
         except (NotFound, httpx.TransportError, ConnectionFailed):
             pass  # no stream (an older server) or none now: the job itself is the answer
 
-    async def _job_exists(self, job_id: JobId) -> bool:
+    async def _job_exists(self, job_id: Id) -> bool:
         try:
             await self.get(job_id)
         except NotFound:
@@ -193,16 +194,14 @@ class AsyncClient:
     async def create_study(self, body: dict[str, Any], idempotency_key: str | None = None) -> Any:
         return await self._call(submit_call("/v1/studies", body, idempotency_key))
 
-    async def get_study(self, study_id: JobId) -> Any:
-        return await self._call(Call("GET", f"/v1/studies/{study_id}"))
+    async def get_study(self, study_id: Id) -> Any:
+        return await self._call(Call("GET", study_path(study_id)))
 
-    async def study_report(self, study_id: JobId, **query: Any) -> Any:
-        return await self._call(
-            Call("GET", f"/v1/studies/{study_id}/report", params=params(**query))
-        )
+    async def study_report(self, study_id: Id, **query: Any) -> Any:
+        return await self._call(Call("GET", study_path(study_id, "report"), params=params(**query)))
 
-    async def cancel_study(self, study_id: JobId) -> Any:
-        return await self._call(Call("POST", f"/v1/studies/{study_id}/cancel"))
+    async def cancel_study(self, study_id: Id) -> Any:
+        return await self._call(Call("POST", study_path(study_id, "cancel")))
 
     async def _call(self, call: Call) -> Any:
         retry = 0

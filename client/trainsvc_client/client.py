@@ -2,7 +2,6 @@
 
 import builtins
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -12,21 +11,24 @@ import httpx
 
 from trainsvc_client._protocol import (
     Call,
+    Id,
     RetryPolicy,
     base_headers,
     bounded,
+    checked_id,
     ends_job,
+    job_path,
     params,
     past,
     read,
     should_retry,
+    study_path,
     submit_call,
 )
 from trainsvc_client.errors import ConnectionFailed, NotFound, WaitTimedOut, error_from_response
 from trainsvc_client.models import Checkpoint, Epoch, Job
 from trainsvc_client.sse import EventDecoder, ServerSentEvent
 
-JobId = uuid.UUID | str
 EventHandler = Callable[[ServerSentEvent], None]
 
 
@@ -65,39 +67,40 @@ class Client:
         """Submit a job. Without a key one is made, so the client's retries never submit twice."""
         return Job.model_validate(self._call(submit_call("/v1/jobs", spec, idempotency_key)))
 
-    def get(self, job_id: JobId) -> Job:
-        return Job.model_validate(self._call(Call("GET", f"/v1/jobs/{job_id}")))
+    def get(self, job_id: Id) -> Job:
+        return Job.model_validate(self._call(Call("GET", job_path(job_id))))
 
     def list(
-        self, status: str | None = None, study_id: JobId | None = None, page_size: int = 100
+        self, status: str | None = None, study_id: Id | None = None, page_size: int = 100
     ) -> Iterator[Job]:
         """Every matching job, newest first, fetched a page at a time."""
+        study = None if study_id is None else checked_id(study_id, "study")
         cursor: str | None = None
         while True:
-            query = params(status=status, study_id=study_id, limit=page_size, cursor=cursor)
+            query = params(status=status, study_id=study, limit=page_size, cursor=cursor)
             page = self._call(Call("GET", "/v1/jobs", params=query))
             yield from (Job.model_validate(item) for item in page["items"])
             cursor = page.get("next_cursor")
             if not cursor:
                 return
 
-    def cancel(self, job_id: JobId) -> Job:
-        return Job.model_validate(self._call(Call("POST", f"/v1/jobs/{job_id}/cancel")))
+    def cancel(self, job_id: Id) -> Job:
+        return Job.model_validate(self._call(Call("POST", job_path(job_id, "cancel"))))
 
-    def metrics(self, job_id: JobId, since_epoch: int | None = None) -> builtins.list[Epoch]:
+    def metrics(self, job_id: Id, since_epoch: int | None = None) -> builtins.list[Epoch]:
         body = self._call(
-            Call("GET", f"/v1/jobs/{job_id}/metrics", params=params(since_epoch=since_epoch))
+            Call("GET", job_path(job_id, "metrics"), params=params(since_epoch=since_epoch))
         )
         return [Epoch.model_validate(epoch) for epoch in body["epochs"]]
 
-    def checkpoints(self, job_id: JobId) -> builtins.list[Checkpoint]:
-        body = self._call(Call("GET", f"/v1/jobs/{job_id}/checkpoints"))
+    def checkpoints(self, job_id: Id) -> builtins.list[Checkpoint]:
+        body = self._call(Call("GET", job_path(job_id, "checkpoints")))
         return [Checkpoint.model_validate(item) for item in body["items"]]
 
-    def download_checkpoint(self, job_id: JobId, checkpoint_id: JobId, path: str | Path) -> Path:
+    def download_checkpoint(self, job_id: Id, checkpoint_id: Id, path: str | Path) -> Path:
         """Stream a checkpoint's safetensors file to `path`."""
         target = Path(path)
-        url = f"/v1/jobs/{job_id}/checkpoints/{checkpoint_id}"
+        url = job_path(job_id, "checkpoints", checked_id(checkpoint_id, "checkpoint"))
         with self._http.stream("GET", url) as response:
             if response.status_code >= 400:
                 response.read()
@@ -109,13 +112,13 @@ class Client:
 
     # -- following a job ---------------------------------------------------------------------
 
-    def events(self, job_id: JobId, last_event_id: str | None = None) -> Iterator[ServerSentEvent]:
+    def events(self, job_id: Id, last_event_id: str | None = None) -> Iterator[ServerSentEvent]:
         """The job's Server-Sent Events from `last_event_id` on; ends when the server closes."""
         headers = {"Accept": "text/event-stream"}
         if last_event_id:
             headers["Last-Event-ID"] = last_event_id
         timeout = httpx.Timeout(self._http.timeout.connect, read=60.0)
-        url = f"/v1/jobs/{job_id}/events"
+        url = job_path(job_id, "events")
         with self._http.stream("GET", url, headers=headers, timeout=timeout) as response:
             if response.status_code >= 400:
                 response.read()
@@ -128,7 +131,7 @@ class Client:
 
     def wait(
         self,
-        job_id: JobId,
+        job_id: Id,
         timeout: float | None = None,
         *,
         on_event: EventHandler | None = None,
@@ -179,9 +182,7 @@ class Client:
                 pass  # a dropped stream: poll once, then reconnect from the last event
             time.sleep(bounded(poll_interval, deadline))
 
-    def _replay_rest(
-        self, job_id: JobId, last_event_id: str | None, on_event: EventHandler
-    ) -> None:
+    def _replay_rest(self, job_id: Id, last_event_id: str | None, on_event: EventHandler) -> None:
         """An ended job's events after `last_event_id` (its stream ends after them)."""
         try:
             for event in self.events(job_id, last_event_id):
@@ -189,7 +190,7 @@ class Client:
         except (NotFound, httpx.TransportError, ConnectionFailed):
             pass  # no stream (an older server) or none now: the job itself is the answer
 
-    def _job_exists(self, job_id: JobId) -> bool:
+    def _job_exists(self, job_id: Id) -> bool:
         try:
             self.get(job_id)
         except NotFound:
@@ -201,14 +202,14 @@ class Client:
     def create_study(self, body: dict[str, Any], idempotency_key: str | None = None) -> Any:
         return self._call(submit_call("/v1/studies", body, idempotency_key))
 
-    def get_study(self, study_id: JobId) -> Any:
-        return self._call(Call("GET", f"/v1/studies/{study_id}"))
+    def get_study(self, study_id: Id) -> Any:
+        return self._call(Call("GET", study_path(study_id)))
 
-    def study_report(self, study_id: JobId, **query: Any) -> Any:
-        return self._call(Call("GET", f"/v1/studies/{study_id}/report", params=params(**query)))
+    def study_report(self, study_id: Id, **query: Any) -> Any:
+        return self._call(Call("GET", study_path(study_id, "report"), params=params(**query)))
 
-    def cancel_study(self, study_id: JobId) -> Any:
-        return self._call(Call("POST", f"/v1/studies/{study_id}/cancel"))
+    def cancel_study(self, study_id: Id) -> Any:
+        return self._call(Call("POST", study_path(study_id, "cancel")))
 
     # -- transport -----------------------------------------------------------------------------
 

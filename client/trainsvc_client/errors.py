@@ -68,6 +68,11 @@ class WaitTimedOut(TrainsvcError):
     """wait() reached its timeout before the job ended; the job goes on."""
 
 
+class InvalidId(TrainsvcError, ValueError):
+    """A job, study or checkpoint id that is not a UUID (or a string of one); raised before
+    any request is sent, since the id would become part of the request's URL."""
+
+
 _BY_STATUS: dict[int, type[ApiError]] = {
     401: Unauthorized,
     404: NotFound,

@@ -70,7 +70,10 @@ def test_study_create_then_report_with_csv(
     assert lines[1].split()[-2:] == ["0.750±0.000", "0"]  # epochs of 0.5 s and 1.0 s
     assert lines[2].split()[-2:] == ["0.750±0.000", "2"]
     assert "2 of the 4 succeeded jobs trained in packs" in out
-    assert "batch_norm raised best val accuracy by +30 percentage points [30, 30], n=2" in out
+    assert (
+        "too few pairs to judge batch_norm on best val accuracy (n=2; it takes 4): "
+        "+30 percentage points on average"
+    ) in out
     assert csv_path.read_text().startswith("model.normalization.type,jobs,succeeded")
 
 
@@ -97,3 +100,32 @@ def test_study_create_reports_a_422(cli_talks_to: TestClient, tmp_path: Path) ->
     grid_file.write_text(json.dumps({"base": spec_payload(), "grid": {"colour": [1]}}))
     with pytest.raises(SystemExit, match=r"study failed \(422\).*grid\.colour"):
         main(["study", "create", str(grid_file)])
+
+
+def test_report_csv_to_a_path_that_cannot_be_written_says_why(
+    cli_talks_to: TestClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = cli_talks_to.post("/v1/studies", json={"base": spec_payload(), "grid": {"seed": [0]}})
+    assert study.status_code == 201, study.text
+    missing = tmp_path / "no" / "such" / "dir" / "table.csv"
+    for path, reason in [
+        (missing, f"cannot write {missing}: No such file or directory"),
+        (tmp_path, f"cannot write {tmp_path}: Is a directory"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            main(["study", "report", study.json()["id"], "--csv", str(path)])
+        assert exited.value.code == reason  # printed on stderr, exit status 1; no traceback
+    assert capsys.readouterr().out == ""
+    assert not missing.parent.exists()
+
+
+@pytest.mark.parametrize("study_id", ["../jobs", "a\tb", "not-a-study"])
+def test_report_of_an_id_that_is_not_a_uuid_is_a_usage_error(
+    study_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["study", "report", study_id])
+    assert exited.value.code == 2
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert f"argument study_id: invalid UUID value: {study_id!r}" in printed.err
