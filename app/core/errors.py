@@ -94,6 +94,10 @@ class JobNotEnded(Conflict):
     code = "job_not_ended"
 
 
+class JobInStudy(Conflict):
+    code = "job_in_study"
+
+
 class DatasetInUse(Conflict):
     code = "dataset_in_use"
 

@@ -305,6 +305,11 @@ def test_delete_only_an_ended_study(client: TestClient, session: Session) -> Non
     _set_status(session, first, "succeeded")
     session.add(make_epoch(uuid.UUID(first), val_loss=1.0, val_accuracy=0.5))
     session.commit()
+    # One of its jobs alone would leave a hole the study's report could not show.
+    alone = client.delete(f"/v1/jobs/{first}")
+    assert alone.status_code == 409
+    assert alone.json()["error"] == "job_in_study"
+    assert f"DELETE /v1/studies/{study['id']}" in alone.json()["detail"]
     client.post(f"/v1/studies/{study['id']}/cancel")
     assert client.delete(f"/v1/studies/{study['id']}").status_code == 204
     assert client.get(f"/v1/studies/{study['id']}").status_code == 404

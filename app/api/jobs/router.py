@@ -126,7 +126,8 @@ async def get_job(
     responses=error_responses(409),
 )
 def delete_job(job: JobDep, session: SessionDep) -> Response:
-    """Delete an ended job with its metrics and checkpoints; 409 while queued or running."""
+    """Delete an ended job with its metrics and checkpoints; 409 while queued or running, and
+    for a study's job (delete the study)."""
     service.delete_job(session, job)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 

@@ -35,6 +35,7 @@ from app.core.errors import (
     CheckpointNotFound,
     IdempotencyKeyReused,
     InvalidInput,
+    JobInStudy,
     JobNotEnded,
     JobNotFound,
     QuotaExceeded,
@@ -414,6 +415,13 @@ def request_cancel(session: Session, job: Job) -> Job:
 
 def delete_job(session: Session, job: Job) -> None:
     """Delete an ended job with its attempts, metrics and checkpoints (ON DELETE CASCADE)."""
+    if job.study_id is not None:
+        # One grid point gone would leave the study "complete" with a hole its report could
+        # not show: a study's jobs go with their study.
+        raise JobInStudy(
+            f"job {job.id} is part of study {job.study_id}; delete the study "
+            f"(DELETE /v1/studies/{job.study_id}) to delete its jobs"
+        )
     # Conditional, so a job a worker is still running can never be deleted under it.
     deleted = session.scalars(
         delete(Job).where(Job.id == job.id, Job.status.in_(ENDED_STATUSES)).returning(Job.id)

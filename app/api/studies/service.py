@@ -231,7 +231,10 @@ def delete_study(session: Session, study: Study) -> None:
         select(func.count()).where(Job.study_id == study.id, Job.status.in_(ACTIVE_STATUSES))
     )
     if active:
-        raise StudyNotEnded(f"study {study.id} has {active} jobs queued or running; cancel first")
+        raise StudyNotEnded(
+            f"study {study.id} has {active} jobs queued or running; cancel it and wait until "
+            "they end (a running job stops within a batch)"
+        )
     session.execute(delete(Job).where(Job.study_id == study.id))
     session.execute(delete(Study).where(Study.id == study.id))
     session.expunge(study)
