@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,17 +47,34 @@ def _stages(dockerfile: str) -> dict[str, str]:
 
 def test_images_install_the_built_wheel_not_the_checkout(repo_root: Path) -> None:
     stages = _stages((repo_root / "Dockerfile").read_text())
-    assert "pip wheel --no-deps" in stages["build"]
+    # The client's wheel too: the server's wheel requires it, and PyPI has none.
+    assert "COPY client client" in stages["build"]
+    assert "pip wheel --no-deps --wheel-dir /wheels . ./client" in stages["build"]
     for name in ("api", "worker"):
         stage = stages[name]
         assert "COPY --from=build /wheels /wheels" in stage
         installs = re.findall(r"pip install .*", stage)
-        assert any("/wheels/trainsvc-" in line for line in installs)
+        assert any("--find-links /wheels /wheels/trainsvc-" in line for line in installs)
         for line in installs:
             assert "-c constraints.txt" in line
             assert "-e" not in line.split()  # an editable install only works from a checkout
         # The code reaches the image only inside the wheel.
         assert not re.search(r"^COPY (app|worker|migrations)\b", stage, re.M)
+
+
+def test_the_images_dependency_lists_leave_the_client_to_its_wheel(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    """The base stage installs pyproject's dependencies before the code; trainsvc-client among
+    them would send pip to PyPI, which has no such package."""
+    dockerfile = (repo_root / "Dockerfile").read_text().replace("\\\n", "")
+    [script] = re.findall(r'^RUN python -c "(.*)"$', dockerfile, re.M)
+    shutil.copy(repo_root / "pyproject.toml", tmp_path)
+    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=True)
+    for name in ("requirements-api.txt", "requirements-worker.txt"):
+        requirements = (tmp_path / name).read_text().splitlines()
+        assert "fastapi>=0.165" in requirements
+        assert not [line for line in requirements if line.startswith("trainsvc")], name
 
 
 def test_compose_file_validates(repo_root: Path) -> None:

@@ -1,4 +1,5 @@
-"""A built wheel is a working install: `trainsvc migrate` and `trainsvc serve` from it alone.
+"""A built wheel is a working install: `trainsvc migrate`, `trainsvc serve` and the client
+commands from it and the client's wheel alone.
 
 The wheel is built from a copy of the sources and installed into a fresh virtual environment;
 the commands run there, in a folder outside the repository, so nothing can come from the
@@ -23,31 +24,45 @@ from tests.support.processes import free_port, wait_until
 pytestmark = pytest.mark.timeout(240)
 
 PIP = [sys.executable, "-m", "pip"]
-SOURCES = ["pyproject.toml", "README.md", "app", "worker", "migrations"]
+SOURCES = ["pyproject.toml", "README.md", "app", "worker", "migrations", "client"]
 
 
 @pytest.fixture(scope="module")
-def wheel(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def dist(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder README's `pip wheel --no-deps -w dist . ./client` fills."""
     source = tmp_path_factory.mktemp("source")
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
     for name in SOURCES:
         path = repo_root / name
         if path.is_dir():
-            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(path, source / name, ignore=ignore)
         else:
             shutil.copy(path, source / name)
     dist = tmp_path_factory.mktemp("dist")
     subprocess.run(
-        [*PIP, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(source)],
+        [
+            *PIP,
+            *("wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist)),
+            *(str(source), str(source / "client")),
+        ],
         check=True,
         capture_output=True,
     )
-    [built] = dist.glob("trainsvc-*.whl")
+    return dist
+
+
+@pytest.fixture(scope="module")
+def wheel(dist: Path) -> Path:
+    [built] = dist.glob("trainsvc-0*.whl")
     return built
 
 
 @pytest.fixture(scope="module")
-def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh virtual environment with the wheel installed; returns its bin/ folder."""
+def installed(wheel: Path, dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtual environment with the wheel and the client's installed; returns its bin/
+    folder. Both with --no-deps: pip would take this environment's editable client (seen
+    through the .pth) for the dependency, and the test_the_wheel_requires_... test checks it
+    is declared."""
     venv = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -63,12 +78,24 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     # worker and migrations come first. (This environment's editable-install hook is a .pth
     # file of its own, which a path listed here does not run.)
     (site_packages / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    [client] = dist.glob("trainsvc_client-*.whl")
     subprocess.run(
-        [*PIP, "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        [*PIP, "--python", str(python), "install", "-q", "--no-deps", "--no-index", wheel, client],
         check=True,
         capture_output=True,
     )
     return venv / "bin"
+
+
+def test_the_wheel_requires_the_client_its_commands_use(wheel: Path) -> None:
+    """Without it `trainsvc jobs list` from a wheel install failed: No module named
+    'trainsvc_client'."""
+    with zipfile.ZipFile(wheel) as archive:
+        [metadata] = [name for name in archive.namelist() if name.endswith(".dist-info/METADATA")]
+        requires = [
+            line for line in archive.read(metadata).decode().splitlines() if "Requires-Dist" in line
+        ]
+    assert "Requires-Dist: trainsvc-client==0.1.0" in requires
 
 
 def test_the_wheel_carries_the_migrations(wheel: Path, repo_root: Path) -> None:
@@ -98,7 +125,8 @@ def test_an_installed_wheel_migrates_and_serves(installed: Path, tmp_path: Path)
         [
             installed / "python",
             "-c",
-            "import app, migrations; print(app.__file__, migrations.__file__)",
+            "import app, migrations, trainsvc_client; "
+            "print(app.__file__, migrations.__file__, trainsvc_client.__file__)",
         ],
         cwd=tmp_path,
         env=env,
@@ -123,6 +151,7 @@ def test_an_installed_wheel_migrates_and_serves(installed: Path, tmp_path: Path)
     engine.dispose()
 
     port = free_port()
+    env["TRAINSVC_AUTH"] = "off"  # on loopback: the client command below sends no key
     log = (tmp_path / "serve.log").open("wb")
     server = subprocess.Popen(
         [installed / "trainsvc", "serve", "--port", str(port)],
@@ -138,6 +167,17 @@ def test_an_installed_wheel_migrates_and_serves(installed: Path, tmp_path: Path)
         assert page.status_code == 200
         assert "trainsvc dashboard" in page.text
         assert httpx.get(f"http://127.0.0.1:{port}/views/jobs.js", timeout=5).status_code == 200
+        # A client command: the client comes from its own wheel.
+        listed = subprocess.run(
+            [installed / "trainsvc", "jobs", "list", "--url", f"http://127.0.0.1:{port}"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout.startswith("id")
     finally:
         server.terminate()
         server.wait(timeout=30)
