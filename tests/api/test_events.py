@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -23,6 +24,7 @@ from app.core.events import Event
 from app.core.migrate import upgrade
 from tests.factories import METRICS, make_job, spec_payload
 from tests.support.documented import documented_client
+from tests.support.processes import wait_until
 
 
 @pytest.fixture
@@ -52,9 +54,16 @@ def _train(factory: sessionmaker[Session], job_id: uuid.UUID, epochs: int, pause
 def _read(
     client: TestClient, job_id: str, last_event_id: str | None = None
 ) -> list[dict[str, Any]]:
+    return _read_stream(client, f"/v1/jobs/{job_id}/events", last_event_id)
+
+
+def _read_stream(
+    client: TestClient, path: str, last_event_id: str | None = None
+) -> list[dict[str, Any]]:
+    """Every event of the stream at `path`, once it ends (the job's, or its longest life)."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
     events: list[dict[str, Any]] = []
-    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
+    with client.stream("GET", path, headers=headers) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         current: dict[str, Any] = {}
@@ -231,3 +240,217 @@ def test_closing_the_hub_ends_every_open_stream_and_any_that_begins_after(
 
 async def _collect(stream: AsyncIterator[Event]) -> list[Event]:
     return [event async for event in stream]
+
+
+def test_resuming_every_jobs_stream_from_further_back_than_a_page_misses_nothing(
+    committed: tuple[Settings, sessionmaker[Session]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backlog of /v1/events was one page read up to where the hub took over, and filtered
+    after the limit: a client resuming from further back missed everything past the page, and
+    one following a study whose events all lay past it got nothing at all."""
+    settings, factory = committed
+    settings = settings.model_copy(update={"event_stream_max_seconds": 0.5})
+    monkeypatch.setattr(service, "BACKLOG_LIMIT", 5)
+    with documented_client(create_app(settings)) as client:
+        body = {"base": spec_payload(), "grid": {"seed": [0, 1]}}
+        study = client.post("/v1/studies", json=body).json()
+        other = uuid.UUID(client.post("/v1/jobs", json=spec_payload()).json()["id"])
+        with transaction(factory) as session:
+            resume_after = events.last_event_id(session)
+            for epoch in range(1, 13):  # another job's: more than two pages
+                events.record_epoch(session, other, epoch, {})
+            for epoch in (1, 2):
+                for job in study["jobs"]:
+                    events.record_epoch(session, uuid.UUID(job["id"]), epoch, {})
+        with transaction(factory, write=False) as session:
+            stored = events.read_events(session, after_id=resume_after, limit=100)
+        everything = _read_stream(client, "/v1/events", str(resume_after))
+        one_study = _read_stream(client, f"/v1/events?study_id={study['id']}", str(resume_after))
+
+    assert len(stored) == 16
+    assert [e["id"] for e in everything] == [str(event.id) for event in stored]
+    study_events = [str(event.id) for event in stored if str(event.study_id) == study["id"]]
+    assert len(study_events) == 4
+    assert [e["id"] for e in one_study] == study_events
+
+
+def test_a_job_stream_from_further_back_than_a_page_misses_nothing(
+    committed: tuple[Settings, sessionmaker[Session]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's stream read one page of its events: a running job's stream then fell silent
+    (the rest were older than the live events), an ended job's stopped short of its end."""
+    settings, factory = committed
+    settings = settings.model_copy(update={"event_stream_max_seconds": 0.5})
+    monkeypatch.setattr(service, "BACKLOG_LIMIT", 5)
+    with documented_client(create_app(settings)) as client:
+        job_id = client.post("/v1/jobs", json=spec_payload(epochs=12)).json()["id"]
+        with transaction(factory) as session:
+            claim = lifecycle.claim(session, uuid.UUID(job_id), "node@host#1", 30)
+        assert claim is not None
+        for epoch in range(1, 12):
+            with transaction(factory) as session:
+                lifecycle.record_epoch(
+                    session, uuid.UUID(job_id), claim.attempt, epoch, METRICS, {}, [], 30
+                )
+        running = _read(client, job_id)  # ends after its longest life: the job goes on
+        with transaction(factory) as session:
+            lifecycle.finish(session, uuid.UUID(job_id), claim.attempt, "succeeded", summary={})
+        ended = _read(client, job_id)  # ends with the job's last event
+        resumed = _read(client, job_id, last_event_id=ended[1]["id"])
+        with transaction(factory, write=False) as session:
+            stored = [str(e.id) for e in events.read_events(session, job_id=uuid.UUID(job_id))]
+
+    assert len(stored) == 14  # queued, running, 11 epochs, succeeded
+    assert [e["id"] for e in running] == stored[:-1]
+    assert [e["id"] for e in ended] == stored
+    assert ended[-1]["data"]["status"] == "succeeded"
+    assert [e["id"] for e in resumed] == stored[2:]
+
+
+def test_a_stream_without_last_event_id_starts_now_even_after_a_quiet_burst(
+    committed: tuple[Settings, sessionmaker[Session]],
+) -> None:
+    """The hub stops polling while nobody listens, and kept its cursor from before: the next
+    stream was sent every event since (old news, to a stream that asked for what comes from
+    now on), and with more than its queue holds, it was closed."""
+    settings, factory = committed
+    settings = settings.model_copy(update={"event_stream_max_seconds": 1.5})
+    with documented_client(create_app(settings)) as client:
+        hub = client.app.state.event_hub  # type: ignore[attr-defined]
+        job_id = uuid.UUID(client.post("/v1/jobs", json=spec_payload()).json()["id"])
+        assert _read_stream(client, "/v1/events") == []  # the hub polls, then nobody listens
+        with transaction(factory) as session:
+            for epoch in range(1, QUEUE_SIZE + 11):  # a burst, with nobody listening
+                events.record_epoch(session, job_id, epoch, {})
+        got: list[dict[str, Any]] = []
+        reader = threading.Thread(target=lambda: got.extend(_read_stream(client, "/v1/events")))
+        reader.start()
+        wait_until(lambda: hub.subscriptions or not reader.is_alive(), 10, "the stream")
+        with transaction(factory) as session:
+            events.record_epoch(session, job_id, QUEUE_SIZE + 11, {})
+            now = events.last_event_id(session)
+        reader.join(timeout=30)
+
+    assert [e["id"] for e in got] == [str(now)]
+
+
+@pytest.mark.parametrize("path", ["/v1/events", "/v1/jobs/{job_id}/events"])
+def test_a_last_event_id_beyond_the_last_issued_is_refused_before_the_stream(
+    client: TestClient, session: Session, path: str
+) -> None:
+    """It was a 200, then silence until the stream's longest life (every id up to it was
+    skipped), and again on every reconnect."""
+    client.app.state.event_hub.max_stream_seconds = 0.2  # type: ignore[attr-defined]
+    job_id = client.post("/v1/jobs", json=spec_payload()).json()["id"]
+    path = path.format(job_id=job_id)
+    last = events.last_event_id(session)  # the queued event just recorded
+    for beyond in (str(last + 1), "999999999999999999"):
+        refused = client.get(path, headers={"Last-Event-ID": beyond})
+        assert refused.status_code == 422
+        assert refused.json() == {
+            "error": "validation_error",
+            "detail": [
+                {"field": "Last-Event-ID", "message": "must be an event id this service sent"}
+            ],
+        }
+    assert client.get(path, headers={"Last-Event-ID": str(last)}).status_code == 200
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_last_event_id_of_a_deleted_job_is_still_one_the_service_sent(
+    client: TestClient, session: Session
+) -> None:
+    """Deleting a job deletes its events, perhaps the newest: on PostgreSQL no later event
+    reuses their ids, so a client that saw one resumes after it. (SQLite gives the next event
+    the highest id there plus one, a deleted one's perhaps: there the id is refused.)"""
+    client.app.state.event_hub.max_stream_seconds = 0.2  # type: ignore[attr-defined]
+    job_id = client.post("/v1/jobs", json=spec_payload()).json()["id"]
+    seen = events.last_event_id(session)
+    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+    assert client.delete(f"/v1/jobs/{job_id}").status_code == 204
+    assert events.last_event_id(session) < seen
+    assert client.get("/v1/events", headers={"Last-Event-ID": str(seen)}).status_code == 200
+
+
+def test_a_client_leaving_a_stream_is_not_an_error(
+    committed: tuple[Settings, sessionmaker[Session]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that leaves while events are still being sent to it: FastAPI's SSE keepalive
+    task raised BrokenResourceError, logged as an unhandled error and an exception in the ASGI
+    application, for the most ordinary of disconnects."""
+    settings, factory = committed
+    with transaction(factory) as session:
+        job = make_job(session, status="running")
+        for epoch in range(1, 201):
+            events.record_epoch(session, job.id, epoch, {})
+    app = create_app(settings)
+    sent: list[bytes] = []
+
+    async def follow_then_leave() -> None:
+        gone = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                sent.append(message["body"])
+                if len(sent) == 3:
+                    gone.set()  # the client leaves
+                await asyncio.sleep(0.01)  # a socket that drains slowly, as they do
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},  # uvicorn's
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": f"/v1/jobs/{job.id}/events",
+            "raw_path": f"/v1/jobs/{job.id}/events".encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"testserver")],
+            "client": ("127.0.0.1", 50000),
+            "server": ("testserver", 80),
+            "state": {},
+        }
+        async with app.router.lifespan_context(app):
+            await asyncio.wait_for(app(scope, receive, send), timeout=30)  # type: ignore[arg-type]
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(follow_then_leave())
+    assert len(sent) == 3  # it left mid-stream
+    assert [
+        record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR
+    ] == []
+
+
+def test_an_event_committed_late_across_a_restart_of_the_hub_is_delivered(
+    fresh_postgres_url: str,
+) -> None:
+    """Restarted from the table's last event (the first stream after a quiet spell), the hub
+    still asks for the ids missing just below it, as if it had been polling: an event inserted
+    before that last one but committed after is delivered. (PostgreSQL: SQLite has one writer
+    at a time, so its ids commit in order.)"""
+    engine = create_db_engine(fresh_postgres_url)
+    factory = create_session_factory(engine)
+    with transaction(factory) as session:
+        job = make_job(session, status="running")
+
+    async def follow() -> list[int]:
+        hub = EventHub(factory, poll_seconds=0.01)
+        with factory() as late:
+            events.record_epoch(late, job.id, 1, {})  # its id is taken; not yet committed
+            with transaction(factory) as session:
+                events.record_epoch(session, job.id, 2, {})
+            subscription = await hub.subscribe(lambda event: True)
+            late.commit()
+        got = [event async for event in service._live(subscription.queue, set(), 0, 0.5)]
+        await hub.close()
+        return [event.payload["epoch"] for event in got]
+
+    try:
+        assert asyncio.run(follow()) == [1]
+    finally:
+        engine.dispose()

@@ -1,4 +1,5 @@
-"""What a stream needs before it starts: the hub, and a job that exists (404 before the 200)."""
+"""What a stream needs before it starts: the hub, a job that exists (404 before the 200), and
+an event id to resume after that the service issued (422 before the 200)."""
 
 import uuid
 from typing import Annotated
@@ -8,6 +9,7 @@ from fastapi import Depends, Header, Request
 from sqlalchemy import select
 
 from app.api.auth import CallerDep
+from app.api.events import service
 from app.api.events.hub import EventHub
 from app.core.db import READ_ONLY
 from app.core.errors import InvalidInput, JobNotFound
@@ -35,16 +37,27 @@ async def streamed_job(job_id: uuid.UUID, request: Request, caller: CallerDep) -
     return job_id
 
 
-def last_event_id(
+async def last_event_id(
+    request: Request,
     last_event_id: Annotated[
         str | None, Header(description="resume after this event id (sent by EventSource)")
     ] = None,
 ) -> int | None:
+    """The id to resume after, refused before the stream starts unless the service issued it:
+    told to resume after an id beyond the last, a stream would send nothing until ids caught up
+    with it."""
     if last_event_id is None:
         return None
-    if not last_event_id.isascii() or not last_event_id.isdigit() or len(last_event_id) > 18:
-        raise InvalidInput("Last-Event-ID", "must be an event id this service sent")
-    return int(last_event_id)
+
+    def last_issued() -> int:
+        with request.app.state.session_factory(execution_options=READ_ONLY) as session:
+            return service.last_issued_id(session)
+
+    if last_event_id.isascii() and last_event_id.isdigit() and len(last_event_id) <= 18:
+        after_id = int(last_event_id)
+        if after_id <= await anyio.to_thread.run_sync(last_issued):
+            return after_id
+    raise InvalidInput("Last-Event-ID", "must be an event id this service sent")
 
 
 HubDep = Annotated[EventHub, Depends(get_hub)]

@@ -1,10 +1,12 @@
 """One shared poll of the job_events table per API process, fanned out to every open stream.
 
 However many clients follow jobs, a process reads the table once per tick (and not at all
-while nobody listens). Ids are assigned at insert but become visible at commit, so a later id
-can be seen before an earlier one: the hub remembers such gaps for a while and asks for them
-again, so an event that commits late is still delivered, and a stream that falls behind is
-closed (its client reconnects with Last-Event-ID and replays from the table).
+while nobody listens: the first stream after a quiet spell starts the hub afresh from the
+table's last event, so what happened meanwhile is not news to it). Ids are assigned at insert
+but become visible at commit, so a later id can be seen before an earlier one: the hub
+remembers such gaps for a while and asks for them again, so an event that commits late is
+still delivered, and a stream that falls behind is closed (its client reconnects with
+Last-Event-ID and replays from the table).
 """
 
 import asyncio
@@ -15,11 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio.to_thread
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core import events
 from app.core.db import READ_ONLY
 from app.core.events import Event
+from app.core.models import JobEvent
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +31,18 @@ logger = logging.getLogger(__name__)
 GAP_SECONDS = 10.0
 MAX_GAPS = 10_000
 QUEUE_SIZE = 1000
+# Started afresh, the hub takes the ids missing this close below the table's last one for gaps:
+# an insert still in flight then is delivered when it commits, as if the hub had been polling.
+RECENT_IDS = 1000
 
 
 @dataclass(eq=False)
 class Subscription:
     match: Callable[[Event], bool]
     start_id: int  # events up to this id come from the table, later ones from the hub
+    # The ids up to start_id that the hub was still waiting for when the stream began: if one
+    # commits, the hub delivers it too, though the table may have given it already.
+    awaited: frozenset[int] = frozenset()
     queue: asyncio.Queue[Event | None] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
 
 
@@ -46,17 +56,23 @@ class EventHub:
         self.session_factory = session_factory
         self.poll_seconds = poll_seconds
         self.max_stream_seconds = max_stream_seconds
-        self.cursor: int | None = None
+        self.cursor = 0
         self.gaps: dict[int, float] = {}
         self.subscriptions: set[Subscription] = set()
         self._listening = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._generation = 0  # counts restarts: a poll begun before one is stale
 
     async def subscribe(self, match: Callable[[Event], bool]) -> Subscription:
-        if self.cursor is None:
-            self.cursor = await anyio.to_thread.run_sync(self._last_id)
-        subscription = Subscription(match, self.cursor)
+        if not self.subscriptions:
+            # Nobody listened, so the hub did not poll: its cursor is from before the quiet,
+            # and the events since then are the table's to replay (to a client that names its
+            # Last-Event-ID), not live news for whoever listens next.
+            last_id, missing = await anyio.to_thread.run_sync(self._latest)
+            if not self.subscriptions:  # else another stream restarted the hub meanwhile
+                self._restart(last_id, missing)
+        subscription = Subscription(match, self.cursor, frozenset(self.gaps))
         if self._closed:  # the server is stopping: a stream that begins now ends at once
             subscription.queue.put_nowait(None)
             return subscription
@@ -88,7 +104,7 @@ class EventHub:
         while True:
             await self._listening.wait()
             try:
-                batch = await anyio.to_thread.run_sync(self._poll)
+                batch = await self._poll()
             except Exception:
                 # The database is away for a moment: streams wait, and resume when it answers.
                 logger.warning("event poll failed; retrying", exc_info=True)
@@ -98,16 +114,34 @@ class EventHub:
             if len(batch) < 1000:
                 await asyncio.sleep(self.poll_seconds)
 
-    def _last_id(self) -> int:
+    def _latest(self) -> tuple[int, list[int]]:
+        """The table's last event id, and the ids just below it that are not (yet) there."""
         with self.session_factory(execution_options=READ_ONLY) as session:
-            return events.last_event_id(session)
+            last_id = events.last_event_id(session)
+            recent = range(max(last_id - RECENT_IDS, 0) + 1, last_id)
+            present = set(session.scalars(select(JobEvent.id).where(JobEvent.id >= recent.start)))
+        return last_id, [missing for missing in recent if missing not in present]
 
-    def _poll(self) -> list[Event]:
-        assert self.cursor is not None
+    def _restart(self, last_id: int, missing: list[int]) -> None:
+        self.cursor = last_id
+        self.gaps = dict.fromkeys(missing, time.monotonic())
+        self._generation += 1
+
+    def _read(self, after_id: int, ids: list[int]) -> list[Event]:
+        with self.session_factory(execution_options=READ_ONLY) as session:
+            return events.read_events(session, after_id=after_id, ids=ids)
+
+    async def _poll(self) -> list[Event]:
+        """The events committed since the last poll, with the cursor and gaps moved past them.
+        The table is read in a thread, the hub's state changed only here, on the event loop:
+        a stream that subscribes meanwhile sees the cursor before the batch or after it, with
+        the batch delivered to it accordingly, never half of one."""
+        generation = self._generation
         now = time.monotonic()
         self.gaps = {gap: seen for gap, seen in self.gaps.items() if now - seen < GAP_SECONDS}
-        with self.session_factory(execution_options=READ_ONLY) as session:
-            batch = events.read_events(session, after_id=self.cursor, ids=list(self.gaps))
+        batch = await anyio.to_thread.run_sync(self._read, self.cursor, list(self.gaps))
+        if generation != self._generation:
+            return []  # restarted while reading: the batch is from before the restart
         for event in batch:
             self.gaps.pop(event.id, None)
             if event.id > self.cursor:

@@ -1,11 +1,15 @@
 """Live events as Server-Sent Events: one job's, or every job's."""
 
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.routing import APIRoute
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from starlette.types import Receive, Scope, Send
 
 from app.api.auth import AUTH_RESPONSES, CallerDep, get_caller
 from app.api.events import service
@@ -13,9 +17,34 @@ from app.api.events.dependencies import HubDep, LastEventIdDep, StreamedJobDep
 from app.core.events import EPOCH, STATUS, Event
 from app.core.models.jobs import JobStatus
 
+logger = logging.getLogger(__name__)
+
+
+class StreamRoute(APIRoute):
+    """A route whose client may leave mid-stream, which is no error.
+
+    FastAPI (0.165) passes an SSE route's events to the response through a memory stream, and
+    once the response stops reading (its client has gone) it closes that stream before it
+    stops the task that feeds it: a task caught handing over an event then raises
+    anyio.BrokenResourceError, which reached the app's catch-all handler ("unhandled error")
+    and uvicorn ("Exception in ASGI application") on an ordinary disconnect (fastapi/fastapi
+    discussion 15725). Caught here, where it arises; any other error still propagates.
+    """
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().handle(scope, receive, send)
+        except* anyio.BrokenResourceError:
+            logger.debug("a client left its event stream")
+
+
 # Every route needs a caller; a route cannot opt out (tests/api/test_tenants.py checks).
 router = APIRouter(
-    prefix="/v1", tags=["events"], dependencies=[Depends(get_caller)], responses=AUTH_RESPONSES
+    prefix="/v1",
+    tags=["events"],
+    dependencies=[Depends(get_caller)],
+    responses=AUTH_RESPONSES,
+    route_class=StreamRoute,
 )
 
 

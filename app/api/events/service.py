@@ -11,17 +11,30 @@ from collections.abc import AsyncIterator, Callable
 
 import anyio.to_thread
 from fastapi.sse import ServerSentEvent
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.api.events.hub import EventHub
+from app.api.events.hub import EventHub, Subscription
 from app.core import events
 from app.core.db import READ_ONLY
 from app.core.events import Event
 from app.core.models import Job
 from app.core.models.jobs import ENDED_STATUSES
 
-BACKLOG_LIMIT = 10_000
+BACKLOG_LIMIT = 10_000  # events read from the table at a time
+
+
+def last_issued_id(session: Session) -> int:
+    """The highest event id issued so far: every event to come gets a higher one."""
+    if session.get_bind().dialect.name == "postgresql":
+        # The id sequence's, not the table's highest: deleting a job deletes its events, the
+        # newest perhaps, and a client that saw one still resumes after it.
+        issued = session.scalar(
+            text("SELECT pg_sequence_last_value(pg_get_serial_sequence('job_events', 'id'))")
+        )
+        return issued or 0
+    # SQLite numbers a new row after the highest id there, even one a deleted row had.
+    return events.last_event_id(session)
 
 
 def to_sse(event: Event) -> ServerSentEvent:
@@ -38,32 +51,12 @@ async def job_stream(
     """One job's events after `last_event_id`; ends after the event that ends the job."""
     subscription = await hub.subscribe(lambda event: event.job_id == job_id)
     try:
-
-        def backlog() -> tuple[bool, list[Event]]:
-            with factory(execution_options=READ_ONLY) as session:
-                status = session.scalar(select(Job.status).where(Job.id == job_id))
-                ended = status in ENDED_STATUSES
-                # An ended job has no live events to come: read everything it has.
-                until = None if ended else subscription.start_id
-                found = events.read_events(
-                    session,
-                    after_id=last_event_id,
-                    job_id=job_id,
-                    until_id=until,
-                    limit=BACKLOG_LIMIT,
-                )
-                return ended, found
-
-        ended, found = await anyio.to_thread.run_sync(backlog)
-        sent: set[int] = set()
-        for event in found:
-            sent.add(event.id)
-            yield to_sse(event)
-            if ends_job(event):
-                return
-        if ended:
-            return
-        async for event in _live(subscription.queue, sent, last_event_id, hub.max_stream_seconds):
+        ended = await anyio.to_thread.run_sync(_has_ended, factory, job_id)
+        # An ended job has no live events to come: everything it has is in the table.
+        stream = _events(
+            subscription, factory, last_event_id, hub.max_stream_seconds, job_id, ended
+        )
+        async for event in stream:
             yield to_sse(event)
             if ends_job(event):
                 return
@@ -80,28 +73,63 @@ async def all_jobs_stream(
     """Every matching event from now on (after `last_event_id` when given); never ends."""
     subscription = await hub.subscribe(match)
     try:
-        sent: set[int] = set()
-        if last_event_id is not None:
-
-            def backlog() -> list[Event]:
-                with factory(execution_options=READ_ONLY) as session:
-                    return events.read_events(
-                        session,
-                        after_id=last_event_id,
-                        until_id=subscription.start_id,
-                        limit=BACKLOG_LIMIT,
-                    )
-
-            for event in await anyio.to_thread.run_sync(backlog):
-                if match(event):
-                    sent.add(event.id)
-                    yield to_sse(event)
-        async for event in _live(
-            subscription.queue, sent, last_event_id or 0, hub.max_stream_seconds
-        ):
+        async for event in _events(subscription, factory, last_event_id, hub.max_stream_seconds):
             yield to_sse(event)
     finally:
         hub.unsubscribe(subscription)
+
+
+def _has_ended(factory: sessionmaker[Session], job_id: uuid.UUID) -> bool:
+    with factory(execution_options=READ_ONLY) as session:
+        return session.scalar(select(Job.status).where(Job.id == job_id)) in ENDED_STATUSES
+
+
+async def _events(
+    subscription: Subscription,
+    factory: sessionmaker[Session],
+    after_id: int | None,
+    max_seconds: float,
+    job_id: uuid.UUID | None = None,
+    ended: bool = False,
+) -> AsyncIterator[Event]:
+    """The subscription's events after `after_id`: from the table up to where the hub took
+    over, then from the hub (for at most `max_seconds`); an ended job's all from the table.
+    With no `after_id`, from the hub only: the stream starts now."""
+    sent: set[int] = set()
+    if after_id is not None:
+        until_id = None if ended else subscription.start_id
+        async for event in _backlog(factory, after_id, until_id, job_id):
+            if not subscription.match(event):
+                continue
+            if event.id in subscription.awaited:
+                sent.add(event.id)  # committed late: the hub may deliver it as well
+            yield event
+    if not ended:
+        async for event in _live(subscription.queue, sent, after_id or 0, max_seconds):
+            yield event
+
+
+async def _backlog(
+    factory: sessionmaker[Session], after_id: int, until_id: int | None, job_id: uuid.UUID | None
+) -> AsyncIterator[Event]:
+    """The table's events after `after_id` (up to `until_id`; one job's if `job_id`), a page
+    at a time: a client resuming from far back gets every one, and a stream holds one page."""
+    while True:
+        page = await anyio.to_thread.run_sync(_read_page, factory, after_id, until_id, job_id)
+        for event in page:
+            yield event
+        if len(page) < BACKLOG_LIMIT:
+            return
+        after_id = page[-1].id
+
+
+def _read_page(
+    factory: sessionmaker[Session], after_id: int, until_id: int | None, job_id: uuid.UUID | None
+) -> list[Event]:
+    with factory(execution_options=READ_ONLY) as session:
+        return events.read_events(
+            session, after_id=after_id, job_id=job_id, until_id=until_id, limit=BACKLOG_LIMIT
+        )
 
 
 async def _live(
