@@ -194,6 +194,7 @@ def test_bad_npz_is_422_naming_field_and_reason(client: TestClient, case: str) -
 
 BAD_CSV: dict[str, tuple[bytes, dict[str, str], str, str]] = {
     "no label column": (b"a,b\n1,2\n", {}, "label_column", "no column 'label'"),
+    "label column twice": (b"label,a,label\n0,1,0\n", {}, "label_column", "'label' 2 times"),
     "text feature": (b"label,a\n0,1\n1,one\n", {}, "file", "line 3"),
     "ragged row": (b"label,a\n0,1\n1,2,3\n", {}, "file", "line 3 has 3 fields"),
     "empty": (b"\n\n", {}, "file", "empty"),

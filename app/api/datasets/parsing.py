@@ -303,6 +303,12 @@ def read_csv(
         raise InvalidInput(
             "label_column", f"the CSV header has no column {label_column!r}: {header[:20]}"
         )
+    if header.count(label_column) > 1:
+        # Else the first would be the label and the other a feature: the label, leaked.
+        raise InvalidInput(
+            "label_column",
+            f"the CSV header names column {label_column!r} {header.count(label_column)} times",
+        )
     label_index = header.index(label_column)
     samples = 0
     for line, row in rows:
