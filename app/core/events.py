@@ -68,7 +68,12 @@ def record_submitted(session: Session, jobs: Sequence[Job]) -> None:
                     "tenant": job.tenant,
                     "study_id": job.study_id,
                     "kind": STATUS,
-                    "payload": {"job_id": str(job.id), "status": "queued", "attempt": 0},
+                    "payload": {
+                        "job_id": str(job.id),
+                        "status": "queued",
+                        "attempt": 0,
+                        "epoch": 0,
+                    },
                 }
                 for job in jobs
             ],

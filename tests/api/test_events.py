@@ -171,7 +171,10 @@ def test_a_stream_ends_after_its_longest_life_and_a_reconnect_misses_nothing(
         started = time.monotonic()
         first = _read(client, job_id)  # the job waits: the stream ends on its own
         assert time.monotonic() - started < 10
-        assert [e["data"]["status"] for e in first] == ["queued"]
+        # The queued event has the shape of every status event: a client reads one way.
+        assert [e["data"] for e in first] == [
+            {"job_id": job_id, "status": "queued", "attempt": 0, "epoch": 0}
+        ]
         _train(factory, uuid.UUID(job_id), 1, 0)
         rest = _read(client, job_id, last_event_id=first[-1]["id"])
     assert [(e["event"], e["data"].get("status")) for e in rest] == [
@@ -179,6 +182,10 @@ def test_a_stream_ends_after_its_longest_life_and_a_reconnect_misses_nothing(
         ("epoch", None),
         ("status", "succeeded"),
     ]
+    statuses = [e["data"] for e in first + rest if e["event"] == "status"]
+    assert {frozenset(data) for data in statuses} == {
+        frozenset({"job_id", "status", "attempt", "epoch"})
+    }
 
 
 def test_a_stream_too_slow_to_keep_up_ends_and_its_resume_misses_nothing(
