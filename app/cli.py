@@ -57,15 +57,30 @@ def _server(args: argparse.Namespace) -> "uvicorn.Server":
     return build_server(create_app(settings), args.host, args.port, settings)
 
 
+def _require_latest_schema(settings: Settings) -> None:
+    """Exit, naming the fix, when the database's schema is behind this release's migrations."""
+    from app.core.migrate import schema_refusal
+
+    refusal = schema_refusal(settings.database_url)
+    if refusal is not None:
+        sys.exit(refusal)
+
+
 def _serve(args: argparse.Namespace) -> None:
-    _server(args).run()
+    server = _server(args)
+    _require_latest_schema(get_settings())
+    server.run()
 
 
 def _worker(args: argparse.Namespace) -> None:
     from worker.main import run_worker  # the worker, and torch with it, only in this process
 
-    configure_logging(get_settings())
-    run_worker(get_settings(), concurrency=args.concurrency, loglevel=args.loglevel)
+    settings = get_settings()
+    if args.loglevel is not None:
+        settings = settings.model_copy(update={"log_level": args.loglevel})
+    configure_logging(settings)
+    _require_latest_schema(settings)
+    run_worker(settings, concurrency=args.concurrency)
 
 
 def _migrate(_args: argparse.Namespace) -> None:
@@ -552,7 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run a Celery worker (one process per GPU)")
     worker.add_argument("--concurrency", type=_processes, default=None)
-    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument(
+        "--loglevel",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        default=None,
+        help="this worker's log level, instead of TRAINSVC_LOG_LEVEL",
+    )
     worker.set_defaults(handler=_worker)
 
     migrate = commands.add_parser("migrate", help="bring the database schema up to date")

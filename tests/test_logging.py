@@ -154,3 +154,34 @@ def test_every_line_a_job_causes_carries_its_job_id_and_attempt(
         line["job_id"] == str(job.id) for line in lines[:-1] if line["logger"].startswith("worker")
     )
     assert uuid.UUID(failed["job_id"])
+
+
+def test_the_worker_flag_sets_the_log_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`trainsvc worker --loglevel debug` logs at DEBUG, whatever TRAINSVC_LOG_LEVEL says (it
+    was passed to Celery only, which leaves the logging configured here alone)."""
+    from app import cli
+    from app.core.config import get_settings
+    from worker import main
+
+    configured: list[Settings] = []
+    started: list[Settings] = []
+    monkeypatch.setattr(cli, "configure_logging", configured.append)
+    monkeypatch.setattr(cli, "_require_latest_schema", lambda _settings: None)
+    monkeypatch.setattr(main, "run_worker", lambda settings, **_: started.append(settings))
+    cli.main(["worker", "--loglevel", "debug"])
+    assert [settings.log_level for settings in configured + started] == ["DEBUG", "DEBUG"]
+    cli.main(["worker"])
+    assert configured[-1].log_level == started[-1].log_level == get_settings().log_level
+
+
+def test_a_worker_logging_json_prints_no_banner() -> None:
+    """Celery's banner, some 18 lines on standard output at each start, is no log line: where
+    the lines are JSON it is left out, so a log collector does not meet it."""
+    from worker.main import celery_arguments
+
+    json_lines_only = celery_arguments(Settings(log_format="json"), 2, "node@host")
+    assert json_lines_only[:2] == ["--quiet", "worker"]
+    assert "--loglevel=INFO" in json_lines_only
+    for_people = celery_arguments(Settings(log_format="console", log_level="WARNING"), 2, "n@h")
+    assert for_people[0] == "worker"
+    assert "--loglevel=WARNING" in for_people

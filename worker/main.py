@@ -16,6 +16,7 @@ from app.core.broker import QUEUE, create_celery_app
 from app.core.config import Settings
 from app.core.db import create_db_engine, create_session_factory, transaction
 from app.core.observability import heartbeats
+from app.core.observability.logs import resolved_format
 from app.core.outbox import Dispatcher
 from worker.execution import WorkerContext, shutdown_requested, with_db_retry
 from worker.tasks import register_tasks
@@ -135,7 +136,7 @@ def _stop_when_node_stops(node_stopping: "multiprocessing.synchronize.Event") ->
     shutdown_requested.set()
 
 
-def run_worker(settings: Settings, concurrency: int | None = None, loglevel: str = "INFO") -> None:
+def run_worker(settings: Settings, concurrency: int | None = None) -> None:
     celery = create_celery_app(settings)
     contexts = ProcessContexts(settings, celery)
     register_tasks(celery, contexts.get)
@@ -197,15 +198,22 @@ def run_worker(settings: Settings, concurrency: int | None = None, loglevel: str
         except Exception:
             logger.exception("could not ask jobs to hand back; their leases will expire instead")
 
-    celery.worker_main(
-        [
-            "worker",
-            f"--concurrency={concurrency}",
-            "--pool=prefork",
-            f"--hostname={node}",
-            f"--loglevel={loglevel}",
-            f"--queues={QUEUE}",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-    )
+    celery.worker_main(celery_arguments(settings, concurrency, node))
+
+
+def celery_arguments(settings: Settings, concurrency: int, node: str) -> list[str]:
+    """The `celery worker` command line run_worker starts."""
+    # Celery prints a banner of some 18 lines to standard output at each start; where logs are
+    # JSON lines (a container's log collector reads both streams) it is left out.
+    quiet = ["--quiet"] if resolved_format(settings) == "json" else []
+    return [
+        *quiet,
+        "worker",
+        f"--concurrency={concurrency}",
+        "--pool=prefork",
+        f"--hostname={node}",
+        f"--loglevel={settings.log_level}",
+        f"--queues={QUEUE}",
+        "--without-gossip",
+        "--without-mingle",
+    ]

@@ -1,9 +1,21 @@
-"""Schema migrations, run through Alembic from code (`trainsvc migrate`, `trainsvc up`)."""
+"""Schema migrations, run through Alembic from code (`trainsvc migrate`, `trainsvc up`), and
+the check that `serve` and `worker` make before they start: a schema behind this code's
+migrations is a clear refusal, not a 500 on every request."""
 
+import logging
+from dataclasses import dataclass
 from importlib.resources import files
+from pathlib import Path
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from app.core.db import create_db_engine
+
+logger = logging.getLogger(__name__)
 
 
 def alembic_config(database_url: str) -> Config:
@@ -21,3 +33,66 @@ def upgrade(database_url: str, revision: str = "head") -> None:
 
 def downgrade(database_url: str, revision: str) -> None:
     command.downgrade(alembic_config(database_url), revision)
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    current: frozenset[str]  # the database's revisions (none before the first migration)
+    heads: frozenset[str]  # this code's latest
+    known: frozenset[str]  # every revision this code has
+
+    @property
+    def latest(self) -> bool:
+        return self.current == self.heads
+
+    @property
+    def behind(self) -> bool:
+        """Migrations of this code are missing. A revision this code does not know is a newer
+        schema (migrated for a newer release during a rolling upgrade): not behind."""
+        return not self.latest and self.current <= self.known
+
+    def describe(self) -> str:
+        have = ", ".join(sorted(self.current)) or "none"
+        return f"the schema is at {have}; the latest is {', '.join(sorted(self.heads))}"
+
+
+def schema_state(connection: sa.Connection, database_url: str) -> SchemaState:
+    script = ScriptDirectory.from_config(alembic_config(database_url))
+    return SchemaState(
+        current=frozenset(MigrationContext.configure(connection).get_current_heads()),
+        heads=frozenset(script.get_heads()),
+        known=frozenset(revision.revision for revision in script.walk_revisions()),
+    )
+
+
+def missing_sqlite_file(database_url: str) -> Path | None:
+    """The embedded database's file when it does not exist (connecting would create it empty)."""
+    url = sa.make_url(database_url)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    path = Path(str(url.database))
+    return None if path.exists() else path
+
+
+def schema_refusal(database_url: str) -> str | None:
+    """Why a process must not start on this database, or None. Behind the code's migrations,
+    every query of a changed table fails: refused, naming the fix. A database that does not
+    answer is no reason to refuse: the process starts, reports it (/v1/ready, the sweeper's
+    retries) and goes on when the database is back."""
+    shown = sa.make_url(database_url).render_as_string(hide_password=True)
+    if (path := missing_sqlite_file(database_url)) is not None:
+        return f"there is no database at {path}: run `trainsvc migrate` first"
+    engine = create_db_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            state = schema_state(connection, database_url)
+    except sa.exc.SQLAlchemyError as exc:
+        logger.warning("could not check the schema of %s (%s); starting", shown, type(exc).__name__)
+        return None
+    finally:
+        engine.dispose()
+    if state.behind:
+        return f"{shown}: {state.describe()}: run `trainsvc migrate` first"
+    if not state.latest:
+        logger.warning("%s: %s, newer than this release knows; starting", shown, state.describe())
+    return None

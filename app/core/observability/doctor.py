@@ -9,17 +9,14 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import sqlalchemy as sa
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 
 from app.core.broker import create_celery_app
 from app.core.config import Settings, is_loopback
 from app.core.db import create_db_engine, create_session_factory
-from app.core.migrate import alembic_config
+from app.core.migrate import missing_sqlite_file, schema_state
 from app.core.observability import heartbeats
 
 Outcome = Literal["ok", "info", "warn", "fail"]
@@ -40,11 +37,9 @@ def _safe_url(url: str) -> str:
 def check_database(settings: Settings) -> list[Check]:
     """Reachable, then at the latest migration, then recent worker heartbeats."""
     url = _safe_url(settings.database_url)
-    database = sa.make_url(settings.database_url).database
-    embedded = settings.database_url.startswith("sqlite") and database not in (None, "", ":memory:")
-    if embedded and not Path(str(database)).exists():  # connecting would create an empty file
+    if (path := missing_sqlite_file(settings.database_url)) is not None:
         return [
-            Check("database", "fail", f"{url}: no such file", "run `trainsvc migrate`"),
+            Check("database", "fail", f"{url}: no such file {path}", "run `trainsvc migrate`"),
             Check("workers", "fail", "unknown: there is no database"),
         ]
     engine = create_db_engine(settings.database_url)
@@ -52,7 +47,7 @@ def check_database(settings: Settings) -> list[Check]:
         try:
             with engine.connect() as connection:
                 connection.execute(sa.text("SELECT 1"))
-                current = set(MigrationContext.configure(connection).get_current_heads())
+                schema = schema_state(connection, settings.database_url)
         except sa.exc.SQLAlchemyError as exc:
             reason = getattr(exc, "orig", None) or exc
             return [
@@ -65,20 +60,12 @@ def check_database(settings: Settings) -> list[Check]:
                 Check("workers", "fail", "unknown: the database is not reachable"),
             ]
         checks = [Check("database", "ok", f"{url} is reachable")]
-        heads = set(ScriptDirectory.from_config(alembic_config(settings.database_url)).get_heads())
-        if current != heads:
-            have = ", ".join(sorted(current)) or "none"
-            checks.append(
-                Check(
-                    "migrations",
-                    "fail",
-                    f"the schema is at {have}; the latest is {', '.join(sorted(heads))}",
-                    "run `trainsvc migrate`",
-                )
-            )
+        if not schema.latest:
+            checks.append(Check("migrations", "fail", schema.describe(), "run `trainsvc migrate`"))
             checks.append(Check("workers", "fail", "unknown: the schema is not up to date"))
             return checks
-        checks.append(Check("migrations", "ok", f"at the latest ({', '.join(sorted(heads))})"))
+        latest = ", ".join(sorted(schema.heads))
+        checks.append(Check("migrations", "ok", f"at the latest ({latest})"))
         checks.append(_check_workers(settings, engine))
         return checks
     finally:

@@ -1,0 +1,109 @@
+"""`trainsvc serve` and `trainsvc worker` refuse a database whose schema is behind this
+release's migrations, naming `trainsvc migrate`: started anyway, the API answered every
+request with a 500 while /v1/ready said "ready", and the worker logged a failed sweep every
+few seconds."""
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from app.core.migrate import downgrade, schema_refusal, upgrade
+from tests.support.processes import free_port
+
+LATEST = "0010"
+
+
+def stamp(url: str, revision: str) -> None:
+    """Record `revision` as the schema's, as a release newer than this one would."""
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+    engine.dispose()
+
+
+def test_a_missing_sqlite_file_is_refused_and_not_created(tmp_path: Path) -> None:
+    path = tmp_path / "trainsvc.db"
+    refusal = schema_refusal(f"sqlite:///{path}")
+    assert refusal == f"there is no database at {path}: run `trainsvc migrate` first"
+    assert not path.exists()
+
+
+def test_a_database_never_migrated_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "trainsvc.db"
+    sqlite3.connect(path).close()
+    refusal = schema_refusal(f"sqlite:///{path}")
+    assert refusal is not None
+    assert f"the schema is at none; the latest is {LATEST}: run `trainsvc migrate`" in refusal
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_schema_one_migration_behind_is_refused_and_the_latest_starts(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    url = (
+        f"sqlite:///{tmp_path / 'trainsvc.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("fresh_postgres_url")
+    )
+    upgrade(url)
+    downgrade(url, "0009")
+    refusal = schema_refusal(url)
+    assert refusal is not None
+    assert f"the schema is at 0009; the latest is {LATEST}" in refusal
+    assert refusal.startswith(sa.make_url(url).render_as_string(hide_password=True))
+    assert refusal.endswith("run `trainsvc migrate` first")
+    upgrade(url)
+    assert schema_refusal(url) is None
+
+
+def test_a_schema_newer_than_this_release_starts_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rolling upgrade migrates first, while this release's processes still run and restart:
+    a revision it does not know is a newer schema, not a missing one."""
+    url = f"sqlite:///{tmp_path / 'trainsvc.db'}"
+    upgrade(url)
+    stamp(url, "0011")
+    with caplog.at_level("WARNING", logger="app.core.migrate"):
+        assert schema_refusal(url) is None
+    assert "the schema is at 0011; the latest is 0010, newer than this release knows" in (
+        caplog.text
+    )
+
+
+def test_a_database_that_does_not_answer_is_no_reason_to_refuse() -> None:
+    """It may be starting too: /v1/ready says it is down, and the service goes on once it is up."""
+    assert schema_refusal(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x") is None
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command", [["serve", "--port", "{port}"], ["worker"]])
+def test_serve_and_worker_exit_on_an_unmigrated_database(
+    command: list[str], tmp_path: Path, redis_url: str
+) -> None:
+    path = tmp_path / "trainsvc.db"
+    sqlite3.connect(path).close()
+    port = free_port()
+    env = {
+        **os.environ,
+        "TRAINSVC_DATABASE_URL": f"sqlite:///{path}",
+        "TRAINSVC_BROKER_URL": redis_url,
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", *(part.format(port=port) for part in command)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().endswith(
+        f"the schema is at none; the latest is {LATEST}: run `trainsvc migrate` first"
+    )
