@@ -240,6 +240,9 @@ def _moment(value: Any) -> str:
 
 # -- the client-side commands: each talks to a running API through trainsvc_client ---------
 
+# How a shell reports a command that Ctrl-C ended: 128 + SIGINT.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+
 # What the client commands send their requests through; tests point it at an app in-process.
 CLIENT_TRANSPORT: "httpx.BaseTransport | None" = None
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -268,6 +271,10 @@ def _reporting(action: str) -> Iterator[None]:
         sys.exit(f"{action} failed ({exc.status_code}) {exc.code}: {exc.message}")
     except TrainsvcError as exc:
         sys.exit(f"{action} failed: {exc.message}")
+    except KeyboardInterrupt:
+        # Ctrl-C while waiting or following: a line, not a traceback; a job goes on.
+        print(f"\n{action} interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _read_json(path: str) -> Any:
@@ -549,6 +556,18 @@ def _processes(text: str) -> int:
     return _whole_number(text, 1, 1024, "a number of processes (1 to 1024)")
 
 
+def _api_url(text: str) -> str:
+    import httpx
+
+    try:
+        url = httpx.URL(text)
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL")
+    return text
+
+
 def _list_limit(text: str) -> int:
     return _whole_number(text, 1, MAX_LIST_LIMIT, f"a number of jobs (1 to {MAX_LIST_LIMIT})")
 
@@ -592,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="submit a job spec (JSON file)")
     submit.add_argument("spec")
     submit.add_argument("--wait", action="store_true", help="show progress until the job ends")
-    submit.add_argument("--url", default=DEFAULT_URL)
+    submit.add_argument("--url", type=_api_url, default=DEFAULT_URL)
     submit.set_defaults(handler=_submit)
 
     study = commands.add_parser("study", help="create a study or print its report")
@@ -600,12 +619,12 @@ def build_parser() -> argparse.ArgumentParser:
     create = study_commands.add_parser("create", help="create a study from a JSON file")
     create.add_argument("grid", help='{"name", "base", "grid"} or {"preset": ...}')
     create.add_argument("--wait", action="store_true", help="show progress until it ends")
-    create.add_argument("--url", default=DEFAULT_URL)
+    create.add_argument("--url", type=_api_url, default=DEFAULT_URL)
     create.set_defaults(handler=_study_create)
     report = study_commands.add_parser("report", help="print a study's report")
     report.add_argument("study_id", type=uuid.UUID, help="the study's id")
     report.add_argument("--csv", help="also save the configuration table to this file")
-    report.add_argument("--url", default=DEFAULT_URL)
+    report.add_argument("--url", type=_api_url, default=DEFAULT_URL)
     report.set_defaults(handler=_study_report)
 
     jobs = commands.add_parser("jobs", help="list, show, watch, cancel jobs; read metrics")
@@ -615,7 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
         command = job_commands.add_parser(name, help=help)
         if with_id:
             command.add_argument("id", type=uuid.UUID, help="the job's id")
-        command.add_argument("--url", default=DEFAULT_URL, help="the API (default %(default)s)")
+        command.add_argument(
+            "--url", type=_api_url, default=DEFAULT_URL, help="the API (default %(default)s)"
+        )
         command.set_defaults(handler=handler)
         return command
 

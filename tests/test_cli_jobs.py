@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
@@ -192,6 +193,9 @@ STUDY = "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"
         (["jobs", "list", "--limit", "9" * 23], "is not a number of jobs (1 to 1000000)"),
         (["jobs", "list", "--limit", "ten"], "argument --limit: 'ten' is not a number of jobs"),
         (["keys", "revoke", "not-a-key"], "argument id: invalid UUID value: 'not-a-key'"),
+        (["jobs", "list", "--url", "http://[::1"], "argument --url: 'http://[::1' is not an http"),
+        (["submit", "x.json", "--url", "localhost:8000"], "'localhost:8000' is not an http://"),
+        (["study", "report", STUDY, "--url", "ftp://h"], "argument --url: 'ftp://h' is not an"),
     ],
 )
 def test_an_id_or_limit_that_is_not_one_is_a_usage_error_and_nothing_is_sent(
@@ -261,3 +265,38 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(repo_root: Path) -> 
     ]
     assert errors == ""
     assert status == 141  # 128 + SIGPIPE, as a shell reports `cat` ended by a closed pipe
+
+
+@pytest.fixture
+def answering(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Point the CLI's client at a handler standing in for the API (or what is at --url)."""
+
+    def point(handler: Any) -> None:
+        monkeypatch.setattr(cli, "CLIENT_TRANSPORT", httpx.MockTransport(handler))
+        monkeypatch.setattr(cli, "get_settings", lambda: Settings())
+
+    return point
+
+
+def test_ctrl_c_ends_a_client_command_with_a_line_not_a_traceback(
+    answering: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(_request: httpx.Request) -> httpx.Response:
+        raise KeyboardInterrupt
+
+    answering(interrupted)
+    with pytest.raises(SystemExit) as exited:  # was the KeyboardInterrupt, with a traceback
+        main(["jobs", "watch", str(uuid.uuid4())])
+    assert exited.value.code == 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
+    assert capsys.readouterr().err == "\nwatch interrupted\n"
+
+
+def test_an_answer_that_is_not_the_apis_is_one_line(answering: Any) -> None:
+    answering(lambda _: httpx.Response(200, headers={"Content-Type": "text/html"}, text="<html>"))
+    job_id = uuid.uuid4()
+    with pytest.raises(SystemExit) as exited:
+        main(["jobs", "show", str(job_id)])
+    assert exited.value.code == (
+        f"show failed: GET /v1/jobs/{job_id} answered 200 with a text/html body, not JSON; "
+        "is http://127.0.0.1:8000 a trainsvc API?"
+    )

@@ -25,6 +25,7 @@ from trainsvc_client.errors import (
     TrainsvcError,
     Unauthorized,
     Unavailable,
+    UnexpectedResponse,
     WaitTimedOut,
 )
 from trainsvc_client.models import Checkpoint, Epoch, Job
@@ -50,5 +51,6 @@ __all__ = [
     "TrainsvcError",
     "Unauthorized",
     "Unavailable",
+    "UnexpectedResponse",
     "WaitTimedOut",
 ]

@@ -4,18 +4,30 @@ The two clients differ only in how they wait (time.sleep or asyncio.sleep) and s
 decision (which statuses to retry, how long to back off, how to read a body) lives here once.
 """
 
-import email.utils
+import contextlib
 import json
 import random
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
 
 import httpx
+from pydantic import ValidationError
 
-from trainsvc_client.errors import InvalidId, error_from_response
-from trainsvc_client.models import ENDED_STATUSES
+from trainsvc_client.errors import (
+    ApiError,
+    ConnectionFailed,
+    InvalidId,
+    RateLimited,
+    Unavailable,
+    UnexpectedResponse,
+    error_from_response,
+    retry_after_seconds,
+)
+from trainsvc_client.models import ENDED_STATUSES, Checkpoint, Epoch, Job
 from trainsvc_client.sse import ServerSentEvent
 
 # A job's, study's or checkpoint's id: a UUID, or a string that parses as one.
@@ -37,20 +49,13 @@ class RetryPolicy:
         if response is not None:
             after = retry_after_seconds(response)
             if after is not None:
-                return min(after, self.max_backoff_seconds * 4)
+                return self.honoured(after)
         backoff = min(self.max_backoff_seconds, self.backoff_seconds * 2.0**retry)
         return backoff * (0.5 + random.random() / 2)
 
-
-def retry_after_seconds(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        moment = email.utils.parsedate_to_datetime(value)
-        return max(0.0, moment.timestamp() - time.time()) if moment else None
+    def honoured(self, retry_after: float) -> float:
+        """A Retry-After, bounded: a proxy's "come back in a day" is not waited out."""
+        return min(retry_after, self.max_backoff_seconds * 4)
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,8 @@ class Call:
     params: dict[str, Any] = field(default_factory=dict)
     json: Any = None
     headers: dict[str, str] = field(default_factory=dict)
+    # The answer may be text, not JSON: a study's report as CSV or HTML.
+    text: bool = False
 
 
 def should_retry(policy: RetryPolicy, retry: int, response: httpx.Response | None) -> bool:
@@ -69,14 +76,55 @@ def should_retry(policy: RetryPolicy, retry: int, response: httpx.Response | Non
     return response is None or response.status_code in RETRY_STATUSES
 
 
-def read(response: httpx.Response) -> Any:
+def read(response: httpx.Response, text: bool = False) -> Any:
     if response.status_code >= 400:
         raise error_from_response(response)
     if response.status_code == 204 or not response.content:
         return None
-    if "json" not in response.headers.get("content-type", "application/json"):
-        return response.text  # e.g. a study report with format=csv
-    return response.json()
+    content_type = response.headers.get("content-type", "application/json")
+    if "json" not in content_type:
+        if text:
+            return response.text  # e.g. a study report with format=csv
+        raise UnexpectedResponse(_not_the_api(response, f"a {content_type} body, not JSON"))
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise UnexpectedResponse(
+            _not_the_api(response, f"a body that is not JSON ({exc})")
+        ) from exc
+
+
+def _not_the_api(response: httpx.Response, what: str) -> str:
+    request = response.request
+    return (
+        f"{request.method} {request.url.path} answered {response.status_code} with {what}; "
+        f"is {request.url.scheme}://{request.url.netloc.decode()} a trainsvc API?"
+    )
+
+
+Parsed = TypeVar("Parsed")
+
+
+def parsed(build: Callable[[Any], Parsed], body: Any) -> Parsed:
+    """`build(body)`, or UnexpectedResponse where the body is JSON of another shape."""
+    try:
+        return build(body)
+    except (ValidationError, KeyError, TypeError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UnexpectedResponse(f"an answer that is not the trainsvc API's: {first_line}") from exc
+
+
+def job_page(page: Any) -> tuple[list[Job], str | None]:
+    """A page of GET /v1/jobs: its jobs and the cursor of the next page (None: the last)."""
+    return [Job.model_validate(item) for item in page["items"]], page.get("next_cursor")
+
+
+def epochs_of(body: Any) -> list[Epoch]:
+    return [Epoch.model_validate(epoch) for epoch in body["epochs"]]
+
+
+def checkpoints_of(body: Any) -> list[Checkpoint]:
+    return [Checkpoint.model_validate(item) for item in body["items"]]
 
 
 def new_idempotency_key() -> str:
@@ -117,6 +165,20 @@ def submit_call(path: str, body: dict[str, Any], idempotency_key: str | None) ->
     return Call("POST", path, json=body, headers={"Idempotency-Key": key})
 
 
+@contextlib.contextmanager
+def whole_file(target: Path) -> Iterator[BinaryIO]:
+    """A file to write that becomes `target` only once it is complete: a download cut short
+    leaves `target` as it was (absent, or the previous file) and no partial file beside it."""
+    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        with partial.open("xb") as out:
+            yield out
+        partial.replace(target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 def params(**values: Any) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None}
 
@@ -128,6 +190,23 @@ def ends_job(event: ServerSentEvent) -> bool:
         return json.loads(event.data).get("status") in ENDED_STATUSES
     except (ValueError, AttributeError):
         return False
+
+
+# What wait() rides out, however long it lasts, up to its deadline: the API away (a restart, a
+# deploy, its database) or over a limit, through one call's retries; the stream's refusals too.
+AWAY = (ConnectionFailed, RateLimited, Unavailable)
+
+
+def pause(
+    policy: RetryPolicy,
+    poll_interval: float,
+    away: BaseException | None,
+    deadline: float | None,
+) -> float:
+    """How long wait() sleeps before it reads the job again: the poll interval, or longer if
+    the API asked for longer (Retry-After), never past the deadline."""
+    asked = away.retry_after if isinstance(away, ApiError) and away.retry_after else 0.0
+    return bounded(max(poll_interval, policy.honoured(asked)), deadline)
 
 
 def past(deadline: float | None) -> bool:

@@ -11,20 +11,26 @@ from typing import Any, Self
 import httpx
 
 from trainsvc_client._protocol import (
+    AWAY,
     Call,
     Id,
     RetryPolicy,
     base_headers,
-    bounded,
     checked_id,
+    checkpoints_of,
     ends_job,
+    epochs_of,
+    job_page,
     job_path,
     params,
+    parsed,
     past,
+    pause,
     read,
     should_retry,
     study_path,
     submit_call,
+    whole_file,
 )
 from trainsvc_client.errors import ConnectionFailed, NotFound, WaitTimedOut, error_from_response
 from trainsvc_client.models import Checkpoint, Epoch, Job
@@ -63,10 +69,11 @@ class AsyncClient:
         await self._http.aclose()
 
     async def submit(self, spec: dict[str, Any], idempotency_key: str | None = None) -> Job:
-        return Job.model_validate(await self._call(submit_call("/v1/jobs", spec, idempotency_key)))
+        body = await self._call(submit_call("/v1/jobs", spec, idempotency_key))
+        return parsed(Job.model_validate, body)
 
     async def get(self, job_id: Id) -> Job:
-        return Job.model_validate(await self._call(Call("GET", job_path(job_id))))
+        return parsed(Job.model_validate, await self._call(Call("GET", job_path(job_id))))
 
     async def list(
         self, status: str | None = None, study_id: Id | None = None, page_size: int = 100
@@ -76,36 +83,49 @@ class AsyncClient:
         while True:
             query = params(status=status, study_id=study, limit=page_size, cursor=cursor)
             page = await self._call(Call("GET", "/v1/jobs", params=query))
-            for item in page["items"]:
-                yield Job.model_validate(item)
-            cursor = page.get("next_cursor")
+            jobs, cursor = parsed(job_page, page)
+            for job in jobs:
+                yield job
             if not cursor:
                 return
 
     async def cancel(self, job_id: Id) -> Job:
-        return Job.model_validate(await self._call(Call("POST", job_path(job_id, "cancel"))))
+        body = await self._call(Call("POST", job_path(job_id, "cancel")))
+        return parsed(Job.model_validate, body)
 
     async def metrics(self, job_id: Id, since_epoch: int | None = None) -> builtins.list[Epoch]:
         body = await self._call(
             Call("GET", job_path(job_id, "metrics"), params=params(since_epoch=since_epoch))
         )
-        return [Epoch.model_validate(epoch) for epoch in body["epochs"]]
+        return parsed(epochs_of, body)
 
     async def checkpoints(self, job_id: Id) -> builtins.list[Checkpoint]:
         body = await self._call(Call("GET", job_path(job_id, "checkpoints")))
-        return [Checkpoint.model_validate(item) for item in body["items"]]
+        return parsed(checkpoints_of, body)
 
     async def download_checkpoint(self, job_id: Id, checkpoint_id: Id, path: str | Path) -> Path:
+        """As Client.download_checkpoint: retried, and `path` written only once complete."""
         target = Path(path)
         url = job_path(job_id, "checkpoints", checked_id(checkpoint_id, "checkpoint"))
-        async with self._http.stream("GET", url) as response:
-            if response.status_code >= 400:
-                await response.aread()
-                raise error_from_response(response)
-            with target.open("wb") as out:
-                async for chunk in response.aiter_bytes():
-                    out.write(chunk)
-        return target
+        retry = 0
+        while True:
+            try:
+                async with self._http.stream("GET", url) as response:
+                    if not should_retry(self.retry, retry, response):
+                        if response.status_code >= 400:
+                            await response.aread()
+                            raise error_from_response(response)
+                        with whole_file(target) as out:
+                            async for chunk in response.aiter_bytes():
+                                out.write(chunk)
+                        return target
+                    delay = self.retry.delay(retry, response)
+            except httpx.TransportError as exc:
+                if not should_retry(self.retry, retry, None):
+                    raise ConnectionFailed(f"GET {url}: {exc}") from exc
+                delay = self.retry.delay(retry)
+            await asyncio.sleep(delay)
+            retry += 1
 
     async def events(
         self, job_id: Id, last_event_id: str | None = None
@@ -138,14 +158,15 @@ class AsyncClient:
         last_event_id: str | None = None
         saw_end = False
         while True:
+            away: BaseException | None = None
             try:
                 job = await self.get(job_id)
-            except ConnectionFailed:
-                # The API is away through all of get's retries (a restart, a deploy): keep
-                # trying until the deadline; the stream resumes from the last event.
+            except AWAY as exc:
+                # The API is away, or over a limit, through all of get's retries (a restart, a
+                # deploy): keep trying until the deadline; the stream resumes from the last event.
                 if past(deadline):
                     raise
-                await asyncio.sleep(bounded(poll_interval, deadline))
+                await asyncio.sleep(pause(self.retry, poll_interval, exc, deadline))
                 continue
             if job.ended:
                 if on_event is not None and not saw_end:
@@ -155,7 +176,9 @@ class AsyncClient:
             if past(deadline):
                 raise WaitTimedOut(f"job {job_id} is still {job.status} after {timeout} s")
             try:
+                delivered = False
                 async for event in self.events(job_id, last_event_id):
+                    delivered = True
                     last_event_id = event.id or last_event_id
                     if on_event is not None:
                         on_event(event)
@@ -164,15 +187,19 @@ class AsyncClient:
                         break
                     if past(deadline):
                         break
-                continue  # the stream ended (or the job did): read the job again
+                if delivered:
+                    continue  # the stream ended (or the job did): read the job again
+                # An empty stream: poll, not reconnect at once (see Client.wait).
             except NotFound:
                 # The job exists (read above), so it is the stream that is missing: an older
                 # server without events. Poll instead.
                 if last_event_id is not None or not await self._job_exists(job_id):
                     raise
-            except (httpx.TransportError, ConnectionFailed):
+            except httpx.TransportError:
                 pass  # a dropped stream: poll once, then reconnect from the last event
-            await asyncio.sleep(bounded(poll_interval, deadline))
+            except AWAY as exc:
+                away = exc  # the stream refused for now (429, 503): as dropped, after its wait
+            await asyncio.sleep(pause(self.retry, poll_interval, away, deadline))
 
     async def _replay_rest(
         self, job_id: Id, last_event_id: str | None, on_event: EventHandler
@@ -181,7 +208,7 @@ class AsyncClient:
         try:
             async for event in self.events(job_id, last_event_id):
                 on_event(event)
-        except (NotFound, httpx.TransportError, ConnectionFailed):
+        except (NotFound, httpx.TransportError, *AWAY):
             pass  # no stream (an older server) or none now: the job itself is the answer
 
     async def _job_exists(self, job_id: Id) -> bool:
@@ -198,7 +225,10 @@ class AsyncClient:
         return await self._call(Call("GET", study_path(study_id)))
 
     async def study_report(self, study_id: Id, **query: Any) -> Any:
-        return await self._call(Call("GET", study_path(study_id, "report"), params=params(**query)))
+        text = query.get("format", "json") != "json"  # csv or html
+        return await self._call(
+            Call("GET", study_path(study_id, "report"), params=params(**query), text=text)
+        )
 
     async def cancel_study(self, study_id: Id) -> Any:
         return await self._call(Call("POST", study_path(study_id, "cancel")))
@@ -216,6 +246,6 @@ class AsyncClient:
                 await asyncio.sleep(self.retry.delay(retry))
             else:
                 if not should_retry(self.retry, retry, response):
-                    return read(response)
+                    return read(response, call.text)
                 await asyncio.sleep(self.retry.delay(retry, response))
             retry += 1

@@ -10,20 +10,26 @@ from typing import Any, Self
 import httpx
 
 from trainsvc_client._protocol import (
+    AWAY,
     Call,
     Id,
     RetryPolicy,
     base_headers,
-    bounded,
     checked_id,
+    checkpoints_of,
     ends_job,
+    epochs_of,
+    job_page,
     job_path,
     params,
+    parsed,
     past,
+    pause,
     read,
     should_retry,
     study_path,
     submit_call,
+    whole_file,
 )
 from trainsvc_client.errors import ConnectionFailed, NotFound, WaitTimedOut, error_from_response
 from trainsvc_client.models import Checkpoint, Epoch, Job
@@ -65,10 +71,12 @@ class Client:
 
     def submit(self, spec: dict[str, Any], idempotency_key: str | None = None) -> Job:
         """Submit a job. Without a key one is made, so the client's retries never submit twice."""
-        return Job.model_validate(self._call(submit_call("/v1/jobs", spec, idempotency_key)))
+        return parsed(
+            Job.model_validate, self._call(submit_call("/v1/jobs", spec, idempotency_key))
+        )
 
     def get(self, job_id: Id) -> Job:
-        return Job.model_validate(self._call(Call("GET", job_path(job_id))))
+        return parsed(Job.model_validate, self._call(Call("GET", job_path(job_id))))
 
     def list(
         self, status: str | None = None, study_id: Id | None = None, page_size: int = 100
@@ -78,37 +86,47 @@ class Client:
         cursor: str | None = None
         while True:
             query = params(status=status, study_id=study, limit=page_size, cursor=cursor)
-            page = self._call(Call("GET", "/v1/jobs", params=query))
-            yield from (Job.model_validate(item) for item in page["items"])
-            cursor = page.get("next_cursor")
+            jobs, cursor = parsed(job_page, self._call(Call("GET", "/v1/jobs", params=query)))
+            yield from jobs
             if not cursor:
                 return
 
     def cancel(self, job_id: Id) -> Job:
-        return Job.model_validate(self._call(Call("POST", job_path(job_id, "cancel"))))
+        return parsed(Job.model_validate, self._call(Call("POST", job_path(job_id, "cancel"))))
 
     def metrics(self, job_id: Id, since_epoch: int | None = None) -> builtins.list[Epoch]:
         body = self._call(
             Call("GET", job_path(job_id, "metrics"), params=params(since_epoch=since_epoch))
         )
-        return [Epoch.model_validate(epoch) for epoch in body["epochs"]]
+        return parsed(epochs_of, body)
 
     def checkpoints(self, job_id: Id) -> builtins.list[Checkpoint]:
-        body = self._call(Call("GET", job_path(job_id, "checkpoints")))
-        return [Checkpoint.model_validate(item) for item in body["items"]]
+        return parsed(checkpoints_of, self._call(Call("GET", job_path(job_id, "checkpoints"))))
 
     def download_checkpoint(self, job_id: Id, checkpoint_id: Id, path: str | Path) -> Path:
-        """Stream a checkpoint's safetensors file to `path`."""
+        """Stream a checkpoint's safetensors file to `path`, retried as any call is; `path`
+        is written only once the whole file has arrived."""
         target = Path(path)
         url = job_path(job_id, "checkpoints", checked_id(checkpoint_id, "checkpoint"))
-        with self._http.stream("GET", url) as response:
-            if response.status_code >= 400:
-                response.read()
-                raise error_from_response(response)
-            with target.open("wb") as out:
-                for chunk in response.iter_bytes():
-                    out.write(chunk)
-        return target
+        retry = 0
+        while True:
+            try:
+                with self._http.stream("GET", url) as response:
+                    if not should_retry(self.retry, retry, response):
+                        if response.status_code >= 400:
+                            response.read()
+                            raise error_from_response(response)
+                        with whole_file(target) as out:
+                            for chunk in response.iter_bytes():
+                                out.write(chunk)
+                        return target
+                    delay = self.retry.delay(retry, response)
+            except httpx.TransportError as exc:
+                if not should_retry(self.retry, retry, None):
+                    raise ConnectionFailed(f"GET {url}: {exc}") from exc
+                delay = self.retry.delay(retry)
+            time.sleep(delay)
+            retry += 1
 
     # -- following a job ---------------------------------------------------------------------
 
@@ -146,14 +164,15 @@ class Client:
         last_event_id: str | None = None
         saw_end = False
         while True:
+            away: BaseException | None = None
             try:
                 job = self.get(job_id)
-            except ConnectionFailed:
-                # The API is away through all of get's retries (a restart, a deploy): keep
-                # trying until the deadline; the stream resumes from the last event.
+            except AWAY as exc:
+                # The API is away, or over a limit, through all of get's retries (a restart, a
+                # deploy): keep trying until the deadline; the stream resumes from the last event.
                 if past(deadline):
                     raise
-                time.sleep(bounded(poll_interval, deadline))
+                time.sleep(pause(self.retry, poll_interval, exc, deadline))
                 continue
             if job.ended:
                 if on_event is not None and not saw_end:
@@ -163,7 +182,9 @@ class Client:
             if past(deadline):
                 raise WaitTimedOut(f"job {job_id} is still {job.status} after {timeout} s")
             try:
+                delivered = False
                 for event in self.events(job_id, last_event_id):
+                    delivered = True
                     last_event_id = event.id or last_event_id
                     if on_event is not None:
                         on_event(event)
@@ -172,22 +193,27 @@ class Client:
                         break
                     if past(deadline):
                         break
-                continue  # the stream ended (or the job did): read the job again
+                if delivered:
+                    continue  # the stream ended (or the job did): read the job again
+                # A stream that ends with nothing in it (a proxy's empty answer) would be
+                # reconnected at once, forever: poll as where there is no stream.
             except NotFound:
                 # The job exists (read above), so it is the stream that is missing: an older
                 # server without events. Poll instead.
                 if last_event_id is not None or not self._job_exists(job_id):
                     raise
-            except (httpx.TransportError, ConnectionFailed):
+            except httpx.TransportError:
                 pass  # a dropped stream: poll once, then reconnect from the last event
-            time.sleep(bounded(poll_interval, deadline))
+            except AWAY as exc:
+                away = exc  # the stream refused for now (429, 503): as dropped, after its wait
+            time.sleep(pause(self.retry, poll_interval, away, deadline))
 
     def _replay_rest(self, job_id: Id, last_event_id: str | None, on_event: EventHandler) -> None:
         """An ended job's events after `last_event_id` (its stream ends after them)."""
         try:
             for event in self.events(job_id, last_event_id):
                 on_event(event)
-        except (NotFound, httpx.TransportError, ConnectionFailed):
+        except (NotFound, httpx.TransportError, *AWAY):
             pass  # no stream (an older server) or none now: the job itself is the answer
 
     def _job_exists(self, job_id: Id) -> bool:
@@ -206,7 +232,10 @@ class Client:
         return self._call(Call("GET", study_path(study_id)))
 
     def study_report(self, study_id: Id, **query: Any) -> Any:
-        return self._call(Call("GET", study_path(study_id, "report"), params=params(**query)))
+        text = query.get("format", "json") != "json"  # csv or html
+        return self._call(
+            Call("GET", study_path(study_id, "report"), params=params(**query), text=text)
+        )
 
     def cancel_study(self, study_id: Id) -> Any:
         return self._call(Call("POST", study_path(study_id, "cancel")))
@@ -226,6 +255,6 @@ class Client:
                 time.sleep(self.retry.delay(retry))
             else:
                 if not should_retry(self.retry, retry, response):
-                    return read(response)
+                    return read(response, call.text)
                 time.sleep(self.retry.delay(retry, response))
             retry += 1

@@ -5,7 +5,8 @@ import json
 from typing import Any
 
 import httpx
-from trainsvc_client import AsyncClient, Client, RetryPolicy, ServerSentEvent
+import pytest
+from trainsvc_client import AsyncClient, Client, RetryPolicy, ServerSentEvent, WaitTimedOut
 
 from tests.client.test_client import JOB, Script
 
@@ -69,3 +70,57 @@ def test_async_wait_does_the_same() -> None:
             return ended.status
 
     _check(seen, answered, asyncio.run(follow()))
+
+
+def refused(status: int) -> httpx.Response:
+    return httpx.Response(status, headers={"Retry-After": "0"}, json={"error": "e", "detail": "d"})
+
+
+def refusals() -> Script:
+    """The API over a limit or away for longer than a call's retries (get, then the stream);
+    then a stream that is empty (a stopping API, a proxy); then the job ends."""
+    return Script(
+        refused(503),
+        refused(503),
+        job("running", 0),
+        refused(429),  # the stream, once: not retried by itself
+        job("running", 0),
+        stream(),
+        job("running", 1),
+        stream((2, "status", {"status": "succeeded"})),
+        job("succeeded", 2),
+    )
+
+
+def test_wait_rides_out_refusals_of_the_job_and_of_its_stream() -> None:
+    answered = refusals()
+    with Client(retry=SHORT, transport=httpx.MockTransport(answered)) as client:
+        ended = client.wait(JOB["id"], timeout=30, poll_interval=0.01)
+    assert ended.status == "succeeded"
+    assert answered.responses == []
+
+
+def test_async_wait_rides_them_out_too() -> None:
+    answered = refusals()
+
+    async def follow() -> str:
+        async with AsyncClient(retry=SHORT, transport=httpx.MockTransport(answered)) as client:
+            return (await client.wait(JOB["id"], timeout=30, poll_interval=0.01)).status
+
+    assert asyncio.run(follow()) == "succeeded"
+    assert answered.responses == []
+
+
+def test_a_stream_that_is_always_empty_is_polled_not_reconnected_at_once() -> None:
+    requests: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return stream() if request.url.path.endswith("/events") else job("running", 0)
+
+    with (
+        Client(retry=SHORT, transport=httpx.MockTransport(answer)) as client,
+        pytest.raises(WaitTimedOut),
+    ):
+        client.wait(JOB["id"], timeout=0.5, poll_interval=0.1)
+    assert len(requests) < 20  # a reconnect at once made thousands in half a second
