@@ -10,12 +10,13 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from app.core.db import create_db_engine
 
 logger = logging.getLogger(__name__)
+
+VERSION_TABLE = "alembic_version"  # Alembic's default, which migrations/env.py keeps
 
 
 def alembic_config(database_url: str) -> Config:
@@ -58,8 +59,14 @@ class SchemaState:
 
 def schema_state(connection: sa.Connection, database_url: str) -> SchemaState:
     script = ScriptDirectory.from_config(alembic_config(database_url))
+    # Read as Alembic's MigrationContext reads it, without the lines that context logs at INFO
+    # on every start of serve and worker ("Context impl ...", "Will assume ... DDL").
+    if sa.inspect(connection).has_table(VERSION_TABLE):
+        current = frozenset(connection.scalars(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")))
+    else:
+        current = frozenset()
     return SchemaState(
-        current=frozenset(MigrationContext.configure(connection).get_current_heads()),
+        current=current,
         heads=frozenset(script.get_heads()),
         known=frozenset(revision.revision for revision in script.walk_revisions()),
     )

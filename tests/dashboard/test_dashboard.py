@@ -317,6 +317,7 @@ def test_with_keys_on_the_page_asks_for_a_key_once(processes: Processes, page: A
 def test_the_event_stream_reader_parses_split_chunks_and_resumes_after_a_drop(
     processes: Processes, page: Any
 ) -> None:
+    processes.migrate()
     url = processes.api("serve")
     page.goto(f"{url}/#/compare")  # a page that opens no stream of its own
     page.wait_for_selector("h1")

@@ -69,6 +69,16 @@ class Processes:
         self.started.append((process, log))
         return process
 
+    def migrate(self) -> None:
+        """Bring the environment's database to the latest schema, as `serve` and `worker` need."""
+        subprocess.run(
+            [sys.executable, "-m", "app.cli", "migrate"],
+            check=True,
+            cwd=self.workdir,
+            env=self.env,
+            capture_output=True,
+        )
+
     def worker(self, env: dict[str, str] | None = None) -> "Worker":
         process = self.start("worker", "--concurrency", "1", env=env)
         worker = Worker(process, self.started[-1][1])
@@ -88,9 +98,16 @@ class Processes:
             if command == "serve" and "TRAINSVC_AUTH" not in self.env
             else {}
         )
-        self.start(command, "--port", str(port), env=auth)
+        process = self.start(command, "--port", str(port), env=auth)
         url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _healthy(url), 60, f"the API on {url}")
+
+        def up() -> bool:
+            if process.poll() is not None:  # it refused to start: say why now, not in a minute
+                log = self.started[-1][1].read_text(errors="replace")[-2000:]
+                raise AssertionError(f"`{command}` exited ({process.returncode}):\n{log}")
+            return _healthy(url)
+
+        wait_until(up, 60, f"the API on {url}")
         return url
 
     def logs(self) -> str:

@@ -135,6 +135,9 @@ def configure_logging(settings: Settings) -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    # Alembic announces each of its plugins at INFO whenever its scripts are read (serve and
+    # worker read them at start to check the schema): seven lines of nothing for an operator.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     # A receiver of Celery's setup_logging signal tells a worker to leave logging as it is.
     setup_logging.connect(_already_configured, weak=False)
 
