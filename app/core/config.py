@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     max_layer_width: int = Field(4096, ge=1)
     max_layers: int = Field(16, ge=1)
     max_parameters: int = Field(20_000_000, ge=1)
+    # What one job may take in its worker's memory, as app.core.spec.memory_bytes estimates
+    # it (parameters, optimizer state, a batch's activations): a wide conv on a large image
+    # has few parameters and still runs out of memory, so this is judged at submit too.
+    max_job_memory_bytes: int = Field(4 * 1024**3, ge=1)
     # What an upload's arrays may take once unpacked: an .npz's members together, and x as
     # float32 (a zip bomb, or a header claiming a huge shape, is a 422). Parsing one upload
     # holds at most about 3x this (README, "Uploads and memory").

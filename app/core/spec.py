@@ -200,7 +200,34 @@ class ModelSpec(_Strict):
                 f"dropout.rate lists {len(self.dropout.rate)} rates "
                 f"for {len(widths)} hidden layers",
             )
+        if self.architecture == "mlp" and (error := lone_value_norm(self)) is not None:
+            raise error
         return self
+
+
+def lone_value_norm(model: ModelSpec) -> SpecError | None:
+    """Why the normalization would take groups of one value each, or None; for a model whose
+    channels hold one value per sample (an mlp's features, or a conv net's on one feature).
+
+    A value normalized alone is always 0: the layer would pass on only the norm's bias, and
+    the output would not depend on the input. `field` is relative to the model.
+    """
+    norm = model.normalization
+    if norm.type == "group_norm" and norm.num_groups in model.hidden_sizes:
+        return SpecError(
+            "normalization.num_groups",
+            f"group_norm with num_groups={norm.num_groups} puts each channel of a layer "
+            f"{norm.num_groups} wide in a group of its own, of one value per sample here: "
+            "normalized alone, it is always 0, and the output would not depend on the input "
+            "(use fewer groups)",
+        )
+    if norm.type == "layer_norm" and 1 in model.hidden_sizes:
+        return SpecError(
+            "hidden_sizes",
+            "layer_norm over a layer of width 1 normalizes one value per sample, which is "
+            "always 0: the output would not depend on the input (use widths of 2 or more)",
+        )
+    return None
 
 
 class OptimizerSpec(_Strict):
@@ -393,17 +420,37 @@ def check_fits_dataset(spec: JobSpec, info: DatasetInfo) -> None:
             f"{info.name!r} is tabular (use mlp)",
         )
     norm = model.normalization
-    if (
-        norm.type == "instance_norm"
-        and norm.position == "after_activation"
-        and not _last_block_pools(model, info)
-    ):
+    if model.architecture != "mlp" and info.num_features == 1:
+        # One position per channel (pooling keeps at least 2 of any larger input): norms
+        # that average over positions have one value, or crash in the worker ("Expected more
+        # than 1 spatial element when training").
+        if (error := lone_value_norm(model)) is not None:
+            raise SpecError(f"model.{error.field}", error.message)
+        if norm.type == "instance_norm":
+            raise SpecError(
+                "model.normalization.type",
+                f"instance_norm normalizes each channel over its positions; {info.name!r} has "
+                "one feature, so one position (use another normalization)",
+            )
+        if norm.type == "batch_norm" and spec.dataset.batch_size == 1:
+            raise SpecError(
+                "dataset.batch_size",
+                f"batch_norm on {info.name!r}, which has one feature, normalizes each channel "
+                "over the batch alone, which needs at least 2 samples: use a batch_size of 2 "
+                "or more",
+            )
+    # group_norm with one channel per group is instance_norm.
+    per_channel = norm.type == "instance_norm" or (
+        norm.type == "group_norm" and norm.num_groups == model.hidden_sizes[-1]
+    )
+    if per_channel and norm.position == "after_activation" and not _last_block_pools(model, info):
         # Instance norm gives each sample's channel a mean of exactly its bias, and the head
         # averages each channel over positions: the logits would see those biases only, and
         # every other gradient would be zero. (A max pool between the two breaks the mean.)
+        what = "instance_norm" if norm.type == "instance_norm" else "group_norm of one channel"
         raise SpecError(
             "model.normalization.position",
-            f"instance_norm after the activation of this {model.architecture}'s last "
+            f"{what} after the activation of this {model.architecture}'s last "
             "block feeds the head's average pooling, which reduces each channel to the "
             "norm's bias: the output would not depend on the input (use before_activation, "
             "or another normalization)",
@@ -467,3 +514,52 @@ def count_parameters(spec: JobSpec, info: DatasetInfo) -> int:
                     total += block_in * width + width
             channels_in = width
     return total + channels_in * info.num_classes + info.num_classes
+
+
+# The memory estimate: what a run keeps per parameter besides its optimizer's slots (the
+# weight, its gradient, and the frozen copy of the last epoch and the best epoch's copy that
+# snapshots index into), and per activation for the backward pass (the layer's output, the
+# normalized, activated and dropped-out values: a mask of the same size).
+_COPIES_PER_PARAMETER = 4
+_OPTIMIZER_SLOTS = {"adam": 2, "adamw": 2, "rmsprop": 1}  # sgd: 1 with momentum, else 0
+_TENSORS_PER_ACTIVATION = 4
+EVALUATION_CHUNK_SAMPLES = 1024
+
+
+def evaluation_chunk(batch_size: int) -> int:
+    """Samples per forward in evaluation: the largest chunk the trainer computes at once."""
+    return max(batch_size, EVALUATION_CHUNK_SAMPLES)
+
+
+def sample_count(dataset: DatasetSpec, info: DatasetInfo) -> int:
+    """The dataset's samples: a synthetic one has as many as its spec asks for."""
+    return dataset.n_samples if info.synthetic and dataset.n_samples else info.n_samples
+
+
+def memory_bytes(spec: JobSpec, info: DatasetInfo, itemsize: int) -> int:
+    """A generous estimate of the device memory a run of this spec takes, without torch.
+
+    Its parameters' state (weights, gradients, optimizer slots, the snapshots' copies) plus
+    the activations of the largest chunk it computes at once (a training batch, or an
+    evaluation chunk, never more than the dataset's samples) as autograd keeps them, in
+    values of `itemsize` bytes. The data is not counted (uploads have limits of their own).
+    The API refuses a spec over TRAINSVC_MAX_JOB_MEMORY_BYTES with it, and a worker sizes its
+    packs with it.
+    """
+    optimizer = spec.optimizer
+    slots = _OPTIMIZER_SLOTS.get(optimizer.type, 1 if optimizer.momentum > 0 else 0)
+    state = count_parameters(spec, info) * (_COPIES_PER_PARAMETER + slots)
+    model = spec.model
+    if model.architecture == "mlp":
+        per_sample = sum(model.hidden_sizes) + info.num_classes
+    else:  # as build_cnn and build_resnet halve the resolution, while it is at least 4
+        dims, size = len(info.input_shape), min(info.input_shape)
+        positions, per_sample = info.num_features, 0
+        for width in model.hidden_sizes:
+            blocks = model.blocks_per_stage * 2 if model.architecture == "resnet" else 1
+            per_sample += width * positions * blocks
+            if size >= 4:
+                positions, size = max(1, positions // 2**dims), size // 2
+        per_sample += info.num_classes
+    samples = min(evaluation_chunk(spec.dataset.batch_size), sample_count(spec.dataset, info))
+    return (state + samples * per_sample * _TENSORS_PER_ACTIVATION) * itemsize

@@ -122,6 +122,24 @@ def test_limits_are_422_that_say_the_limit(client: TestClient) -> None:
     assert "parameters" in response.json()["detail"][0]["message"]
 
 
+def test_activations_over_the_memory_limit_are_422_however_few_the_parameters(
+    client: TestClient,
+) -> None:
+    """17 M parameters passed the parameter limit, and the worker ran out of memory: 1437
+    digits at once through 4096 channels of 8x8 positions take 1.5 GB a tensor."""
+    wide = {"architecture": "cnn", "hidden_sizes": [4096, 4096], "kernel_size": 1}
+    payload = spec_payload(dataset={"name": "digits", "batch_size": 65536}, model=wide)
+    response = client.post("/v1/jobs", json=payload)
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["field"] == "model"
+    assert "TRAINSVC_MAX_JOB_MEMORY_BYTES" in error["message"]
+    assert client.get("/v1/jobs").json()["items"] == []
+    narrow = {**wide, "hidden_sizes": [64, 64]}
+    payload = spec_payload(dataset={"name": "digits", "batch_size": 65536}, model=narrow)
+    assert client.post("/v1/jobs", json=payload).status_code == 201
+
+
 def test_unknown_dataset_is_422(client: TestClient) -> None:
     response = client.post("/v1/jobs", json=spec_payload(dataset={"name": "imagenet"}))
     assert response.status_code == 422

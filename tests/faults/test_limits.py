@@ -84,7 +84,10 @@ def test_out_of_memory_fails_the_job_and_the_worker_lives_on(
     limit = _vm_size(child) + 512 * 2**20
     resource.prlimit(child, resource.RLIMIT_AS, (limit, limit))
     jobs.settings = Settings(
-        database_url=fresh_postgres_url, max_parameters=10**9, max_layer_width=2**15
+        database_url=fresh_postgres_url,
+        max_parameters=10**9,
+        max_layer_width=2**15,
+        max_job_memory_bytes=2**40,
     )
     too_big = jobs.submit(tiny_spec(model={"architecture": "mlp", "hidden_sizes": [16384, 16384]}))
     wait_until(lambda: jobs.status(too_big) not in ("queued", "running"), 60, "the big job")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from app.core.catalog import BUILTIN_DATASETS
+from app.core.catalog import BUILTIN_DATASETS, DatasetInfo
 from app.core.spec import SpecError, check_fits_dataset, count_parameters
 from tests.training.helpers import make_spec, train
 
@@ -77,6 +77,17 @@ def test_sequence_data_gets_1d_convolutions(architecture: str) -> None:
             "divisible",
         ),
         ({"hidden_sizes": [8, 8], "dropout": {"rate": [0.1]}}, "dropout.rate", "2 hidden layers"),
+        # Each group one value: normalized to 0, so the output would be the same for any input.
+        (
+            {"hidden_sizes": [16, 8], "normalization": {"type": "group_norm", "num_groups": 8}},
+            "normalization.num_groups",
+            "not depend on the input",
+        ),
+        (
+            {"hidden_sizes": [16, 1], "normalization": {"type": "layer_norm"}},
+            "hidden_sizes",
+            "not depend on the input",
+        ),
     ],
 )
 def test_impossible_combinations_say_why(model: dict[str, object], field: str, reason: str) -> None:
@@ -122,3 +133,49 @@ def test_instance_norm_that_the_head_would_average_away_is_refused(
         spec.model_copy(update={"model": spec.model.model_copy(update={"normalization": before})}),
         info,
     )
+
+
+@pytest.mark.parametrize("architecture", ["cnn", "resnet"])
+def test_group_norm_of_one_channel_that_the_head_would_average_away_is_refused(
+    architecture: str,
+) -> None:
+    """group_norm with as many groups as channels is instance_norm, and trained as badly
+    (digits: 8x8 -> 4x4 -> 2x2, and the cnn's last block does not pool)."""
+    norm = {"type": "group_norm", "num_groups": 8, "position": "after_activation"}
+    model = {"architecture": architecture, "hidden_sizes": [16, 16, 8], "normalization": norm}
+    spec = make_spec(model=model)
+    digits = BUILTIN_DATASETS["digits"]
+    with pytest.raises(SpecError, match="not depend on the input") as raised:
+        check_fits_dataset(spec, digits)
+    assert raised.value.field == "model.normalization.position"
+    two_per_group = spec.model.model_copy(update={"hidden_sizes": [16, 16, 16]})
+    check_fits_dataset(spec.model_copy(update={"model": two_per_group}), digits)
+
+
+ONE_FEATURE = DatasetInfo("upload:00000000-0000-0000-0000-000000000001", "sequence", (1,), 2, 100)
+
+
+@pytest.mark.parametrize(
+    ("normalization", "batch_size", "field"),
+    [
+        # The worker failed: "Expected more than 1 spatial element when training".
+        ({"type": "instance_norm"}, 32, "model.normalization.type"),
+        # "Expected more than 1 value per channel when training".
+        ({"type": "batch_norm"}, 1, "dataset.batch_size"),
+        # These trained, to an output that no input changed.
+        ({"type": "group_norm", "num_groups": 4}, 32, "model.normalization.num_groups"),
+        ({"type": "layer_norm"}, 32, "model.hidden_sizes"),
+    ],
+)
+def test_conv_norms_over_one_position_are_refused(
+    normalization: dict[str, object], batch_size: int, field: str
+) -> None:
+    widths = [1] if normalization["type"] == "layer_norm" else [4]
+    spec = make_spec(
+        dataset={"name": ONE_FEATURE.name, "batch_size": batch_size},
+        model={"architecture": "cnn", "hidden_sizes": widths, "normalization": normalization},
+    )
+    with pytest.raises(SpecError) as raised:
+        check_fits_dataset(spec, ONE_FEATURE)
+    assert raised.value.field == field
+    check_fits_dataset(spec, BUILTIN_DATASETS["mnist1d"])  # 40 positions: each norm has values

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812  (the PyTorch convention)
 
-from app.core.spec import JobSpec
+from app.core.spec import JobSpec, evaluation_chunk
 from worker.training.checkpoint import (
     optimizer_state_from_json,
     pack_state,
@@ -38,7 +38,8 @@ from worker.training.optim import build_optimizer, lr_factor
 from worker.training.probes import Probes
 
 # The fixed training slice evaluated in eval mode every epoch: the training side of the
-# generalization gap, and the probe batch for per-layer statistics. Evaluated in one chunk.
+# generalization gap, and the probe batch for per-layer statistics. Evaluated in one chunk
+# (it is at most app.core.spec.EVALUATION_CHUNK_SAMPLES).
 TRAIN_EVAL_SAMPLES = 512
 
 
@@ -310,7 +311,7 @@ class TrainingRun:
         self.model.eval()
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
-        chunk = max(self.batch_size, 1024, TRAIN_EVAL_SAMPLES)
+        chunk = evaluation_chunk(self.batch_size)
         for start in range(0, len(x), chunk):
             xb, yb = x[start : start + chunk], y[start : start + chunk]
             with self._precision():

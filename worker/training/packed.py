@@ -48,7 +48,7 @@ import torch.nn.functional as F  # noqa: N812  (the PyTorch convention)
 from torch import nn
 
 from app.core.catalog import DatasetInfo
-from app.core.spec import JobSpec, count_parameters
+from app.core.spec import JobSpec, evaluation_chunk, memory_bytes
 from worker.training.checkpoint import (
     optimizer_state_from_json,
     pack_state,
@@ -124,46 +124,11 @@ def pack_key(spec: JobSpec) -> Hashable | None:
     )
 
 
-# What a trial keeps per parameter besides its optimizer's slots: the weight, its gradient, and
-# the frozen copy of the last epoch and the best epoch's copy that snapshots index into.
-_COPIES_PER_PARAMETER = 4
-_OPTIMIZER_SLOTS = {"adam": 2, "adamw": 2, "rmsprop": 1}  # sgd: 1 with momentum, else 0
-# What autograd keeps per activation for the backward pass: the layer's output, the
-# normalized, activated and dropped-out values (a mask of the same size).
-_TENSORS_PER_ACTIVATION = 4
-
-
 def trial_memory_bytes(spec: JobSpec, info: DatasetInfo) -> int:
-    """A generous estimate of the device memory one more trial of this spec adds to a pack.
-
-    Its parameters' state (weights, gradients, optimizer slots, the snapshots' copies) plus
-    the activations of the largest chunk it computes at once (a training batch, or an
-    evaluation chunk) as autograd keeps them; in torch's default dtype. The data is the
-    pack's, shared by every trial, and not counted here.
-    """
-    itemsize = torch.get_default_dtype().itemsize
-    optimizer = spec.optimizer
-    slots = _OPTIMIZER_SLOTS.get(optimizer.type, 1 if optimizer.momentum > 0 else 0)
-    state = count_parameters(spec, info) * (_COPIES_PER_PARAMETER + slots)
-    model = spec.model
-    if model.architecture == "mlp":
-        per_sample = sum(model.hidden_sizes) + info.num_classes
-    else:  # as build_cnn and build_resnet halve the resolution, while it is at least 4
-        dims, size = len(info.input_shape), min(info.input_shape)
-        positions, per_sample = info.num_features, 0
-        for width in model.hidden_sizes:
-            blocks = model.blocks_per_stage * 2 if model.architecture == "resnet" else 1
-            per_sample += width * positions * blocks
-            if size >= 4:
-                positions, size = max(1, positions // 2**dims), size // 2
-        per_sample += info.num_classes
-    activations = _evaluation_chunk(spec.dataset.batch_size) * per_sample * _TENSORS_PER_ACTIVATION
-    return (state + activations) * itemsize
-
-
-def _evaluation_chunk(batch_size: int) -> int:
-    """Samples per forward in evaluation: the largest chunk any trial computes at once."""
-    return max(batch_size, 1024, TRAIN_EVAL_SAMPLES)
+    """A generous estimate of the device memory one more trial of this spec adds to a pack, in
+    torch's default dtype (app.core.spec.memory_bytes; the data is the pack's, shared by every
+    trial)."""
+    return memory_bytes(spec, info, torch.get_default_dtype().itemsize)
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
@@ -1014,7 +979,7 @@ class PackedRun:
         count = len(self.active)
         total = torch.zeros(count, device=self.device, dtype=torch.float64)
         correct = torch.zeros(count, device=self.device, dtype=torch.long)
-        chunk = _evaluation_chunk(self.batch_size)
+        chunk = evaluation_chunk(self.batch_size)
         for start in range(0, len(x), chunk):
             xb = x[start : start + chunk]
             yb = y[..., start : start + chunk]

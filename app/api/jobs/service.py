@@ -44,7 +44,15 @@ from app.core.errors import (
 )
 from app.core.models import Checkpoint, EpochMetric, Job, JobAttempt, JobStatus, WebhookDelivery
 from app.core.models.jobs import ACTIVE_STATUSES, ENDED_STATUSES
-from app.core.spec import JobSpec, SpecError, check_fits_dataset, count_parameters
+from app.core.spec import (
+    EVALUATION_CHUNK_SAMPLES,
+    JobSpec,
+    SpecError,
+    check_fits_dataset,
+    count_parameters,
+    memory_bytes,
+    sample_count,
+)
 from app.core.tenancy import Caller, ScopedRead, scoped, storage_bytes
 
 
@@ -99,6 +107,17 @@ def check_limits(session: Session, spec: JobSpec, settings: Settings, caller: Ca
             "model",
             f"{parameters} parameters; at most {settings.max_parameters} (TRAINSVC_MAX_PARAMETERS)",
         )
+    itemsize = 8 if settings.training_dtype == "float64" else 4
+    needed = memory_bytes(spec, info, itemsize)
+    if needed > settings.max_job_memory_bytes:
+        raise InvalidInput(
+            "model",
+            f"training would take about {needed} bytes of memory (the parameters' state, and "
+            "the activations of layers this wide for a batch, or for an evaluation chunk of "
+            f"{EVALUATION_CHUNK_SAMPLES} samples); at most {settings.max_job_memory_bytes} "
+            "(TRAINSVC_MAX_JOB_MEMORY_BYTES): use fewer or narrower layers, or a smaller "
+            "batch_size",
+        )
     if spec.max_wall_seconds is not None and spec.max_wall_seconds > settings.max_wall_seconds:
         raise InvalidInput(
             "max_wall_seconds",
@@ -113,7 +132,7 @@ def check_limits(session: Session, spec: JobSpec, settings: Settings, caller: Ca
     # worker cannot train on is a 422 here, not a failed job ("range() arg 3 must not be
     # zero"). A batch larger than the training set is fine: the trainer takes the minimum.
     dataset = spec.dataset
-    n = dataset.n_samples if info.synthetic and dataset.n_samples else info.n_samples
+    n = sample_count(dataset, info)
     n_val = max(1, round(n * dataset.val_fraction))
     n_train = n - n_val
     if dataset.train_subset is not None and dataset.train_subset < n_train:
