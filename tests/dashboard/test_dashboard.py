@@ -369,3 +369,127 @@ def test_the_event_stream_reader_parses_split_chunks_and_resumes_after_a_drop(
     assert "last-event-id" not in requests[0]
     assert requests[1]["last-event-id"] == "9"
     assert len(requests) == 2  # the job ended: no third connection
+
+
+def test_the_table_shows_a_running_jobs_best_so_far_and_recovers_from_an_outage(
+    processes: Processes, page: Any
+) -> None:
+    url = processes.api("up")
+    long_job = {**SPEC, "name": "long", "epochs": 500, "dataset": {"name": "digits"}}
+    job_id = _submit(url, long_job)
+
+    def val_accuracies() -> list[float]:
+        epochs = httpx.get(f"{url}/v1/jobs/{job_id}/metrics", timeout=10).json()["epochs"]
+        return [row["val_accuracy"] for row in epochs]
+
+    wait_until(lambda: len(val_accuracies()) >= 2, 120, "two epochs")
+    # The service is down (its list and its event stream unreachable) when the page opens.
+    down = {"on": True}
+
+    def unreachable(route: Any) -> None:
+        if down["on"]:
+            route.abort()
+        else:
+            route.continue_()
+
+    page.route("**/v1/jobs?*", unreachable)
+    page.route("**/v1/events*", unreachable)
+    page.goto(f"{url}/#/jobs")
+    page.wait_for_selector(".error-box")
+    assert "did not answer" in page.inner_text(".error-box")
+    before = max(val_accuracies())
+    down["on"] = False
+    # Back: the table fills in by itself, without "live" over an empty table.
+    cell = page.locator(f'tr[data-job-id="{job_id}"] .col-best')
+    cell.wait_for()
+    page.wait_for_selector("#live.state-live")
+    assert page.locator(".error-box").count() == 0
+    # The events bring only epochs to come: the best so far is read from the job's metrics,
+    # shown at once (no epoch event is let through) and never below it.
+    page.route("**/v1/events*", lambda route: route.abort())
+    page.wait_for_function(
+        f"""() => /\\d %/.test(document.querySelector(
+            'tr[data-job-id="{job_id}"] .col-best').textContent)"""
+    )
+    shown = float(cell.inner_text().rstrip(" %")) / 100
+    assert before - 0.0005 <= shown <= max(val_accuracies()) + 0.0005
+    httpx.post(f"{url}/v1/jobs/{job_id}/cancel", timeout=10)
+
+
+def test_a_mistyped_id_and_an_effect_without_an_interval_read_as_a_person_expects(
+    processes: Processes, page: Any
+) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "app.cli", "migrate"],
+        check=True,
+        cwd=processes.workdir,
+        env=processes.env,
+        capture_output=True,
+    )
+    url = processes.api("serve")  # no worker: nothing trains
+    # A job's short id, as the table shows it, is not an id: "No such job", not raw JSON.
+    page.goto(f"{url}/#/jobs/85b0669f")
+    page.wait_for_selector("text=No such job")
+    page.goto(f"{url}/#/studies/85b0669f")
+    page.wait_for_selector("text=No such study")
+    assert "[{" not in page.inner_text("main")
+
+    # One pair: the report gives an estimate and no interval (ci_low, ci_high null).
+    study = httpx.post(f"{url}/v1/studies", json=STUDY, timeout=30).json()
+    report = httpx.get(f"{url}/v1/studies/{study['id']}/report", timeout=10).json()
+    report["effects"] = [
+        {
+            "axis": "model.normalization.type",
+            "value": "batch_norm",
+            "baseline": "none",
+            "pairs": 1,
+            "epochs_to_target": {
+                "estimate": 1.5,
+                "ci_low": None,
+                "ci_high": None,
+                "n": 1,
+                "kind": "ratio: baseline epochs / these epochs (above 1: fewer epochs)",
+                "reading": "too few pairs to judge batch_norm on epochs to target",
+            },
+        }
+    ]
+    page.route("**/report", lambda route: route.fulfill(status=200, json=report))
+    page.goto(f"{url}/#/studies/{study['id']}")
+    row = page.locator("table.effects tbody tr").first
+    row.wait_for()
+    text = row.inner_text()
+    assert "1.5\N{MULTIPLICATION SIGN} (no interval from 1 pair)" in text
+    assert "\N{EN DASH}\N{MULTIPLICATION SIGN}" not in text  # no missing bounds
+    assert "1 pairs" not in text
+    # The estimate's point is drawn inside its cell, not over the reading beside it.
+    cell = row.locator(".interval-cell").bounding_box()
+    point = row.locator(".interval .point").bounding_box()
+    assert cell["x"] <= point["x"]
+    assert point["x"] + point["width"] <= cell["x"] + cell["width"]
+    assert row.locator(".interval .range").count() == 0
+
+
+def test_a_job_that_ended_before_its_first_epoch_says_none_will_come(
+    processes: Processes, page: Any
+) -> None:
+    """An ended job without epochs read "No epochs yet: the chart fills in as the job trains",
+    "Training time 0 ms" and "None yet" for checkpoints, as if it might still train."""
+    processes.migrate()
+    url = processes.api("serve")  # no worker: the job waits queued until it is cancelled
+    job_id = _submit(url, SPEC)
+    page.goto(f"{url}/#/jobs/{job_id}")
+    page.wait_for_selector("h1 .badge.queued")
+    page.wait_for_selector("#live.state-live")
+    empty_charts = page.locator(".chart-card .empty")
+    assert "fills in as the job trains" in empty_charts.first.inner_text()
+
+    cancelled = httpx.post(f"{url}/v1/jobs/{job_id}/cancel", timeout=10)
+    assert cancelled.json()["status"] == "cancelled"
+    page.wait_for_selector("h1 .badge.cancelled")  # told by the event stream
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.chart-card .empty')].every("
+        "(p) => p.textContent.includes('ended before its first'))"
+    )
+    page.wait_for_selector("text=None: the job ended before a checkpoint was saved.")
+    training_time = page.locator(".fact", has=page.locator("dt", has_text="Training time"))
+    assert training_time.locator("dd").inner_text().strip() == "\u2013"  # an en dash: no figure

@@ -4,9 +4,18 @@
 
 const KEY_STORAGE = "trainsvc.key";
 
+// A 422's detail is a list of {field, message}: said as "field: message", never as raw JSON.
+function describe(detail) {
+  if (typeof detail === "string") return detail;
+  if (Array.isArray(detail)) {
+    return detail.map((item) => (item && item.message ? `${item.field ? `${item.field}: ` : ""}${item.message}` : JSON.stringify(item))).join("; ");
+  }
+  return JSON.stringify(detail);
+}
+
 export class ApiError extends Error {
   constructor(status, code, detail) {
-    super(typeof detail === "string" ? detail : JSON.stringify(detail));
+    super(describe(detail));
     this.status = status;
     this.code = code;
     this.detail = detail;
@@ -77,7 +86,13 @@ function reasonFor(error) {
 export async function request(path, options = {}) {
   for (;;) {
     const headers = authorize(new Headers(options.headers || {}));
-    const response = await fetch(path, { ...options, headers });
+    let response;
+    try {
+      response = await fetch(path, { ...options, headers });
+    } catch {
+      // The browser's own words for this are "Failed to fetch".
+      throw new ApiError(0, "unreachable", "the service did not answer; is it running?");
+    }
     if (response.status === 401) {
       await askForKey(reasonFor(await errorOf(response)));
       continue;

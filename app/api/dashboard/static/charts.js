@@ -18,11 +18,14 @@ export function forgetCharts() {
   }
 }
 
+const TRAINING = "No epochs yet: the chart fills in as the job trains.";
+const NEVER = "No epoch finished: the job ended before its first.";
+
 // A chart card: title, a short explanation, and the chart. `series` is [{label, color, dash}];
-// `data` is [epochs, values...] as uPlot wants it. Returns {card, update(data)}.
+// `data` is [epochs, values...] as uPlot wants it. Returns {card, update(data, ended)}.
 export function lineChart({ name, title, help, yLabel, series, data, yRange }) {
   const target = el("div", { class: "chart", dataset: { chart: name, points: "0" } });
-  const empty = el("p", { class: "empty small" }, "No epochs yet: the chart fills in as the job trains.");
+  const empty = el("p", { class: "empty small" }, TRAINING);
   const card = el("section", { class: "card chart-card" }, el("h3", {}, title), help ? el("p", { class: "help" }, help) : null, target, empty);
   const options = {
     width: 400,
@@ -60,11 +63,13 @@ export function lineChart({ name, title, help, yLabel, series, data, yRange }) {
     }
   }
 
-  function update(next) {
+  // `ended`: the job will add no epoch, so an empty chart stays empty and says so.
+  function update(next, ended = false) {
     pending = next;
     const points = next[0].length;
     target.dataset.points = String(points);
     empty.hidden = points > 0;
+    empty.textContent = ended ? NEVER : TRAINING;
     if (chart) chart.setData(next);
   }
 

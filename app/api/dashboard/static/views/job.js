@@ -253,10 +253,11 @@ export function jobView(root, jobId, context) {
     frame = requestAnimationFrame(() => {
       frame = null;
       const rows = sorted();
-      lossChart.update(columns(rows, [(r) => r.train_loss, (r) => r.val_loss]));
-      accuracyChart.update(columns(rows, [(r) => r.train_accuracy, (r) => r.val_accuracy]));
-      gapChart.update(columns(rows, [(r) => r.generalization_gap]));
-      gradChart.update(columns(rows, [(r) => r.grad_norm_mean, (r) => r.grad_norm_max]));
+      const ended = Boolean(job && ENDED.has(job.status));
+      lossChart.update(columns(rows, [(r) => r.train_loss, (r) => r.val_loss]), ended);
+      accuracyChart.update(columns(rows, [(r) => r.train_accuracy, (r) => r.val_accuracy]), ended);
+      gapChart.update(columns(rows, [(r) => r.generalization_gap]), ended);
+      gradChart.update(columns(rows, [(r) => r.grad_norm_mean, (r) => r.grad_norm_max]), ended);
       drawLayers(rows);
       drawProbes(rows);
       if (job) drawFacts();
@@ -366,7 +367,7 @@ export function jobView(root, jobId, context) {
       fact("Final val loss", number(summary.final_val_loss ?? rows[rows.length - 1]?.val_loss)),
       fact("Attempts", String(job.attempts)),
       fact("Trained", trainedIn(job)),
-      fact("Training time", duration(seconds), rows.length ? el("span", { class: "help" }, ` (${duration(seconds / rows.length)} per epoch)`) : null),
+      fact("Training time", rows.length ? duration(seconds) : "–", rows.length ? el("span", { class: "help" }, ` (${duration(seconds / rows.length)} per epoch)`) : null),
       fact("Parameters", summary.parameters ? summary.parameters.toLocaleString() : "–"),
       fact("Submitted", el("span", { title: moment(job.created_at) }, age(job.created_at))),
       fact("Finished", job.finished_at ? el("span", { title: moment(job.finished_at) }, age(job.finished_at)) : "–"),
@@ -420,7 +421,9 @@ export function jobView(root, jobId, context) {
     try {
       const { items } = await getJSON(`/v1/jobs/${jobId}/checkpoints`);
       if (!items.length) {
-        clear(checkpoints, el("p", { class: "empty" }, "None yet: the latest is saved every so often while the job trains (TRAINSVC_CHECKPOINT_EVERY_SECONDS) and when it ends."));
+        clear(checkpoints, el("p", { class: "empty" }, job && ENDED.has(job.status)
+          ? "None: the job ended before a checkpoint was saved."
+          : "None yet: the latest is saved every so often while the job trains (TRAINSVC_CHECKPOINT_EVERY_SECONDS) and when it ends."));
         return;
       }
       clear(
@@ -460,6 +463,7 @@ export function jobView(root, jobId, context) {
     drawHead();
     drawFacts();
     drawAttempts();
+    drawSoon(); // the charts say whether more epochs may come
   }
 
   function onEvent({ type, data }) {
@@ -471,9 +475,11 @@ export function jobView(root, jobId, context) {
       return;
     }
     if (type === "status") {
-      reloadJob().catch(() => {});
+      const reloaded = reloadJob();
+      reloaded.catch(() => {});
       if (ENDED.has(data.status)) {
-        drawCheckpoints();
+        // Once the job is read as ended: an ended job without a checkpoint says so.
+        reloaded.finally(drawCheckpoints).catch(() => {});
         refreshLayersSoon();
       } else if (data.status === "running") {
         drawCheckpoints();
@@ -486,7 +492,8 @@ export function jobView(root, jobId, context) {
       await reloadJob();
     } catch (error) {
       clear(root, el("p", { class: "crumbs" }, el("a", { href: "#/jobs" }, "← All jobs")),
-        error instanceof ApiError && error.status === 404
+        // 422: not a job id at all (a mistyped or shortened URL).
+        error instanceof ApiError && (error.status === 404 || error.status === 422)
           ? el("div", { class: "empty" }, el("h1", {}, "No such job"), el("p", {}, `There is no job ${jobId}, or it belongs to another tenant.`))
           : errorBox(error));
       return;

@@ -231,21 +231,42 @@ export function jobsView(root, params, context) {
   const listQuery = () =>
     query({ status: filters.status, tag: filters.tag, study_id: filters.study, limit: PAGE_SIZE, cursor });
 
+  // A running job has no summary yet, and epoch events only tell the epochs since the page
+  // opened: its best so far comes from its metrics, read once, then follows the events.
+  async function readBestSoFar(entry) {
+    if (entry.job.status !== "running" || entry.job.summary) return;
+    try {
+      const page = await getJSON(`/v1/jobs/${entry.job.id}/metrics`);
+      for (const row of page.epochs) {
+        if (typeof row.val_accuracy === "number") entry.liveBest = Math.max(entry.liveBest ?? 0, row.val_accuracy);
+      }
+      redrawSoon(entry.job.id);
+    } catch {
+      // The events still bring the epochs to come.
+    }
+  }
+
+  let pageError = null;
   async function loadPage() {
     loadMore.disabled = true;
     try {
       const page = await getJSON(`/v1/jobs${listQuery()}`);
+      if (pageError) pageError.remove();
+      pageError = null;
       for (const job of page.items) {
         if (rows.has(job.id)) continue;
         const entry = { job, tr: null, liveBest: null };
         rows.set(job.id, entry);
         tbody.append(renderRow(entry));
+        readBestSoFar(entry);
       }
       cursor = page.next_cursor;
       loaded = true;
       showCount();
     } catch (error) {
-      root.append(errorBox(error));
+      if (pageError) pageError.remove();
+      pageError = errorBox(error);
+      root.append(pageError);
     } finally {
       loadMore.disabled = false;
     }
@@ -274,6 +295,7 @@ export function jobsView(root, params, context) {
       if (entry) {
         entry.job = await getJSON(`/v1/jobs/${id}`);
         redrawSoon(id);
+        readBestSoFar(entry);
       }
     } catch {
       // A deleted job keeps its last row; the next load drops it.
@@ -302,6 +324,7 @@ export function jobsView(root, params, context) {
       if (before) tbody.insertBefore(tr, before);
       else tbody.append(tr);
       showCount();
+      readBestSoFar(entry);
     } catch {
       // Gone already: nothing to show.
     }
@@ -325,6 +348,11 @@ export function jobsView(root, params, context) {
   // Events that arrive before the first page are held, then applied to it: the stream opens
   // first so that nothing between the page's read and the stream's start is missed.
   const early = [];
+  let firstLoad = Promise.resolve();
+  async function loadFirstPage() {
+    await loadPage();
+    if (loaded) for (const event of early.splice(0)) onEvent(event);
+  }
   function onEvent(event) {
     if (!loaded) {
       early.push(event);
@@ -361,15 +389,18 @@ export function jobsView(root, params, context) {
 
   const stream = followEvents(`/v1/events${query({ study_id: filters.study })}`, {
     onEvent,
-    onState: context.setLive,
+    onState(state) {
+      context.setLive(state);
+      // The service is back after the first page failed (it was down): read the page now,
+      // rather than say "live" over an empty table.
+      if (state === "live" && !loaded) firstLoad = firstLoad.then(() => (loaded ? undefined : loadFirstPage()));
+    },
   });
   const ages = setInterval(() => {
     for (const time of tbody.querySelectorAll("time")) time.textContent = age(time.getAttribute("datetime"));
   }, 30000);
 
-  loadPage().then(() => {
-    for (const event of early.splice(0)) onEvent(event);
-  });
+  firstLoad = loadFirstPage();
   return () => {
     stream.close();
     clearInterval(ages);

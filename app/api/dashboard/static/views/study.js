@@ -65,14 +65,18 @@ const METRICS = {
   epochs_to_target: { label: "Epochs to target", format: (v) => `${number(v, 2)}×` },
 };
 
+// Too few pairs for a bootstrap (one pair): the report gives an estimate and no interval.
+const hasInterval = (effect) => effect.ci_low !== null && effect.ci_low !== undefined && effect.ci_high !== null && effect.ci_high !== undefined;
+
 // One effect as an interval on an axis shared by its metric's rows, with zero (or 1 for a
 // ratio) marked: a person sees at a glance whether the interval crosses "no effect".
 function intervalBar(effect, scale, neutral) {
   const position = (v) => `${(((v - scale.low) / (scale.high - scale.low)) * 100).toFixed(2)}%`;
-  const crosses = effect.ci_low <= neutral && effect.ci_high >= neutral;
+  const bounded = hasInterval(effect);
+  const crosses = !bounded || (effect.ci_low <= neutral && effect.ci_high >= neutral);
   return el("div", { class: `interval ${crosses ? "neutral" : "clear"}`, title: effect.reading },
     el("span", { class: "zero", style: `left: ${position(neutral)}` }),
-    el("span", { class: "range", style: `left: ${position(effect.ci_low)}; width: calc(${position(effect.ci_high)} - ${position(effect.ci_low)})` }),
+    bounded ? el("span", { class: "range", style: `left: ${position(effect.ci_low)}; width: calc(${position(effect.ci_high)} - ${position(effect.ci_low)})` }) : null,
     el("span", { class: "point", style: `left: ${position(effect.estimate)}` }),
   );
 }
@@ -86,7 +90,9 @@ function effectsSection(effects) {
     const rows = effects.filter((effect) => effect[metric] && effect[metric].estimate !== null && effect[metric].estimate !== undefined);
     if (!rows.length) continue;
     const neutral = metric === "epochs_to_target" ? 1 : 0;
-    const values = rows.flatMap((effect) => [effect[metric].ci_low, effect[metric].ci_high]).concat(neutral);
+    const values = rows
+      .flatMap((effect) => (hasInterval(effect[metric]) ? [effect[metric].ci_low, effect[metric].ci_high] : [effect[metric].estimate]))
+      .concat(neutral);
     let low = Math.min(...values);
     let high = Math.max(...values);
     const pad = (high - low) * 0.08 || 1;
@@ -98,8 +104,10 @@ function effectsSection(effects) {
       el("tbody", {}, rows.map((effect) => {
         const value = effect[metric];
         return el("tr", {},
-          el("td", {}, el("code", {}, `${effect.axis} = ${effect.value}`), el("div", { class: "help" }, `vs ${effect.baseline}, ${value.n} pairs`)),
-          el("td", { class: "mono" }, `${format(value.estimate)} [${format(value.ci_low)}, ${format(value.ci_high)}]`),
+          el("td", {}, el("code", {}, `${effect.axis} = ${effect.value}`), el("div", { class: "help" }, `vs ${effect.baseline}, ${value.n} pair${value.n === 1 ? "" : "s"}`)),
+          el("td", { class: "mono" }, hasInterval(value)
+            ? `${format(value.estimate)} [${format(value.ci_low)}, ${format(value.ci_high)}]`
+            : `${format(value.estimate)} (no interval from ${value.n} pair${value.n === 1 ? "" : "s"})`),
           el("td", { class: "interval-cell" }, intervalBar(value, { low, high }, neutral)),
           el("td", {}, value.reading));
       })))));
@@ -181,7 +189,8 @@ export function studyView(root, studyId) {
   }
 
   load().catch((error) => {
-    clear(body, error instanceof ApiError && error.status === 404
+    // 422: not a study id at all (a mistyped or shortened URL).
+    clear(body, error instanceof ApiError && (error.status === 404 || error.status === 422)
       ? el("div", { class: "empty" }, el("h1", {}, "No such study"), el("p", {}, `There is no study ${studyId}.`))
       : errorBox(error));
   });
