@@ -93,13 +93,25 @@ def check_url(url: str, policy: WebhookPolicy, field: str = "callback.url") -> N
         raise InvalidInput(field, f"is not a well-formed URL: {exc}") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidInput(field, "must be an http:// or https:// URL with a host")
+    bad_port = InvalidInput(field, "the port must be a number from 1 to 65535")
     try:
-        parts.port  # noqa: B018 (urlsplit checks the port only when it is read)
+        port = parts.port  # urlsplit checks the port only when it is read
     except ValueError as exc:
-        raise InvalidInput(field, "the port must be a number from 0 to 65535") from exc
+        raise bad_port from exc
+    if port == 0:  # nothing can be reached on port 0: every delivery would fail
+        raise bad_port
+    if parts.username is not None or parts.password is not None:
+        # The URL is shown with the job, its study and its deliveries; the secret is not.
+        raise InvalidInput(
+            field, "must not hold a user name or password (they would be shown with the job)"
+        )
     host = parts.hostname.lower().removesuffix(".")  # "localhost." is localhost
     if not _HOST.fullmatch(host):
         raise InvalidInput(field, f"{host!r} is not a host name or address")
+    try:
+        httpx.URL(url)  # what a delivery sends to: a name IDNA cannot encode fails every one
+    except httpx.InvalidURL as exc:
+        raise InvalidInput(field, f"cannot be sent to: {exc}") from exc
     allowed_hosts = policy.allowed_hosts
     if allowed_hosts and not any(_host_matches(host, allowed) for allowed in allowed_hosts):
         raise InvalidInput(field, f"host {host!r} is not allowed (TRAINSVC_WEBHOOK_ALLOWED_HOSTS)")
@@ -300,16 +312,15 @@ def _send_one(
     error: str | None = None
     try:
         check_url(url, policy)
-        response = client.post(
-            url,
-            content=body,
-            headers={
-                "Content-Type": "application/json",
-                SIGNATURE_HEADER: sign(secret, int(time.time()), body),
-                DELIVERY_HEADER: str(delivery_id),
-            },
-        )
-        status_code = response.status_code
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign(secret, int(time.time()), body),
+            DELIVERY_HEADER: str(delivery_id),
+        }
+        # Only the status counts, so the body is never read: a receiver's endless or
+        # gigabyte answer (post() reads it whole) would otherwise fill the worker's memory.
+        with client.stream("POST", url, content=body, headers=headers) as response:
+            status_code = response.status_code
         if not 200 <= status_code < 300:
             error = f"the receiver answered {status_code}"
     except InvalidInput as exc:

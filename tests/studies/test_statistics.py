@@ -113,6 +113,10 @@ def test_readings_claim_no_more_than_the_interval() -> None:
     )
     assert statistics.read_epoch_ratio("x", Estimate(3.0, 3.0, 3.0, 2)).startswith("too few")
     ratio = statistics.read_epoch_ratio
+    # Half the baseline's speed is twice the epochs, not "0.5x fewer".
+    assert ratio("lr 50.0", Estimate(0.5, None, None, 1)) == (
+        "too few pairs to judge lr 50.0 on epochs to target (n=1; it takes 4): 2x more on average"
+    )
     assert ratio("batch_norm", Estimate(4.1, 3.2, 5.0, 9)) == (
         "batch_norm reached the target in 4.1x fewer epochs [3.2, 5], n=9"
     )

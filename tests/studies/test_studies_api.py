@@ -362,3 +362,23 @@ def test_preset_architecture_override_drops_what_an_mlp_cannot_do() -> None:
     assert "instance_norm" not in grid["model.normalization.type"]
     base, _ = resolve_preset("normalization-zoo", dataset="mnist1d", epochs=3)
     assert (base["dataset"]["name"], base["epochs"]) == ("mnist1d", 3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"seeds": [0, 0]}, "seeds"),
+        ({"seeds": [-1]}, "seeds.0"),
+        ({"seeds": [True]}, "seeds.0"),
+        ({"epochs": True}, "epochs"),
+    ],
+)
+def test_a_presets_overrides_are_checked_as_what_was_sent(
+    client: TestClient, overrides: dict[str, Any], field: str
+) -> None:
+    """They were checked only as the expanded grid: a 422 on "grid.seed" or "grid[0].seed",
+    fields the request did not have, and a seed of true was seed 1."""
+    body = {"preset": "normalization-zoo", "epochs": 2, **overrides}
+    response = client.post("/v1/studies", json=body)
+    assert response.status_code == 422, response.text
+    assert [item["field"] for item in response.json()["detail"]] == [field]

@@ -4,9 +4,13 @@ import dataclasses
 import json
 import logging
 import socket
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -213,14 +217,14 @@ def test_a_delivery_httpx_cannot_send_is_its_own_failed_attempt_and_the_rest_go(
             session.execute(
                 update(WebhookDelivery)
                 .where(WebhookDelivery.job_id == uuid.UUID(broken["id"]))
-                .values(url=receiver.url + "\x01")  # passes check_url; httpx refuses it
+                .values(url=receiver.url + "\x01")  # httpx refuses it
             )
             session.commit()
         assert webhooks.send_due(session_factory, policy) == 2
         assert len(receiver.received) == 1
     [failed] = deliveries(client, broken["id"])
     assert (failed["status"], failed["attempts"]) == ("pending", 1)
-    assert failed["last_error"].startswith("InvalidURL")
+    assert "non-printable ASCII character" in failed["last_error"]
     assert failed["next_attempt_at"] is not None
     [delivered] = deliveries(client, sound["id"])
     assert delivered["status"] == "delivered"
@@ -269,7 +273,14 @@ def test_a_study_gives_each_job_the_callback_and_keeps_no_secret(
         json={"base": with_callback("http://10.1.2.3/x"), "grid": {"seed": [0, 1]}},
     )
     assert refused.status_code == 422
-    assert "callback.url" in [item["field"] for item in refused.json()["detail"]]
+    # The study's field, not a job's: a study request has no top-level callback.
+    assert [item["field"] for item in refused.json()["detail"]] == ["base.callback.url"]
+    no_secret = client.post(
+        "/v1/studies",
+        json={"base": spec_payload(callback={"url": url}), "grid": {"seed": [0, 1]}},
+    )
+    assert no_secret.status_code == 422
+    assert [item["field"] for item in no_secret.json()["detail"]] == ["base.callback.secret"]
 
 
 PUBLIC_ONLY = webhooks.WebhookPolicy((), retry_for_seconds=3600, timeout_seconds=5)
@@ -316,13 +327,19 @@ def test_without_a_host_list_a_callback_may_not_name_a_private_address(url: str)
     [
         ("http://exa mple.com/hook", "is not a host name or address"),
         ("http://ex%41mple.com/hook", "is not a host name or address"),
-        ("http://example.com:99999/hook", "the port must be a number from 0 to 65535"),
-        ("http://example.com:http/hook", "the port must be a number from 0 to 65535"),
+        ("http://example.com:99999/hook", "the port must be a number from 1 to 65535"),
+        ("http://example.com:http/hook", "the port must be a number from 1 to 65535"),
+        ("http://example.com:0/hook", "the port must be a number from 1 to 65535"),
         ("http://[::1/hook", "is not a well-formed URL"),  # urlsplit raised: a 500
+        ("http://\uff11\uff12\uff17.0.0.1/hook", "cannot be sent to"),  # full-width digits
+        ("http://user:pass@example.com/hook", "must not hold a user name or password"),
+        ("http://evil.example\\@example.com/hook", "must not hold a user name or password"),
     ],
 )
 def test_a_malformed_callback_url_is_refused_at_submit(url: str, reason: str) -> None:
-    """They were accepted, and every delivery then failed ("cannot resolve exa%20mple.com")."""
+    """They were accepted, and every delivery then failed ("cannot resolve exa%20mple.com",
+    "Invalid IDNA hostname", a connection to port 0); credentials in a URL were shown with
+    the job and its deliveries."""
     with pytest.raises(InvalidInput) as refused:
         webhooks.check_url(url, PUBLIC_ONLY)
     assert reason in refused.value.message
@@ -387,3 +404,47 @@ def test_a_name_that_resolves_to_a_private_address_is_refused_when_it_is_connect
         [request] = receiver.received
         assert request.headers["Host"] == f"hooks.example.org:{receiver.port}"
     assert deliveries(client, job["id"])[0]["status"] == "delivered"
+
+
+@contextmanager
+def answering_without_end(stall_seconds: float) -> Iterator[str]:
+    """A receiver that answers 200 with a 1 GiB body and sends a few bytes of it, then stalls:
+    as a receiver with an endless or huge answer does."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Length", str(2**30))
+            self.end_headers()
+            self.wfile.write(b"x" * 1024)
+            self.wfile.flush()
+            time.sleep(stall_seconds)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hooks/trainsvc"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_delivery_reads_the_status_and_never_the_receivers_body(
+    client: TestClient, session_factory: sessionmaker[Session], settings: Settings
+) -> None:
+    """The whole answer was read into the worker's memory (200 MiB measured for a 200 MiB
+    answer) before the status counted; a body that never ended held the sweep until a read
+    timed out, and the delivered POST counted as failed."""
+    policy = webhooks.policy_from(settings.model_copy(update={"webhook_timeout_seconds": 1.0}))
+    with answering_without_end(stall_seconds=3) as url:
+        job = submit(client, with_callback(url))
+        client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert webhooks.send_due(session_factory, policy) == 1
+    [delivered] = deliveries(client, job["id"])
+    assert (delivered["status"], delivered["last_status_code"]) == ("delivered", 200)
+    assert delivered["last_error"] is None

@@ -3,7 +3,7 @@
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -65,14 +65,24 @@ class StudyCreate(BaseModel):
     architecture: Literal["mlp", "cnn", "resnet"] | None = Field(
         None, description="preset only: the one architecture to use"
     )
-    epochs: int | None = Field(None, ge=1, description="preset only")
-    seeds: list[int] | None = Field(None, min_length=1, description="preset only")
+    epochs: int | None = Field(None, ge=1, strict=True, description="preset only")
+    seeds: list[Annotated[int, Field(ge=0, le=2**31 - 1, strict=True)]] | None = Field(
+        None, min_length=1, description="preset only"
+    )
 
     @field_validator("base", "grid")
     @classmethod
     def _storable_json(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
             _check_json(value)
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int] | None) -> list[int] | None:
+        # Checked here, not as the grid's seed axis, so that the 422 names what was sent.
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("a seed is listed twice")
         return value
 
     @model_validator(mode="after")

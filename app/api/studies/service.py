@@ -108,7 +108,10 @@ def create_study(
         )
     points = expand(base, grid)
     if points:
-        check_callback(points[0].spec, settings)  # one for all: the grid cannot change it
+        try:
+            check_callback(points[0].spec, settings)  # one for all: the grid cannot change it
+        except InvalidInput as exc:
+            raise InvalidInput(f"base.{exc.field}", exc.message) from exc
     for point in points:
         try:
             check_limits(session, point.spec, settings, caller)

@@ -214,9 +214,15 @@ def read_epoch_ratio(label: str, effect: Estimate) -> str:
     if effect.estimate is None:
         return f"no pair where both {label} and its baseline reached the target (n={effect.n})"
     if effect.ci_low is None or effect.ci_high is None or effect.n < MIN_PAIRS_TO_JUDGE:
+        # A ratio below 1 is more epochs: "0.5x fewer" read as a gain that was a loss.
+        average = (
+            f"{effect.estimate:.2g}x fewer"
+            if effect.estimate >= 1
+            else f"{1 / effect.estimate:.2g}x more"
+        )
         return (
             f"too few pairs to judge {label} on epochs to target (n={effect.n}; it takes "
-            f"{MIN_PAIRS_TO_JUDGE}): {effect.estimate:.2g}x fewer on average"
+            f"{MIN_PAIRS_TO_JUDGE}): {average} on average"
         )
     low, high, ratio = effect.ci_low, effect.ci_high, effect.estimate
     if low > 1:
