@@ -254,13 +254,7 @@ def test_a_study_page_shows_its_table_and_compare_overlays_picked_jobs(
 def test_a_study_with_no_succeeded_run_says_it_has_no_plots_yet(
     processes: Processes, page: Any
 ) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "app.cli", "migrate"],
-        check=True,
-        cwd=processes.workdir,
-        env=processes.env,
-        capture_output=True,
-    )
+    processes.migrate()
     url = processes.api("serve")  # no worker: its jobs stay queued
     study = httpx.post(f"{url}/v1/studies", json=STUDY, timeout=30).json()
     page.goto(f"{url}/#/studies/{study['id']}")
@@ -270,11 +264,14 @@ def test_a_study_with_no_succeeded_run_says_it_has_no_plots_yet(
 
 
 def test_with_keys_on_the_page_asks_for_a_key_once(processes: Processes, page: Any) -> None:
-    cli = [sys.executable, "-m", "app.cli"]
-    run = {"cwd": processes.workdir, "env": processes.env, "capture_output": True, "text": True}
-    subprocess.run([*cli, "migrate"], check=True, **run)  # type: ignore[call-overload]
-    created = subprocess.run(  # type: ignore[call-overload]
-        [*cli, "keys", "create", "--tenant", "acme"], check=True, **run
+    processes.migrate()
+    created = subprocess.run(
+        [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "acme"],
+        check=True,
+        cwd=processes.workdir,
+        env=processes.env,
+        capture_output=True,
+        text=True,
     )
     key = created.stdout.strip().splitlines()[-1]
     processes.env["TRAINSVC_AUTH"] = "on"
@@ -419,13 +416,7 @@ def test_the_table_shows_a_running_jobs_best_so_far_and_recovers_from_an_outage(
 def test_a_mistyped_id_and_an_effect_without_an_interval_read_as_a_person_expects(
     processes: Processes, page: Any
 ) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "app.cli", "migrate"],
-        check=True,
-        cwd=processes.workdir,
-        env=processes.env,
-        capture_output=True,
-    )
+    processes.migrate()
     url = processes.api("serve")  # no worker: nothing trains
     # A job's short id, as the table shows it, is not an id: "No such job", not raw JSON.
     page.goto(f"{url}/#/jobs/85b0669f")
