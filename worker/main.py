@@ -183,11 +183,20 @@ def run_worker(settings: Settings, concurrency: int | None = None) -> None:
         thread.start()
         sweeper.append(thread)
 
+    handing_back = threading.Event()
+
     @worker_shutting_down.connect(weak=False)
     def _hand_back_jobs(**_: Any) -> None:
         # Celery's warm shutdown would wait for a multi-hour job; instead ask this node's
         # running jobs to come back now. Each stops at its next batch, hands its job back to
         # the queue (resuming from its last checkpoint elsewhere), and the shutdown completes.
+        # Celery runs this inside its SIGTERM handler, and a second SIGTERM can interrupt it
+        # (PR_SET_PDEATHSIG sends one each time a dying `up`'s threads exit): run again inside
+        # itself, it waited for ever on the database lock its first run holds, and the worker
+        # outlived `up`. Once is enough. (A threading.Event: its is_set takes no lock.)
+        if handing_back.is_set():
+            return
+        handing_back.set()
         node_stopping.set()
         for thread in sweeper:
             thread.stopped.set()

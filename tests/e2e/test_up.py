@@ -6,10 +6,12 @@ it was training must be `queued` again at once, with no attempt counted as lost,
 `trainsvc up` resumes it.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -82,6 +84,11 @@ def _start_long_job(
     pids = {up.pid, *_descendants(up.pid)}
     assert len(pids) >= 3, pids  # up, the worker's main process and its pool process
     return up, job_id, pids, url
+
+
+def _parent(pid: int) -> int:
+    # /proc/<pid>/stat: "pid (name) state ppid ..."; the name may hold spaces, not ")".
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def _assert_everything_stopped(up: subprocess.Popen[bytes], pids: set[int]) -> None:
@@ -158,3 +165,32 @@ def test_ctrl_c_ends_every_process_and_the_next_up_resumes_the_job(
             30,
             "the next up to resume the handed-back job",
         )
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGQUIT])
+def test_up_killed_outright_still_ends_its_worker_and_hands_the_job_back(
+    processes: Processes, stop_signal: signal.Signals
+) -> None:
+    """`up` gone without stopping its worker (SIGKILL, the OOM-killer; SIGQUIT, Ctrl-\\): the
+    worker is told by PR_SET_PDEATHSIG, once for each of `up`'s threads as they exit. Each
+    SIGTERM after the first once made the worker's hand-back run again inside itself and wait
+    for ever on a lock, leaving the worker and its pool running with no `up`."""
+    up, job_id, pids, _ = _start_long_job(processes)
+    up.send_signal(stop_signal)
+    _assert_everything_stopped(up, pids)
+    _assert_handed_back(processes.workdir, job_id)
+
+
+def test_a_worker_told_to_stop_again_while_handing_back_still_stops(
+    processes: Processes,
+) -> None:
+    """The same SIGTERMs in quick succession, sent to `up`'s worker itself, for a test that
+    does not depend on how fast `up`'s threads exit."""
+    up, job_id, pids, _ = _start_long_job(processes)
+    [worker] = [pid for pid in pids if _parent(pid) == up.pid]  # the worker's main process
+    for _ in range(20):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGTERM)
+        time.sleep(0.002)
+    _assert_everything_stopped(up, pids)
+    _assert_handed_back(processes.workdir, job_id)
