@@ -1,6 +1,7 @@
 """A webhook receiver for tests: a real HTTP server on 127.0.0.1 that records what it gets."""
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,9 +16,14 @@ class Received:
 
 
 class Receiver:
-    """Answers each POST with the next of `statuses` (the last one repeats), recording it."""
+    """Answers each POST with the next of `statuses` (the last one repeats), recording it.
 
-    def __init__(self, statuses: tuple[int, ...] = (200,), port: int = 0) -> None:
+    With `stall_seconds`, each answer promises a 1 GiB body, sends 1 KiB of it and then
+    stalls that long: as a receiver with an endless or huge answer does."""
+
+    def __init__(
+        self, statuses: tuple[int, ...] = (200,), port: int = 0, stall_seconds: float = 0.0
+    ) -> None:
         self.statuses = list(statuses)
         self.received: list[Received] = []
         self._lock = threading.Lock()
@@ -34,8 +40,12 @@ class Receiver:
                         else (receiver.statuses[0])
                     )
                 self.send_response(status)
-                self.send_header("Content-Length", "0")
+                self.send_header("Content-Length", str(2**30 if stall_seconds else 0))
                 self.end_headers()
+                if stall_seconds:
+                    self.wfile.write(b"x" * 1024)
+                    self.wfile.flush()
+                    time.sleep(stall_seconds)
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
@@ -53,8 +63,10 @@ class Receiver:
 
 
 @contextmanager
-def receiving(statuses: tuple[int, ...] = (200,), port: int = 0) -> Iterator[Receiver]:
-    receiver = Receiver(statuses, port)
+def receiving(
+    statuses: tuple[int, ...] = (200,), port: int = 0, stall_seconds: float = 0.0
+) -> Iterator[Receiver]:
+    receiver = Receiver(statuses, port, stall_seconds)
     receiver.start()
     try:
         yield receiver

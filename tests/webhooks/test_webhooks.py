@@ -4,13 +4,9 @@ import dataclasses
 import json
 import logging
 import socket
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -406,34 +402,6 @@ def test_a_name_that_resolves_to_a_private_address_is_refused_when_it_is_connect
     assert deliveries(client, job["id"])[0]["status"] == "delivered"
 
 
-@contextmanager
-def answering_without_end(stall_seconds: float) -> Iterator[str]:
-    """A receiver that answers 200 with a 1 GiB body and sends a few bytes of it, then stalls:
-    as a receiver with an endless or huge answer does."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            self.send_response(200)
-            self.send_header("Content-Length", str(2**30))
-            self.end_headers()
-            self.wfile.write(b"x" * 1024)
-            self.wfile.flush()
-            time.sleep(stall_seconds)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hooks/trainsvc"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_a_delivery_reads_the_status_and_never_the_receivers_body(
     client: TestClient, session_factory: sessionmaker[Session], settings: Settings
 ) -> None:
@@ -441,10 +409,11 @@ def test_a_delivery_reads_the_status_and_never_the_receivers_body(
     answer) before the status counted; a body that never ended held the sweep until a read
     timed out, and the delivered POST counted as failed."""
     policy = webhooks.policy_from(settings.model_copy(update={"webhook_timeout_seconds": 1.0}))
-    with answering_without_end(stall_seconds=3) as url:
-        job = submit(client, with_callback(url))
+    with receiving(stall_seconds=3) as receiver:
+        job = submit(client, with_callback(receiver.url))
         client.post(f"/v1/jobs/{job['id']}/cancel")
         assert webhooks.send_due(session_factory, policy) == 1
+        assert len(receiver.received) == 1
     [delivered] = deliveries(client, job["id"])
     assert (delivered["status"], delivered["last_status_code"]) == ("delivered", 200)
     assert delivered["last_error"] is None
