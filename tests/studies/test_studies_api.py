@@ -382,3 +382,31 @@ def test_a_presets_overrides_are_checked_as_what_was_sent(
     response = client.post("/v1/studies", json=body)
     assert response.status_code == 422, response.text
     assert [item["field"] for item in response.json()["detail"]] == [field]
+
+
+def test_a_failure_of_the_base_names_the_base(client: TestClient) -> None:
+    """Every point failing alike, in a field the grid does not set, is the base's: it was
+    named "grid[0].epochs" even for a preset request that had no grid at all."""
+    body = study_body(grid={"optimizer.lr": [0.1, 0.01]})
+    body["base"]["epochs"] = 100_000
+    response = client.post("/v1/studies", json=body)
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["field"] == "base.epochs"
+    assert "TRAINSVC_MAX_EPOCHS" in error["message"]
+
+    response = client.post(
+        "/v1/studies", json={"preset": "normalization-zoo", "epochs": 100_000, "seeds": [0]}
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "epochs"
+
+    response = client.post(
+        "/v1/studies", json={"preset": "normalization-zoo", "dataset": "mine", "seeds": [0]}
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "dataset"
+
+    # On the grid, even at one point, it stays the grid's.
+    response = client.post("/v1/studies", json=study_body(grid={"epochs": [100_000]}))
+    assert response.json()["detail"][0]["field"] == "grid[0].epochs"

@@ -39,7 +39,8 @@ from app.core.errors import (
 )
 from app.core.models import EpochMetric, Job, JobStatus, Study
 from app.core.models.jobs import ACTIVE_STATUSES
-from app.core.studies.grid import check_axes, expand, point_error
+from app.core.spec import JobSpec
+from app.core.studies.grid import Failure, PointInvalid, check_axes, expand, point_invalid
 from app.core.studies.presets import resolve_preset
 from app.core.studies.report import PROBE_METRICS, Run
 from app.core.tenancy import Caller, scoped
@@ -106,19 +107,26 @@ def create_study(
             f"{size} grid points; a tenant has at most {settings.tenant_max_active_jobs} jobs "
             "queued or running (TRAINSVC_TENANT_MAX_ACTIVE_JOBS), so this study could never start",
         )
-    points = expand(base, grid)
+    try:
+        points = expand(base, grid)
+    except PointInvalid as exc:
+        raise _named_for(request, exc) from exc
     if points:
         try:
             check_callback(points[0].spec, settings)  # one for all: the grid cannot change it
         except InvalidInput as exc:
             raise InvalidInput(f"base.{exc.field}", exc.message) from exc
     for point in points:
-        try:
-            check_limits(session, point.spec, settings, caller)
-        except (InvalidInput, DatasetNotFound) as exc:
-            field = exc.field if isinstance(exc, InvalidInput) else "dataset.name"
-            message = exc.message if isinstance(exc, InvalidInput) else str(exc.detail)
-            raise point_error(point.index, point.values, field, message) from exc
+        failure = _limits_failure(session, point.spec, settings, caller)
+        if failure is not None:
+            error = point_invalid(
+                point.index,
+                point.values,
+                failure,
+                len(points),
+                lambda i: _limits_failure(session, points[i].spec, settings, caller),
+            )
+            raise _named_for(request, error)
     check_tenant_limits(session, settings, caller.tenant, adding=len(points))
     check_queue_room(session, settings, adding=len(points))
     study = Study(
@@ -148,6 +156,34 @@ def create_study(
         register_callback(session, job, point.spec)
     events.record_submitted(session, jobs)
     return study, [job.id for job in jobs], True
+
+
+def _limits_failure(
+    session: Session, spec: JobSpec, settings: Settings, caller: Caller
+) -> Failure | None:
+    """check_limits' objection to one point's spec, or None."""
+    try:
+        check_limits(session, spec, settings, caller)
+    except InvalidInput as exc:
+        return exc.field, exc.message
+    except DatasetNotFound as exc:
+        return "dataset.name", str(exc.detail)
+    return None
+
+
+# The preset option that sets each section of the spec a preset's caller can change.
+_PRESET_OPTIONS = {"epochs": "epochs", "dataset": "dataset", "model": "architecture"}
+
+
+def _named_for(request: StudyCreate, error: PointInvalid) -> InvalidInput:
+    """A point's error, or one every point shares, named where the caller can fix it: in the
+    base, or in the preset's option (a preset request has no grid for "grid[0]" to name)."""
+    if not error.shared:
+        return error
+    if request.preset is None:
+        return InvalidInput(f"base.{error.spec_field}", error.reason)
+    section = error.spec_field.split(".", 1)[0]
+    return InvalidInput(_PRESET_OPTIONS.get(section, "preset"), error.reason)
 
 
 def get_study(session: Session, study_id: uuid.UUID, caller: Caller) -> Study:

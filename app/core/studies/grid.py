@@ -11,6 +11,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,9 @@ from app.core.errors import InvalidInput
 from app.core.spec import JobSpec, SpecError
 
 SEED_AXIS = "seed"
+
+# A spec field and what is wrong with it.
+Failure = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,7 @@ def set_path(spec: dict[str, Any], path: str, value: Any) -> None:
     node[leaf] = copy.deepcopy(value)
 
 
-def _first_error(exc: ValidationError) -> tuple[str, str]:
+def _first_error(exc: ValidationError) -> Failure:
     error = exc.errors()[0]
     location = [str(part) for part in error.get("loc", ())]
     message = str(error.get("msg", "invalid"))
@@ -117,21 +121,41 @@ def _first_error(exc: ValidationError) -> tuple[str, str]:
     return ".".join(location) or "spec", message.removeprefix("Value error, ")
 
 
+def _validated(base: dict[str, Any], values: dict[str, Any]) -> JobSpec:
+    raw = copy.deepcopy(base)
+    for axis, value in values.items():
+        set_path(raw, axis, value)
+    # Through JSON, as a submitted job is parsed: the same strictness, the same errors.
+    return JobSpec.model_validate_json(json.dumps(raw))
+
+
+def _validation_failure(base: dict[str, Any], values: dict[str, Any]) -> Failure | None:
+    try:
+        _validated(base, values)
+    except ValidationError as exc:
+        return _first_error(exc)
+    return None
+
+
 def expand(base: dict[str, Any], grid: dict[str, list[Any]]) -> list[GridPoint]:
     """Every point of the grid as a validated spec; the first invalid point is a 422 naming it."""
     axes = list(grid)
+    combinations = [
+        dict(zip(axes, combination, strict=True))
+        for combination in itertools.product(*(grid[axis] for axis in axes))
+    ]
     points = []
-    for index, combination in enumerate(itertools.product(*(grid[axis] for axis in axes))):
-        values = dict(zip(axes, combination, strict=True))
-        raw = copy.deepcopy(base)
-        for axis, value in values.items():
-            set_path(raw, axis, value)
+    for index, values in enumerate(combinations):
         try:
-            # Through JSON, as a submitted job is parsed: the same strictness, the same errors.
-            spec = JobSpec.model_validate_json(json.dumps(raw))
+            spec = _validated(base, values)
         except ValidationError as exc:
-            field, message = _first_error(exc)
-            raise point_error(index, values, field, message) from exc
+            raise point_invalid(
+                index,
+                values,
+                _first_error(exc),
+                len(combinations),
+                lambda i: _validation_failure(base, combinations[i]),
+            ) from exc
         points.append(GridPoint(index, values, spec))
     _check_distinct(points)
     return points
@@ -144,8 +168,8 @@ def _check_distinct(points: list[GridPoint]) -> None:
     for point in points:
         key = point.spec.model_dump_json()
         if (first := seen.setdefault(key, point)) is not point:
-            raise point_error(
-                point.index, point.values, "spec", f"the same job as grid point {first.index}"
+            raise PointInvalid(
+                point.index, point.values, ("spec", f"the same job as grid point {first.index}")
             )
 
 
@@ -154,11 +178,43 @@ def _check_distinct(points: list[GridPoint]) -> None:
 _ECHO_CHARS = 200
 
 
-def point_error(index: int, values: dict[str, Any], field: str, message: str) -> InvalidInput:
-    point = _key(values)
-    if len(point) > _ECHO_CHARS:
-        point = point[:_ECHO_CHARS] + "..."
-    return InvalidInput(f"grid[{index}].{field}", f"{message} (grid point {point})")
+class PointInvalid(InvalidInput):
+    """A grid point whose spec is unacceptable: a 422 on `grid[i].<field>`, echoing the point.
+
+    `shared` when every point fails alike in a field no axis sets: then the fault is the
+    base's, and the caller names it in the request's own terms (`base.<field>`, or a preset's
+    option), not as the first point's.
+    """
+
+    def __init__(
+        self, index: int, values: dict[str, Any], failure: Failure, *, shared: bool = False
+    ) -> None:
+        field, reason = failure
+        point = _key(values)
+        if len(point) > _ECHO_CHARS:
+            point = point[:_ECHO_CHARS] + "..."
+        super().__init__(f"grid[{index}].{field}", f"{reason} (grid point {point})")
+        self.spec_field = field
+        self.reason = reason
+        self.shared = shared
+
+
+def point_invalid(
+    index: int,
+    values: dict[str, Any],
+    failure: Failure,
+    count: int,
+    failure_at: Callable[[int], Failure | None],
+) -> PointInvalid:
+    """The error for point `index` (of `count`) failing with `failure`. Only a failure of
+    the first point can be shared; the other points are judged (`failure_at`) only then."""
+    field = failure[0]
+    on_grid = any(
+        axis == field or axis.startswith(f"{field}.") or field.startswith(f"{axis}.")
+        for axis in values
+    )
+    shared = index == 0 and not on_grid and all(failure_at(i) == failure for i in range(1, count))
+    return PointInvalid(index, values, failure, shared=shared)
 
 
 def configuration_of(point: dict[str, Any]) -> dict[str, Any]:
