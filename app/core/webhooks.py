@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import Iterable
@@ -134,7 +135,78 @@ def _is_private_address(host: str) -> bool:
         return False  # a name
 
 
-class PublicAddressesOnly(httpcore.SyncBackend):
+class _Deadline:
+    """The time left to a delivery, as the timeout of its next socket operation."""
+
+    def __init__(self, seconds: float) -> None:
+        self._at = time.monotonic() + seconds
+
+    def left(self, timeout: float | None, error: type[httpcore.TimeoutException]) -> float:
+        left = self._at - time.monotonic()
+        if left <= 0:
+            raise error("the delivery took longer than TRAINSVC_WEBHOOK_TIMEOUT_SECONDS")
+        return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, stream: httpcore.NetworkStream, deadline: _Deadline) -> None:
+        self._stream = stream
+        self._deadline = deadline
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        try:
+            return self._stream.read(max_bytes, self._deadline.left(timeout, httpcore.ReadTimeout))
+        except httpcore.ReadTimeout:
+            self._deadline.left(None, httpcore.ReadTimeout)  # the deadline's, if it was
+            raise
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        try:
+            self._stream.write(buffer, self._deadline.left(timeout, httpcore.WriteTimeout))
+        except httpcore.WriteTimeout:
+            self._deadline.left(None, httpcore.WriteTimeout)
+            raise
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        timeout = self._deadline.left(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(
+            self._stream.start_tls(ssl_context, server_hostname, timeout), self._deadline
+        )
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class WithinDeadline(httpcore.SyncBackend):
+    """Connections whose every read and write ends by one deadline. httpx's timeout bounds
+    each socket operation alone, so a receiver that answers a byte a second would hold the
+    sweep, and every other tenant's deliveries behind it, for as long as it liked."""
+
+    def __init__(self, deadline: _Deadline) -> None:
+        self._deadline = deadline
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        timeout = self._deadline.left(timeout, httpcore.ConnectTimeout)
+        stream = super().connect_tcp(host, port, timeout, local_address, socket_options)
+        return _DeadlineStream(stream, self._deadline)
+
+
+class PublicAddressesOnly(WithinDeadline):
     """Connects only where every address the host resolves to is public, and to the address it
     checked: so a name that resolves, or is re-pointed after submit, to a private address is
     refused as a literal one is. TLS still verifies the URL's own host name (httpcore passes it
@@ -168,10 +240,12 @@ class PublicAddressesOnly(httpcore.SyncBackend):
 
 
 def _client(policy: WebhookPolicy) -> httpx.Client:
+    """A client for one delivery: its connections end by the policy's timeout, all told."""
+    deadline = _Deadline(policy.timeout_seconds)
     transport = httpx.HTTPTransport()
-    if policy.public_only:
-        # httpx takes no network backend; its pool (httpcore, pinned with it) does.
-        transport._pool._network_backend = PublicAddressesOnly()
+    # httpx takes no network backend; its pool (httpcore, pinned with it) does.
+    backend = PublicAddressesOnly if policy.public_only else WithinDeadline
+    transport._pool._network_backend = backend(deadline)
     # No redirects: a receiver could otherwise send the POST on to an address refused here.
     return httpx.Client(timeout=policy.timeout_seconds, follow_redirects=False, transport=transport)
 
@@ -255,8 +329,8 @@ def send_due(factory: sessionmaker[Session], policy: WebhookPolicy, limit: int =
     due = _lease_due(factory, limit)
     if not due:
         return 0  # the common case, every sweep: one indexed query, no HTTP client
-    with _client(policy) as client:
-        for delivery_id in due:
+    for delivery_id in due:
+        with _client(policy) as client:
             _send_one(factory, client, policy, delivery_id)
     return len(due)
 

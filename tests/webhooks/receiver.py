@@ -19,10 +19,16 @@ class Receiver:
     """Answers each POST with the next of `statuses` (the last one repeats), recording it.
 
     With `stall_seconds`, each answer promises a 1 GiB body, sends 1 KiB of it and then
-    stalls that long: as a receiver with an endless or huge answer does."""
+    stalls that long: as a receiver with an endless or huge answer does. With `trickle_seconds`,
+    each answer's head is sent a byte at a time, that long apart: each read is quick, the
+    whole answer is not."""
 
     def __init__(
-        self, statuses: tuple[int, ...] = (200,), port: int = 0, stall_seconds: float = 0.0
+        self,
+        statuses: tuple[int, ...] = (200,),
+        port: int = 0,
+        stall_seconds: float = 0.0,
+        trickle_seconds: float = 0.0,
     ) -> None:
         self.statuses = list(statuses)
         self.received: list[Received] = []
@@ -39,6 +45,12 @@ class Receiver:
                         if len(receiver.statuses) > 1
                         else (receiver.statuses[0])
                     )
+                if trickle_seconds:
+                    for byte in f"HTTP/1.1 {status} OK\r\nContent-Length: 0\r\n\r\n".encode():
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(trickle_seconds)
+                    return
                 self.send_response(status)
                 self.send_header("Content-Length", str(2**30 if stall_seconds else 0))
                 self.end_headers()
@@ -64,9 +76,12 @@ class Receiver:
 
 @contextmanager
 def receiving(
-    statuses: tuple[int, ...] = (200,), port: int = 0, stall_seconds: float = 0.0
+    statuses: tuple[int, ...] = (200,),
+    port: int = 0,
+    stall_seconds: float = 0.0,
+    trickle_seconds: float = 0.0,
 ) -> Iterator[Receiver]:
-    receiver = Receiver(statuses, port, stall_seconds)
+    receiver = Receiver(statuses, port, stall_seconds, trickle_seconds)
     receiver.start()
     try:
         yield receiver

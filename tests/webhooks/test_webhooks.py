@@ -402,6 +402,25 @@ def test_a_name_that_resolves_to_a_private_address_is_refused_when_it_is_connect
     assert deliveries(client, job["id"])[0]["status"] == "delivered"
 
 
+def test_a_receiver_answering_a_byte_at_a_time_is_cut_off_at_the_timeout(
+    client: TestClient, session_factory: sessionmaker[Session], settings: Settings
+) -> None:
+    """httpx's timeout bounds each read alone: a receiver sending its answer's head a byte
+    every 0.3 s (46 bytes: 14 s) held the sweep, and every delivery behind it, all along."""
+    policy = webhooks.policy_from(settings.model_copy(update={"webhook_timeout_seconds": 1.0}))
+    with receiving(trickle_seconds=0.3) as receiver:
+        job = submit(client, with_callback(receiver.url))
+        client.post(f"/v1/jobs/{job['id']}/cancel")
+        started = time.monotonic()
+        assert webhooks.send_due(session_factory, policy) == 1
+        took = time.monotonic() - started
+    assert took < 5, took
+    [delivery] = deliveries(client, job["id"])
+    assert delivery["status"] == "pending"
+    assert "ReadTimeout" in delivery["last_error"]
+    assert "TRAINSVC_WEBHOOK_TIMEOUT_SECONDS" in delivery["last_error"]
+
+
 def test_a_delivery_reads_the_status_and_never_the_receivers_body(
     client: TestClient, session_factory: sessionmaker[Session], settings: Settings
 ) -> None:
