@@ -365,6 +365,12 @@ class JobSpec(_Strict):
         None, description="opt-in probes of the loss landscape, covariate shift, gradient noise"
     )
 
+    @property
+    def noise_micro_batch_size(self) -> int | None:
+        """The gradient-noise probe's micro-batch: a training forward of its own, when on."""
+        noise = self.diagnostics.gradient_noise if self.diagnostics else None
+        return noise.micro_batch_size if noise else None
+
     @model_validator(mode="after")
     def _check(self) -> Self:
         if self.mixed_precision == "bf16" and self.device == "cpu":
@@ -390,15 +396,16 @@ class JobSpec(_Strict):
                 "batch_norm in an mlp normalizes each feature over the batch, which needs at "
                 "least 2 samples: use a batch_size of 2 or more",
             )
-        noise = self.diagnostics.gradient_noise if self.diagnostics else None
         if (
-            noise is not None
-            and noise.micro_batch_size == 1
+            self.noise_micro_batch_size == 1
+            and self.model.architecture == "mlp"
             and self.model.normalization.type == "batch_norm"
         ):
+            # Each micro-batch's gradient is a training forward of its own: the same rule.
             raise SpecError(
                 "diagnostics.gradient_noise.micro_batch_size",
-                "batch_norm cannot train on one sample: use a micro_batch_size of 2 or more",
+                "batch_norm in an mlp normalizes each feature over the batch, which needs at "
+                "least 2 samples: use a micro_batch_size of 2 or more",
             )
         if self.schedule.type == "cosine" and self.schedule.min_lr > self.optimizer.lr:
             raise SpecError(
@@ -432,12 +439,20 @@ def check_fits_dataset(spec: JobSpec, info: DatasetInfo) -> None:
                 f"instance_norm normalizes each channel over its positions; {info.name!r} has "
                 "one feature, so one position (use another normalization)",
             )
-        if norm.type == "batch_norm" and spec.dataset.batch_size == 1:
+        if norm.type == "batch_norm" and 1 in (
+            spec.dataset.batch_size,
+            spec.noise_micro_batch_size,
+        ):
+            field = (
+                "dataset.batch_size"
+                if spec.dataset.batch_size == 1
+                else "diagnostics.gradient_noise.micro_batch_size"
+            )
             raise SpecError(
-                "dataset.batch_size",
+                field,
                 f"batch_norm on {info.name!r}, which has one feature, normalizes each channel "
-                "over the batch alone, which needs at least 2 samples: use a batch_size of 2 "
-                "or more",
+                f"over the batch alone, which needs at least 2 samples: use a "
+                f"{field.rsplit('.', 1)[-1]} of 2 or more",
             )
     # group_norm with one channel per group is instance_norm.
     per_channel = norm.type == "instance_norm" or (

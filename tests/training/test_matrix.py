@@ -179,3 +179,17 @@ def test_conv_norms_over_one_position_are_refused(
         check_fits_dataset(spec, ONE_FEATURE)
     assert raised.value.field == field
     check_fits_dataset(spec, BUILTIN_DATASETS["mnist1d"])  # 40 positions: each norm has values
+
+
+def test_conv_batch_norm_over_one_position_refuses_per_example_noise() -> None:
+    """The gradient-noise probe's micro-batch is a training forward too: of one sample at
+    one position, batch norm has one value per channel."""
+    spec = make_spec(
+        dataset={"name": ONE_FEATURE.name},
+        model={"architecture": "cnn", "hidden_sizes": [4], "normalization": {"type": "batch_norm"}},
+        diagnostics={"gradient_noise": {"micro_batch_size": 1}},
+    )
+    with pytest.raises(SpecError, match="micro_batch_size of 2") as raised:
+        check_fits_dataset(spec, ONE_FEATURE)
+    assert raised.value.field == "diagnostics.gradient_noise.micro_batch_size"
+    check_fits_dataset(spec, BUILTIN_DATASETS["mnist1d"])

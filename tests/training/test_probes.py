@@ -211,6 +211,20 @@ def test_diagnostics_are_off_by_default_and_validated() -> None:
         )
 
 
+def test_per_example_noise_of_a_cnn_with_batch_norm() -> None:
+    """A cnn's batch norm also averages over positions, so it trains on one sample, as its
+    batch_size 1 does; a micro_batch_size of 1 was refused for it as for an mlp."""
+    spec = make_spec(
+        **MODELS["cnn-batchnorm-spatial-dropout-adam"],
+        epochs=1,
+        diagnostics={"gradient_noise": {"every_steps": 1, "micro_batch_size": 1}},
+    )
+    _, results = train(spec)
+    report = results[-1].diagnostics["gradient_noise"]
+    assert report["micro_batch_size"] == 1
+    assert report["grad_norm_var"] > 0
+
+
 # -- in the loop -------------------------------------------------------------------------------
 
 ALL_PROBES = {
