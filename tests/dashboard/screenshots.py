@@ -121,6 +121,13 @@ def main() -> None:
                 )
                 _shoot(browser, f"{url}/#/jobs", "phone-jobs", 390, table)
                 _shoot(browser, f"{url}/#/jobs/{running}", "phone-job", 390, charts)
+                _shoot(
+                    browser,
+                    f"{url}/#/studies/{study['id']}",
+                    "phone-study",
+                    390,
+                    "() => document.querySelector('#configurations tbody tr')",
+                )
                 browser.close()
         finally:
             processes.stop_all()

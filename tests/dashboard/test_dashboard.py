@@ -187,6 +187,28 @@ def test_the_cancel_button_cancels_the_job(processes: Processes, page: Any) -> N
     assert page.locator("#cancel-job").count() == 0  # nothing left to cancel
 
 
+def _assert_fits_a_phone(page: Any) -> None:
+    """At a phone's width no table scrolls sideways: each row reads as a card of labelled
+    lines. (Only the jobs table did; the others showed a few columns of a wider table.)"""
+    page.set_viewport_size({"width": 390, "height": 900})
+    overflowing = page.evaluate(
+        """() => [...document.querySelectorAll('.table-wrap')]
+              .filter((wrap) => wrap.scrollWidth > wrap.clientWidth + 1)
+              .map((wrap) => wrap.querySelector('table'))
+              .map((table) => table.id || table.className)"""
+    )
+    assert overflowing == []
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    labels = page.evaluate(
+        """() => [...document.querySelectorAll('table.cards tbody td[data-label]')]
+              .filter((td) => td.dataset.label)
+              .map((td) => [td.dataset.label, getComputedStyle(td, '::before').content])"""
+    )
+    assert labels, "no labelled cells"
+    assert all(content == f'"{label}"' for label, content in labels), labels
+    page.set_viewport_size({"width": 1280, "height": 900})
+
+
 def test_a_study_page_shows_its_table_and_compare_overlays_picked_jobs(
     processes: Processes, page: Any
 ) -> None:
@@ -219,6 +241,7 @@ def test_a_study_page_shows_its_table_and_compare_overlays_picked_jobs(
         """() => { const img = document.querySelector('img[data-plot="learning_curves"]');
                    return img && img.complete && img.naturalWidth > 0; }"""
     )
+    _assert_fits_a_phone(page)
 
     # Its jobs trained in packs (one per normalization: a pack shares its computation), and
     # a job's page says in which.
@@ -228,6 +251,8 @@ def test_a_study_page_shows_its_table_and_compare_overlays_picked_jobs(
     page.wait_for_selector("h1 .badge.succeeded")
     trained = page.locator("dl.facts .fact", has=page.locator("dt", has_text="Trained"))
     assert trained.locator("dd").inner_text() == f"in pack {packed['pack'][:8]}"
+    page.locator("#checkpoints tbody tr").first.wait_for()
+    _assert_fits_a_phone(page)
     page.goto(f"{url}/#/studies/{study_id}")
     rows.first.wait_for()
 
@@ -248,6 +273,7 @@ def test_a_study_page_shows_its_table_and_compare_overlays_picked_jobs(
     data = page.evaluate("window.__charts.compare_val_accuracy.data")
     assert data[0] == [1, 2, 3]
     assert page.locator("#compared tbody tr").count() == 2
+    _assert_fits_a_phone(page)
     assert set(re.findall(r"#/compare\?jobs=([\w,-]+)", page.url)[0].split(",")) == set(picked)
 
 

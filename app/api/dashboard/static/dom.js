@@ -17,6 +17,18 @@ export function el(tag, attributes = {}, ...children) {
   return node;
 }
 
+// A table of `headers` and `rows` (each a list of <td>s). On a phone each row becomes a card of
+// "header: value" lines (style.css, table.cards), so no page scrolls sideways to read one.
+export function dataTable(attributes, headers, rows) {
+  const classes = ["plain", "cards", attributes.class].filter(Boolean).join(" ");
+  return el("div", { class: "table-wrap" }, el("table", { ...attributes, class: classes },
+    el("thead", {}, el("tr", {}, headers.map((header) => el("th", {}, header)))),
+    el("tbody", {}, rows.map((cells) => el("tr", {}, cells.flat().map((cell, index) => {
+      if (!cell.hasAttribute("data-label")) cell.setAttribute("data-label", headers[index]);
+      return cell;
+    }))))));
+}
+
 export function clear(node, ...children) {
   node.replaceChildren(...children.flat().filter((child) => child !== null && child !== undefined));
   return node;

@@ -2,7 +2,7 @@
 
 import { getJSON } from "../api.js";
 import { PALETTE, lineChart } from "../charts.js";
-import { clear, dropoutOf, el, errorBox, jobTitle, normalizationOf, percent, statusBadge } from "../dom.js";
+import { clear, dataTable, dropoutOf, el, errorBox, jobTitle, normalizationOf, percent, statusBadge } from "../dom.js";
 import { selection } from "./selection.js";
 
 const CHARTS = [
@@ -59,17 +59,16 @@ export function compareView(root, params) {
     clear(
       body,
       missing ? el("div", { class: "notice" }, `${missing} of the picked jobs could not be loaded (deleted, or another tenant's).`) : null,
-      el("div", { class: "table-wrap" }, el("table", { class: "plain", id: "compared" },
-        el("thead", {}, el("tr", {}, ["", "Job", "Status", "Normalization", "Dropout", "Learning rate", "Best val accuracy", ""].map((h) => el("th", {}, h)))),
-        el("tbody", {}, jobs.map((job, index) => el("tr", {},
-          el("td", {}, el("span", { class: "swatch", style: `background: ${PALETTE[index % PALETTE.length]}` })),
-          el("td", {}, el("a", { href: `#/jobs/${job.id}` }, labelFor(job, jobs))),
-          el("td", {}, statusBadge(job.status)),
-          el("td", {}, normalizationOf(job.spec)),
-          el("td", {}, dropoutOf(job.spec)),
-          el("td", {}, String(job.spec.optimizer?.lr ?? "–")),
-          el("td", {}, percent(job.summary?.best_val_accuracy ?? (metrics[index].length ? Math.max(...metrics[index].map((r) => r.val_accuracy)) : null))),
-          el("td", {}, el("a", { href: without(job.id), title: "drop from the comparison" }, "remove"))))))),
+      dataTable({ id: "compared" }, ["", "Job", "Status", "Normalization", "Dropout", "Learning rate", "Best val accuracy", ""], jobs.map((job, index) => [
+        el("td", {}, el("span", { class: "swatch", style: `background: ${PALETTE[index % PALETTE.length]}` })),
+        el("td", {}, el("a", { href: `#/jobs/${job.id}` }, labelFor(job, jobs))),
+        el("td", {}, statusBadge(job.status)),
+        el("td", {}, normalizationOf(job.spec)),
+        el("td", {}, dropoutOf(job.spec)),
+        el("td", {}, String(job.spec.optimizer?.lr ?? "–")),
+        el("td", {}, percent(job.summary?.best_val_accuracy ?? (metrics[index].length ? Math.max(...metrics[index].map((r) => r.val_accuracy)) : null))),
+        el("td", {}, el("a", { href: without(job.id), title: "drop from the comparison" }, "remove")),
+      ])),
       charts,
     );
     const series = jobs.map((job, index) => ({ label: labelFor(job, jobs), color: PALETTE[index % PALETTE.length] }));

@@ -10,6 +10,7 @@ import {
   age,
   bytes,
   clear,
+  dataTable,
   dropoutOf,
   duration,
   el,
@@ -391,19 +392,13 @@ export function jobView(root, jobId, context) {
     }
     clear(
       attempts,
-      el("div", { class: "table-wrap" }, el(
-        "table",
-        { class: "plain" },
-        el("thead", {}, el("tr", {}, ["#", "Worker", "Started", "Ended", "Outcome"].map((h) => el("th", {}, h)))),
-        el("tbody", {}, job.attempt_history.map((a) =>
-          el("tr", {},
-            el("td", {}, String(a.attempt)),
-            el("td", { class: "mono" }, a.worker_id),
-            el("td", {}, moment(a.started_at)),
-            el("td", {}, moment(a.ended_at)),
-            el("td", {}, a.outcome || "running")),
-        )),
-      )),
+      dataTable({}, ["#", "Worker", "Started", "Ended", "Outcome"], job.attempt_history.map((a) => [
+        el("td", {}, String(a.attempt)),
+        el("td", { class: "mono" }, a.worker_id),
+        el("td", {}, moment(a.started_at)),
+        el("td", {}, moment(a.ended_at)),
+        el("td", {}, a.outcome || "running"),
+      ])),
     );
   }
 
@@ -429,21 +424,17 @@ export function jobView(root, jobId, context) {
       clear(
         checkpoints,
         el("p", { class: "help" }, "Model weights as safetensors files (load with safetensors.torch.load_file)."),
-        el("div", { class: "table-wrap" }, el(
-          "table",
-          { class: "plain", id: "checkpoints" },
-          el("thead", {}, el("tr", {}, ["Kind", "Epoch", "Size", "Saved", ""].map((h) => el("th", {}, h)))),
-          el("tbody", {}, items.map((c) => {
-            const url = `/v1/jobs/${jobId}/checkpoints/${c.id}`;
-            const filename = `${jobId}-epoch${c.epoch}-${c.kind}.safetensors`;
-            return el("tr", {},
-              el("td", {}, c.kind === "best" ? "best (highest val accuracy)" : "last"),
-              el("td", {}, String(c.epoch)),
-              el("td", {}, bytes(c.size_bytes)),
-              el("td", {}, moment(c.created_at)),
-              el("td", {}, el("a", { href: url, download: filename, onclick: (e) => download(e, url, filename) }, "Download")));
-          })),
-        )),
+        dataTable({ id: "checkpoints" }, ["Kind", "Epoch", "Size", "Saved", ""], items.map((c) => {
+          const url = `/v1/jobs/${jobId}/checkpoints/${c.id}`;
+          const filename = `${jobId}-epoch${c.epoch}-${c.kind}.safetensors`;
+          return [
+            el("td", {}, c.kind === "best" ? "best (highest val accuracy)" : "last"),
+            el("td", {}, String(c.epoch)),
+            el("td", {}, bytes(c.size_bytes)),
+            el("td", {}, moment(c.created_at)),
+            el("td", {}, el("a", { href: url, download: filename, onclick: (e) => download(e, url, filename) }, "Download")),
+          ];
+        })),
       );
     } catch (error) {
       clear(checkpoints, errorBox(error));

@@ -2,7 +2,7 @@
 // and the server's plots: curves by configuration with a band over seeds).
 
 import { ApiError, blobURL, getJSON, query } from "../api.js";
-import { age, clear, duration, el, errorBox, moment, number, percent } from "../dom.js";
+import { age, clear, dataTable, duration, el, errorBox, moment, number, percent } from "../dom.js";
 
 const COUNTS = ["queued", "running", "succeeded", "failed", "cancelled"];
 
@@ -99,18 +99,17 @@ function effectsSection(effects) {
     low -= pad;
     high += pad;
     sections.push(el("h3", {}, label), el("p", { class: "help" }, rows[0][metric].kind, metric === "best_val_accuracy" ? " (pp: percentage points)" : "", "; bars are 95 % bootstrap intervals, the line marks no effect."));
-    sections.push(el("div", { class: "table-wrap" }, el("table", { class: "plain effects" },
-      el("thead", {}, el("tr", {}, ["Change", "Estimate [95 % interval]", "", "Reading"].map((h) => el("th", {}, h)))),
-      el("tbody", {}, rows.map((effect) => {
-        const value = effect[metric];
-        return el("tr", {},
-          el("td", {}, el("code", {}, `${effect.axis} = ${effect.value}`), el("div", { class: "help" }, `vs ${effect.baseline}, ${value.n} pair${value.n === 1 ? "" : "s"}`)),
-          el("td", { class: "mono" }, hasInterval(value)
-            ? `${format(value.estimate)} [${format(value.ci_low)}, ${format(value.ci_high)}]`
-            : `${format(value.estimate)} (no interval from ${value.n} pair${value.n === 1 ? "" : "s"})`),
-          el("td", { class: "interval-cell" }, intervalBar(value, { low, high }, neutral)),
-          el("td", {}, value.reading));
-      })))));
+    sections.push(dataTable({ class: "effects" }, ["Change", "Estimate [95 % interval]", "", "Reading"], rows.map((effect) => {
+      const value = effect[metric];
+      return [
+        el("td", {}, el("code", {}, `${effect.axis} = ${effect.value}`), el("div", { class: "help" }, `vs ${effect.baseline}, ${value.n} pair${value.n === 1 ? "" : "s"}`)),
+        el("td", { class: "mono" }, hasInterval(value)
+          ? `${format(value.estimate)} [${format(value.ci_low)}, ${format(value.ci_high)}]`
+          : `${format(value.estimate)} (no interval from ${value.n} pair${value.n === 1 ? "" : "s"})`),
+        el("td", { class: "interval-cell" }, intervalBar(value, { low, high }, neutral)),
+        el("td", {}, value.reading),
+      ];
+    })));
   }
   return el("div", { class: "effects-block" }, sections);
 }
@@ -118,23 +117,21 @@ function effectsSection(effects) {
 function configurationTable(report) {
   const axes = report.axes.filter((axis) => axis !== "seed");
   const target = report.target?.val_accuracy;
-  return el("div", { class: "table-wrap" }, el("table", { class: "plain", id: "configurations" },
-    el("thead", {}, el("tr", {},
-      axes.map((axis) => el("th", {}, axis.split(".").slice(-2).join(" "))),
-      ["Runs done", "Best val accuracy", "Final val loss", "Gap at end", `Epochs to ${target ? percent(target, 1) : "target"}`, "Diverged", "Seconds per epoch", "Packed"].map((h) => el("th", {}, h)))),
-    el("tbody", {}, report.configurations.map((row) =>
-      el("tr", {},
-        axes.map((axis) => el("td", {}, el("code", {}, String(row.configuration[axis])))),
-        el("td", {}, `${row.succeeded} of ${row.jobs}`),
-        el("td", {}, stat(row.best_val_accuracy, (v) => percent(v, 2))),
-        el("td", {}, stat(row.final_val_loss, (v) => number(v, 3))),
-        el("td", {}, stat(row.generalization_gap_final, (v) => number(v, 3))),
-        el("td", {}, stat(row.epochs_to_target, (v) => number(v, 1)), row.epochs_to_target?.never_reached ? el("span", { class: "help" }, ` (${row.epochs_to_target.never_reached} never)`) : null),
-        el("td", {}, String(row.diverged)),
-        el("td", {}, stat(row.seconds_per_epoch, (v) => duration(v))),
-        el("td", {}, String(row.packed)),
-      ))),
-  ));
+  const headers = [
+    ...axes.map((axis) => axis.split(".").slice(-2).join(" ")),
+    "Runs done", "Best val accuracy", "Final val loss", "Gap at end", `Epochs to ${target ? percent(target, 1) : "target"}`, "Diverged", "Seconds per epoch", "Packed",
+  ];
+  return dataTable({ id: "configurations" }, headers, report.configurations.map((row) => [
+    axes.map((axis) => el("td", {}, el("code", {}, String(row.configuration[axis])))),
+    el("td", {}, `${row.succeeded} of ${row.jobs}`),
+    el("td", {}, stat(row.best_val_accuracy, (v) => percent(v, 2))),
+    el("td", {}, stat(row.final_val_loss, (v) => number(v, 3))),
+    el("td", {}, stat(row.generalization_gap_final, (v) => number(v, 3))),
+    el("td", {}, stat(row.epochs_to_target, (v) => number(v, 1)), row.epochs_to_target?.never_reached ? el("span", { class: "help" }, ` (${row.epochs_to_target.never_reached} never)`) : null),
+    el("td", {}, String(row.diverged)),
+    el("td", {}, stat(row.seconds_per_epoch, (v) => duration(v))),
+    el("td", {}, String(row.packed)),
+  ]));
 }
 
 const PLOT_CAPTIONS = {
