@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.dependencies import SettingsDep
 from app.api.errors import error_responses
 from app.core.config import Settings
-from app.core.errors import MalformedKey, MissingKey, RequestRateExceeded
+from app.core.errors import MalformedKey, MissingKey, RequestRateExceeded, Unauthorized
 from app.core.keys import KEY_PATTERN, TENANT_PATTERN, KeyVerifier
 from app.core.tenancy import UNAUTHENTICATED, Caller
 
@@ -87,6 +87,14 @@ async def get_caller(
             "the Authorization header must be 'Bearer tsk_...' with a key from "
             "`trainsvc keys create`"
         )
+    caller = await _verify(request, key)
+    if caller.key_id is not None:
+        limiter: KeyRateLimiter = request.app.state.rate_limiter
+        limiter.take(caller.key_id)
+    return caller
+
+
+async def _verify(request: Request, key: str) -> Caller:
     verifier: KeyVerifier = request.app.state.key_verifier
     # A key seen within the cache time is a dictionary lookup, done here on the event loop: a
     # status poll then pays no hop to a worker thread for its key. Only a lookup that queries
@@ -94,10 +102,23 @@ async def get_caller(
     caller = verifier.cached(key)
     if caller is None:
         caller = await run_in_threadpool(verifier.verify, request.app.state.session_factory, key)
-    if caller.key_id is not None:
-        limiter: KeyRateLimiter = request.app.state.rate_limiter
-        limiter.take(caller.key_id)
     return caller
+
+
+async def still_authorized(request: Request) -> bool:
+    """Whether the key a request began with still holds (not revoked since): asked again and
+    again by an event stream, which outlives the check made when it began. Costs what that
+    check costs (a dictionary lookup; a query once per key and TRAINSVC_KEY_CACHE_SECONDS), and
+    counts against no rate."""
+    settings: Settings = request.app.state.settings
+    if settings.auth == "off":
+        return True
+    key = request.headers.get("authorization", "").partition(" ")[2].strip()
+    try:
+        await _verify(request, key)
+    except Unauthorized:
+        return False
+    return True
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]

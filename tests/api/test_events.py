@@ -21,6 +21,7 @@ from app.core import events, lifecycle
 from app.core.config import Settings
 from app.core.db import create_db_engine, create_session_factory, transaction
 from app.core.events import Event
+from app.core.keys import create_key, revoke_key
 from app.core.migrate import upgrade
 from tests.factories import METRICS, make_job, spec_payload
 from tests.support.documented import documented_client
@@ -36,6 +37,10 @@ def committed(tmp_path: Path, redis_url: str) -> Iterator[tuple[Settings, sessio
     settings = Settings(database_url=url, broker_url=redis_url, event_poll_seconds=0.05, auth="off")
     yield settings, create_session_factory(engine)
     engine.dispose()
+
+
+async def _key_holds() -> bool:
+    return True
 
 
 def _train(factory: sessionmaker[Session], job_id: uuid.UUID, epochs: int, pause: float) -> None:
@@ -233,13 +238,15 @@ def test_closing_the_hub_ends_every_open_stream_and_any_that_begins_after(
         hub = EventHub(factory, poll_seconds=0.01, max_stream_seconds=300)
         open_streams = [await hub.subscribe(lambda event: True) for _ in range(3)]
         followers = [
-            asyncio.create_task(_collect(service._live(s.queue, set(), 0, 300)))
+            asyncio.create_task(_collect(service._live(s.queue, set(), 0, 300, _key_holds)))
             for s in open_streams
         ]
         await asyncio.sleep(0.05)
         await hub.close()
         late = await hub.subscribe(lambda event: True)
-        followers.append(asyncio.create_task(_collect(service._live(late.queue, set(), 0, 300))))
+        followers.append(
+            asyncio.create_task(_collect(service._live(late.queue, set(), 0, 300, _key_holds)))
+        )
         return list(await asyncio.wait_for(asyncio.gather(*followers), timeout=5))
 
     assert asyncio.run(streams_after_close()) == [[], [], [], []]
@@ -453,7 +460,9 @@ def test_an_event_committed_late_across_a_restart_of_the_hub_is_delivered(
                 events.record_epoch(session, job.id, 2, {})
             subscription = await hub.subscribe(lambda event: True)
             late.commit()
-        got = [event async for event in service._live(subscription.queue, set(), 0, 0.5)]
+        got = [
+            event async for event in service._live(subscription.queue, set(), 0, 0.5, _key_holds)
+        ]
         await hub.close()
         return [event.payload["epoch"] for event in got]
 
@@ -461,3 +470,32 @@ def test_an_event_committed_late_across_a_restart_of_the_hub_is_delivered(
         assert asyncio.run(follow()) == [1]
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs/{job_id}/events", "/v1/events"])
+def test_a_stream_ends_when_its_key_is_revoked_and_cannot_be_reopened(
+    committed: tuple[Settings, sessionmaker[Session]], path: str
+) -> None:
+    """A revoked key was refused on every new request, but a stream it had opened went on
+    sending the tenant's events until its longest life (300 s by default) was over."""
+    settings, factory = committed
+    settings = settings.model_copy(
+        update={"auth": "on", "key_cache_seconds": 0, "event_stream_max_seconds": 10}
+    )
+    with transaction(factory) as session:
+        row, key = create_key(session, "acme")
+    with documented_client(create_app(settings)) as client:
+        client.headers["Authorization"] = f"Bearer {key}"
+        job_id = client.post("/v1/jobs", json=spec_payload()).json()["id"]
+
+        def revoke() -> None:
+            with transaction(factory) as session:
+                revoke_key(session, row.id)
+
+        threading.Timer(0.5, revoke).start()
+        started = time.monotonic()
+        _read_stream(client, path.format(job_id=job_id))
+        assert time.monotonic() - started < 4
+        refused = client.get(path.format(job_id=job_id))
+    assert refused.status_code == 401
+    assert refused.json()["error"] == "revoked_key"

@@ -2,13 +2,15 @@
 an event id to resume after that the service issued (422 before the 200)."""
 
 import uuid
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Annotated
 
 import anyio.to_thread
 from fastapi import Depends, Header, Request
 from sqlalchemy import select
 
-from app.api.auth import CallerDep
+from app.api.auth import CallerDep, still_authorized
 from app.api.events import service
 from app.api.events.hub import EventHub
 from app.core.db import READ_ONLY
@@ -60,6 +62,14 @@ async def last_event_id(
     raise InvalidInput("Last-Event-ID", "must be an event id this service sent")
 
 
+def key_check(request: Request) -> Callable[[], Awaitable[bool]]:
+    """How a stream asks, as it goes, whether its key still holds: a key revoked while its
+    streams are open ends them (the 401 comes with the client's reconnect), as it ends every
+    other use of the key."""
+    return partial(still_authorized, request)
+
+
 HubDep = Annotated[EventHub, Depends(get_hub)]
 StreamedJobDep = Annotated[uuid.UUID, Depends(streamed_job)]
 LastEventIdDep = Annotated[int | None, Depends(last_event_id)]
+KeyCheckDep = Annotated[Callable[[], Awaitable[bool]], Depends(key_check)]

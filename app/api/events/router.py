@@ -13,7 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.api.auth import AUTH_RESPONSES, CallerDep, get_caller
 from app.api.events import service
-from app.api.events.dependencies import HubDep, LastEventIdDep, StreamedJobDep
+from app.api.events.dependencies import HubDep, KeyCheckDep, LastEventIdDep, StreamedJobDep
 from app.core.events import EPOCH, STATUS, Event
 from app.core.models.jobs import JobStatus
 
@@ -50,11 +50,17 @@ router = APIRouter(
 
 @router.get("/jobs/{job_id}/events", response_class=EventSourceResponse)
 async def job_events(
-    job_id: StreamedJobDep, request: Request, hub: HubDep, last_event_id: LastEventIdDep
+    job_id: StreamedJobDep,
+    request: Request,
+    hub: HubDep,
+    last_event_id: LastEventIdDep,
+    key_check: KeyCheckDep,
 ) -> AsyncIterator[ServerSentEvent]:
-    """The job's status changes (`status`) and stored epochs (`epoch`); ends when the job does."""
+    """The job's status changes (`status`) and stored epochs (`epoch`); ends when the job does,
+    or when its key is revoked."""
     factory = request.app.state.session_factory
-    async for event in service.job_stream(hub, factory, job_id, last_event_id or 0):
+    stream = service.job_stream(hub, factory, job_id, last_event_id or 0, key_check)
+    async for event in stream:
         yield event
 
 
@@ -64,11 +70,12 @@ async def all_events(
     hub: HubDep,
     caller: CallerDep,
     last_event_id: LastEventIdDep,
+    key_check: KeyCheckDep,
     study_id: uuid.UUID | None = None,
     status: Annotated[list[JobStatus] | None, Query()] = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """The caller's jobs' events from now on, optionally one study's, or only status changes
-    to the given statuses (and epochs, if `running` is one)."""
+    to the given statuses (and epochs, if `running` is one); ends when its key is revoked."""
     wanted = set(status or ())
 
     def match(event: Event) -> bool:
@@ -83,5 +90,6 @@ async def all_events(
         return event.kind == EPOCH and "running" in wanted
 
     factory = request.app.state.session_factory
-    async for event in service.all_jobs_stream(hub, factory, match, last_event_id):
+    stream = service.all_jobs_stream(hub, factory, match, last_event_id, key_check)
+    async for event in stream:
         yield event

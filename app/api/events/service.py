@@ -7,7 +7,7 @@ client that reconnects with the last id it saw misses nothing and sees nothing t
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio.to_thread
 from fastapi.sse import ServerSentEvent
@@ -22,6 +22,11 @@ from app.core.models import Job
 from app.core.models.jobs import ENDED_STATUSES
 
 BACKLOG_LIMIT = 10_000  # events read from the table at a time
+# How often a live stream asks whether its key still holds: a revoked key's streams end
+# within about this long of the revocation reaching the key cache.
+KEY_CHECK_SECONDS = 1.0
+
+KeyCheck = Callable[[], Awaitable[bool]]
 
 
 def last_issued_id(session: Session) -> int:
@@ -46,7 +51,11 @@ def ends_job(event: Event) -> bool:
 
 
 async def job_stream(
-    hub: EventHub, factory: sessionmaker[Session], job_id: uuid.UUID, last_event_id: int
+    hub: EventHub,
+    factory: sessionmaker[Session],
+    job_id: uuid.UUID,
+    last_event_id: int,
+    key_check: KeyCheck,
 ) -> AsyncIterator[ServerSentEvent]:
     """One job's events after `last_event_id`; ends after the event that ends the job."""
     subscription = await hub.subscribe(lambda event: event.job_id == job_id)
@@ -54,7 +63,7 @@ async def job_stream(
         ended = await anyio.to_thread.run_sync(_has_ended, factory, job_id)
         # An ended job has no live events to come: everything it has is in the table.
         stream = _events(
-            subscription, factory, last_event_id, hub.max_stream_seconds, job_id, ended
+            subscription, factory, last_event_id, hub.max_stream_seconds, key_check, job_id, ended
         )
         async for event in stream:
             yield to_sse(event)
@@ -69,11 +78,13 @@ async def all_jobs_stream(
     factory: sessionmaker[Session],
     match: Callable[[Event], bool],
     last_event_id: int | None,
+    key_check: KeyCheck,
 ) -> AsyncIterator[ServerSentEvent]:
     """Every matching event from now on (after `last_event_id` when given); never ends."""
     subscription = await hub.subscribe(match)
     try:
-        async for event in _events(subscription, factory, last_event_id, hub.max_stream_seconds):
+        stream = _events(subscription, factory, last_event_id, hub.max_stream_seconds, key_check)
+        async for event in stream:
             yield to_sse(event)
     finally:
         hub.unsubscribe(subscription)
@@ -89,6 +100,7 @@ async def _events(
     factory: sessionmaker[Session],
     after_id: int | None,
     max_seconds: float,
+    key_check: KeyCheck,
     job_id: uuid.UUID | None = None,
     ended: bool = False,
 ) -> AsyncIterator[Event]:
@@ -105,7 +117,8 @@ async def _events(
                 sent.add(event.id)  # committed late: the hub may deliver it as well
             yield event
     if not ended:
-        async for event in _live(subscription.queue, sent, after_id or 0, max_seconds):
+        live = _live(subscription.queue, sent, after_id or 0, max_seconds, key_check)
+        async for event in live:
             yield event
 
 
@@ -133,18 +146,31 @@ def _read_page(
 
 
 async def _live(
-    queue: "asyncio.Queue[Event | None]", sent: set[int], after: int, max_seconds: float
+    queue: "asyncio.Queue[Event | None]",
+    sent: set[int],
+    after: int,
+    max_seconds: float,
+    key_check: KeyCheck,
 ) -> AsyncIterator[Event]:
     """The hub's events for one stream, each once, for at most `max_seconds`: a stream is not
     held for ever (a client reconnects with Last-Event-ID and misses nothing), so connections
-    move between API processes and no stream outlives its usefulness."""
-    deadline = asyncio.get_running_loop().time() + max_seconds
+    move between API processes and no stream outlives its usefulness. Nor its key: asked
+    every KEY_CHECK_SECONDS, a key revoked since the stream began ends it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max_seconds
+    next_check = loop.time() + KEY_CHECK_SECONDS
     while True:
-        remaining = deadline - asyncio.get_running_loop().time()
-        try:
-            event = await asyncio.wait_for(queue.get(), timeout=max(remaining, 0))
-        except TimeoutError:
+        now = loop.time()
+        if now >= deadline:
             return
+        if now >= next_check:
+            if not await key_check():
+                return
+            next_check = now + KEY_CHECK_SECONDS
+        try:
+            event = await asyncio.wait_for(queue.get(), timeout=min(deadline, next_check) - now)
+        except TimeoutError:
+            continue
         if event is None:
             return  # the hub dropped a stream that fell behind; the client resumes from its id
         if event.id <= after or event.id in sent:
