@@ -12,6 +12,7 @@ from app.api.datasets.router import router as datasets_router
 from app.api.errors import document_errors, error_responses, install_error_handlers
 from app.api.events.hub import EventHub
 from app.api.events.router import router as events_router
+from app.api.events.service import StreamSlots
 from app.api.jobs.router import router as jobs_router
 from app.api.limits import BodySizeLimit, HeadSizeLimit
 from app.api.observability import RequestObservability
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.event_poll_seconds,
             settings.event_stream_max_seconds,
         )
+        app.state.stream_slots = StreamSlots(settings.tenant_max_streams)
         yield
         await app.state.event_hub.close()
         await app.state.reader.close()

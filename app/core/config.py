@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     # A live stream ends after this long; its client reconnects with Last-Event-ID and misses
     # nothing (EventSource does so itself), and no connection is held for ever.
     event_stream_max_seconds: float = Field(300.0, gt=0)
+    # A tenant's open event streams, per API process (429 above): one tenant must not hold
+    # every connection the process takes (TRAINSVC_HTTP_MAX_CONNECTIONS, or its file handles).
+    tenant_max_streams: int = Field(100, ge=1)
 
     # Other origins whose pages may call the API from a browser (CORS), as a JSON list of
     # "https://dash.example.com" (scheme, host and port; no path), or ["*"] for any. Empty: only

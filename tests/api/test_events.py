@@ -499,3 +499,75 @@ def test_a_stream_ends_when_its_key_is_revoked_and_cannot_be_reopened(
         refused = client.get(path.format(job_id=job_id))
     assert refused.status_code == 401
     assert refused.json()["error"] == "revoked_key"
+
+
+def test_a_tenant_may_hold_only_so_many_streams_open_and_another_is_not_counted(
+    committed: tuple[Settings, sessionmaker[Session]],
+) -> None:
+    """Streams were not counted: one tenant could open as many as the process would take
+    connections, leaving none for anyone else. The one beyond the limit is a 429 before the
+    stream starts; a stream that ends gives its place back."""
+    settings, factory = committed
+    settings = settings.model_copy(update={"auth": "on", "tenant_max_streams": 2})
+    with transaction(factory) as session:
+        acme, globex = (create_key(session, tenant)[1] for tenant in ("acme", "globex"))
+    app = create_app(settings)
+
+    class Stream:
+        def __init__(self, key: str) -> None:
+            self.started: asyncio.Future[dict[str, Any]] = asyncio.Future()
+            self.body = b""
+            self.gone = asyncio.Event()
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0", "spec_version": "2.3"},
+                "http_version": "1.1",
+                "method": "GET",
+                "scheme": "http",
+                "path": "/v1/events",
+                "raw_path": b"/v1/events",
+                "query_string": b"",
+                "root_path": "",
+                "headers": [(b"host", b"testserver"), (b"authorization", f"Bearer {key}".encode())],
+                "client": ("127.0.0.1", 50000),
+                "server": ("testserver", 80),
+                "state": {},
+            }
+            self.task = asyncio.create_task(app(scope, self.receive, self.send))  # type: ignore[arg-type]
+
+        async def receive(self) -> dict[str, Any]:
+            await self.gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(self, message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                self.started.set_result(message)
+            elif message["type"] == "http.response.body":
+                self.body += message.get("body", b"")
+
+        async def status(self) -> int:
+            return int((await asyncio.wait_for(self.started, timeout=10))["status"])
+
+        async def leave(self) -> None:
+            self.gone.set()
+            await asyncio.wait_for(self.task, timeout=10)
+
+    async def scenario() -> None:
+        async with app.router.lifespan_context(app):
+            first, second = Stream(acme), Stream(acme)
+            assert [await first.status(), await second.status()] == [200, 200]
+            third = Stream(acme)
+            refused = await third.started
+            await asyncio.wait_for(third.task, timeout=10)
+            assert refused["status"] == 429
+            assert int(dict(refused["headers"])[b"retry-after"]) >= 1
+            assert json.loads(third.body)["error"] == "too_many_streams"
+            other = Stream(globex)  # another tenant's streams are counted apart
+            assert await other.status() == 200
+            await first.leave()
+            fourth = Stream(acme)
+            assert await fourth.status() == 200
+            for stream in (second, other, fourth):
+                await stream.leave()
+
+    asyncio.run(scenario())

@@ -2,7 +2,7 @@
 an event id to resume after that the service issued (422 before the 200)."""
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Annotated
 
@@ -13,6 +13,7 @@ from sqlalchemy import select
 from app.api.auth import CallerDep, still_authorized
 from app.api.events import service
 from app.api.events.hub import EventHub
+from app.api.events.service import StreamSlots
 from app.core.db import READ_ONLY
 from app.core.errors import InvalidInput, JobNotFound
 from app.core.models import Job
@@ -60,6 +61,14 @@ async def last_event_id(
         if after_id <= await anyio.to_thread.run_sync(last_issued):
             return after_id
     raise InvalidInput("Last-Event-ID", "must be an event id this service sent")
+
+
+async def stream_slot(request: Request, caller: CallerDep) -> AsyncIterator[None]:
+    """A place among the caller's tenant's open streams, refused (429) before the stream
+    starts and held until it ends: a yield dependency's exit comes after the response."""
+    slots: StreamSlots = request.app.state.stream_slots
+    with slots.slot(caller.tenant):
+        yield
 
 
 def key_check(request: Request) -> Callable[[], Awaitable[bool]]:

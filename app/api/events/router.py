@@ -13,7 +13,13 @@ from starlette.types import Receive, Scope, Send
 
 from app.api.auth import AUTH_RESPONSES, CallerDep, get_caller
 from app.api.events import service
-from app.api.events.dependencies import HubDep, KeyCheckDep, LastEventIdDep, StreamedJobDep
+from app.api.events.dependencies import (
+    HubDep,
+    KeyCheckDep,
+    LastEventIdDep,
+    StreamedJobDep,
+    stream_slot,
+)
 from app.core.events import EPOCH, STATUS, Event
 from app.core.models.jobs import JobStatus
 
@@ -42,7 +48,8 @@ class StreamRoute(APIRoute):
 router = APIRouter(
     prefix="/v1",
     tags=["events"],
-    dependencies=[Depends(get_caller)],
+    # A stream holds a slot of its tenant's (TRAINSVC_TENANT_MAX_STREAMS) while it is open.
+    dependencies=[Depends(get_caller), Depends(stream_slot)],
     responses=AUTH_RESPONSES,
     route_class=StreamRoute,
 )

@@ -7,7 +7,9 @@ client that reconnects with the last id it saw misses nothing and sees nothing t
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 
 import anyio.to_thread
 from fastapi.sse import ServerSentEvent
@@ -17,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.api.events.hub import EventHub, Subscription
 from app.core import events
 from app.core.db import READ_ONLY
+from app.core.errors import LimitExceeded
 from app.core.events import Event
 from app.core.models import Job
 from app.core.models.jobs import ENDED_STATUSES
@@ -27,6 +30,37 @@ BACKLOG_LIMIT = 10_000  # events read from the table at a time
 KEY_CHECK_SECONDS = 1.0
 
 KeyCheck = Callable[[], Awaitable[bool]]
+
+
+class TooManyStreams(LimitExceeded):
+    """The tenant has TRAINSVC_TENANT_MAX_STREAMS streams open on this process: close one."""
+
+    code = "too_many_streams"
+    retry_after_seconds = 5
+
+
+class StreamSlots:
+    """At most `per_tenant` open streams for each tenant; the one beyond is refused before it
+    starts. On the event loop only, so a count needs no lock."""
+
+    def __init__(self, per_tenant: int) -> None:
+        self.per_tenant = per_tenant
+        self._open: Counter[str] = Counter()
+
+    @contextmanager
+    def slot(self, tenant: str) -> Iterator[None]:
+        if self._open[tenant] >= self.per_tenant:
+            raise TooManyStreams(
+                f"tenant {tenant!r} has {self._open[tenant]} event streams open here; the limit "
+                f"is {self.per_tenant} (TRAINSVC_TENANT_MAX_STREAMS)"
+            )
+        self._open[tenant] += 1
+        try:
+            yield
+        finally:
+            self._open[tenant] -= 1
+            if not self._open[tenant]:
+                del self._open[tenant]
 
 
 def last_issued_id(session: Session) -> int:
