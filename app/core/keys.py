@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.db import transaction
 from app.core.errors import InvalidInput, NotFound, RevokedKey, Unauthorized, UnknownKey
 from app.core.models import ApiKey, utcnow
-from app.core.models.keys import TENANT_NAME_LENGTH
+from app.core.models.keys import DESCRIPTION_LENGTH, TENANT_NAME_LENGTH
 from app.core.tenancy import Caller
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,16 @@ def create_key(
     if not TENANT_PATTERN.fullmatch(tenant):
         raise InvalidInput(
             "tenant", f"1 to {TENANT_NAME_LENGTH} letters, digits, '.', '_' or '-', not {tenant!r}"
+        )
+    if description is not None and (
+        len(description) > DESCRIPTION_LENGTH or not description.isprintable()
+    ):
+        # Longer was PostgreSQL's DataError (a traceback from `keys create`); a control
+        # character or line break was printed as is by `keys list`, to the operator's terminal.
+        raise InvalidInput(
+            "description",
+            f"at most {DESCRIPTION_LENGTH} printable characters, no line breaks or control "
+            "characters",
         )
     while True:
         key = KEY_PREFIX + secrets.token_urlsafe(32)

@@ -18,7 +18,7 @@ from app.api.auth import AUTH_RESPONSES, KeyRateLimiter, MetricsCallerDep
 from app.api.main import create_app
 from app.core.config import Settings, check_exposure
 from app.core.db import create_db_engine, create_session_factory, transaction
-from app.core.errors import RequestRateExceeded, RevokedKey, UnknownKey
+from app.core.errors import InvalidInput, RequestRateExceeded, RevokedKey, UnknownKey
 from app.core.keys import KeyVerifier, create_key, revoke_key
 from app.core.migrate import upgrade
 from app.core.models import ApiKey
@@ -51,6 +51,19 @@ def test_a_key_is_256_random_bits_and_only_its_hash_is_stored(session: Session) 
 def test_a_tenant_name_is_checked(session: Session) -> None:
     with pytest.raises(Exception, match="letters, digits"):
         create_key(session, "no spaces please")
+
+
+@pytest.mark.parametrize(
+    "description", ["x" * 201, "two\nlines", "\x1b[2J\x1b[Hcleared", "nul\x00", "\ud800"]
+)
+def test_a_description_is_checked(session: Session, description: str) -> None:
+    """Too long was PostgreSQL's DataError, a traceback from `keys create` (SQLite kept it);
+    escape sequences and line breaks were printed as they were by `keys list`."""
+    with pytest.raises(InvalidInput, match="printable characters") as refused:
+        create_key(session, "acme", description=description)
+    assert refused.value.field == "description"
+    row, _ = create_key(session, "acme", description="CI — Zoë's runner " + "x" * 182)
+    assert row.description is not None
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from app.core.models.base import Base, UTCDateTime, utcnow
 # The tenant of rows made without a key (auth off, or before keys existed).
 DEFAULT_TENANT = "default"
 TENANT_NAME_LENGTH = 100
+DESCRIPTION_LENGTH = 200
 
 
 class ApiKey(Base):
@@ -19,7 +20,7 @@ class ApiKey(Base):
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     tenant: Mapped[str] = mapped_column(String(TENANT_NAME_LENGTH), index=True)
     admin: Mapped[bool] = mapped_column(Boolean, default=False)
-    description: Mapped[str | None] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(String(DESCRIPTION_LENGTH))
     # The key's first characters: not secret (too short to guess the rest from), shown by
     # `keys list`, and what a request's key is looked up by before its hash is compared.
     prefix: Mapped[str] = mapped_column(String(16), unique=True)
