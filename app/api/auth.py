@@ -19,7 +19,13 @@ from starlette.concurrency import run_in_threadpool
 from app.api.dependencies import SettingsDep
 from app.api.errors import error_responses
 from app.core.config import Settings
-from app.core.errors import MalformedKey, MissingKey, RequestRateExceeded, Unauthorized
+from app.core.errors import (
+    AdminKeyRequired,
+    MalformedKey,
+    MissingKey,
+    RequestRateExceeded,
+    Unauthorized,
+)
 from app.core.keys import KEY_PATTERN, TENANT_PATTERN, KeyVerifier
 from app.core.tenancy import UNAUTHENTICATED, Caller
 
@@ -134,10 +140,18 @@ TenantFilter = Annotated[
 
 
 async def get_metrics_caller(request: Request, settings: SettingsDep) -> Caller | None:
-    """For /metrics: no key needed unless TRAINSVC_METRICS_REQUIRE_KEY is set."""
+    """For /metrics: no key needed unless TRAINSVC_METRICS_REQUIRE_KEY is set, and then an
+    admin's. Its figures count every tenant's jobs together: a tenant's key must not read how
+    busy the others are."""
     if not settings.metrics_require_key:
         return None
-    return await get_caller(request, settings, None)
+    caller = await get_caller(request, settings, None)
+    if not caller.admin:
+        raise AdminKeyRequired(
+            "/metrics counts every tenant's jobs: it takes an admin key "
+            "(trainsvc keys create --admin)"
+        )
+    return caller
 
 
 MetricsCallerDep = Annotated[Caller | None, Depends(get_metrics_caller)]

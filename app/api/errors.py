@@ -22,6 +22,7 @@ from app.core.errors import (
     Conflict,
     DatabaseUnavailable,
     DomainError,
+    Forbidden,
     InvalidInput,
     LimitExceeded,
     NotFound,
@@ -64,6 +65,7 @@ _ERROR_RESPONSES: dict[int, dict[str, Any]] = {
         "description": "No usable API key: missing_key, malformed_key, unknown_key or revoked_key",
         "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
     },
+    403: {"description": "The key is valid but may not do this (admin_key_required)"},
     404: {"description": "Not found: no such id, or not the caller's (the same answer)"},
     409: {"description": "The request contradicts what is stored"},
     413: {"description": "Over the body size limit, or the tenant's storage quota"},
@@ -87,6 +89,7 @@ def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
 STATUS_CODES: dict[type[DomainError], int] = {
     InvalidInput: 422,
     Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
     QuotaExceeded: 413,

@@ -72,6 +72,16 @@ class RevokedKey(Unauthorized):
     code = "revoked_key"
 
 
+class Forbidden(DomainError):
+    """A usable key that may not do this."""
+
+    code = "forbidden"
+
+
+class AdminKeyRequired(Forbidden):
+    code = "admin_key_required"
+
+
 class Conflict(DomainError):
     """The request is valid but contradicts what is stored."""
 

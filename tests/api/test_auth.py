@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.api.auth import AUTH_RESPONSES, KeyRateLimiter, MetricsCallerDep
+from app.api.auth import KeyRateLimiter
 from app.api.main import create_app
 from app.core.config import Settings, check_exposure
 from app.core.db import create_db_engine, create_session_factory, transaction
@@ -203,27 +203,26 @@ def test_with_auth_off_every_request_is_the_default_tenants_admin(
         assert client.get("/v1/jobs").status_code == 200
 
 
-def test_metrics_need_a_key_only_when_the_setting_says_so(
+def test_metrics_need_an_admin_key_only_when_the_setting_says_so(
     settings: Settings, session_factory: sessionmaker[Session], key_headers: KeyHeaders
 ) -> None:
+    """Its figures count every tenant's jobs together: any tenant's key read them before."""
     for required in (False, True):
         app = create_app(settings.model_copy(update={"metrics_require_key": required}))
-
-        @app.get("/metrics-probe", responses=AUTH_RESPONSES)
-        def probe(caller: MetricsCallerDep) -> dict[str, str | None]:
-            return {"tenant": caller.tenant if caller else None}
-
         with documented_client(app) as client:
             use_test_sessions(app, session_factory)
-            anonymous = client.get("/metrics-probe")
-            keyed = client.get("/metrics-probe", headers=key_headers("acme"))
-            metrics = client.get("/metrics")
-        assert metrics.status_code == (401 if required else 200)
+            anonymous = client.get("/metrics")
+            tenant = client.get("/metrics", headers=key_headers("acme"))
+            admin = client.get("/metrics", headers=key_headers("ops", admin=True))
+        assert admin.status_code == 200
+        assert "trainsvc_jobs" in admin.text
         if required:
             assert anonymous.status_code == 401
-            assert keyed.json() == {"tenant": "acme"}
+            assert tenant.status_code == 403
+            assert tenant.json()["error"] == "admin_key_required"
+            assert "--admin" in tenant.json()["detail"]
         else:
-            assert anonymous.json() == {"tenant": None}
+            assert anonymous.status_code == tenant.status_code == 200
 
 
 @pytest.mark.parametrize(

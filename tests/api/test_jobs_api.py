@@ -633,7 +633,8 @@ def test_openapi_declares_every_error_in_the_error_schema(client: TestClient) ->
         ("post", "/v1/datasets"): {"201", "400", "422", "503"} | keyed,
         ("post", "/v1/studies"): {"200", "201", "400", "409", "422", "503"} | keyed,
         ("delete", "/v1/studies/{study_id}"): {"204", "404", "409", "422", "503"} | keyed,
-        ("get", "/metrics"): {"200"} | keyed,  # keyed when TRAINSVC_METRICS_REQUIRE_KEY is set
+        # Keyed, an admin's, when TRAINSVC_METRICS_REQUIRE_KEY is set.
+        ("get", "/metrics"): {"200", "403"} | keyed,
         ("get", "/v1/ready"): {"200", "503"},
     }
     for (method, path), statuses in expected.items():

@@ -8,6 +8,7 @@ from sqlalchemy import text
 
 from app.api.auth import AUTH_RESPONSES, MetricsCallerDep
 from app.api.dependencies import DispatcherDep
+from app.api.errors import error_responses
 from app.api.system.schemas import Dependency, Health, Readiness
 from app.core.db import READ_ONLY
 from app.core.observability import metrics
@@ -15,7 +16,7 @@ from app.core.observability import metrics
 router = APIRouter(prefix="/v1", tags=["system"])
 # Prometheus scrapes /metrics by convention, outside the versioned API. It needs no key unless
 # settings.metrics_require_key is set (MetricsCallerDep), when it answers 401 and 429 as any
-# keyed route does.
+# keyed route does, and 403 to a key that is not an admin's.
 metrics_router = APIRouter(tags=["system"])
 
 
@@ -65,10 +66,12 @@ def _database_up(request: Request) -> bool:
     responses={
         200: {"content": {metrics.CONTENT_TYPE_LATEST: {}}, "description": "Metrics"},
         **AUTH_RESPONSES,
+        **error_responses(403),
     },
 )
 def prometheus_metrics(request: Request, _caller: MetricsCallerDep) -> Response:
     """Prometheus metrics: requests, jobs by status, queue, outbox, attempts, training. No key
-    is needed unless TRAINSVC_METRICS_REQUIRE_KEY is set."""
+    is needed unless TRAINSVC_METRICS_REQUIRE_KEY is set, and then an admin key: the figures
+    count every tenant's jobs together."""
     body = metrics.render(request.app.state.session_factory)
     return Response(body, media_type=metrics.CONTENT_TYPE_LATEST)
