@@ -2,6 +2,7 @@
 
 import io
 import uuid
+import warnings
 import zipfile
 from typing import Any
 
@@ -450,3 +451,20 @@ def test_csv_line_longer_than_the_limit_is_422_before_it_is_split() -> None:
     line = b"0," * (limits.max_csv_line_bytes // 2 + 1)
     with pytest.raises(InvalidInput, match="longer than"):
         parsing.read_csv(io.BytesIO(b"label,a\n" + line + b"\n"), "label", limits)
+
+
+def test_npz_with_two_members_of_one_name_is_422(client: TestClient) -> None:
+    # zipfile reads the last x.npy, unzip and other readers the first: refused, not guessed.
+    arrays = tabular()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), zipfile.ZipFile(buffer, "w") as archive:
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate it is told to write
+        archive.writestr("x.npy", npy_bytes(arrays["x"]))
+        archive.writestr("y.npy", npy_bytes(arrays["y"]))
+        archive.writestr("x.npy", npy_bytes(-arrays["x"]))
+    response = upload(client, buffer.getvalue())
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error == {"field": "file.x", "message": "the .npz has 2 members named x.npy"}
+    items = client.get("/v1/datasets").json()["items"]
+    assert all(item["source"] == "builtin" for item in items)  # nothing stored

@@ -185,11 +185,15 @@ def _check_central_directory(file: IO[bytes]) -> None:
 
 
 def _npz_members(archive: zipfile.ZipFile, limits: UploadLimits) -> dict[str, zipfile.ZipInfo]:
-    names = set(archive.namelist())
+    names = archive.namelist()
     missing = [member for member in ("x", "y") if f"{member}.npy" not in names]
     if missing:
         wanted = " or ".join(f"{member} (a member {member}.npy)" for member in missing)
         raise InvalidInput("file", f"the .npz has no array named {wanted}")
+    for member in ("x", "y"):
+        # zipfile would read the last of them, another tool the first: which array is x?
+        if (count := names.count(f"{member}.npy")) > 1:
+            raise InvalidInput(f"file.{member}", f"the .npz has {count} members named {member}.npy")
     infos = {member: archive.getinfo(f"{member}.npy") for member in ("x", "y")}
     # A zip bomb: a few compressed megabytes that unpack to gigabytes. Judged by the declared
     # sizes, which zipfile never reads past, and for the upload as a whole, not per member.
