@@ -301,7 +301,13 @@ def document_errors(app: FastAPI) -> None:
                         item.get("schema") == error_ref for item in media.values()
                     ):
                         response["content"] = {"application/json": {"schema": error_ref}}
-                if "422" in responses or operation.get("parameters"):
+                if (
+                    "422" in responses
+                    or operation.get("parameters")
+                    # Every keyed /v1 operation refuses a query parameter it does not take
+                    # (dependencies.check_query_parameters), even one that takes none.
+                    or (path.startswith("/v1/") and "401" in responses)
+                ):
                     declare(responses, 422)
                 body = operation.get("requestBody")
                 if body is not None:

@@ -714,3 +714,30 @@ def test_more_layers_than_max_layers_is_422(client: TestClient) -> None:
         client.post("/v1/jobs", json=spec_payload(model={"hidden_sizes": [8] * 16})).status_code
         == 201
     )
+
+
+@pytest.mark.parametrize(
+    ("query", "field", "message"),
+    [
+        ("/v1/jobs?offset=50", "offset", "this operation has no such query parameter; it takes: "),
+        ("/v1/jobs?status=queued&status=failed", "status", "sent 2 times; it takes one value"),
+        ("/v1/jobs?limit=1&limit=2", "limit", "sent 2 times; it takes one value"),
+        ("/v1/datasets?tenant=a&tenant=b", "tenant", "sent 2 times; it takes one value"),
+        ("/v1/studies/presets?limit=5", "limit", "it takes: none"),
+    ],
+)
+def test_an_undeclared_or_repeated_query_parameter_is_422(
+    client: TestClient, query: str, field: str, message: str
+) -> None:
+    # FastAPI ignored the one and kept the last of the other: a client paging with ?offset=
+    # got the first page again and again, as if that were the page it asked for.
+    response = client.get(query)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == field
+    assert message in error["message"]
+
+
+def test_a_query_parameter_that_takes_several_values_still_takes_them(client: TestClient) -> None:
+    response = client.get("/v1/jobs?tag=team:a&tag=owner:b&limit=5")
+    assert response.status_code == 200, response.text

@@ -10,7 +10,7 @@ from app.api.datasets import service
 from app.api.datasets.dependencies import UploadDep, UploadSlotsDep
 from app.api.datasets.schemas import DatasetList, DatasetRead
 from app.api.datasets.service import UploadForm, create_upload
-from app.api.dependencies import SessionDep, SettingsDep
+from app.api.dependencies import SessionDep, SettingsDep, check_query_parameters
 from app.core.catalog import BUILTIN_DATASETS, DataKind
 from app.core.datasets import info_from_row
 
@@ -18,7 +18,7 @@ from app.core.datasets import info_from_row
 router = APIRouter(
     prefix="/v1/datasets",
     tags=["datasets"],
-    dependencies=[Depends(get_caller)],
+    dependencies=[Depends(get_caller), Depends(check_query_parameters)],
     responses=AUTH_RESPONSES,
 )
 

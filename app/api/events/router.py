@@ -12,6 +12,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
 from app.api.auth import AUTH_RESPONSES, CallerDep, get_caller
+from app.api.dependencies import check_query_parameters
 from app.api.events import service
 from app.api.events.dependencies import (
     HubDep,
@@ -49,7 +50,7 @@ router = APIRouter(
     prefix="/v1",
     tags=["events"],
     # A stream holds a slot of its tenant's (TRAINSVC_TENANT_MAX_STREAMS) while it is open.
-    dependencies=[Depends(get_caller), Depends(stream_slot)],
+    dependencies=[Depends(get_caller), Depends(check_query_parameters), Depends(stream_slot)],
     responses=AUTH_RESPONSES,
     route_class=StreamRoute,
 )

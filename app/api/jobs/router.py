@@ -16,6 +16,7 @@ from app.api.dependencies import (
     SessionDep,
     SessionFactoryDep,
     SettingsDep,
+    check_query_parameters,
 )
 from app.api.errors import error_responses
 from app.api.jobs import service
@@ -46,7 +47,7 @@ from app.core.tenancy import Caller
 router = APIRouter(
     prefix="/v1/jobs",
     tags=["jobs"],
-    dependencies=[Depends(get_caller)],
+    dependencies=[Depends(get_caller), Depends(check_query_parameters)],
     responses=AUTH_RESPONSES,
 )
 # A tag filter is key:value, as a spec's tags allow them (key up to 64 characters, value up to

@@ -6,7 +6,13 @@ from fastapi import APIRouter, Depends, Query, Response, status
 from fastapi.responses import HTMLResponse
 
 from app.api.auth import AUTH_RESPONSES, CallerDep, TenantFilter, get_caller
-from app.api.dependencies import DispatcherDep, IdempotencyKeyDep, SessionDep, SettingsDep
+from app.api.dependencies import (
+    DispatcherDep,
+    IdempotencyKeyDep,
+    SessionDep,
+    SettingsDep,
+    check_query_parameters,
+)
 from app.api.errors import error_responses
 from app.api.studies import rendering, service
 from app.api.studies.dependencies import PlotCacheDep, StudyDep
@@ -30,7 +36,7 @@ from app.core.studies.report import build_report
 router = APIRouter(
     prefix="/v1/studies",
     tags=["studies"],
-    dependencies=[Depends(get_caller)],
+    dependencies=[Depends(get_caller), Depends(check_query_parameters)],
     responses=AUTH_RESPONSES,
 )
 
