@@ -1,11 +1,14 @@
-"""Dependencies every router shares: settings, the request's session, the dispatcher."""
+"""Dependencies every router shares: settings, the request's session, the dispatcher, and the
+checks of what a request sends beyond its declared fields."""
 
+import json
 from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.api.errors import is_json
 from app.core.config import Settings
 from app.core.db import READ_ONLY, Reader
 from app.core.errors import InvalidInput
@@ -113,3 +116,34 @@ async def check_query_parameters(request: Request) -> None:
 def _takes_many(schema: dict[str, Any]) -> bool:
     options = [schema, *schema.get("anyOf", ())]
     return any(option.get("type") == "array" for option in options)
+
+
+class _RepeatedKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _object_of_unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _RepeatedKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
+async def refuse_repeated_json_keys(request: Request) -> None:
+    """A JSON body with a key twice in one object is a 422. json.loads keeps the last, other
+    parsers (a proxy, an audit log, the client's own) the first: {"epochs": 1, "epochs": 500}
+    would be one spec to them and another here. (async: the body is read already.)"""
+    media = request.headers.get("content-type", "").partition(";")[0].strip()
+    if not is_json(media):
+        return
+    try:
+        json.loads(await request.body(), object_pairs_hook=_object_of_unique_keys)
+    except _RepeatedKey as exc:
+        raise InvalidInput(
+            "body", f"the key {exc.key!r} appears twice in one object; send each key once"
+        ) from None
+    except (ValueError, RecursionError):
+        return  # not JSON json.loads reads: FastAPI's own parse has said why

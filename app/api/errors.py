@@ -151,7 +151,8 @@ def _unparsable_json(cause: BaseException | None) -> str | None:
     return None
 
 
-def _is_json(media: str) -> bool:
+def is_json(media: str) -> bool:
+    """Whether FastAPI reads a body of this media type (no parameters) as JSON."""
     media = media.lower()
     return media == "application/json" or media.endswith("+json")
 
@@ -217,7 +218,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         details = _validation_details(exc)
         media = request.headers.get("content-type", "").partition(";")[0].strip()
-        if not _is_json(media):
+        if not is_json(media):
             # FastAPI parses only a JSON content type as JSON: any other body reaches the
             # model as bytes, and "should be a valid dictionary" would hide the real mistake.
             media = media or "none"

@@ -741,3 +741,30 @@ def test_an_undeclared_or_repeated_query_parameter_is_422(
 def test_a_query_parameter_that_takes_several_values_still_takes_them(client: TestClient) -> None:
     response = client.get("/v1/jobs?tag=team:a&tag=owner:b&limit=5")
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "key"),
+    [
+        ("/v1/jobs", b'{"dataset": {"name": "digits"}, "epochs": 1, "epochs": 2}', "epochs"),
+        (
+            "/v1/jobs",
+            b'{"dataset": {"name": "digits", "name": "upload:x"}, "epochs": 1}',
+            "name",
+        ),
+        ("/v1/studies", b'{"base": {}, "base": {}}', "base"),
+    ],
+)
+def test_a_json_key_repeated_in_one_object_is_422_and_nothing_is_stored(
+    client: TestClient, path: str, body: bytes, key: str
+) -> None:
+    # json.loads kept the last, a proxy or audit log reading the same body may keep the first.
+    response = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == [
+        {
+            "field": "body",
+            "message": f"the key {key!r} appears twice in one object; send each key once",
+        }
+    ]
+    assert client.get("/v1/jobs").json()["items"] == []

@@ -17,6 +17,7 @@ from app.api.dependencies import (
     SessionFactoryDep,
     SettingsDep,
     check_query_parameters,
+    refuse_repeated_json_keys,
 )
 from app.api.errors import error_responses
 from app.api.jobs import service
@@ -61,6 +62,7 @@ TagFilter = Annotated[str, StringConstraints(pattern=TAG_FILTER_PATTERN, max_len
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=JobRead,
+    dependencies=[Depends(refuse_repeated_json_keys)],
     responses={
         200: {"model": JobRead, "description": "A repeated Idempotency-Key: the original job"},
         **error_responses(409, 413, 429),

@@ -12,6 +12,7 @@ from app.api.dependencies import (
     SessionDep,
     SettingsDep,
     check_query_parameters,
+    refuse_repeated_json_keys,
 )
 from app.api.errors import error_responses
 from app.api.studies import rendering, service
@@ -65,6 +66,7 @@ def _read(session: SessionDep, study: Study) -> StudyRead:
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=StudyRead,
+    dependencies=[Depends(refuse_repeated_json_keys)],
     responses={
         200: {"model": StudyRead, "description": "A repeated Idempotency-Key: the original study"},
         **error_responses(409),
