@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.datastructures import ImmutableMultiDict
 
 from app.api.errors import is_json
 from app.core.config import Settings
@@ -95,27 +96,44 @@ async def check_query_parameters(request: Request) -> None:
     looks like one to its question and is not. (async: no I/O, no thread.)"""
     if not request.scope["query_string"]:
         return
-    route = request.scope["route"]
-    operation = request.app.openapi()["paths"][route.path_format][request.method.lower()]
     declared = {
         parameter["name"]: _takes_many(parameter["schema"])
-        for parameter in operation.get("parameters", ())
+        for parameter in _operation(request).get("parameters", ())
         if parameter["in"] == "query"
     }
-    for name in request.query_params:
-        if name not in declared:
-            takes = ", ".join(declared) or "none"
-            raise InvalidInput(
-                name, f"this operation has no such query parameter; it takes: {takes}"
-            )
-        count = len(request.query_params.getlist(name))
-        if count > 1 and not declared[name]:
-            raise InvalidInput(name, f"sent {count} times; it takes one value")
+    _check_names("query parameter", request.query_params, declared)
+
+
+async def check_form_fields(request: Request) -> None:
+    """The same for a multipart form's fields: a second file, or a field the operation does
+    not take ("knd" for "kind"), is a 422, not the last file stored or the field ignored.
+    (async: FastAPI has parsed the form already; this reads its parse.)"""
+    body = _operation(request)["requestBody"]["content"]["multipart/form-data"]["schema"]
+    schema = request.app.openapi()["components"]["schemas"][body["$ref"].rpartition("/")[2]]
+    declared = {name: _takes_many(field) for name, field in schema["properties"].items()}
+    _check_names("form field", await request.form(), declared)
+
+
+def _operation(request: Request) -> dict[str, Any]:
+    """The request's operation as the OpenAPI document declares it."""
+    path = request.scope["route"].path_format
+    operation: dict[str, Any] = request.app.openapi()["paths"][path][request.method.lower()]
+    return operation
 
 
 def _takes_many(schema: dict[str, Any]) -> bool:
     options = [schema, *schema.get("anyOf", ())]
     return any(option.get("type") == "array" for option in options)
+
+
+def _check_names(what: str, sent: ImmutableMultiDict[str, Any], declared: dict[str, bool]) -> None:
+    for name in sent:
+        if name not in declared:
+            takes = ", ".join(declared) or "none"
+            raise InvalidInput(name, f"this operation has no such {what}; it takes: {takes}")
+        count = len(sent.getlist(name))
+        if count > 1 and not declared[name]:
+            raise InvalidInput(name, f"sent {count} times; it takes one value")
 
 
 class _RepeatedKey(Exception):

@@ -468,3 +468,29 @@ def test_npz_with_two_members_of_one_name_is_422(client: TestClient) -> None:
     assert error == {"field": "file.x", "message": "the .npz has 2 members named x.npy"}
     items = client.get("/v1/datasets").json()["items"]
     assert all(item["source"] == "builtin" for item in items)  # nothing stored
+
+
+@pytest.mark.parametrize(
+    ("second_file", "form", "field", "message"),
+    [
+        (True, {}, "file", "sent 2 times; it takes one value"),
+        (False, {"kind": ["image", "tabular"]}, "kind", "sent 2 times; it takes one value"),
+        (False, {"knd": "image"}, "knd", "no such form field; it takes: file, kind"),
+    ],
+    ids=["two-files", "kind-twice", "unknown-field"],
+)
+def test_a_form_field_repeated_or_undeclared_is_422_and_nothing_is_stored(
+    client: TestClient, second_file: bool, form: dict[str, Any], field: str, message: str
+) -> None:
+    # FastAPI kept the last file and the last kind and ignored "knd": the upload stored was
+    # not the one sent, and nothing said so.
+    files = [("file", ("a.npz", npz_bytes(**tabular())))]
+    if second_file:
+        files.append(("file", ("b.npz", npz_bytes(**tabular(features=5)))))
+    response = client.post("/v1/datasets", files=files, data=form)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == field
+    assert message in error["message"]
+    items = client.get("/v1/datasets").json()["items"]
+    assert all(item["source"] == "builtin" for item in items)  # nothing stored

@@ -10,7 +10,12 @@ from app.api.datasets import service
 from app.api.datasets.dependencies import UploadDep, UploadSlotsDep
 from app.api.datasets.schemas import DatasetList, DatasetRead
 from app.api.datasets.service import UploadForm, create_upload
-from app.api.dependencies import SessionDep, SettingsDep, check_query_parameters
+from app.api.dependencies import (
+    SessionDep,
+    SettingsDep,
+    check_form_fields,
+    check_query_parameters,
+)
 from app.core.catalog import BUILTIN_DATASETS, DataKind
 from app.core.datasets import info_from_row
 
@@ -41,6 +46,7 @@ def list_datasets(
     status_code=status.HTTP_201_CREATED,
     response_model=DatasetRead,
     responses={413: {"description": "Over the upload size or the tenant's storage quota"}},
+    dependencies=[Depends(check_form_fields)],
 )
 def upload_dataset(
     session: SessionDep,
