@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 import httpcore
 import httpx
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
@@ -337,20 +337,31 @@ def send_due(factory: sessionmaker[Session], policy: WebhookPolicy, limit: int =
 
 def _lease_due(factory: sessionmaker[Session], limit: int) -> list[uuid.UUID]:
     now = utcnow()
+    # Tenants take turns: each tenant's longest-due delivery first, then each one's second...
+    # Oldest first alone let one tenant's deliveries to a receiver that never answers (each
+    # up to the timeout) fill every sweep while every other tenant's waited behind them.
+    turn = (
+        func.row_number()
+        .over(partition_by=Job.tenant, order_by=WebhookDelivery.next_attempt_at)
+        .label("turn")
+    )
+    due = (
+        select(WebhookDelivery.id, WebhookDelivery.next_attempt_at, turn)
+        .join(Job, Job.id == WebhookDelivery.job_id)
+        .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now)
+        .subquery()
+    )
     with transaction(factory) as session:
         ids = list(
             session.scalars(
-                select(WebhookDelivery.id)
-                .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now)
-                .order_by(WebhookDelivery.next_attempt_at)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
+                select(due.c.id).order_by(due.c.turn, due.c.next_attempt_at).limit(limit)
             )
         )
         if not ids:
             return []
-        # Conditional, and only what it changed counts: SQLite has no FOR UPDATE, so two
-        # sweepers may select the same rows, but only one moves each row's lease forward.
+        # Conditional, and only what it changed counts: two sweepers may select the same rows
+        # (no FOR UPDATE: PostgreSQL allows none with a window function; SQLite has none), but
+        # only one moves each row's lease forward.
         leased = session.scalars(
             update(WebhookDelivery)
             .where(

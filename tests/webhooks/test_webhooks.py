@@ -402,6 +402,34 @@ def test_a_name_that_resolves_to_a_private_address_is_refused_when_it_is_connect
     assert deliveries(client, job["id"])[0]["status"] == "delivered"
 
 
+def test_tenants_take_turns_in_a_sweep(
+    client: TestClient, session_factory: sessionmaker[Session], settings: Settings
+) -> None:
+    """A sweep took the longest-due deliveries first, whoever's: one tenant's backlog to a
+    receiver that never answers (each up to the timeout) kept every other tenant's waiting."""
+    policy = webhooks.policy_from(settings)
+    with receiving() as noisy, receiving() as quiet:
+        noisy_jobs = [submit(client, with_callback(noisy.url, seed=seed)) for seed in range(5)]
+        quiet_job = submit(client, with_callback(quiet.url))
+        for job in [*noisy_jobs, quiet_job]:
+            client.post(f"/v1/jobs/{job['id']}/cancel")
+        with session_factory() as session:
+            noisy_ids = [uuid.UUID(job["id"]) for job in noisy_jobs]
+            session.execute(update(Job).where(Job.id.in_(noisy_ids)).values(tenant="noisy"))
+            # The noisy tenant's deliveries have waited longest.
+            long_ago = datetime(2026, 1, 1, tzinfo=UTC)
+            session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.job_id.in_(noisy_ids))
+                .values(next_attempt_at=long_ago)
+            )
+            session.commit()
+        assert webhooks.send_due(session_factory, policy, limit=2) == 2
+        assert (len(noisy.received), len(quiet.received)) == (1, 1)
+        assert webhooks.send_due(session_factory, policy, limit=2) == 2
+        assert (len(noisy.received), len(quiet.received)) == (3, 1)
+
+
 def test_a_receiver_answering_a_byte_at_a_time_is_cut_off_at_the_timeout(
     client: TestClient, session_factory: sessionmaker[Session], settings: Settings
 ) -> None:
