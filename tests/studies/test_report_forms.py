@@ -200,3 +200,19 @@ def test_one_epoch_curves_show_and_many_configurations_keep_their_own_colours() 
     ticks = [tick.get_text() for tick in figure.axes[0].get_xticklabels()]
     assert "1" in ticks
     assert all(tick.isdigit() for tick in ticks), ticks  # whole epochs only
+
+
+def test_grid_text_with_dollar_signs_is_drawn_as_written(
+    client: TestClient, session: Session
+) -> None:
+    """A legend label is matplotlib text, which reads "$...$" as mathtext: a grid value such
+    as "$\\foo$" raised while drawing (a 500 on every plot of the study)."""
+    grid = {"name": ["$\\foo$", "a $x^2$ b"], "seed": [0]}
+    created = client.post("/v1/studies", json={"base": spec_payload(), "grid": grid}).json()
+    for job in created["jobs"]:
+        finish(session, job["id"])
+        store_epochs(session, uuid.UUID(job["id"]), [(0.5, 0.1), (0.7, 0.2)])
+    session.commit()
+    response = client.get(f"/v1/studies/{created['id']}/plots/learning_curves.png")
+    assert response.status_code == 200, response.text
+    assert response.content.startswith(PNG_SIGNATURE)

@@ -75,7 +75,10 @@ def _short(axis: str) -> str:
 
 
 def _label(configuration: dict[str, Any]) -> str:
-    return ", ".join(f"{_short(axis)}={value}" for axis, value in configuration.items()) or "all"
+    label = ", ".join(f"{_short(axis)}={value}" for axis, value in configuration.items())
+    # matplotlib reads text between two $ as mathtext: a grid's text value such as "$\\foo$"
+    # raised while drawing. Escaped, a $ is drawn as itself.
+    return (label or "all").replace("$", r"\$")
 
 
 def _finished(runs: list[Run]) -> list[Run]:
