@@ -339,6 +339,22 @@ def _effect(
         and (base_epochs := reached[partner.job_id]) is not None
     ]
     ratio = statistics.paired_ratio([b for b, _ in epoch_pairs], [t for _, t in epoch_pairs])
+    # A pair where only one side reached the target has no ratio, but leaving it out silently
+    # would read "3x fewer epochs" for a value that never got there in half its seeds.
+    only_baseline = sum(
+        reached[run.job_id] is None and reached[partner.job_id] is not None
+        for run, _, partner, _ in pairs
+    )
+    only_treated = sum(
+        reached[run.job_id] is not None and reached[partner.job_id] is None
+        for run, _, partner, _ in pairs
+    )
+    epoch_reading = statistics.read_epoch_ratio(label, ratio)
+    if only_baseline or only_treated:
+        epoch_reading += (
+            f"; not counted: {only_baseline} pairs where only the baseline reached the "
+            f"target, {only_treated} where only {label} did"
+        )
     accuracy = statistics.paired_difference(
         [t.best_val_accuracy for _, t, _, _ in pairs],
         [b.best_val_accuracy for _, _, _, b in pairs],
@@ -357,7 +373,7 @@ def _effect(
         "epochs_to_target": {
             **asdict(ratio),
             "kind": "ratio: baseline epochs / these epochs (above 1: fewer epochs)",
-            "reading": statistics.read_epoch_ratio(label, ratio),
+            "reading": epoch_reading,
         },
         "best_val_accuracy": {
             **asdict(accuracy),
