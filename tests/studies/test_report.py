@@ -8,6 +8,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from app.core.models import EpochMetric, Job
+from app.core.studies.grid import point_key
+from app.core.studies.report import Run, effects
 from tests.factories import spec_payload
 
 NORM = "model.normalization.type"
@@ -205,3 +207,22 @@ def test_max_stable_lr(client: TestClient, session: Session) -> None:
     assert row["by_lr"][2]["reason"] == "1 of 2 seeds diverged"
     by_lr = {c["configuration"]["optimizer.lr"]: c for c in report["configurations"]}
     assert by_lr[3.0]["diverged"] == 1
+
+
+def test_effects_take_time_in_proportion_to_the_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run was matched against each value of an axis: a study of 1000 values on one axis
+    (the largest allowed) took seconds per report request."""
+    names = [f"name-{i}" for i in range(300)]
+    grid = {"name": names, "seed": [0]}
+    runs = [Run(uuid.uuid4(), "queued", {"name": name, "seed": 0}, None, 10) for name in names]
+    calls = 0
+
+    def counted(point: dict[str, Any]) -> str:
+        nonlocal calls
+        calls += 1
+        return point_key(point)
+
+    monkeypatch.setattr("app.core.studies.report.point_key", counted)
+    found = effects(grid, runs, dict.fromkeys((run.job_id for run in runs), None), {})
+    assert len(found) == len(names) - 1
+    assert calls < 5 * len(runs)
