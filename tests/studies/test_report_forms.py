@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from app.core.studies import plots
+from app.core.studies.grid import point_key
 from app.core.studies.report import Run
 from tests.factories import spec_payload
 from tests.studies.test_report import finish, store_epochs
@@ -216,3 +217,24 @@ def test_grid_text_with_dollar_signs_is_drawn_as_written(
     response = client.get(f"/v1/studies/{created['id']}/plots/learning_curves.png")
     assert response.status_code == 200, response.text
     assert response.content.startswith(PNG_SIGNATURE)
+
+
+def test_plots_group_runs_in_time_proportional_to_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run was matched against each configuration: seconds per plot of a study of 1000
+    configurations, the largest allowed."""
+    names = [f"name-{i}" for i in range(300)]
+    runs = [
+        Run(uuid.uuid4(), "succeeded", {"name": name, "seed": 0}, None, 10, epochs=np.array([1]))
+        for name in names
+    ]
+    calls = 0
+
+    def counted(point: dict[str, Any]) -> str:
+        nonlocal calls
+        calls += 1
+        return point_key(point)
+
+    monkeypatch.setattr("app.core.studies.plots.point_key", counted)
+    groups = plots._groups({"name": names, "seed": [0]}, runs, ())
+    assert [len(members) for _, members in groups] == [1] * len(names)
+    assert calls < 5 * len(runs)
