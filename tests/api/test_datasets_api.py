@@ -423,6 +423,26 @@ def test_split_of_a_synthetic_set_is_judged_on_its_n_samples(client: TestClient)
     assert "20 samples" in response.json()["detail"][0]["message"]
 
 
+def test_gradient_noise_micro_batches_that_do_not_fit_twice_in_training_are_422(
+    client: TestClient,
+) -> None:
+    """Accepted before, the noise probe then measured nothing in any epoch (it needs two
+    micro-batches of the training split), and the job looked probed."""
+    dataset = {"name": "two_moons", "n_samples": 20, "val_fraction": 0.5}  # 10 to train on
+    for size, status in ((6, 422), (5, 201)):
+        diagnostics = {"gradient_noise": {"micro_batch_size": size}}
+        response = client.post(
+            "/v1/jobs", json=spec_payload(dataset=dataset, diagnostics=diagnostics)
+        )
+        assert response.status_code == status, response.text
+    [error] = client.post(
+        "/v1/jobs",
+        json=spec_payload(dataset=dataset, diagnostics={"gradient_noise": {"micro_batch_size": 8}}),
+    ).json()["detail"]
+    assert error["field"] == "diagnostics.gradient_noise.micro_batch_size"
+    assert "at most 5" in error["message"]
+
+
 def test_display_name_defaults_to_the_file_name_and_refuses_nul(client: TestClient) -> None:
     content = npz_bytes(**tabular())
     assert upload(client, content, "churn.npz").json()["display_name"] == "churn.npz"

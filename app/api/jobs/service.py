@@ -145,6 +145,16 @@ def check_limits(session: Session, spec: JobSpec, settings: Settings, caller: Ca
             f"val_fraction {dataset.val_fraction} of {n} samples leaves {n_val} for validation "
             f"and {n_train} for training; training needs at least 2",
         )
+    noise_batch = spec.noise_micro_batch_size
+    if noise_batch is not None and 2 * noise_batch > n_train:
+        # The noise scale compares micro-batches of the training set: with fewer than two
+        # it measures nothing, every epoch, and the job would look probed.
+        raise InvalidInput(
+            "diagnostics.gradient_noise.micro_batch_size",
+            f"the gradient noise scale needs two micro-batches of {noise_batch} samples; "
+            f"the training split has {n_train}: use a micro_batch_size of at most "
+            f"{n_train // 2}",
+        )
 
 
 def check_queue_room(session: Session, settings: Settings, adding: int = 1) -> None:
