@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from app.core.models import EpochMetric, Job
+from app.core.studies import plots
 from tests.factories import spec_payload
 
 NORM = "model.normalization.type"
@@ -118,3 +119,23 @@ def test_a_study_without_probes_reports_none(client: TestClient, session: Sessio
     assert all("probes" not in row for row in report["configurations"])
     assert all("probes" not in effect for effect in report["effects"])
     assert list(report["plots"]) == ["learning_curves"]
+
+
+@pytest.mark.parametrize(
+    ("base_diagnostics", "grid"),
+    [
+        ({"landscape": {}}, {}),  # the probe with its defaults: {} was read as "off"
+        (None, {"diagnostics.landscape.every_steps": [10, 100]}),
+        (None, {"diagnostics.landscape": [None, {"every_steps": 10}]}),
+        (None, {"diagnostics": [None, {"landscape": {}}]}),
+    ],
+    ids=["base-defaults", "axis-field", "axis-section", "axis-diagnostics"],
+)
+def test_a_probe_asked_for_by_the_base_or_an_axis_has_its_plot(
+    base_diagnostics: dict[str, Any] | None, grid: dict[str, list[Any]]
+) -> None:
+    """The plot was listed only where the base's probe section was a non-empty object."""
+    base = spec_payload(diagnostics=base_diagnostics)
+    names = plots.available({**grid, "seed": [0]}, base)
+    assert "landscape" in names
+    assert "covariate_shift" not in names

@@ -54,9 +54,26 @@ def available(grid: dict[str, list[Any]], base: dict[str, Any] | None = None) ->
         names.append("gap_by_dropout")
     if _numeric_axis(grid, LR_AXIS):
         names.append("accuracy_by_lr")
-    probes = (base or {}).get("diagnostics") or {}
-    names += [name for name, (probe, _) in PROBE_PLOTS.items() if probes.get(probe)]
+    names += [name for name, (probe, _) in PROBE_PLOTS.items() if _probed(probe, grid, base)]
     return names
+
+
+def _probed(probe: str, grid: dict[str, list[Any]], base: dict[str, Any] | None) -> bool:
+    """Whether some job of the study runs the probe: the base asks for it (`{}` too: the
+    probe with its defaults), or an axis does (a field of it sets the whole section)."""
+    if ((base or {}).get("diagnostics") or {}).get(probe) is not None:
+        return True
+    section = f"diagnostics.{probe}"
+    for axis, values in grid.items():
+        if axis.startswith(f"{section}."):
+            return True
+        if axis == section and any(value is not None for value in values):
+            return True
+        if axis == "diagnostics" and any(
+            isinstance(value, dict) and value.get(probe) is not None for value in values
+        ):
+            return True
+    return False
 
 
 def _numeric_axis(grid: dict[str, list[Any]], axis: str) -> bool:
