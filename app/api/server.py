@@ -15,6 +15,7 @@ from typing import Any
 import h11
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.lifespan.on import LifespanOn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.api.events.hub import EventHub
@@ -87,6 +88,15 @@ class Server(uvicorn.Server):
         if hub is not None:
             await hub.close()
         await super().shutdown(sockets)
+        if self.force_exit and not self._app_shut_down:
+            # A second Ctrl-C forces the exit: uvicorn then skips the app's shutdown, and the
+            # event loop's end cancelled it mid-wait, which logged a CancelledError traceback.
+            # The app's shutdown only closes its pools: quick, so it runs forced or not.
+            await self.lifespan.shutdown()
+
+    @property
+    def _app_shut_down(self) -> bool:
+        return isinstance(self.lifespan, LifespanOn) and self.lifespan.shutdown_event.is_set()
 
 
 def build_server(app: FastAPI, host: str, port: int, settings: Settings) -> uvicorn.Server:

@@ -9,6 +9,7 @@ it was training must be `queued` again at once, with no attempt counted as lost,
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -194,3 +195,27 @@ def test_a_worker_told_to_stop_again_while_handing_back_still_stops(
         time.sleep(0.002)
     _assert_everything_stopped(up, pids)
     _assert_handed_back(processes.workdir, job_id)
+
+
+def test_ctrl_c_twice_still_shuts_the_app_down_without_a_lifespan_traceback(
+    processes: Processes,
+) -> None:
+    """The second Ctrl-C while a request still runs forces uvicorn's exit, which skipped the
+    app's shutdown (its pools were never closed) and left it to be cancelled at the event
+    loop's end: a CancelledError traceback from the lifespan on the terminal."""
+    url = processes.api("up")
+    up, log = processes.started[0]
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as held:
+        # A request whose body has not all arrived: the first Ctrl-C waits for it.
+        held.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.2)
+        os.killpg(up.pid, signal.SIGINT)
+        wait_until(lambda: b"Waiting for connections to close" in log.read_bytes(), 10, "a stop")
+        os.killpg(up.pid, signal.SIGINT)
+        up.wait(timeout=30)
+    output = log.read_text(errors="replace")
+    assert "Application shutdown complete" in output, output
+    # The request itself is cancelled, and uvicorn logs that as at its graceful timeout; the
+    # app's lifespan, cancelled the same way, added a second traceback.
+    assert "in lifespan" not in output, output
