@@ -71,6 +71,26 @@ def test_a_cors_origin_that_no_browser_sends_is_refused_saying_the_form(
         )
 
 
+@pytest.mark.parametrize("name", ["TRAINSVC_CORS_ORIGINS", "TRAINSVC_WEBHOOK_ALLOWED_HOSTS"])
+def test_a_list_that_is_not_json_is_named_with_why(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: pydantic-settings' SettingsError, with a traceback, naming the field and not why."""
+    monkeypatch.setenv(name, "https://dash.example.com")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main(["migrate"])
+    finally:
+        get_settings.cache_clear()
+    assert exited.value.code == (
+        "invalid settings (TRAINSVC_ variables, or lines of .env):\n"
+        f'  {name}: not JSON (Expecting value at column 1): give a JSON list, as ["a", "b"]'
+    )
+    monkeypatch.setenv(name, '["dash.example.com"]' if "HOSTS" in name else '["https://x.org"]')
+    assert len(Settings().model_dump()[name.removeprefix("TRAINSVC_").lower()]) == 1
+
+
 @pytest.mark.parametrize(
     ("argv", "reason"),
     [

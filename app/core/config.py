@@ -1,12 +1,13 @@
 """Settings: every knob of the service in one typed place, read from TRAINSVC_* variables."""
 
 import ipaddress
+import json
 import re
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -81,11 +82,11 @@ class Settings(BaseSettings):
     # Other origins whose pages may call the API from a browser (CORS), as a JSON list of
     # "https://dash.example.com" (scheme, host and port; no path), or ["*"] for any. Empty: only
     # pages the service serves itself (its dashboard). Keys travel in a header, not a cookie.
-    cors_origins: list[str] = Field(default_factory=list)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Webhooks are a way out of the network: when set, callbacks may go to these hosts only
     # (exact names, or "*.example.com" for subdomains). A JSON list in the environment.
-    webhook_allowed_hosts: list[str] = Field(default_factory=list)
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Without that list, a webhook reaches public addresses only: a tenant's callback must not
     # reach the database, the broker or a cloud's metadata service from inside the network.
     # true lifts it (one person's machine: `trainsvc up` sets it).
@@ -147,6 +148,20 @@ class Settings(BaseSettings):
     key_request_burst: int = Field(100, ge=1)
     # The key `trainsvc submit` sends (TRAINSVC_API_KEY), kept out of the command line.
     api_key: SecretStr | None = None
+
+    @field_validator("cors_origins", "webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _json_list(cls, value: object) -> object:
+        """A list in the environment is JSON, read here: pydantic-settings' own reading
+        raised, on text that is not JSON, an error naming neither the variable nor why."""
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f'not JSON ({exc.msg} at column {exc.colno}): give a JSON list, as ["a", "b"]'
+            ) from None
 
     @field_validator("cors_origins")
     @classmethod
