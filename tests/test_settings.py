@@ -71,6 +71,22 @@ def test_a_cors_origin_that_no_browser_sends_is_refused_saying_the_form(
         )
 
 
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_a_number_that_is_not_finite_is_refused(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: TRAINSVC_LEASE_SECONDS=inf passed gt=0, and a lease that never runs out means a
+    lost worker's job is never taken back."""
+    monkeypatch.setenv("TRAINSVC_LEASE_SECONDS", value)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(InvalidSettings) as refused:
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    assert str(refused.value).endswith("  TRAINSVC_LEASE_SECONDS: Input should be a finite number")
+
+
 @pytest.mark.parametrize("name", ["TRAINSVC_CORS_ORIGINS", "TRAINSVC_WEBHOOK_ALLOWED_HOSTS"])
 def test_a_list_that_is_not_json_is_named_with_why(
     name: str, monkeypatch: pytest.MonkeyPatch

@@ -11,7 +11,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TRAINSVC_", env_file=".env", extra="ignore")
+    # No inf or nan: a lease of "inf" passed gt=0 and no lease would ever run out.
+    model_config = SettingsConfigDict(
+        env_prefix="TRAINSVC_", env_file=".env", extra="ignore", allow_inf_nan=False
+    )
 
     # Embedded default: one SQLite file for jobs, and kombu's SQLAlchemy transport on a second
     # SQLite file as the broker, so `trainsvc up` needs no server at all.
