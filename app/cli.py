@@ -84,10 +84,23 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _migrate(_args: argparse.Namespace) -> None:
+    _upgrade(get_settings().database_url)
+    print("database is at the latest schema")
+
+
+def _upgrade(database_url: str) -> None:
+    """Migrate, or exit with a line saying why the database could not be reached or written
+    (a server that does not answer, a folder that does not exist or is read-only)."""
+    import sqlalchemy as sa
+
     from app.core.migrate import upgrade
 
-    upgrade(get_settings().database_url)
-    print("database is at the latest schema")
+    try:
+        upgrade(database_url)
+    except sa.exc.OperationalError as exc:
+        shown = sa.make_url(database_url).render_as_string(hide_password=True)
+        reason = str(exc.orig).strip().splitlines()[0]
+        sys.exit(f"cannot migrate {shown}: {reason}")
 
 
 # How long `up` waits for its worker to hand a running job back (a batch and one write).
@@ -101,12 +114,10 @@ def _up(args: argparse.Namespace) -> None:
     Both are supervised here: a stop signal (Ctrl-C, SIGTERM, a closed terminal) or either
     one ending stops the other, and `up` returns only once the worker, pool included, is gone.
     """
-    from app.core.migrate import upgrade
-
     os.environ.update(EMBEDDED)
     get_settings.cache_clear()  # read again, with these
     _api_settings(args)  # refuse before starting anything
-    upgrade(get_settings().database_url)
+    _upgrade(get_settings().database_url)
     share_metrics_between_processes()  # before the worker starts: it inherits the directory
     server = _server(args)
 

@@ -107,3 +107,31 @@ def test_serve_and_worker_exit_on_an_unmigrated_database(
     assert result.stderr.strip().endswith(
         f"the schema is at none; the latest is {LATEST}: run `trainsvc migrate` first"
     )
+
+
+@pytest.mark.parametrize("command", ["migrate", "up"])
+@pytest.mark.parametrize("where", ["missing folder", "server not answering"])
+def test_a_database_that_cannot_be_reached_is_one_line_not_a_traceback(
+    command: str, where: str, tmp_path: Path
+) -> None:
+    """Before: `migrate` and `up` ended in SQLAlchemy's OperationalError traceback."""
+    url = (
+        f"sqlite:///{tmp_path / 'missing' / 'trainsvc.db'}"
+        if where == "missing folder"
+        else f"postgresql+psycopg://trainsvc:secret@127.0.0.1:{free_port()}/trainsvc"
+    )
+    args = [command] if command == "migrate" else [command, "--port", str(free_port())]
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=tmp_path,
+        env={**os.environ, "TRAINSVC_DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    shown = sa.make_url(url).render_as_string(hide_password=True)
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"cannot migrate {shown}: "), line
+    assert ("unable to open database file" if where == "missing folder" else "refused") in line
+    assert "secret" not in result.stderr
