@@ -58,10 +58,11 @@ def _server(args: argparse.Namespace) -> "uvicorn.Server":
 
 
 def _require_latest_schema(settings: Settings) -> None:
-    """Exit, naming the fix, when the database's schema is behind this release's migrations."""
-    from app.core.migrate import schema_refusal
+    """Exit, naming the fix, when the database's schema is behind this release's migrations,
+    or the embedded database cannot be written."""
+    from app.core.migrate import read_only_refusal, schema_refusal
 
-    refusal = schema_refusal(settings.database_url)
+    refusal = schema_refusal(settings.database_url) or read_only_refusal(settings.database_url)
     if refusal is not None:
         sys.exit(refusal)
 
@@ -118,6 +119,7 @@ def _up(args: argparse.Namespace) -> None:
     get_settings.cache_clear()  # read again, with these
     _api_settings(args)  # refuse before starting anything
     _upgrade(get_settings().database_url)
+    _require_latest_schema(get_settings())  # at the latest now; but perhaps read-only
     share_metrics_between_processes()  # before the worker starts: it inherits the directory
     server = _server(args)
 

@@ -3,6 +3,7 @@ release's migrations, naming `trainsvc migrate`: started anyway, the API answere
 request with a 500 while /v1/ready said "ready", and the worker logged a failed sweep every
 few seconds."""
 
+import ctypes
 import os
 import sqlite3
 import subprocess
@@ -135,3 +136,39 @@ def test_a_database_that_cannot_be_reached_is_one_line_not_a_traceback(
     assert line.startswith(f"cannot migrate {shown}: "), line
     assert ("unable to open database file" if where == "missing folder" else "refused") in line
     assert "secret" not in result.stderr
+
+
+def _without_root_file_access() -> None:
+    """In the child, before exec: as root, drop what lets root write a file it may not (the
+    bounding set becomes the capabilities after exec), so the file's mode decides."""
+    if os.geteuid() == 0:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        for capability in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+            assert prctl(24, capability) == 0  # PR_CAPBSET_DROP
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command", ["up", "worker"])
+def test_a_read_only_sqlite_file_is_refused_before_anything_starts(
+    command: str, tmp_path: Path
+) -> None:
+    """Before: SQLite opened the file read-only without a word, `up` started its API and
+    worker, every submit was a 500 and the worker logged a failed sweep every few seconds."""
+    path = tmp_path / "trainsvc.db"
+    upgrade(f"sqlite:///{path}")
+    path.chmod(0o444)
+    args = [command] if command == "worker" else [command, "--port", str(free_port())]
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=tmp_path,
+        env={**os.environ, "TRAINSVC_DATABASE_URL": f"sqlite:///{path}"},
+        capture_output=True,
+        text=True,
+        timeout=100,
+        preexec_fn=_without_root_file_access,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"cannot write sqlite:///{path}: attempt to write a readonly database; "
+        "the file and its folder must be writable"
+    )

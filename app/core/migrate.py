@@ -103,3 +103,22 @@ def schema_refusal(database_url: str) -> str | None:
     if not state.latest:
         logger.warning("%s: %s, newer than this release knows; starting", shown, state.describe())
     return None
+
+
+def read_only_refusal(database_url: str) -> str | None:
+    """Why the embedded database cannot be written, or None. SQLite opens a file it may not
+    write read-only without a word: the API started, every submit was a 500 and the worker
+    logged a failed sweep every few seconds. A write, rolled back, finds out."""
+    if sa.make_url(database_url).get_backend_name() != "sqlite":
+        return None
+    engine = create_db_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sa.text(f"UPDATE {VERSION_TABLE} SET version_num = version_num"))
+            connection.rollback()
+    except sa.exc.OperationalError as exc:
+        shown = sa.make_url(database_url).render_as_string(hide_password=True)
+        return f"cannot write {shown}: {exc.orig}; the file and its folder must be writable"
+    finally:
+        engine.dispose()
+    return None
