@@ -705,6 +705,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.handler(args)
         sys.stdout.flush()  # here, so a reader that went away is caught below, not at exit
+    except KeyboardInterrupt:
+        # Ctrl-C before `up` or `serve` has handlers of its own: while importing, or during a
+        # migration (one transaction: rolled back, the next run starts it again).
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
         # The reader has all it wanted; end quietly, as a program that SIGPIPE killed would.
         # Python ignores SIGPIPE, so the write raised instead. Standard output now goes to

@@ -20,7 +20,7 @@ from app import cli
 from app.api.main import create_app
 from app.cli import main
 from app.core import lifecycle
-from app.core.config import Settings
+from app.core.config import Settings, get_settings
 from app.core.db import create_db_engine, create_session_factory, transaction
 from app.core.migrate import upgrade
 from tests.api.test_events import METRICS
@@ -300,3 +300,30 @@ def test_an_answer_that_is_not_the_apis_is_one_line(answering: Any) -> None:
         f"show failed: GET /v1/jobs/{job_id} answered 200 with a text/html body, not JSON; "
         "is http://127.0.0.1:8000 a trainsvc API?"
     )
+
+
+@pytest.mark.parametrize("command", [["migrate"], ["up", "--port", "0"]])
+def test_ctrl_c_during_start_up_is_a_line_not_a_traceback(
+    command: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Ctrl-C while `migrate` or `up` imports or migrates, before `up` has handlers of its
+    own: was a KeyboardInterrupt traceback from wherever the import or migration was."""
+
+    def interrupted(_database_url: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("app.core.migrate.upgrade", interrupted)
+    monkeypatch.chdir(tmp_path)
+    for name, value in cli.EMBEDDED.items():  # what `up` sets, put back after the test
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main(command)
+    finally:
+        get_settings.cache_clear()
+    assert exited.value.code == 130
+    assert capsys.readouterr().err.endswith("\ninterrupted\n")
