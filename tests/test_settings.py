@@ -71,6 +71,28 @@ def test_a_cors_origin_that_no_browser_sends_is_refused_saying_the_form(
         )
 
 
+@pytest.mark.parametrize(
+    "url", ["trainsvc.db", "sqlite:/trainsvc.db", "postgres://u@db/trainsvc", "mysql://u@db/x"]
+)
+def test_a_database_url_the_service_cannot_use_is_named(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: SQLAlchemy's ArgumentError, NoSuchModuleError or ModuleNotFoundError traceback
+    from the first command that connected (`postgres://` is Heroku's spelling, no dialect)."""
+    monkeypatch.setenv("TRAINSVC_DATABASE_URL", url)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main(["migrate"])
+    finally:
+        get_settings.cache_clear()
+    assert exited.value.code == (
+        "invalid settings (TRAINSVC_ variables, or lines of .env):\n"
+        "  TRAINSVC_DATABASE_URL: not a database URL this service can use: give "
+        "sqlite:///path/to/trainsvc.db or postgresql+psycopg://user:password@host:5432/name"
+    )  # the URL itself is not echoed: it may hold a password
+
+
 @pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
 def test_a_number_that_is_not_finite_is_refused(
     value: str, monkeypatch: pytest.MonkeyPatch

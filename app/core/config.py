@@ -152,6 +152,26 @@ class Settings(BaseSettings):
     # The key `trainsvc submit` sends (TRAINSVC_API_KEY), kept out of the command line.
     api_key: SecretStr | None = None
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, url: str) -> str:
+        """SQLite or PostgreSQL through psycopg, the two this service runs on: any other URL
+        ended the first command that connected in SQLAlchemy's traceback."""
+        from sqlalchemy import make_url  # here: the client commands read settings too
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            parsed = make_url(url)
+            backend = (parsed.get_backend_name(), parsed.get_driver_name())
+        except ArgumentError:
+            backend = None
+        if backend not in (("sqlite", "pysqlite"), ("postgresql", "psycopg")):
+            raise ValueError(
+                "not a database URL this service can use: give sqlite:///path/to/trainsvc.db "
+                "or postgresql+psycopg://user:password@host:5432/name"
+            )
+        return url
+
     @field_validator("cors_origins", "webhook_allowed_hosts", mode="before")
     @classmethod
     def _json_list(cls, value: object) -> object:
