@@ -59,10 +59,14 @@ def _server(args: argparse.Namespace) -> "uvicorn.Server":
 
 def _require_latest_schema(settings: Settings) -> None:
     """Exit, naming the fix, when the database's schema is behind this release's migrations,
-    or the embedded database cannot be written."""
-    from app.core.migrate import read_only_refusal, schema_refusal
+    or a SQLite file (the database's, the embedded broker's) cannot be written."""
+    from app.core.migrate import schema_refusal, unwritable_refusal
 
-    refusal = schema_refusal(settings.database_url) or read_only_refusal(settings.database_url)
+    refusal = (
+        schema_refusal(settings.database_url)
+        or unwritable_refusal(settings.database_url)
+        or unwritable_refusal(settings.broker_url)
+    )
     if refusal is not None:
         sys.exit(refusal)
 

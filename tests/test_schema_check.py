@@ -169,6 +169,31 @@ def test_a_read_only_sqlite_file_is_refused_before_anything_starts(
     )
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        f"cannot write sqlite:///{path}: attempt to write a readonly database; "
+        f"cannot write {path}: attempt to write a readonly database; "
+        "the file and its folder must be writable"
+    )
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command", ["up", "worker"])
+def test_an_embedded_broker_file_that_cannot_be_opened_is_refused(
+    command: str, tmp_path: Path
+) -> None:
+    """Before: the worker's consumer reconnected to it for ever, a warning and Celery's long
+    notice each time, while `up` served an API whose jobs no worker would ever get."""
+    upgrade(f"sqlite:///{tmp_path / 'trainsvc.db'}")
+    broker = tmp_path / "missing" / "trainsvc-broker.db"
+    args = [command] if command == "worker" else [command, "--port", str(free_port())]
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=tmp_path,
+        env={**os.environ, "TRAINSVC_BROKER_URL": f"sqla+sqlite:///{broker}"},
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"cannot write {broker}: unable to open database file; "
         "the file and its folder must be writable"
     )

@@ -3,6 +3,7 @@ the check that `serve` and `worker` make before they start: a schema behind this
 migrations is a clear refusal, not a 500 on every request."""
 
 import logging
+import sqlite3
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -105,20 +106,25 @@ def schema_refusal(database_url: str) -> str | None:
     return None
 
 
-def read_only_refusal(database_url: str) -> str | None:
-    """Why the embedded database cannot be written, or None. SQLite opens a file it may not
-    write read-only without a word: the API started, every submit was a 500 and the worker
-    logged a failed sweep every few seconds. A write, rolled back, finds out."""
-    if sa.make_url(database_url).get_backend_name() != "sqlite":
+def unwritable_refusal(url: str) -> str | None:
+    """Why the SQLite file named by `url`, the database's or the embedded broker's (`sqla+`),
+    cannot be written, or None (and None for any other URL). SQLite opens a file it may not
+    write read-only without a word, and one it cannot open is found only by the first query:
+    `up` started on a read-only database served 500s and its worker logged a failed sweep
+    every few seconds; on a broker file in a folder that does not exist it retried for ever.
+    A write to the file's header, rolled back, finds out."""
+    parsed = sa.make_url(url.removeprefix("sqla+"))
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
-    engine = create_db_engine(database_url)
     try:
-        with engine.connect() as connection:
-            connection.execute(sa.text(f"UPDATE {VERSION_TABLE} SET version_num = version_num"))
-            connection.rollback()
-    except sa.exc.OperationalError as exc:
-        shown = sa.make_url(database_url).render_as_string(hide_password=True)
-        return f"cannot write {shown}: {exc.orig}; the file and its folder must be writable"
-    finally:
-        engine.dispose()
+        connection = sqlite3.connect(parsed.database, isolation_level=None)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            (version,) = connection.execute("PRAGMA user_version").fetchone()
+            connection.execute(f"PRAGMA user_version = {int(version)}")
+            connection.execute("ROLLBACK")
+        finally:
+            connection.close()
+    except sqlite3.Error as exc:
+        return f"cannot write {parsed.database}: {exc}; the file and its folder must be writable"
     return None
