@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from app.core.migrate import downgrade, schema_refusal, upgrade
+from app.core.migrate import downgrade, schema_refusal, unwritable_refusal, upgrade
 from tests.support.processes import free_port
 
 LATEST = "0010"
@@ -197,3 +197,15 @@ def test_an_embedded_broker_file_that_cannot_be_opened_is_refused(
         f"cannot write {broker}: unable to open database file; "
         "the file and its folder must be writable"
     )
+
+
+def test_a_sqlite_file_another_process_is_writing_is_not_refused(tmp_path: Path) -> None:
+    path = tmp_path / "trainsvc.db"
+    upgrade(f"sqlite:///{path}")
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # as a worker storing an epoch holds it
+    try:
+        assert unwritable_refusal(f"sqlite:///{path}") is None
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()

@@ -117,7 +117,7 @@ def unwritable_refusal(url: str) -> str | None:
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     try:
-        connection = sqlite3.connect(parsed.database, isolation_level=None)
+        connection = sqlite3.connect(parsed.database, timeout=1, isolation_level=None)
         try:
             connection.execute("BEGIN IMMEDIATE")
             (version,) = connection.execute("PRAGMA user_version").fetchone()
@@ -126,5 +126,7 @@ def unwritable_refusal(url: str) -> str | None:
         finally:
             connection.close()
     except sqlite3.Error as exc:
+        if exc.sqlite_errorname == "SQLITE_BUSY":
+            return None  # another process is writing it (a second `up`): no reason to refuse
         return f"cannot write {parsed.database}: {exc}; the file and its folder must be writable"
     return None
