@@ -93,6 +93,21 @@ def test_a_database_url_the_service_cannot_use_is_named(
     )  # the URL itself is not echoed: it may hold a password
 
 
+def test_worker_concurrency_has_the_command_lines_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: --concurrency stopped at 1024, TRAINSVC_WORKER_CONCURRENCY at nothing, and a
+    worker started with 100000 would begin forking that many training processes."""
+    monkeypatch.setenv("TRAINSVC_WORKER_CONCURRENCY", "100000")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(InvalidSettings) as refused:
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    assert str(refused.value).endswith(
+        "  TRAINSVC_WORKER_CONCURRENCY: Input should be less than or equal to 1024"
+    )
+
+
 @pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
 def test_a_number_that_is_not_finite_is_refused(
     value: str, monkeypatch: pytest.MonkeyPatch

@@ -99,7 +99,9 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(10.0, gt=0)
 
     # Worker.
-    worker_concurrency: int | None = Field(None, ge=1)  # default: visible GPUs, else 1
+    # Default: visible GPUs, else 1. At most what `trainsvc worker --concurrency` accepts: a
+    # typo of 100000 would have forked that many training processes.
+    worker_concurrency: int | None = Field(None, ge=1, le=1024)
     # Up to this many queued jobs of one tenant that differ only in numbers train together as
     # one batched model (worker/packing.py); 1 turns packing off.
     max_pack: int = Field(8, ge=1)
