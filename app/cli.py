@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -57,6 +58,28 @@ def _server(args: argparse.Namespace) -> "uvicorn.Server":
     return build_server(create_app(settings), args.host, args.port, settings)
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The API's socket, bound before anything else starts: a port in use, or an address that
+    is not this host's, is a line naming it (uvicorn's own bind named neither a host it could
+    not resolve nor, for `up`, came before the worker had started)."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listening = socket.socket(family, kind)
+    except OSError as exc:
+        sys.exit(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        listening.bind(address)
+    except OSError as exc:
+        listening.close()
+        sys.exit(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    shown = f"[{host}]" if ":" in host else host
+    logging.getLogger("trainsvc").info(
+        "listening on http://%s:%d (Ctrl-C to stop)", shown, listening.getsockname()[1]
+    )
+    return listening
+
+
 def _require_latest_schema(settings: Settings) -> None:
     """Exit, naming the fix, when the database's schema is behind this release's migrations,
     or a SQLite file (the database's, the embedded broker's) cannot be written."""
@@ -74,7 +97,7 @@ def _require_latest_schema(settings: Settings) -> None:
 def _serve(args: argparse.Namespace) -> None:
     server = _server(args)
     _require_latest_schema(get_settings())
-    server.run()
+    server.run(sockets=[_listen(args.host, args.port)])
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -126,6 +149,7 @@ def _up(args: argparse.Namespace) -> None:
     _require_latest_schema(get_settings())  # at the latest now; but perhaps read-only
     share_metrics_between_processes()  # before the worker starts: it inherits the directory
     server = _server(args)
+    listening = _listen(args.host, args.port)  # before the worker: a port in use starts nothing
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
         server.should_exit = True
@@ -151,7 +175,7 @@ def _up(args: argparse.Namespace) -> None:
 
     threading.Thread(target=supervise, name="worker-supervisor", daemon=True).start()
     try:
-        server.run()
+        server.run(sockets=[listening])
     finally:
         worker_died = worker_ended.is_set()  # on its own, before `up` was asked to stop
         _stop_worker(worker)

@@ -219,3 +219,27 @@ def test_ctrl_c_twice_still_shuts_the_app_down_without_a_lifespan_traceback(
     # The request itself is cancelled, and uvicorn logs that as at its graceful timeout; the
     # app's lifespan, cancelled the same way, added a second traceback.
     assert "in lifespan" not in output, output
+
+
+@pytest.mark.parametrize("where", ["port in use", "unknown host"])
+def test_an_address_up_cannot_listen_on_is_a_line_and_starts_no_worker(
+    where: str, processes: Processes
+) -> None:
+    """Before: uvicorn's log line (`[Errno -2] Name or service not known`, naming no host) and
+    exit status 3, after `up` had started its worker only to stop it again."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        host = "127.0.0.1" if where == "port in use" else "nohost.invalid"
+        up = processes.start(
+            "up",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            env={"TRAINSVC_ALLOW_UNAUTHENTICATED_NETWORK": "true"},  # lets a non-loopback host by
+        )
+        assert up.wait(timeout=60) == 1
+    output = processes.started[-1][1].read_text(errors="replace")
+    reason = "Address already in use" if where == "port in use" else "Name or service not known"
+    assert output.strip().splitlines()[-1] == f"cannot listen on {host}:{port}: {reason}"
+    assert "celery" not in output.lower()  # no worker was started
