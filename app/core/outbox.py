@@ -59,9 +59,12 @@ class Dispatcher:
         return self.publish(pending)
 
     def broker_reachable(self) -> bool:
+        # As long as a publish waits (TRAINSVC_BROKER_PUBLISH_TIMEOUT_SECONDS): a broker that
+        # answers a publish in time is ready, and one that does not is not.
+        timeout = self.celery.conf.broker_connection_timeout
         try:
             with self.celery.connection_for_write() as connection:
-                connection.ensure_connection(max_retries=1, timeout=2)
+                connection.ensure_connection(max_retries=1, timeout=timeout)
             return True
         except Exception:
             return False
