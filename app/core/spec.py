@@ -343,6 +343,14 @@ class DiagnosticsSpec(_Strict):
     covariate_shift: CovariateShiftSpec | None = None
     gradient_noise: GradientNoiseSpec | None = None
 
+    @property
+    def asked(self) -> bool:
+        """Whether any probe is on: `{}` asks for none, and trains as a job without it."""
+        return any(
+            probe is not None
+            for probe in (self.landscape, self.covariate_shift, self.gradient_noise)
+        )
+
 
 class JobSpec(_Strict):
     name: Name | None = None

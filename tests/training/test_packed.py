@@ -543,6 +543,8 @@ def test_pack_key_holds_the_computation_not_the_numbers() -> None:
     assert pack_key(resnet) != pack_key(resnet.model_copy(update={"model": deeper}))
     probed = job(0, architecture="resnet", diagnostics={"gradient_noise": {}})
     assert pack_key(probed) is None  # a probed job trains alone
+    # `diagnostics: {}` asks for no probe: it packed with nothing, not even its own kind.
+    assert pack_key(job(0, architecture="resnet", diagnostics={})) == pack_key(resnet)
     with pytest.raises(ValueError, match="pack_key"):
         PackedRun([base, job(0, "layer_norm")], data64(base))
 

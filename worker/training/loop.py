@@ -186,7 +186,7 @@ class TrainingRun:
         # Built only when asked for: a job without probes draws and runs nothing extra.
         self.probes = (
             Probes(spec.diagnostics, self.model, self.x_train, self.y_train, self.batch_size)
-            if spec.diagnostics
+            if spec.diagnostics is not None and spec.diagnostics.asked
             else None
         )
         self.optimizer = build_optimizer(spec.optimizer, self.model.parameters())

@@ -97,7 +97,7 @@ def pack_key(spec: JobSpec) -> Hashable | None:
     the seed.
     """
     model = spec.model
-    if spec.diagnostics is not None:
+    if spec.diagnostics is not None and spec.diagnostics.asked:
         return None  # probes measure one model's own steps: a probed job trains alone
     norm, dropout, optimizer = model.normalization, model.dropout, spec.optimizer
     return (
