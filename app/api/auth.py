@@ -14,10 +14,11 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 
 from app.api.dependencies import SettingsDep
-from app.api.errors import error_responses
+from app.api.errors import database_is_away, error_responses
 from app.core.config import Settings
 from app.core.errors import (
     AdminKeyRequired,
@@ -124,6 +125,12 @@ async def still_authorized(request: Request) -> bool:
         await _verify(request, key)
     except Unauthorized:
         return False
+    except DBAPIError as exc:
+        if not database_is_away(exc):
+            raise
+        # No answer either way, and no event reaches a stream while the database is away (the
+        # hub reads them from it): ask again at the next check, rather than end every stream.
+        return True
     return True
 
 

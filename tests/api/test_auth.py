@@ -1,5 +1,6 @@
 """API keys: their format and storage, the 401s, the cache, revocation, the CLI, auth off."""
 
+import asyncio
 import hashlib
 import os
 import re
@@ -13,8 +14,9 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.requests import Request
 
-from app.api.auth import KeyRateLimiter
+from app.api.auth import KeyRateLimiter, install_auth, still_authorized
 from app.api.main import create_app
 from app.core.config import Settings, check_exposure
 from app.core.db import create_db_engine, create_session_factory, transaction
@@ -25,6 +27,7 @@ from app.core.models import ApiKey
 from app.core.tenancy import Caller
 from tests.conftest import use_test_sessions
 from tests.support.documented import documented_client
+from tests.support.processes import free_port
 
 KeyHeaders = Callable[..., dict[str, str]]
 
@@ -353,3 +356,18 @@ def test_pg_dump_of_a_database_with_keys_in_use_holds_no_key(
         assert hashlib.sha256(key.encode()).hexdigest() in dump.stdout
         assert key not in dump.stdout  # ...but not the keys
         assert key[12:] not in dump.stdout
+
+
+def test_a_streams_key_check_rides_out_a_database_outage(settings: Settings) -> None:
+    """An open stream asks every second whether its key still holds. With the key's cached
+    answer stale and the database away, that check raised in the middle of the stream (a
+    logged 'Exception in ASGI application'); it now says "ask again" and the stream goes on.
+    The outage is real: a PostgreSQL URL on a port where nothing listens."""
+    app = create_app(settings)
+    install_auth(app.state, settings)
+    app.state.settings = settings
+    away = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test?connect_timeout=2"
+    app.state.session_factory = create_session_factory(create_db_engine(away))
+    headers = [(b"authorization", b"Bearer tsk_" + b"a" * 43)]
+    request = Request({"type": "http", "app": app, "headers": headers})
+    assert asyncio.run(still_authorized(request)) is True
