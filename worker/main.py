@@ -1,10 +1,12 @@
 """Starting a worker: the Celery app and its tasks, one process per GPU, the sweeper, shutdown."""
 
+import ctypes
 import logging
 import multiprocessing
 import os
 import socket
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -131,8 +133,16 @@ def oversubscription(concurrency: int) -> str | None:
     )
 
 
-def _stop_when_node_stops(node_stopping: "multiprocessing.synchronize.Event") -> None:
-    node_stopping.wait()
+# How often a pool process looks whether its node has begun to stop.
+NODE_STOP_POLL_SECONDS = 0.1
+
+
+def _stop_when_node_stops(node_stopping: "ctypes.c_bool") -> None:
+    # Polled, not waited on: a multiprocessing.Event's set() waits for every process sleeping
+    # in its wait() to wake, and one that died there (SIGKILL, the OOM-killer) never does: the
+    # node's shutdown then hung before asking its jobs to hand back.
+    while not node_stopping.value:
+        time.sleep(NODE_STOP_POLL_SECONDS)
     shutdown_requested.set()
 
 
@@ -152,7 +162,7 @@ def run_worker(settings: Settings, concurrency: int | None = None) -> None:
     # after this line, share it: from then on they claim nothing (a job handed back during the
     # shutdown is published again, and this node's own pool must not take it back) and a job
     # they are training hands itself back at its next batch.
-    node_stopping = multiprocessing.get_context("fork").Event()
+    node_stopping = multiprocessing.get_context("fork").RawValue(ctypes.c_bool, False)
 
     @worker_process_init.connect(weak=False)
     def _place_process(**_: Any) -> None:
@@ -197,7 +207,7 @@ def run_worker(settings: Settings, concurrency: int | None = None) -> None:
         if handing_back.is_set():
             return
         handing_back.set()
-        node_stopping.set()
+        node_stopping.value = True
         for thread in sweeper:
             thread.stopped.set()
         context = contexts.get(f"{node}#{os.getpid()}")

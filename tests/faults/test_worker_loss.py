@@ -21,7 +21,7 @@ from app.core.catalog import BUILTIN_DATASETS
 from app.core.models import Checkpoint
 from app.core.spec import JobSpec
 from tests.factories import spec_payload
-from tests.faults.conftest import LEASE_SECONDS, slow_spec
+from tests.faults.conftest import LEASE_SECONDS, slow_spec, tiny_spec
 from tests.support.processes import Processes, Worker, wait_until
 from worker.training.data import load_builtin, prepare
 from worker.training.loop import TrainingRun
@@ -223,4 +223,27 @@ def test_sigterm_to_the_whole_process_group_also_hands_the_job_back(
     os.killpg(first.process.pid, signal.SIGTERM)
     wait_until(lambda: jobs.status(job_id) == "queued", LEASE_SECONDS, "the job to be handed back")
     assert first.process.wait(timeout=30) == 0
+    assert [a.outcome for a in jobs.attempts(job_id)] == ["handed_back"]
+
+
+def test_sigterm_after_a_pool_process_was_killed_still_hands_the_job_back(
+    processes: Processes, jobs_on: Any, fresh_postgres_url: str, fresh_redis_url: str
+) -> None:
+    """A pool process lost (OOM-killer) while it waited for the node to stop must not hang the
+    node's shutdown: a multiprocessing.Event's set() waited for ever for that dead waiter to
+    wake, before the running jobs were asked to hand back (`up` killed the worker after 60 s)."""
+    jobs = jobs_on(fresh_postgres_url, fresh_redis_url)
+    worker = processes.worker()
+    warm_up = jobs.submit(tiny_spec())  # the pool process is initialized once it has trained
+    wait_until(lambda: jobs.status(warm_up) == "succeeded", 60, "the first job to succeed")
+    lost = worker.pool_child()
+    assert lost is not None
+    os.kill(lost, signal.SIGKILL)
+    wait_until(lambda: worker.pool_child() not in (None, lost), 30, "a new pool process")
+    job_id = jobs.submit(slow_spec(epochs=50))  # far longer than the test waits
+    wait_until(lambda: jobs.get(job_id).progress_epoch >= 1, 60, "epoch 1 to be stored")
+
+    worker.terminate()
+    wait_until(lambda: jobs.status(job_id) == "queued", LEASE_SECONDS, "the job to be handed back")
+    assert worker.process.wait(timeout=30) == 0
     assert [a.outcome for a in jobs.attempts(job_id)] == ["handed_back"]
