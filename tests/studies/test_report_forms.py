@@ -67,6 +67,25 @@ def test_csv_text_a_spreadsheet_would_run_is_quoted_and_numbers_are_not(
     assert all(not name.startswith(("=", "@")) for name in names)
 
 
+def test_null_and_booleans_on_an_axis_read_as_the_spec_spells_them(client: TestClient) -> None:
+    """A null (grad_clip_norm: none) was an empty cell, as a missing value is, and a boolean
+    Python's True."""
+    grid = {"grad_clip_norm": [None, 1.0], "model.normalization.affine": [True, False]}
+    base = spec_payload(model={"hidden_sizes": [8], "normalization": {"type": "layer_norm"}})
+    study = client.post("/v1/studies", json={"base": base, "grid": grid}).json()
+    response = client.get(f"/v1/studies/{study['id']}/report", params={"format": "csv"})
+    rows = list(csv.DictReader(io.StringIO(response.text)))
+    assert [(row["grad_clip_norm"], row["model.normalization.affine"]) for row in rows] == [
+        ("null", "true"),
+        ("null", "false"),
+        ("1.0", "true"),
+        ("1.0", "false"),
+    ]
+    page = client.get(f"/v1/studies/{study['id']}/report", params={"format": "html"}).text
+    assert "<td>null</td>" in page
+    assert "<td>true</td>" in page
+
+
 def test_html_is_escaped_and_shows_the_plots(
     client: TestClient, ended_study: dict[str, Any]
 ) -> None:

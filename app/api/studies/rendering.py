@@ -39,7 +39,7 @@ def csv_table(report: dict[str, Any]) -> str:
     for row in report["configurations"]:
         writer.writerow(
             [
-                *(_cell(row["configuration"].get(axis)) for axis in axes),
+                *(_axis_value(row["configuration"][axis]) for axis in axes),
                 *(row[name] for name in COUNTS),
                 *(_cell(row[name][part]) for name in AGGREGATES for part in ("mean", "std", "n")),
             ]
@@ -61,6 +61,14 @@ def _cell(value: Any) -> str:
     if isinstance(value, str) and value.startswith(_FORMULA_START):
         return "'" + value
     return str(value)
+
+
+def _axis_value(value: Any) -> str:
+    """A grid value as the spec spells it: null, true and false as in JSON, where an empty
+    cell (a null's) read as a missing value and True as Python's."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return _cell(value)
 
 
 def _number(value: Any) -> str:
@@ -105,7 +113,7 @@ def html_page(report: dict[str, Any], plots: dict[str, str]) -> str:
     parts.extend(f"<th>{escape(header)}</th>" for header in headers)
     parts.append("</tr>")
     for row in report["configurations"]:
-        cells = [escape(_cell(row["configuration"].get(axis))) for axis in axes]
+        cells = [escape(_axis_value(row["configuration"][axis])) for axis in axes]
         cells += [_number(row[name]) for name in COUNTS]
         cells += [_mean_sd(row[name]) for name in AGGREGATES]
         parts.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
