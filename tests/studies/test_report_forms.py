@@ -222,6 +222,36 @@ def test_one_epoch_curves_show_and_many_configurations_keep_their_own_colours() 
     assert all(tick.isdigit() for tick in ticks), ticks  # whole epochs only
 
 
+def test_a_legend_of_many_or_long_labels_shows_the_first_few_cut_short() -> None:
+    """30 configurations, or a 200-character grid value, made a legend that crowded the axes
+    out of the figure (matplotlib: "constrained_layout not applied")."""
+    names = [f"{i:02d}-" + "x" * 200 for i in range(30)]
+    runs = [
+        Run(
+            uuid.uuid4(),
+            "succeeded",
+            {"name": name, "seed": 0},
+            None,
+            10,
+            epochs=np.array([1, 2]),
+            val_loss=np.array([1.0, 0.5]),
+            val_accuracy=np.array([0.5, 0.8]),
+            gap=np.array([0.0, 0.1]),
+        )
+        for name in names
+    ]
+    figure = plots.figure_of("learning_curves", {"name": names, "seed": [0]}, runs)
+    assert len(figure.axes[1].lines) == 30
+    assert figure.axes[1].get_legend() is None  # beside the plots, not over them
+    [legend] = figure.legends
+    labels = [text.get_text() for text in legend.get_texts()]
+    assert len(labels) == plots.LEGEND_ENTRIES
+    assert labels[0].startswith("name=00-")
+    assert labels[0].endswith("…")
+    assert all(len(label) == plots.LABEL_CHARS for label in labels)
+    assert legend.get_title().get_text() == f"first {plots.LEGEND_ENTRIES} of 30"
+
+
 def test_grid_text_with_dollar_signs_is_drawn_as_written(
     client: TestClient, session: Session
 ) -> None:

@@ -169,6 +169,36 @@ def _by_epoch(axes: Any, lines: int) -> None:
         axes.set_prop_cycle(color=[colormaps["tab20"](i) for i in range(20)])
 
 
+# A legend of more entries than this, or of longer labels, crowds out the plot it explains
+# (a study may have 1000 configurations, a grid value 200 characters): it is cut, and drawn
+# beside the plot, not over its lines.
+LEGEND_ENTRIES = 12
+LABEL_CHARS = 48
+_INSIDE_ENTRIES, _INSIDE_CHARS = 6, 30
+_OUTSIDE_INCHES = 3.5  # a legend of LABEL_CHARS-long labels, set small
+
+
+def _legend(axes: Any, fontsize: str) -> None:
+    """The axes' legend, if it has lines: the first LEGEND_ENTRIES, each label cut to
+    LABEL_CHARS, a title that says how many there are when not all are shown, and outside
+    the axes (to the figure's right) when it is long or wide."""
+    handles, labels = axes.get_legend_handles_labels()
+    if not handles:
+        return
+    shown = [
+        label if len(label) <= LABEL_CHARS else label[: LABEL_CHARS - 1] + "…"
+        for label in labels[:LEGEND_ENTRIES]
+    ]
+    title = f"first {LEGEND_ENTRIES} of {len(labels)}" if len(labels) > LEGEND_ENTRIES else None
+    options = {"fontsize": fontsize, "title": title, "title_fontsize": fontsize}
+    if len(shown) <= _INSIDE_ENTRIES and max(map(len, shown)) <= _INSIDE_CHARS:
+        axes.legend(handles[: len(shown)], shown, **options)
+    else:
+        figure = axes.figure
+        figure.set_figwidth(figure.get_figwidth() + _OUTSIDE_INCHES)  # room: the plots keep theirs
+        figure.legend(handles[: len(shown)], shown, loc="outside right upper", **options)
+
+
 def _curve(axes: Any, epochs: Any, mean: Any, label: str) -> Any:
     # A one-epoch curve is a single point: without a marker it would not show at all.
     (line,) = axes.plot(epochs, mean, label=label, marker="o" if len(epochs) == 1 else None)
@@ -193,8 +223,7 @@ def learning_curves(grid: dict[str, list[Any]], runs: list[Run]) -> Any:
     accuracy_axes.set(
         xlabel="epoch", ylabel="validation accuracy", title="validation accuracy (mean ± sd)"
     )
-    if accuracy_axes.lines:
-        accuracy_axes.legend(fontsize="small")
+    _legend(accuracy_axes, "small")
     _say_if_empty(loss_axes)
     _say_if_empty(accuracy_axes)
     return figure
@@ -239,8 +268,7 @@ def _by_axis(
     if log_x:
         axes.set_xscale("log")
     axes.set(xlabel=axis, ylabel=ylabel, title=title)
-    if axes.lines:
-        axes.legend(fontsize="small")
+    _legend(axes, "small")
     _say_if_empty(axes)
     return figure
 
@@ -270,8 +298,7 @@ def probe_curves(name: str, grid: dict[str, list[Any]], runs: list[Run]) -> Any:
             axes.set_yscale("log")  # these figures span orders of magnitude across configurations
         axes.set(xlabel="epoch", title=title)
         _say_if_empty(axes, "no succeeded run has measured this yet")
-    if grid_axes[0].lines:
-        grid_axes[0].legend(fontsize="x-small")
+    _legend(grid_axes[0], "x-small")
     return figure
 
 
