@@ -569,9 +569,8 @@ def memory_bytes(spec: JobSpec, info: DatasetInfo, itemsize: int) -> int:
     The API refuses a spec over TRAINSVC_MAX_JOB_MEMORY_BYTES with it, and a worker sizes its
     packs with it (in half the device's free memory, and fewer after an out-of-memory).
 
-    An order of magnitude, not a bound: one CPU epoch's peak RSS measured 0.8x this (a CNN
-    [256, 256] on digits, batch 512), 1.2x (an MLP [4096, 4096], batch 1024) and 1.7x (a
-    ResNet [64, 128] on mnist1d, batch 1024); not yet measured on a GPU.
+    An order of magnitude, not a bound: one CPU epoch's peak RSS measured 0.8 to 1.6 times
+    it (benchmarks/memory_estimate.py, docs/benchmarks.md); not yet measured on a GPU.
     """
     optimizer = spec.optimizer
     slots = _OPTIMIZER_SLOTS.get(optimizer.type, 1 if optimizer.momentum > 0 else 0)
