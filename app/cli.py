@@ -26,6 +26,7 @@ from app.core.observability.multiprocess import share_metrics_between_processes
 
 if TYPE_CHECKING:
     import httpx
+    import sqlalchemy as sa
     import uvicorn
     from trainsvc_client import Client, Job, ServerSentEvent
 
@@ -126,9 +127,16 @@ def _upgrade(database_url: str) -> None:
     try:
         upgrade(database_url)
     except sa.exc.OperationalError as exc:
-        shown = sa.make_url(database_url).render_as_string(hide_password=True)
-        reason = str(exc.orig).strip().splitlines()[0]
-        sys.exit(f"cannot migrate {shown}: {reason}")
+        sys.exit(_database_failure("migrate", database_url, exc))
+
+
+def _database_failure(action: str, database_url: str, exc: "sa.exc.DBAPIError") -> str:
+    """One line: what could not be done to which database (its password hidden), and why."""
+    import sqlalchemy as sa
+
+    shown = sa.make_url(database_url).render_as_string(hide_password=True)
+    reason = str(exc.orig).strip().splitlines()[0]
+    return f"cannot {action} {shown}: {reason}"
 
 
 # How long `up` waits for its worker to hand a running job back (a batch and one write).
@@ -268,11 +276,30 @@ def _keys_revoke(args: argparse.Namespace) -> None:
         sys.exit(f"cannot revoke {args.id}: {exc}")
 
 
-def _session() -> Any:
-    """One committed unit of work on the configured database, for the `keys` commands."""
-    from app.core.db import create_db_engine, create_session_factory, transaction
+@contextlib.contextmanager
+def _session() -> Iterator[Any]:
+    """One committed unit of work on the configured database, for the `keys` commands. A
+    database not migrated, or not answering, is a line saying so: both were SQLAlchemy's
+    traceback (`docker compose run` of `keys create` before `migrate` had finished)."""
+    import sqlalchemy as sa
 
-    return transaction(create_session_factory(create_db_engine(get_settings().database_url)))
+    from app.core.db import create_db_engine, create_session_factory, transaction
+    from app.core.migrate import missing_sqlite_file, schema_refusal
+
+    database_url = get_settings().database_url
+    engine = create_db_engine(database_url)
+    try:
+        if missing_sqlite_file(database_url) is None:  # connecting would create it, empty
+            with engine.connect():
+                pass
+        if (refusal := schema_refusal(database_url)) is not None:
+            sys.exit(refusal)
+        with transaction(create_session_factory(engine)) as session:
+            yield session
+    except sa.exc.OperationalError as exc:
+        sys.exit(_database_failure("reach", database_url, exc))
+    finally:
+        engine.dispose()
 
 
 def _moment(value: Any) -> str:

@@ -209,3 +209,32 @@ def test_a_sqlite_file_another_process_is_writing_is_not_refused(tmp_path: Path)
     finally:
         writer.execute("ROLLBACK")
         writer.close()
+
+
+@pytest.mark.parametrize("where", ["not migrated", "server not answering"])
+def test_the_keys_commands_say_why_the_database_cannot_be_used(where: str, tmp_path: Path) -> None:
+    """Before: SQLAlchemy's traceback, from a `keys create` run before `migrate` (or while the
+    database was away)."""
+    url = f"postgresql+psycopg://trainsvc:secret@127.0.0.1:{free_port()}/trainsvc"
+    if where == "not migrated":
+        url = f"sqlite:///{tmp_path / 'trainsvc.db'}"
+        sqlite3.connect(tmp_path / "trainsvc.db").close()
+    for args in (["create", "--tenant", "acme"], ["list"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "app.cli", "keys", *args],
+            cwd=tmp_path,
+            env={**os.environ, "TRAINSVC_DATABASE_URL": url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 1, result.stderr
+        [line] = result.stderr.strip().splitlines()
+        shown = sa.make_url(url).render_as_string(hide_password=True)
+        if where == "not migrated":
+            assert line == f"{shown}: the schema is at none; the latest is {LATEST}: " + (
+                "run `trainsvc migrate` first"
+            )
+        else:
+            assert line.startswith(f"cannot reach {shown}: "), line
+            assert "refused" in line
