@@ -117,7 +117,8 @@ def main() -> None:
         engine = create_db_engine(url)
         session_factory = create_session_factory(engine)
         study_id = fill(session_factory)
-        app = create_app(Settings(database_url=url, broker_url="memory://"))
+        # A broker never reached: the benchmark only reads.
+        app = create_app(Settings(database_url=url, broker_url="redis://127.0.0.1:1/0"))
         with TestClient(app) as client:
 
             def report() -> None:

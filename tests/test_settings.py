@@ -93,6 +93,28 @@ def test_a_database_url_the_service_cannot_use_is_named(
     )  # the URL itself is not echoed: it may hold a password
 
 
+@pytest.mark.parametrize(
+    "url", ["foo://x", "redis:/host", "amqp://u@mq//", "sqla+postgresql://u@db/x"]
+)
+def test_a_broker_url_the_service_cannot_use_is_named(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: `serve` started on it, its broker down for ever, and `worker` ended in kombu's
+    KeyError traceback (No such transport)."""
+    monkeypatch.setenv("TRAINSVC_BROKER_URL", url)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main(["worker"])
+    finally:
+        get_settings.cache_clear()
+    assert exited.value.code == (
+        "invalid settings (TRAINSVC_ variables, or lines of .env):\n"
+        "  TRAINSVC_BROKER_URL: not a broker URL this service can use: give "
+        "redis://host:6379/0 or sqla+sqlite:///path/to/trainsvc-broker.db"
+    )
+
+
 def test_worker_concurrency_has_the_command_lines_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: --concurrency stopped at 1024, TRAINSVC_WORKER_CONCURRENCY at nothing, and a
     worker started with 100000 would begin forking that many training processes."""

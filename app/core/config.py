@@ -174,6 +174,19 @@ class Settings(BaseSettings):
             )
         return url
 
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, url: str) -> str:
+        """Redis, or the embedded SQLite transport: any other URL started `serve` with a broker
+        it could never reach, and ended `worker` in kombu's KeyError traceback."""
+        scheme, separator, _ = url.partition("://")
+        if not separator or scheme not in _BROKER_SCHEMES:
+            raise ValueError(
+                "not a broker URL this service can use: give redis://host:6379/0 "
+                "or sqla+sqlite:///path/to/trainsvc-broker.db"
+            )
+        return url
+
     @field_validator("cors_origins", "webhook_allowed_hosts", mode="before")
     @classmethod
     def _json_list(cls, value: object) -> object:
@@ -199,6 +212,9 @@ class Settings(BaseSettings):
                 )
         return origins
 
+
+# Celery's Redis transport (TCP, TLS, a Unix socket, Sentinel) and the embedded SQLite one.
+_BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel", "sqla+sqlite")
 
 # What a browser sends as Origin: a scheme, a host and perhaps a port, nothing after.
 _ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?")
