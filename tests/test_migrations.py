@@ -78,3 +78,24 @@ def test_specs_stored_with_escapes_are_found_by_tag_on_sqlite(tmp_path: Path) ->
         found = list_jobs(connection, UNAUTHENTICATED, None, 10, None, tags=[("ü", "日本")])[0]
     engine.dispose()
     assert [row["id"] for row in found] == [job_id]
+
+
+def test_trainsvc_migrate_run_several_at_once_migrates_once(fresh_postgres_url: str) -> None:
+    """Before: each found the schema behind and created it; all but one ended in PostgreSQL's
+    UniqueViolation (a traceback), as a deploy that migrates from every replica would."""
+    downgrade(fresh_postgres_url, "base")  # the fixture's database comes migrated
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "migrate"],
+            env={**os.environ, "TRAINSVC_DATABASE_URL": fresh_postgres_url},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=120)
+        assert run.returncode == 0, stderr
+        assert "latest schema" in stdout
+    assert _schema_differences(fresh_postgres_url) == []
