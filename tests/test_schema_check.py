@@ -77,9 +77,16 @@ def test_a_schema_newer_than_this_release_starts_with_a_warning(
     )
 
 
-def test_a_database_that_does_not_answer_is_no_reason_to_refuse() -> None:
-    """It may be starting too: /v1/ready says it is down, and the service goes on once it is up."""
-    assert schema_refusal(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x") is None
+def test_a_database_that_does_not_answer_is_no_reason_to_refuse(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It may be starting too: /v1/ready says it is down, and the service goes on once it is up.
+    The warning says why (it said "OperationalError", for a refused connection and for a
+    database that does not exist alike)."""
+    with caplog.at_level("WARNING", logger="app.core.migrate"):
+        assert schema_refusal(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x") is None
+    [record] = caplog.records
+    assert "Connection refused); starting" in record.getMessage()
 
 
 @pytest.mark.e2e

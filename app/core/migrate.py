@@ -95,7 +95,11 @@ def schema_refusal(database_url: str) -> str | None:
         with engine.connect() as connection:
             state = schema_state(connection, database_url)
     except sa.exc.SQLAlchemyError as exc:
-        logger.warning("could not check the schema of %s (%s); starting", shown, type(exc).__name__)
+        # Why, not only the exception's name: a database that does not exist, or a password
+        # the server refused, starts the service too, and this line is where it says so.
+        reason = str(exc.orig) if isinstance(exc, sa.exc.DBAPIError) else str(exc)
+        first_line = reason.strip().splitlines()[0] if reason.strip() else type(exc).__name__
+        logger.warning("could not check the schema of %s (%s); starting", shown, first_line)
         return None
     finally:
         engine.dispose()
