@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.core.config import InvalidSettings, Settings, check_exposure, get_settings
 from app.core.observability.logs import configure_logging
-from app.core.observability.multiprocess import share_metrics_between_processes
+from app.core.observability.multiprocess import directory_refusal, share_metrics_between_processes
 
 if TYPE_CHECKING:
     import httpx
@@ -95,13 +95,22 @@ def _require_latest_schema(settings: Settings) -> None:
         sys.exit(refusal)
 
 
+def _require_metrics_directory() -> None:
+    """Exit, naming it, when PROMETHEUS_MULTIPROC_DIR is set but cannot be written: before
+    anything imports prometheus-client, which would fail on it with a traceback."""
+    if (refusal := directory_refusal()) is not None:
+        sys.exit(refusal)
+
+
 def _serve(args: argparse.Namespace) -> None:
+    _require_metrics_directory()
     server = _server(args)
     _require_latest_schema(get_settings())
     server.run(sockets=[_listen(args.host, args.port)])
 
 
 def _worker(args: argparse.Namespace) -> None:
+    _require_metrics_directory()
     from worker.main import run_worker  # the worker, and torch with it, only in this process
 
     settings = get_settings()
@@ -153,6 +162,7 @@ def _up(args: argparse.Namespace) -> None:
     os.environ.update(EMBEDDED)
     get_settings.cache_clear()  # read again, with these
     _api_settings(args)  # refuse before starting anything
+    _require_metrics_directory()
     _upgrade(get_settings().database_url)
     _require_latest_schema(get_settings())  # at the latest now; but perhaps read-only
     share_metrics_between_processes()  # before the worker starts: it inherits the directory

@@ -1,6 +1,10 @@
 """GET /metrics: requests by route template, job counters from the worker and the database."""
 
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,7 +18,7 @@ from app.core.config import Settings
 from app.core.outbox import Dispatcher
 from tests.e2e.walkthrough import wait_for_status
 from tests.factories import make_job, spec_payload
-from tests.support.processes import Processes, wait_until
+from tests.support.processes import Processes, free_port, wait_until
 from worker.execution import WorkerContext, execute_job
 
 # A worker on the test's one connection polls no controls: its lease keeper's transactions
@@ -187,3 +191,30 @@ def test_the_run_size_histogram_counts_a_pack_once_with_its_jobs(
     assert grew("trainsvc_run_jobs_bucket", le="1.0") == 1
     assert grew("trainsvc_run_jobs_bucket", le="2.0") == 1  # the pack of 3 is above 2
     assert grew("trainsvc_run_jobs_bucket", le="4.0") == 2
+
+
+@pytest.mark.parametrize("command", [["serve"], ["worker"], ["up"]])
+def test_a_metrics_directory_that_cannot_be_written_is_one_line(
+    command: list[str], tmp_path: Path, redis_url: str
+) -> None:
+    """Before: prometheus-client's FileNotFoundError traceback, from the first metric made."""
+    missing = tmp_path / "metrics"
+    args = [*command, "--port", str(free_port())] if command != ["worker"] else command
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=tmp_path,
+        env={
+            **os.environ,
+            "PROMETHEUS_MULTIPROC_DIR": str(missing),
+            "TRAINSVC_DATABASE_URL": f"sqlite:///{tmp_path / 'trainsvc.db'}",
+            "TRAINSVC_BROKER_URL": redis_url,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == (
+        f"PROMETHEUS_MULTIPROC_DIR={missing} is not a directory this user can write: "
+        "create it (empty) before the processes start, or unset it"
+    )

@@ -26,3 +26,18 @@ def share_metrics_between_processes() -> str:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     return directory
+
+
+def directory_refusal() -> str | None:
+    """Why an operator's PROMETHEUS_MULTIPROC_DIR cannot be used, or None. prometheus-client
+    opens a file there for each metric as its module is imported: a directory that was not
+    made, or that this user cannot write, ended serve and worker in its traceback."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return None
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
+        return (
+            f"PROMETHEUS_MULTIPROC_DIR={directory} is not a directory this user can write: "
+            "create it (empty) before the processes start, or unset it"
+        )
+    return None
