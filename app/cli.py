@@ -62,9 +62,14 @@ def _server(args: argparse.Namespace) -> "uvicorn.Server":
 def _listen(host: str, port: int) -> socket.socket:
     """The API's socket, bound before anything else starts: a port in use, or an address that
     is not this host's, is a line naming it (uvicorn's own bind named neither a host it could
-    not resolve nor, for `up`, came before the worker had started)."""
+    not resolve nor, for `up`, came before the worker had started). A name is looked up as IPv4,
+    as uvicorn's bind did: Debian's localhost resolves to ::1 first, and IPv6 alone was not
+    where the client commands (127.0.0.1) or the API image's health check look."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        family, kind, _, _, address = socket.getaddrinfo(
+            host, port, family=family, type=socket.SOCK_STREAM
+        )[0]
         listening = socket.socket(family, kind)
     except OSError as exc:
         sys.exit(f"cannot listen on {host}:{port}: {exc.strerror or exc}")

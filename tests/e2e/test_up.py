@@ -15,11 +15,13 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import select
 
+from app.cli import _listen
 from app.core.db import create_db_engine, create_session_factory, transaction
 from app.core.models import Job, JobAttempt
 from tests.e2e.walkthrough import SPEC
@@ -243,3 +245,22 @@ def test_an_address_up_cannot_listen_on_is_a_line_and_starts_no_worker(
     reason = "Address already in use" if where == "port in use" else "Name or service not known"
     assert output.strip().splitlines()[-1] == f"cannot listen on {host}:{port}: {reason}"
     assert "celery" not in output.lower()  # no worker was started
+
+
+def test_a_host_name_is_listened_on_as_ipv4_as_uvicorn_did(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Debian's /etc/hosts gives localhost ::1 as well, and getaddrinfo puts ::1 first: `serve
+    --host localhost` listened on [::1] alone, where uvicorn's own bind had taken 127.0.0.1,
+    the address the client commands and the API image's health check use."""
+    resolve = socket.getaddrinfo
+
+    def ipv6_first(host: str, port: int, family: int = 0, *args: Any, **kwargs: Any) -> Any:
+        found = resolve(host, port, family, *args, **kwargs)
+        if host == "localhost" and family == socket.AF_UNSPEC:
+            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)), *found]
+        return found
+
+    monkeypatch.setattr(socket, "getaddrinfo", ipv6_first)
+    with _listen("localhost", 0) as listening:
+        assert listening.getsockname()[0] == "127.0.0.1"
+    with _listen("::1", 0) as listening:  # an IPv6 address is still one
+        assert listening.getsockname()[0] == "::1"
