@@ -40,13 +40,13 @@ BASE = {"dataset": {"name": "digits"}, "model": {"hidden_sizes": [128, 64]}, "ep
 def fill(session_factory: sa.orm.sessionmaker[sa.orm.Session]) -> uuid.UUID:
     rng = np.random.default_rng(0)
     with session_factory() as session:
-        study = Study(name="bench", base=BASE, grid=GRID, request_sha256="0" * 64)
+        study = Study(tenant="default", name="bench", base=BASE, grid=GRID, request_sha256="0" * 64)
         session.add(study)
         session.flush()
         for values in itertools.product(*GRID.values()):
             point = dict(zip(GRID, values, strict=True))
             spec = JobSpec.model_validate({**BASE, "seed": point["seed"]})
-            job = new_job(spec, study_id=study.id, grid_point=point)
+            job = new_job(spec, tenant="default", study_id=study.id, grid_point=point)
             job.status = "succeeded"
             session.add(job)
             session.flush()
@@ -118,7 +118,7 @@ def main() -> None:
         session_factory = create_session_factory(engine)
         study_id = fill(session_factory)
         # A broker never reached: the benchmark only reads.
-        app = create_app(Settings(database_url=url, broker_url="redis://127.0.0.1:1/0"))
+        app = create_app(Settings(database_url=url, broker_url="redis://127.0.0.1:1/0", auth="off"))
         with TestClient(app) as client:
 
             def report() -> None:
