@@ -191,6 +191,8 @@ def _assert_fits_a_phone(page: Any) -> None:
     """At a phone's width no table scrolls sideways: each row reads as a card of labelled
     lines. (Only the jobs table did; the others showed a few columns of a wider table.)"""
     page.set_viewport_size({"width": 390, "height": 900})
+    # The charts redraw at the new width when their ResizeObserver fires: a frame or two.
+    page.wait_for_function("() => document.documentElement.scrollWidth <= 390", timeout=5_000)
     overflowing = page.evaluate(
         """() => [...document.querySelectorAll('.table-wrap')]
               .filter((wrap) => wrap.scrollWidth > wrap.clientWidth + 1)
@@ -198,7 +200,6 @@ def _assert_fits_a_phone(page: Any) -> None:
               .map((table) => table.id || table.className)"""
     )
     assert overflowing == []
-    assert page.evaluate("document.documentElement.scrollWidth") <= 390
     labels = page.evaluate(
         """() => [...document.querySelectorAll('table.cards tbody td[data-label]')]
               .filter((td) => td.dataset.label)
