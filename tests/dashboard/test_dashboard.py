@@ -511,3 +511,34 @@ def test_a_job_that_ended_before_its_first_epoch_says_none_will_come(
     page.wait_for_selector("text=None: the job ended before a checkpoint was saved.")
     training_time = page.locator(".fact", has=page.locator("dt", has_text="Training time"))
     assert training_time.locator("dd").inner_text().strip() == "\u2013"  # an en dash: no figure
+
+
+def test_a_long_name_wraps_and_html_in_a_name_is_shown_as_text(
+    processes: Processes, page: Any
+) -> None:
+    """A name of 200 characters without a space pushed every column but the name out of view
+    in the jobs table (scrolled sideways), and the job's page scrolled sideways, on a laptop
+    and on a phone."""
+    processes.migrate()
+    url = processes.api("serve")  # no worker: the jobs stay queued
+    long_name = "sweep-" + "x" * 194
+    long_id = _submit(url, {**SPEC, "name": long_name, "tags": {"team": "vision-" + "y" * 80}})
+    html_name = "<img src=x onerror=alert(1)><b>bold</b>"
+    _submit(url, {**SPEC, "name": html_name, "tags": {"<i>k</i>": "<script>v</script>"}})
+    page.on("dialog", lambda dialog: pytest.fail(f"a name ran as code: {dialog.message}"))
+    for width in (1280, 390):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.goto(f"{url}/#/jobs")
+        page.locator(f'tr[data-job-id="{long_id}"]').wait_for()
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        wrap = page.locator(".table-wrap").first
+        assert wrap.evaluate("(wrap) => wrap.scrollWidth <= wrap.clientWidth + 1")
+        assert page.locator("#jobs-table tbody tr").first.locator(".col-best").is_visible()
+        assert html_name in page.inner_text("#jobs-table")
+        assert "<i>k</i>:<script>v</script>" in page.inner_text("#jobs-table")
+        assert page.locator("main img, main b, main i, main script").count() == 0
+
+        page.goto(f"{url}/#/jobs/{long_id}")
+        page.wait_for_selector("h1 .badge.queued")
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        assert long_name in page.inner_text("h1")
