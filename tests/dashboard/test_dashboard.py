@@ -542,3 +542,38 @@ def test_a_long_name_wraps_and_html_in_a_name_is_shown_as_text(
         page.wait_for_selector("h1 .badge.queued")
         assert page.evaluate("document.documentElement.scrollWidth") <= width
         assert long_name in page.inner_text("h1")
+
+
+def test_a_studys_largest_stable_learning_rates_read_as_a_table(
+    processes: Processes, page: Any
+) -> None:
+    """With the learning rate an axis, the report's max_stable_lr was printed as one line of
+    raw JSON: a screenful of braces on a laptop, and a page twice a phone's width."""
+    processes.migrate()
+    url = processes.api("serve")  # no worker: the report's figures come from the route below
+    grid = {"model.normalization.type": ["none", "batch_norm"], "optimizer.lr": [0.01, 10.0]}
+    study = httpx.post(f"{url}/v1/studies", json={**STUDY, "grid": grid}, timeout=30).json()
+    report = httpx.get(f"{url}/v1/studies/{study['id']}/report", timeout=10).json()
+    stable = {"lr": 0.01, "stable": True, "reason": "2 seeds ended above chance, none diverged"}
+    unstable = {"lr": 10.0, "stable": False, "reason": "2 of 2 seeds diverged"}
+    report["max_stable_lr"] = {
+        "chance_margin": 0.1,
+        "configurations": [
+            {
+                "configuration": {"model.normalization.type": kind},
+                "max_stable_lr": 0.01 if kind == "none" else None,
+                "by_lr": [stable, unstable] if kind == "none" else [{**stable, "stable": False}],
+            }
+            for kind in ("none", "batch_norm")
+        ],
+    }
+    page.route("**/report", lambda route: route.fulfill(status=200, json=report))
+    page.goto(f"{url}/#/studies/{study['id']}")
+    rows = page.locator("#stable-lrs tbody tr")
+    rows.first.wait_for()
+    assert rows.count() == 2
+    cells = [cell.inner_text() for cell in rows.first.locator("td").all()]
+    assert cells == ["none", "0.01", "0.01 stable, 10 unstable (2 of 2 seeds diverged)"]
+    assert rows.nth(1).locator("td").nth(1).inner_text() == "none stable"
+    assert "{" not in page.inner_text("#stable-lr")
+    _assert_fits_a_phone(page)

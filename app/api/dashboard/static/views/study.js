@@ -134,6 +134,23 @@ function configurationTable(report) {
   ]));
 }
 
+// The largest learning rate each configuration trained stably at, and why each rate was or was
+// not: a table, as the configurations are (it was shown as raw JSON, a screenful of it).
+function stableLearningRates(stable) {
+  const axes = Object.keys(stable.configurations[0]?.configuration || {});
+  const headers = [...axes.map((axis) => axis.split(".").slice(-2).join(" ")), "Largest stable learning rate", "By learning rate"];
+  return el("section", { id: "stable-lr" },
+    el("h2", {}, "Largest stable learning rate"),
+    el("p", { class: "help" }, `Stable: no seed diverged and every one ended at least ${number(stable.chance_margin * 100, 1)} percentage points above chance accuracy.`),
+    dataTable({ id: "stable-lrs" }, headers, stable.configurations.map((row) => [
+      axes.map((axis) => el("td", {}, el("code", {}, String(row.configuration[axis])))),
+      el("td", {}, row.max_stable_lr === null ? "none stable" : number(row.max_stable_lr)),
+      // One span: a phone's card spreads a cell's children across the line.
+      el("td", {}, el("span", {}, row.by_lr.flatMap((verdict, index) => [index ? ", " : "",
+        el("span", { title: verdict.reason }, `${number(verdict.lr)} ${verdict.stable ? "stable" : `unstable (${verdict.reason})`}`)]))),
+    ])));
+}
+
 const PLOT_CAPTIONS = {
   learning_curves: "Validation loss and accuracy by epoch for each configuration: the line is the mean over seeds, the band ± one standard deviation.",
   gap_by_dropout: "The generalization gap at the end, by dropout rate.",
@@ -163,7 +180,7 @@ export function studyView(root, studyId) {
       configurationTable(report),
       // Why a configuration's seconds may not compare with another's: its jobs trained packed.
       report.seconds_note ? el("p", { class: "help", id: "seconds-note" }, report.seconds_note) : null,
-      report.max_stable_lr ? el("p", {}, "Largest stable learning rate: ", el("code", {}, JSON.stringify(report.max_stable_lr))) : null,
+      report.max_stable_lr ? stableLearningRates(report.max_stable_lr) : null,
       el("h2", {}, "Effects"),
       el("p", { class: "help" }, "Each axis value against its baseline, paired over the other axes and seeds."),
       effectsSection(report.effects),
