@@ -9,6 +9,7 @@ prompt. Each test opens its own browser context, so sessionStorage starts empty.
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -577,3 +578,63 @@ def test_a_studys_largest_stable_learning_rates_read_as_a_table(
     assert rows.nth(1).locator("td").nth(1).inner_text() == "none stable"
     assert "{" not in page.inner_text("#stable-lr")
     _assert_fits_a_phone(page)
+
+
+def test_a_page_refused_a_stream_for_too_many_says_so_and_goes_live_when_one_closes(
+    processes: Processes, chromium: Any
+) -> None:
+    """With TRAINSVC_TENANT_MAX_STREAMS streams open (another tab), a page's stream gets 429
+    too_many_streams: the badge said "reconnecting…" forever, as if the service were down, and
+    the page asked again every few hundred milliseconds, ignoring Retry-After."""
+    processes.migrate()
+    created = subprocess.run(
+        [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "acme"],
+        check=True,
+        cwd=processes.workdir,
+        env=processes.env,
+        capture_output=True,
+        text=True,
+    )
+    key = created.stdout.strip().splitlines()[-1]
+    processes.env.update({"TRAINSVC_AUTH": "on", "TRAINSVC_TENANT_MAX_STREAMS": "1"})
+    url = processes.api("serve")  # no worker: the job stays queued, its stream open
+    job_id = _submit(url, SPEC, {"Authorization": f"Bearer {key}"})
+    context = chromium.new_context(viewport={"width": 390, "height": 900})
+    context.add_init_script(f"sessionStorage.setItem('trainsvc.key', '{key}')")
+    context.set_default_timeout(TIMEOUT_MS)
+    refused: list[float] = []
+    context.on(
+        "response",
+        lambda response: refused.append(time.monotonic()) if response.status == 429 else None,
+    )
+    try:
+        first = context.new_page()
+        first.goto(f"{url}/#/jobs")
+        first.wait_for_selector("#live.state-live")
+        second = context.new_page()
+        second.goto(f"{url}/#/jobs/{job_id}")
+        second.wait_for_selector("#live.state-busy")
+        assert "too many tabs" in second.inner_text("#live")
+        assert "TRAINSVC_TENANT_MAX_STREAMS" in second.get_attribute("#live", "title")
+        assert second.is_visible("h1 .badge.queued")  # the page itself loaded
+        second.wait_for_timeout(7_000)  # (the sync API hears responses only while it waits)
+        assert len(refused) >= 3
+        assert refused[2] - refused[1] >= 4  # then Retry-After: 5, not a quick backoff
+        first.close()
+        second.wait_for_selector("#live.state-live", timeout=15_000)
+        # One tab going from page to page is no second tab: the stream the page before held
+        # may be counted a moment longer, and that is no reason to say "too many".
+        second.evaluate(
+            """() => { window.__states = [];
+                new MutationObserver(() => window.__states.push(
+                  document.querySelector('#live').className)).observe(
+                  document.querySelector('#live'), {attributes: true}); }"""
+        )
+        for _ in range(3):
+            second.click("text=All jobs")
+            second.wait_for_selector("#live.state-live")
+            second.click(f'tr[data-job-id="{job_id}"] a.job-link')
+            second.wait_for_selector("#live.state-live")
+        assert not [state for state in second.evaluate("window.__states") if "busy" in state]
+    finally:
+        context.close()

@@ -69,12 +69,16 @@ export function askForKey(reason) {
 }
 
 async function errorOf(response) {
+  let error;
   try {
     const body = await response.json();
-    return new ApiError(response.status, body.error, body.detail);
+    error = new ApiError(response.status, body.error, body.detail);
   } catch {
-    return new ApiError(response.status, "http_error", `${response.status} ${response.statusText}`);
+    error = new ApiError(response.status, "http_error", `${response.status} ${response.statusText}`);
   }
+  // A limit's 429 says when to ask again.
+  error.retryAfterSeconds = Number(response.headers.get("Retry-After")) || null;
+  return error;
 }
 
 function reasonFor(error) {
@@ -193,12 +197,16 @@ const sleep = (ms, signal) =>
 // Follows an event stream: calls onEvent({type, data (parsed JSON), id}) for each event,
 // reconnects after a drop with Last-Event-ID (so nothing is missed or seen twice), and stops
 // when close() is called or, if `done(event)` says so, after the stream's last event.
-// onState("live" | "reconnecting" | "ended") reports the connection.
+// onState("live" | "reconnecting" | "busy" | "ended", detail) reports the connection; "busy":
+// the tenant has as many streams open as the service allows (429 too_many_streams) and this
+// one asks again when the answer's Retry-After says. A first refusal is retried soon, as a
+// drop is: it may count the stream this tab closed a moment ago (the page before this one).
 export function followEvents(path, { onEvent, onState = () => {}, done = () => false }) {
   const controller = new AbortController();
   const { signal } = controller;
   let lastEventId = null;
   let finished = false;
+  let refusals = 0; // too_many_streams answers in a row
 
   async function run() {
     let backoff = 500;
@@ -215,6 +223,7 @@ export function followEvents(path, { onEvent, onState = () => {}, done = () => f
         if (!response.ok || !response.body) throw await errorOf(response);
         onState("live");
         backoff = 500;
+        refusals = 0;
         const parser = new EventStreamParser((event) => {
           lastEventId = event.id;
           let data;
@@ -239,6 +248,11 @@ export function followEvents(path, { onEvent, onState = () => {}, done = () => f
         if (error instanceof ApiError && error.status === 404) {
           finished = true; // the job is gone (deleted): nothing will come
           break;
+        }
+        if (error instanceof ApiError && error.code === "too_many_streams" && ++refusals > 1) {
+          onState("busy", error.message);
+          await sleep((error.retryAfterSeconds || 5) * 1000, signal);
+          continue;
         }
       }
       if (finished || signal.aborted) break;

@@ -18,13 +18,20 @@ const live = document.getElementById("live");
 let stop = () => {};
 
 // "ended": the view follows nothing (a finished job, a study page): nothing more will change.
-const LIVE_TEXT = { live: "live", reconnecting: "reconnecting…", ended: "up to date" };
+// "busy": the service refused the stream (too many open for this tenant): say what to do.
+const LIVE_TEXT = { live: "live", reconnecting: "reconnecting…", busy: "not live: too many tabs open", ended: "up to date" };
+const LIVE_HELP = {
+  busy: "This page does not update itself: the service allows only so many live pages per tenant " +
+    "(TRAINSVC_TENANT_MAX_STREAMS), and that many are open (other tabs, other people with the " +
+    "same tenant). Close one, and this page goes live again within seconds.",
+};
 
 const context = {
   // The header's badge: whether the view's event stream is connected.
-  setLive(state) {
+  setLive(state, detail) {
     live.textContent = LIVE_TEXT[state] || state;
     live.className = `live state-${state}`;
+    live.title = [LIVE_HELP[state] || "Live updates from the event stream", detail].filter(Boolean).join("\n\n");
   },
 };
 

@@ -389,8 +389,8 @@ export function jobsView(root, params, context) {
 
   const stream = followEvents(`/v1/events${query({ study_id: filters.study })}`, {
     onEvent,
-    onState(state) {
-      context.setLive(state);
+    onState(state, detail) {
+      context.setLive(state, detail);
       // The service is back after the first page failed (it was down): read the page now,
       // rather than say "live" over an empty table.
       if (state === "live" && !loaded) firstLoad = firstLoad.then(() => (loaded ? undefined : loadFirstPage()));
