@@ -518,14 +518,14 @@ def test_a_long_name_wraps_and_html_in_a_name_is_shown_as_text(
     processes: Processes, page: Any
 ) -> None:
     """A name of 200 characters without a space pushed every column but the name out of view
-    in the jobs table (scrolled sideways), and the job's page scrolled sideways, on a laptop
-    and on a phone."""
+    in the jobs table (scrolled sideways), and the job's page and the compare page (its charts'
+    legends) scrolled sideways, on a laptop and on a phone."""
     processes.migrate()
     url = processes.api("serve")  # no worker: the jobs stay queued
     long_name = "sweep-" + "x" * 194
     long_id = _submit(url, {**SPEC, "name": long_name, "tags": {"team": "vision-" + "y" * 80}})
     html_name = "<img src=x onerror=alert(1)><b>bold</b>"
-    _submit(url, {**SPEC, "name": html_name, "tags": {"<i>k</i>": "<script>v</script>"}})
+    html_id = _submit(url, {**SPEC, "name": html_name, "tags": {"<i>k</i>": "<script>v</script>"}})
     page.on("dialog", lambda dialog: pytest.fail(f"a name ran as code: {dialog.message}"))
     for width in (1280, 390):
         page.set_viewport_size({"width": width, "height": 900})
@@ -543,6 +543,13 @@ def test_a_long_name_wraps_and_html_in_a_name_is_shown_as_text(
         page.wait_for_selector("h1 .badge.queued")
         assert page.evaluate("document.documentElement.scrollWidth") <= width
         assert long_name in page.inner_text("h1")
+
+        # Compare: the name wraps in its table and in each chart's legend; "remove" does not.
+        page.goto(f"{url}/#/compare?jobs={long_id},{html_id}")
+        page.locator("#compared tbody tr").nth(1).wait_for()
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        remove = page.locator("#compared a", has_text="remove").first
+        assert remove.evaluate("(link) => link.getClientRects().length") == 1
 
 
 def test_a_studys_largest_stable_learning_rates_read_as_a_table(

@@ -61,7 +61,7 @@ export function compareView(root, params) {
       missing ? el("div", { class: "notice" }, `${missing} of the picked jobs could not be loaded (deleted, or another tenant's).`) : null,
       dataTable({ id: "compared" }, ["", "Job", "Status", "Normalization", "Dropout", "Learning rate", "Best val accuracy", ""], jobs.map((job, index) => [
         el("td", {}, el("span", { class: "swatch", style: `background: ${PALETTE[index % PALETTE.length]}` })),
-        el("td", {}, el("a", { href: `#/jobs/${job.id}` }, labelFor(job, jobs))),
+        el("td", {}, el("a", { href: `#/jobs/${job.id}`, class: "name" }, labelFor(job, jobs))),
         el("td", {}, statusBadge(job.status)),
         el("td", {}, normalizationOf(job.spec)),
         el("td", {}, dropoutOf(job.spec)),

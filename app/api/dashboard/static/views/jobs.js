@@ -197,7 +197,7 @@ export function jobsView(root, params, context) {
       cell("status", statusBadge(job.status, job.cancel_requested)),
       cell(
         "name",
-        el("a", { href: `#/jobs/${job.id}`, class: "job-link" }, jobTitle(job)),
+        el("a", { href: `#/jobs/${job.id}`, class: "job-link name" }, jobTitle(job)),
         job.grid_point ? el("div", { class: "help small" }, gridPoint(job.grid_point)) : null,
         tags.length ? el("div", { class: "tags" }, tags) : null,
       ),

@@ -35,7 +35,7 @@ export function studiesView(root) {
     }
     for (const study of page.items) {
       tbody.append(el("tr", {},
-        el("td", { "data-label": "Name" }, el("a", { href: `#/studies/${study.id}` }, study.name || study.id.slice(0, 8))),
+        el("td", { "data-label": "Name" }, el("a", { href: `#/studies/${study.id}`, class: "name" }, study.name || study.id.slice(0, 8))),
         el("td", { "data-label": "Preset" }, study.preset || "–"),
         el("td", { "data-label": "Jobs" }, counts(study)),
         el("td", { "data-label": "Created" }, el("span", { title: moment(study.created_at) }, age(study.created_at))),
