@@ -289,7 +289,9 @@ def load_runs(session: Session, study: Study) -> list[Run]:
     ).all()
     classes: dict[str, int | None] = {}
     runs: dict[uuid.UUID, Run] = {}
+    probed = False
     for job_id, status, point, error_type, spec, pack in jobs:
+        probed = probed or any((spec.get("diagnostics") or {}).values())
         dataset = spec["dataset"]["name"]
         if dataset not in classes:
             try:
@@ -297,6 +299,10 @@ def load_runs(session: Session, study: Study) -> list[Run]:
             except DatasetNotFound:  # an upload deleted since
                 classes[dataset] = None
         runs[job_id] = Run(job_id, status, point or {}, error_type, classes[dataset], pack=pack)
+    # Each JSON extraction parses the row's diagnostics (per-layer figures too) again: the
+    # probes' ten only where some job ran a probe. Asked of every study, they made the load of
+    # 200 jobs x 100 epochs 0.44 s against 0.07 s for a query per job.
+    probe_paths = list(PROBE_METRICS.values()) if probed else []
     metrics = session.execute(
         select(
             EpochMetric.job_id,
@@ -306,7 +312,7 @@ def load_runs(session: Session, study: Study) -> list[Run]:
             EpochMetric.epoch_seconds,
             EpochMetric.diagnostics["generalization_gap"].as_float(),
             EpochMetric.diagnostics["step_loss_std"].as_float(),
-            *(EpochMetric.diagnostics[path].as_float() for path in PROBE_METRICS.values()),
+            *(EpochMetric.diagnostics[path].as_float() for path in probe_paths),
         )
         .join(Job, Job.id == EpochMetric.job_id)
         .where(Job.study_id == study.id)
@@ -321,6 +327,7 @@ def load_runs(session: Session, study: Study) -> list[Run]:
         run.epochs = columns[0].astype(np.int64)
         run.val_loss, run.val_accuracy, run.epoch_seconds = columns[1], columns[2], columns[3]
         run.gap, run.step_loss_std = columns[4], columns[5]
-        probes = dict(zip(PROBE_METRICS, columns[6:], strict=True))
-        run.probes = {name: values for name, values in probes.items() if np.isfinite(values).any()}
+        if probed:
+            probes = dict(zip(PROBE_METRICS, columns[6:], strict=True))
+            run.probes = {n: values for n, values in probes.items() if np.isfinite(values).any()}
     return list(runs.values())
