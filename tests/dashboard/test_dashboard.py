@@ -396,6 +396,62 @@ def test_the_event_stream_reader_parses_split_chunks_and_resumes_after_a_drop(
     assert len(requests) == 2  # the job ended: no third connection
 
 
+def test_a_stream_the_service_refuses_as_invalid_stops_and_says_why(
+    processes: Processes, page: Any
+) -> None:
+    """A 422 on a stream (a hand-typed ?study=notauuid) was retried for ever, the badge saying
+    "reconnecting…" as if the service were down. Now it stops and says why; except a 422 on
+    Last-Event-ID (the service's database was replaced), which follows from now instead."""
+    processes.migrate()
+    url = processes.api("serve")
+    page.goto(f"{url}/#/compare")  # a page that opens no stream of its own
+    page.wait_for_selector("h1")
+    requests: list[dict[str, str]] = []
+
+    def refuse(field: str) -> Any:
+        def serve(route: Any) -> None:
+            requests.append(route.request.headers)
+            if len(requests) == 1 and field == "Last-Event-ID":
+                body = 'event: status\ndata: {"job_id": "a", "status": "running"}\nid: 9\n\n'
+                route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+                return
+            if field == "Last-Event-ID" and "last-event-id" not in route.request.headers:
+                body = 'event: status\ndata: {"job_id": "a", "status": "succeeded"}\nid: 2\n\n'
+                route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+                return
+            detail = [{"field": field, "message": "must be a UUID"}]
+            route.fulfill(status=422, json={"error": "validation_error", "detail": detail})
+
+        return serve
+
+    follow = """async () => {
+          const { followEvents } = await import('/api.js');
+          return await new Promise((resolve) => {
+            const states = [];
+            followEvents('/v1/test-stream', {
+              onEvent: () => {},
+              done: (event) => event.data.status === 'succeeded',
+              onState: (state, detail) => {
+                states.push(detail ? `${state}: ${detail}` : state);
+                if (state === 'refused' || state === 'ended') resolve(states);
+              },
+            });
+          });
+        }"""
+    page.route("**/v1/test-stream", refuse("study_id"))
+    states = page.evaluate(follow)
+    assert states == ["refused: study_id: must be a UUID"]
+    page.wait_for_timeout(1500)  # a retry would come within 0.5 s
+    assert len(requests) == 1
+
+    page.unroute("**/v1/test-stream")
+    requests.clear()
+    page.route("**/v1/test-stream", refuse("Last-Event-ID"))
+    states = page.evaluate(follow)
+    assert states[-1] == "ended"
+    assert [headers.get("last-event-id") for headers in requests] == [None, "9", None]
+
+
 def test_the_table_shows_a_running_jobs_best_so_far_and_recovers_from_an_outage(
     processes: Processes, page: Any
 ) -> None:

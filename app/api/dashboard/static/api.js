@@ -68,6 +68,10 @@ export function askForKey(reason) {
   return pendingPrompt;
 }
 
+function fieldsOf(error) {
+  return Array.isArray(error.detail) ? error.detail.map((item) => item.field) : [];
+}
+
 async function errorOf(response) {
   let error;
   try {
@@ -197,10 +201,12 @@ const sleep = (ms, signal) =>
 // Follows an event stream: calls onEvent({type, data (parsed JSON), id}) for each event,
 // reconnects after a drop with Last-Event-ID (so nothing is missed or seen twice), and stops
 // when close() is called or, if `done(event)` says so, after the stream's last event.
-// onState("live" | "reconnecting" | "busy" | "ended", detail) reports the connection; "busy":
-// the tenant has as many streams open as the service allows (429 too_many_streams) and this
-// one asks again when the answer's Retry-After says. A first refusal is retried soon, as a
-// drop is: it may count the stream this tab closed a moment ago (the page before this one).
+// onState("live" | "reconnecting" | "busy" | "refused" | "ended", detail) reports the
+// connection; "busy": the tenant has as many streams open as the service allows (429
+// too_many_streams) and this one asks again when the answer's Retry-After says. A first refusal
+// is retried soon, as a drop is: it may count the stream this tab closed a moment ago (the page
+// before this one). "refused": the service found the request itself wrong (422: a hand-typed
+// filter), which no retry mends; the stream stops and says why.
 export function followEvents(path, { onEvent, onState = () => {}, done = () => false }) {
   const controller = new AbortController();
   const { signal } = controller;
@@ -248,6 +254,15 @@ export function followEvents(path, { onEvent, onState = () => {}, done = () => f
         if (error instanceof ApiError && error.status === 404) {
           finished = true; // the job is gone (deleted): nothing will come
           break;
+        }
+        if (error instanceof ApiError && error.status === 422) {
+          if (lastEventId !== null && fieldsOf(error).includes("Last-Event-ID")) {
+            // An id this service never sent (its database was replaced): follow from now.
+            lastEventId = null;
+            continue;
+          }
+          onState("refused", error.message);
+          return;
         }
         if (error instanceof ApiError && error.code === "too_many_streams" && ++refusals > 1) {
           onState("busy", error.message);

@@ -19,11 +19,18 @@ let stop = () => {};
 
 // "ended": the view follows nothing (a finished job, a study page): nothing more will change.
 // "busy": the service refused the stream (too many open for this tenant): say what to do.
-const LIVE_TEXT = { live: "live", reconnecting: "reconnecting…", busy: "not live: too many tabs open", ended: "up to date" };
+const LIVE_TEXT = {
+  live: "live",
+  reconnecting: "reconnecting…",
+  busy: "not live: too many tabs open",
+  refused: "not live: the service refused this view's updates",
+  ended: "up to date",
+};
 const LIVE_HELP = {
   busy: "This page does not update itself: the service allows only so many live pages per tenant " +
     "(TRAINSVC_TENANT_MAX_STREAMS), and that many are open (other tabs, other people with the " +
     "same tenant). Close one, and this page goes live again within seconds.",
+  refused: "The service refused this view's event stream, and asking again would not change that:",
 };
 
 const context = {
