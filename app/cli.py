@@ -168,11 +168,12 @@ def _up(args: argparse.Namespace) -> None:
     get_settings.cache_clear()  # read again, with these
     _api_settings(args)  # refuse before starting anything
     _require_metrics_directory()
+    # First: a port in use makes nothing, not even the database files a first run creates.
+    listening = _listen(args.host, args.port)
     _upgrade(get_settings().database_url)
     _require_latest_schema(get_settings())  # at the latest now; but perhaps read-only
     share_metrics_between_processes()  # before the worker starts: it inherits the directory
     server = _server(args)
-    listening = _listen(args.host, args.port)  # before the worker: a port in use starts nothing
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
         server.should_exit = True

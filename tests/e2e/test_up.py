@@ -245,6 +245,7 @@ def test_an_address_up_cannot_listen_on_is_a_line_and_starts_no_worker(
     reason = "Address already in use" if where == "port in use" else "Name or service not known"
     assert output.strip().splitlines()[-1] == f"cannot listen on {host}:{port}: {reason}"
     assert "celery" not in output.lower()  # no worker was started
+    assert not list(processes.workdir.glob("trainsvc*.db"))  # nor the database made
 
 
 def test_a_host_name_is_listened_on_as_ipv4_as_uvicorn_did(monkeypatch: pytest.MonkeyPatch) -> None:
