@@ -396,6 +396,42 @@ def test_the_event_stream_reader_parses_split_chunks_and_resumes_after_a_drop(
     assert len(requests) == 2  # the job ended: no third connection
 
 
+def test_a_job_or_study_page_opened_while_the_service_is_away_fills_in_when_it_is_back(
+    processes: Processes, page: Any
+) -> None:
+    """Each said "the service did not answer" until a person reloaded it; the jobs table
+    already filled in by itself."""
+    url = processes.api("up")
+    job_id = _submit(url, {**SPEC, "epochs": 1})
+    down = {"on": True}
+
+    def unreachable(route: Any) -> None:
+        if down["on"]:
+            route.abort()
+        else:
+            route.continue_()
+
+    page.route(f"**/v1/jobs/{job_id}", unreachable)
+    page.goto(f"{url}/#/jobs/{job_id}")
+    page.wait_for_selector(".error-box")
+    assert "did not answer" in page.inner_text(".error-box")
+    assert "Trying again" in page.inner_text("main")
+    down["on"] = False
+    page.wait_for_selector("h1 .badge")  # the job's head, drawn without a reload
+    assert page.locator(".error-box").count() == 0
+
+    # A study's report, the same.
+    study = httpx.post(f"{url}/v1/studies", json=STUDY, timeout=30).json()
+    down["on"] = True
+    page.route(f"**/v1/studies/{study['id']}", unreachable)
+    page.goto(f"{url}/#/studies/{study['id']}")
+    page.wait_for_selector(".error-box")
+    assert "Trying again" in page.inner_text("main")
+    down["on"] = False
+    page.locator("#configurations tbody tr").first.wait_for()
+    assert page.locator(".error-box").count() == 0
+
+
 def test_a_stream_the_service_refuses_as_invalid_stops_and_says_why(
     processes: Processes, page: Any
 ) -> None:

@@ -63,6 +63,7 @@ export function jobView(root, jobId, context) {
   const probeCharts = new Map(); // probe chart name -> chart, made when a job has that probe
 
   const head = el("div", { class: "page-head" });
+  const away = el("div"); // the service did not answer when the page opened: says so, and retries
   const facts = el("dl", { class: "facts" });
   const errorSlot = el("div");
   const charts = el("div", { class: "charts" });
@@ -84,6 +85,7 @@ export function jobView(root, jobId, context) {
   const spec = el("div");
   root.append(
     el("p", { class: "crumbs" }, el("a", { href: "#/jobs" }, "← All jobs")),
+    away,
     head,
     errorSlot,
     facts,
@@ -478,9 +480,27 @@ export function jobView(root, jobId, context) {
     }
   }
 
+  // The first read of the job, tried again while the service is away (unreachable, or 503):
+  // a page opened during a restart fills in by itself, as the jobs table does. False: left.
+  async function firstRead() {
+    for (let wait = 1000; !stopped; wait = Math.min(wait * 2, 10000)) {
+      try {
+        await reloadJob();
+        clear(away);
+        return true;
+      } catch (error) {
+        if (!(error instanceof ApiError && (error.status === 0 || error.status === 503))) throw error;
+        clear(away, errorBox(error), el("p", { class: "help" }, "Trying again…"));
+        context.setLive("reconnecting");
+        await new Promise((resolve) => setTimeout(resolve, wait));
+      }
+    }
+    return false;
+  }
+
   async function start() {
     try {
-      await reloadJob();
+      if (!(await firstRead())) return;
     } catch (error) {
       clear(root, el("p", { class: "crumbs" }, el("a", { href: "#/jobs" }, "← All jobs")),
         // 422: not a job id at all (a mistyped or shortened URL).

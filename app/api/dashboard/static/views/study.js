@@ -202,11 +202,29 @@ export function studyView(root, studyId) {
     }
   }
 
-  load().catch((error) => {
+  // Tried again while the service is away (unreachable, or 503): a report opened during a
+  // restart fills in by itself.
+  let left = false;
+  async function loadWhenBack() {
+    for (let wait = 1000; !left; wait = Math.min(wait * 2, 10000)) {
+      try {
+        return await load();
+      } catch (error) {
+        if (!(error instanceof ApiError && (error.status === 0 || error.status === 503))) throw error;
+        clear(body, errorBox(error), el("p", { class: "help" }, "Trying again…"));
+        await new Promise((resolve) => setTimeout(resolve, wait));
+      }
+    }
+  }
+
+  loadWhenBack().catch((error) => {
     // 422: not a study id at all (a mistyped or shortened URL).
     clear(body, error instanceof ApiError && (error.status === 404 || error.status === 422)
       ? el("div", { class: "empty" }, el("h1", {}, "No such study"), el("p", {}, `There is no study ${studyId}.`))
       : errorBox(error));
   });
-  return () => urls.forEach((url) => URL.revokeObjectURL(url));
+  return () => {
+    left = true;
+    urls.forEach((url) => URL.revokeObjectURL(url));
+  };
 }
