@@ -62,6 +62,26 @@ def test_200_concurrent_submits_half_repeated_make_100_jobs_each_trained_once(
     )
 
 
+def test_concurrent_submits_of_one_tenant_never_pass_its_active_job_limit(
+    processes: Processes, jobs_on: Any, fresh_postgres_url: str, fresh_redis_url: str
+) -> None:
+    """Each submit counted the tenant's jobs before any had inserted: 20 at once with a limit
+    of 5 stored all 20. (No worker: the jobs stay queued, each counting against the limit.)"""
+    jobs = jobs_on(fresh_postgres_url, fresh_redis_url, tenant_max_active_jobs="5")
+    url = processes.api()
+
+    def submit(seed: int) -> httpx.Response:
+        return httpx.post(f"{url}/v1/jobs", json=tiny_spec(seed=seed), timeout=60)
+
+    with ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(submit, range(20)))
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [201] * 5 + [429] * 15
+    listed = httpx.get(f"{url}/v1/jobs", params={"limit": 50}).json()["items"]
+    assert len(listed) == 5
+    assert all(jobs.get(uuid.UUID(job["id"])).status == "queued" for job in listed)
+
+
 def test_two_workers_racing_for_the_same_20_jobs_train_each_once(
     processes: Processes, jobs_on: Any, fresh_postgres_url: str, fresh_redis_url: str
 ) -> None:

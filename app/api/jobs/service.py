@@ -22,6 +22,7 @@ from sqlalchemy import (
     delete,
     func,
     select,
+    text,
     tuple_,
 )
 from sqlalchemy.exc import IntegrityError
@@ -194,8 +195,21 @@ def new_job(
     )
 
 
+# The first key of the two-key advisory locks check_tenant_limits takes, one per tenant.
+_TENANT_LIMITS_LOCK = 0x74736B  # "tsk"
+
+
 def check_tenant_limits(session: Session, settings: Settings, tenant: str, adding: int = 1) -> None:
     """A tenant's share: its queued plus running jobs (`adding` more), and its stored bytes."""
+    if session.get_bind().dialect.name == "postgresql":
+        # Concurrent submits of one tenant each counted its jobs before any had inserted, and
+        # together passed the limit (20 at once with a limit of 5: 20 stored). A lock per
+        # tenant, held to the transaction's end, makes them take turns; SQLite's writing
+        # transactions take turns already.
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(:space, hashtext(:tenant))"),
+            {"space": _TENANT_LIMITS_LOCK, "tenant": tenant},
+        )
     active = session.scalar(
         select(func.count())
         .select_from(Job)
