@@ -8,6 +8,31 @@ import pytest
 from app.cli import main
 from app.core.config import InvalidSettings, Settings, get_settings
 
+# How `trainsvc` begins its one line when settings cannot be read.
+REFUSED = "invalid settings (TRAINSVC_ variables, or lines of .env):\n"
+
+
+def _exit_of(command: str) -> object:
+    """What `trainsvc COMMAND` exits with, the settings read afresh from the environment."""
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main([command])
+    finally:
+        get_settings.cache_clear()
+    return exited.value.code
+
+
+def _settings_error() -> str:
+    """Why the settings, read afresh from the environment, are refused."""
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(InvalidSettings) as refused:
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    return str(refused.value)
+
 
 def test_settings_are_read_from_dot_env_in_the_working_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -35,15 +60,8 @@ def test_a_setting_the_service_cannot_use_is_named_with_why_before_anything_star
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TRAINSVC_MAX_PACK", "eight")
     (tmp_path / ".env").write_text("TRAINSVC_LOG_FORMAT=xml\n")
-    get_settings.cache_clear()
-    try:
-        with pytest.raises(SystemExit) as exited:
-            main(["migrate"])
-    finally:
-        get_settings.cache_clear()
-    assert exited.value.code == (
-        "invalid settings (TRAINSVC_ variables, or lines of .env):\n"
-        "  TRAINSVC_MAX_PACK: Input should be a valid integer, "
+    assert _exit_of("migrate") == (
+        REFUSED + "  TRAINSVC_MAX_PACK: Input should be a valid integer, "
         "unable to parse string as an integer\n"
         "  TRAINSVC_LOG_FORMAT: Input should be 'auto', 'json' or 'console'"
     )  # values are not echoed: a database URL or a key may hold a secret
@@ -59,13 +77,7 @@ def test_a_cors_origin_that_no_browser_sends_is_refused_saying_the_form(
     # A browser's Origin has no path, not even "/": a listed URL with one would never match.
     for origin in ("https://dash.example.com/", "dash.example.com", "ftp://x", "https://x:y"):
         monkeypatch.setenv("TRAINSVC_CORS_ORIGINS", json.dumps([origin]))
-        get_settings.cache_clear()
-        try:
-            with pytest.raises(InvalidSettings) as refused:
-                get_settings()
-        finally:
-            get_settings.cache_clear()
-        assert str(refused.value).endswith(
+        assert _settings_error().endswith(
             f"  TRAINSVC_CORS_ORIGINS: {origin!r} is not an origin: give scheme://host[:port], "
             "as https://dash.example.com, with no path or trailing slash"
         )
@@ -80,15 +92,8 @@ def test_a_database_url_the_service_cannot_use_is_named(
     """Before: SQLAlchemy's ArgumentError, NoSuchModuleError or ModuleNotFoundError traceback
     from the first command that connected (`postgres://` is Heroku's spelling, no dialect)."""
     monkeypatch.setenv("TRAINSVC_DATABASE_URL", url)
-    get_settings.cache_clear()
-    try:
-        with pytest.raises(SystemExit) as exited:
-            main(["migrate"])
-    finally:
-        get_settings.cache_clear()
-    assert exited.value.code == (
-        "invalid settings (TRAINSVC_ variables, or lines of .env):\n"
-        "  TRAINSVC_DATABASE_URL: not a database URL this service can use: give "
+    assert _exit_of("migrate") == (
+        REFUSED + "  TRAINSVC_DATABASE_URL: not a database URL this service can use: give "
         "sqlite:///path/to/trainsvc.db or postgresql+psycopg://user:password@host:5432/name"
     )  # the URL itself is not echoed: it may hold a password
 
@@ -102,15 +107,8 @@ def test_a_broker_url_the_service_cannot_use_is_named(
     """Before: `serve` started on it, its broker down for ever, and `worker` ended in kombu's
     KeyError traceback (No such transport)."""
     monkeypatch.setenv("TRAINSVC_BROKER_URL", url)
-    get_settings.cache_clear()
-    try:
-        with pytest.raises(SystemExit) as exited:
-            main(["worker"])
-    finally:
-        get_settings.cache_clear()
-    assert exited.value.code == (
-        "invalid settings (TRAINSVC_ variables, or lines of .env):\n"
-        "  TRAINSVC_BROKER_URL: not a broker URL this service can use: give "
+    assert _exit_of("worker") == (
+        REFUSED + "  TRAINSVC_BROKER_URL: not a broker URL this service can use: give "
         "redis://host:6379/0 or sqla+sqlite:///path/to/trainsvc-broker.db"
     )
 
@@ -119,13 +117,7 @@ def test_worker_concurrency_has_the_command_lines_bound(monkeypatch: pytest.Monk
     """Before: --concurrency stopped at 1024, TRAINSVC_WORKER_CONCURRENCY at nothing, and a
     worker started with 100000 would begin forking that many training processes."""
     monkeypatch.setenv("TRAINSVC_WORKER_CONCURRENCY", "100000")
-    get_settings.cache_clear()
-    try:
-        with pytest.raises(InvalidSettings) as refused:
-            get_settings()
-    finally:
-        get_settings.cache_clear()
-    assert str(refused.value).endswith(
+    assert _settings_error().endswith(
         "  TRAINSVC_WORKER_CONCURRENCY: Input should be less than or equal to 1024"
     )
 
@@ -137,13 +129,7 @@ def test_a_number_that_is_not_finite_is_refused(
     """Before: TRAINSVC_LEASE_SECONDS=inf passed gt=0, and a lease that never runs out means a
     lost worker's job is never taken back."""
     monkeypatch.setenv("TRAINSVC_LEASE_SECONDS", value)
-    get_settings.cache_clear()
-    try:
-        with pytest.raises(InvalidSettings) as refused:
-            get_settings()
-    finally:
-        get_settings.cache_clear()
-    assert str(refused.value).endswith("  TRAINSVC_LEASE_SECONDS: Input should be a finite number")
+    assert _settings_error().endswith("  TRAINSVC_LEASE_SECONDS: Input should be a finite number")
 
 
 @pytest.mark.parametrize("name", ["TRAINSVC_CORS_ORIGINS", "TRAINSVC_WEBHOOK_ALLOWED_HOSTS"])
@@ -152,15 +138,9 @@ def test_a_list_that_is_not_json_is_named_with_why(
 ) -> None:
     """Before: pydantic-settings' SettingsError, with a traceback, naming the field and not why."""
     monkeypatch.setenv(name, "https://dash.example.com")
-    get_settings.cache_clear()
-    try:
-        with pytest.raises(SystemExit) as exited:
-            main(["migrate"])
-    finally:
-        get_settings.cache_clear()
-    assert exited.value.code == (
-        "invalid settings (TRAINSVC_ variables, or lines of .env):\n"
-        f'  {name}: not JSON (Expecting value at column 1): give a JSON list, as ["a", "b"]'
+    assert _exit_of("migrate") == (
+        REFUSED
+        + f'  {name}: not JSON (Expecting value at column 1): give a JSON list, as ["a", "b"]'
     )
     monkeypatch.setenv(name, '["dash.example.com"]' if "HOSTS" in name else '["https://x.org"]')
     assert len(Settings().model_dump()[name.removeprefix("TRAINSVC_").lower()]) == 1
