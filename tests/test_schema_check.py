@@ -8,6 +8,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,26 @@ from app.core.migrate import downgrade, schema_refusal, unwritable_refusal, upgr
 from tests.support.processes import free_port
 
 LATEST = "0010"
+
+
+def _trainsvc(
+    cwd: Path,
+    args: list[str],
+    env: dict[str, str],
+    timeout: float,
+    preexec_fn: Callable[[], None] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """`trainsvc ARGS` in `cwd` with `env` over this environment, run to its end, its output
+    captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=cwd,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec_fn,
+    )
 
 
 def stamp(url: str, revision: str) -> None:
@@ -99,18 +120,10 @@ def test_serve_and_worker_exit_on_an_unmigrated_database(
     sqlite3.connect(path).close()
     port = free_port()
     env = {
-        **os.environ,
         "TRAINSVC_DATABASE_URL": f"sqlite:///{path}",
         "TRAINSVC_BROKER_URL": redis_url,
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "app.cli", *(part.format(port=port) for part in command)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
+    result = _trainsvc(tmp_path, [part.format(port=port) for part in command], env, timeout=100)
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().endswith(
         f"the schema is at none; the latest is {LATEST}: run `trainsvc migrate` first"
@@ -129,14 +142,7 @@ def test_a_database_that_cannot_be_reached_is_one_line_not_a_traceback(
         else f"postgresql+psycopg://trainsvc:secret@127.0.0.1:{free_port()}/trainsvc"
     )
     args = [command] if command == "migrate" else [command, "--port", str(free_port())]
-    result = subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        cwd=tmp_path,
-        env={**os.environ, "TRAINSVC_DATABASE_URL": url},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _trainsvc(tmp_path, args, {"TRAINSVC_DATABASE_URL": url}, timeout=60)
     assert result.returncode == 1, result.stderr
     shown = sa.make_url(url).render_as_string(hide_password=True)
     [line] = result.stderr.strip().splitlines()
@@ -165,12 +171,10 @@ def test_a_read_only_sqlite_file_is_refused_before_anything_starts(
     upgrade(f"sqlite:///{path}")
     path.chmod(0o444)
     args = [command] if command == "worker" else [command, "--port", str(free_port())]
-    result = subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        cwd=tmp_path,
-        env={**os.environ, "TRAINSVC_DATABASE_URL": f"sqlite:///{path}"},
-        capture_output=True,
-        text=True,
+    result = _trainsvc(
+        tmp_path,
+        args,
+        {"TRAINSVC_DATABASE_URL": f"sqlite:///{path}"},
         timeout=100,
         preexec_fn=_without_root_file_access,
     )
@@ -191,12 +195,10 @@ def test_an_embedded_broker_file_that_cannot_be_opened_is_refused(
     upgrade(f"sqlite:///{tmp_path / 'trainsvc.db'}")
     broker = tmp_path / "missing" / "trainsvc-broker.db"
     args = [command] if command == "worker" else [command, "--port", str(free_port())]
-    result = subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        cwd=tmp_path,
-        env={**os.environ, "TRAINSVC_BROKER_URL": f"sqla+sqlite:///{broker}"},
-        capture_output=True,
-        text=True,
+    result = _trainsvc(
+        tmp_path,
+        args,
+        {"TRAINSVC_BROKER_URL": f"sqla+sqlite:///{broker}"},
         timeout=100,
     )
     assert result.returncode == 1, result.stderr
@@ -227,14 +229,7 @@ def test_the_keys_commands_say_why_the_database_cannot_be_used(where: str, tmp_p
         url = f"sqlite:///{tmp_path / 'trainsvc.db'}"
         sqlite3.connect(tmp_path / "trainsvc.db").close()
     for args in (["create", "--tenant", "acme"], ["list"]):
-        result = subprocess.run(
-            [sys.executable, "-m", "app.cli", "keys", *args],
-            cwd=tmp_path,
-            env={**os.environ, "TRAINSVC_DATABASE_URL": url},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = _trainsvc(tmp_path, ["keys", *args], {"TRAINSVC_DATABASE_URL": url}, timeout=60)
         assert result.returncode == 1, result.stderr
         [line] = result.stderr.strip().splitlines()
         shown = sa.make_url(url).render_as_string(hide_password=True)

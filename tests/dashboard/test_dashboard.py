@@ -75,6 +75,32 @@ def page(chromium: Any) -> Iterator[Any]:
     assert errors == [], errors
 
 
+def _create_key(processes: Processes, tenant: str) -> str:
+    """A key made with `trainsvc keys create`, as an operator makes one."""
+    created = subprocess.run(
+        [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", tenant],
+        check=True,
+        cwd=processes.workdir,
+        env=processes.env,
+        capture_output=True,
+        text=True,
+    )
+    return created.stdout.strip().splitlines()[-1]
+
+
+class Outage:
+    """A route handler that fails each request, as a service that is down does, while `on`."""
+
+    def __init__(self) -> None:
+        self.on = True
+
+    def __call__(self, route: Any) -> None:
+        if self.on:
+            route.abort()
+        else:
+            route.continue_()
+
+
 def _submit(url: str, spec: dict[str, Any], headers: dict[str, str] | None = None) -> str:
     response = httpx.post(f"{url}/v1/jobs", json=spec, headers=headers or {}, timeout=10)
     assert response.status_code == 201, response.text
@@ -293,15 +319,7 @@ def test_a_study_with_no_succeeded_run_says_it_has_no_plots_yet(
 
 def test_with_keys_on_the_page_asks_for_a_key_once(processes: Processes, page: Any) -> None:
     processes.migrate()
-    created = subprocess.run(
-        [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "acme"],
-        check=True,
-        cwd=processes.workdir,
-        env=processes.env,
-        capture_output=True,
-        text=True,
-    )
-    key = created.stdout.strip().splitlines()[-1]
+    key = _create_key(processes, "acme")
     processes.env["TRAINSVC_AUTH"] = "on"
     url = processes.api("serve")
     job_id = _submit(url, SPEC, {"Authorization": f"Bearer {key}"})
@@ -403,31 +421,24 @@ def test_a_job_or_study_page_opened_while_the_service_is_away_fills_in_when_it_i
     already filled in by itself."""
     url = processes.api("up")
     job_id = _submit(url, {**SPEC, "epochs": 1})
-    down = {"on": True}
-
-    def unreachable(route: Any) -> None:
-        if down["on"]:
-            route.abort()
-        else:
-            route.continue_()
-
+    unreachable = Outage()
     page.route(f"**/v1/jobs/{job_id}", unreachable)
     page.goto(f"{url}/#/jobs/{job_id}")
     page.wait_for_selector(".error-box")
     assert "did not answer" in page.inner_text(".error-box")
     assert "Trying again" in page.inner_text("main")
-    down["on"] = False
+    unreachable.on = False
     page.wait_for_selector("h1 .badge")  # the job's head, drawn without a reload
     assert page.locator(".error-box").count() == 0
 
     # A study's report, the same.
     study = httpx.post(f"{url}/v1/studies", json=STUDY, timeout=30).json()
-    down["on"] = True
+    unreachable.on = True
     page.route(f"**/v1/studies/{study['id']}", unreachable)
     page.goto(f"{url}/#/studies/{study['id']}")
     page.wait_for_selector(".error-box")
     assert "Trying again" in page.inner_text("main")
-    down["on"] = False
+    unreachable.on = False
     page.locator("#configurations tbody tr").first.wait_for()
     assert page.locator(".error-box").count() == 0
 
@@ -501,21 +512,14 @@ def test_the_table_shows_a_running_jobs_best_so_far_and_recovers_from_an_outage(
 
     wait_until(lambda: len(val_accuracies()) >= 2, 120, "two epochs")
     # The service is down (its list and its event stream unreachable) when the page opens.
-    down = {"on": True}
-
-    def unreachable(route: Any) -> None:
-        if down["on"]:
-            route.abort()
-        else:
-            route.continue_()
-
+    unreachable = Outage()
     page.route("**/v1/jobs?*", unreachable)
     page.route("**/v1/events*", unreachable)
     page.goto(f"{url}/#/jobs")
     page.wait_for_selector(".error-box")
     assert "did not answer" in page.inner_text(".error-box")
     before = max(val_accuracies())
-    down["on"] = False
+    unreachable.on = False
     # Back: the table fills in by itself, without "live" over an empty table.
     cell = page.locator(f'tr[data-job-id="{job_id}"] .col-best')
     cell.wait_for()
@@ -686,15 +690,7 @@ def test_a_page_refused_a_stream_for_too_many_says_so_and_goes_live_when_one_clo
     too_many_streams: the badge said "reconnecting…" forever, as if the service were down, and
     the page asked again every few hundred milliseconds, ignoring Retry-After."""
     processes.migrate()
-    created = subprocess.run(
-        [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "acme"],
-        check=True,
-        cwd=processes.workdir,
-        env=processes.env,
-        capture_output=True,
-        text=True,
-    )
-    key = created.stdout.strip().splitlines()[-1]
+    key = _create_key(processes, "acme")
     processes.env.update({"TRAINSVC_AUTH": "on", "TRAINSVC_TENANT_MAX_STREAMS": "1"})
     url = processes.api("serve")  # no worker: the job stays queued, its stream open
     job_id = _submit(url, SPEC, {"Authorization": f"Bearer {key}"})
