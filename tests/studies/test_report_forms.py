@@ -11,10 +11,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from app.core.studies import plots
-from app.core.studies.grid import point_key
 from app.core.studies.report import Run
 from tests.factories import spec_payload
-from tests.studies.test_report import finish, store_epochs
+from tests.studies.test_report import count_point_keys, finish, store_epochs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GRID = {
@@ -276,14 +275,7 @@ def test_plots_group_runs_in_time_proportional_to_them(monkeypatch: pytest.Monke
         Run(uuid.uuid4(), "succeeded", {"name": name, "seed": 0}, None, 10, epochs=np.array([1]))
         for name in names
     ]
-    calls = 0
-
-    def counted(point: dict[str, Any]) -> str:
-        nonlocal calls
-        calls += 1
-        return point_key(point)
-
-    monkeypatch.setattr("app.core.studies.plots.point_key", counted)
+    calls = count_point_keys(monkeypatch, "app.core.studies.plots")
     groups = plots._groups({"name": names, "seed": [0]}, runs, ())
     assert [len(members) for _, members in groups] == [1] * len(names)
-    assert calls < 5 * len(runs)
+    assert calls[0] < 5 * len(runs)
