@@ -73,13 +73,19 @@ def schema_state(connection: sa.Connection, database_url: str) -> SchemaState:
     )
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names, the database's or the embedded broker's (`sqla+`); None for
+    another database, or SQLite in memory."""
+    parsed = sa.make_url(url.removeprefix("sqla+"))
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(str(parsed.database))
+
+
 def missing_sqlite_file(database_url: str) -> Path | None:
     """The embedded database's file when it does not exist (connecting would create it empty)."""
-    url = sa.make_url(database_url)
-    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
-        return None
-    path = Path(str(url.database))
-    return None if path.exists() else path
+    path = _sqlite_file(database_url)
+    return path if path is not None and not path.exists() else None
 
 
 def schema_refusal(database_url: str) -> str | None:
@@ -117,11 +123,11 @@ def unwritable_refusal(url: str) -> str | None:
     `up` started on a read-only database served 500s and its worker logged a failed sweep
     every few seconds; on a broker file in a folder that does not exist it retried for ever.
     A write to the file's header, rolled back, finds out."""
-    parsed = sa.make_url(url.removeprefix("sqla+"))
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+    path = _sqlite_file(url)
+    if path is None:
         return None
     try:
-        connection = sqlite3.connect(parsed.database, timeout=1, isolation_level=None)
+        connection = sqlite3.connect(path, timeout=1, isolation_level=None)
         try:
             connection.execute("BEGIN IMMEDIATE")
             (version,) = connection.execute("PRAGMA user_version").fetchone()
@@ -132,5 +138,5 @@ def unwritable_refusal(url: str) -> str | None:
     except sqlite3.Error as exc:
         if exc.sqlite_errorname == "SQLITE_BUSY":
             return None  # another process is writing it (a second `up`): no reason to refuse
-        return f"cannot write {parsed.database}: {exc}; the file and its folder must be writable"
+        return f"cannot write {path}: {exc}; the file and its folder must be writable"
     return None
